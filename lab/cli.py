@@ -1,0 +1,495 @@
+"""`lab` command line: parse, call one core function, render the result.
+
+Kept thin on purpose: every verb packs its arguments, calls into `lab.core`
+(or `lab.boxes`, ...) and shows what came back, as a table for people or JSON
+for machines. Errors are `LabError`s raised by the core; `LabGroup.invoke`
+is the one place that turns them into a message and an exit code.
+
+Heavy modules (pydantic, fabric, vagrant, jinja2) are imported inside the
+verbs that need them, so `lab --help` starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from .errors import LabError, UsageError
+
+if TYPE_CHECKING:
+    from .core import Lab
+
+
+class LabGroup(TyperGroup):
+    def invoke(self, ctx):  # noqa: D401 - click API
+        try:
+            return super().invoke(ctx)
+        except LabError as exc:
+            _print_error(exc)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            _err().print("[yellow]interrupted[/yellow]")
+            raise typer.Exit(130) from None
+
+
+HELP = """\
+Boot a real cluster of a CoreOS-style container OS on this machine, and test
+how it behaves when things go wrong.
+
+\b
+Typical use:
+  lab init                    write a commented lab.yaml (every key optional)
+  lab up --nodes 3            boot 3 nodes (nspawn here, VMs with Vagrant)
+  lab status                  nodes, their IPs and state
+  lab exec -- uptime          run a command on every node
+  lab fault kill node-2       hurt the cluster
+  lab destroy                 remove everything the lab created
+
+Settings come from, lowest to highest: defaults, lab.yaml, LAB_* variables,
+flags (--nodes, --provider, --name, --set key.path=value).
+"""
+
+app = typer.Typer(cls=LabGroup, help=HELP, no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False, rich_markup_mode=None)
+box_app = typer.Typer(cls=LabGroup, help="Build and manage node OS images.", no_args_is_help=True)
+fault_app = typer.Typer(cls=LabGroup, help="Inject faults into a running lab.", no_args_is_help=True)
+scenario_app = typer.Typer(cls=LabGroup, help="List and run fault scenarios.", no_args_is_help=True)
+spec_app = typer.Typer(cls=LabGroup, help="Inspect the lab.yaml format.", no_args_is_help=True)
+app.add_typer(box_app, name="box")
+app.add_typer(fault_app, name="fault")
+app.add_typer(scenario_app, name="scenario")
+app.add_typer(spec_app, name="spec")
+
+# ---------------------------------------------------------------- options shared by verbs
+
+FileOpt = Annotated[Path, typer.Option("--file", "-f", envvar="LAB_FILE", help="lab spec to use.",
+                                       show_default=True)]
+NameOpt = Annotated[Optional[str], typer.Option("--name", help="Lab name (overrides `name:`).")]
+NodesOpt = Annotated[Optional[int], typer.Option("--nodes", "-n", help="Number of nodes (overrides `nodes.count`).")]
+ProviderOpt = Annotated[Optional[str], typer.Option(
+    "--provider", "-p", help="auto, nspawn, virtualbox, libvirt, hyperv, vmware_desktop or parallels.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="Override any key: --set etcd.tls=true (repeatable).", metavar="KEY.PATH=VALUE")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines instead of a table.")]
+
+DEFAULT_FILE = Path("lab.yaml")
+
+
+def _open_lab(file: Path, name: str | None = None, nodes: int | None = None, provider: str | None = None,
+              sets: list[str] | None = None) -> "Lab":
+    from .core import Lab
+    from .spec import Override, parse_set_option
+
+    overrides = [parse_set_option(item) for item in sets or []]
+    for flag, path, value in (("--name", ("name",), name), ("--nodes", ("nodes", "count"), nodes),
+                              ("--provider", ("provider",), provider)):
+        if value is not None:
+            overrides.append(Override(path, value, f"{flag} {value}"))
+    return Lab.open(file, overrides)
+
+
+# ---------------------------------------------------------------- output helpers
+
+_consoles: dict[str, Any] = {}
+
+
+def _out():
+    if "out" not in _consoles:
+        from rich.console import Console
+        _consoles["out"] = Console(highlight=False, soft_wrap=True)
+    return _consoles["out"]
+
+
+def _err():
+    if "err" not in _consoles:
+        from rich.console import Console
+        _consoles["err"] = Console(stderr=True, highlight=False, soft_wrap=True)
+    return _consoles["err"]
+
+
+def _print_error(exc: LabError) -> None:
+    from rich.markup import escape
+
+    console = _err()
+    console.print(f"[bold red]error:[/bold red] {escape(exc.message)}")
+    if exc.hint:
+        console.print(f"[bold]fix:[/bold] {escape(exc.hint)}")
+
+
+def _progress(message: str) -> None:
+    from rich.markup import escape
+
+    _err().print(f"[dim]•[/dim] {escape(message)}")
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def _node_table(statuses, title: str | None = None):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for column in ("NODE", "IP", "STATE", "BOOT ID"):
+        table.add_column(column)
+    colors = {"running": "green", "paused": "yellow", "stopped": "red", "not_created": "dim"}
+    for status in statuses:
+        state = status.state.value
+        table.add_row(status.name, status.ip or "-", f"[{colors.get(state, 'white')}]{state}[/]",
+                      (status.boot_id or "-")[:12])
+    return table
+
+
+# ---------------------------------------------------------------- verbs
+
+
+@app.command()
+def init(file: FileOpt = DEFAULT_FILE, name: NameOpt = None, nodes: NodesOpt = None,
+         provider: ProviderOpt = None,
+         force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False) -> None:
+    """Write a commented lab.yaml with every default spelled out."""
+    from .spec import default_yaml, load_spec
+    from .state import write_atomic
+
+    if file.exists() and not force:
+        raise UsageError(f"{file} already exists", hint="edit it, or pass --force to overwrite it")
+    text = default_yaml(name=name or "lab", nodes=nodes or 3, provider=provider or "auto")
+    # Validate what we are about to write, so init can never produce a broken spec.
+    import tempfile
+    with tempfile.TemporaryDirectory() as scratch:
+        probe = Path(scratch) / file.name
+        probe.write_text(text)
+        load_spec(probe, environ={})
+    write_atomic(file, text)
+    _out().print(f"wrote {file}; next: `lab up`")
+
+
+@app.command()
+def render(file: FileOpt = DEFAULT_FILE, name: NameOpt = None, nodes: NodesOpt = None,
+           provider: ProviderOpt = None, sets: SetOpt = None,
+           stdout: Annotated[bool, typer.Option("--stdout", help="Print instead of writing the file.")] = False,
+           ) -> None:
+    """Render the Vagrantfile of the lab into its directory (.lab/NAME/Vagrantfile)."""
+    from .render import render_for_lab
+
+    lab = _open_lab(file, name, nodes, provider, sets)
+    result = render_for_lab(lab, write=not stdout)
+    if stdout:
+        sys.stdout.write(result.text)
+    else:
+        _progress(result.note) if result.note else None
+        _out().print(f"rendered {result.path} for provider {result.provider}")
+
+
+@app.command()
+def validate(file: FileOpt = DEFAULT_FILE, name: NameOpt = None, nodes: NodesOpt = None,
+             provider: ProviderOpt = None, sets: SetOpt = None) -> None:
+    """Validate lab.yaml, and the rendered Vagrantfile with `vagrant validate` when vagrant is installed."""
+    from .render import validate_for_lab
+
+    lab = _open_lab(file, name, nodes, provider, sets)
+    for line in validate_for_lab(lab):
+        _out().print(line)
+
+
+@app.command()
+def up(file: FileOpt = DEFAULT_FILE, name: NameOpt = None, nodes: NodesOpt = None,
+       provider: ProviderOpt = None, sets: SetOpt = None, as_json: JsonOpt = False) -> None:
+    """Create the lab (or start it again) and wait until every node answers SSH."""
+    lab = _open_lab(file, name, nodes, provider, sets)
+    with lab.lock("up"):
+        result = lab.up(_progress)
+    if as_json:
+        _print_json({"lab": lab.name, "provider": result.selection.name,
+                     "ssh_config": str(result.ssh_config), "nodes": [s.to_json() for s in result.nodes]})
+        return
+    out = _out()
+    out.print(_node_table(result.nodes, title=f"lab {lab.name} is up ({result.selection.name})"))
+    first = result.nodes[0].name if result.nodes else "node-1"
+    out.print(f"  shell:    lab ssh {first}\n"
+              f"  command:  lab exec -- uptime\n"
+              f"  ssh:      ssh -F {result.ssh_config} {first}\n"
+              f"  testinfra: pytest --hosts={','.join('ssh://' + s.name for s in result.nodes)} "
+              f"--ssh-config={result.ssh_config}")
+
+
+@app.command()
+def status(file: FileOpt = DEFAULT_FILE, name: NameOpt = None, as_json: JsonOpt = False) -> None:
+    """Show every node: state, IP and boot id."""
+    lab = _open_lab(file, name)
+    statuses = lab.status()
+    if as_json:
+        _print_json({"lab": lab.name, "created": lab.created,
+                     "provider": lab.state.get("provider") if lab.state else None,
+                     "nodes": [s.to_json() for s in statuses]})
+        return
+    _out().print(_node_table(statuses, title=f"lab {lab.name}"
+                             + (f" ({lab.state.get('provider')})" if lab.state else " (not created)")))
+
+
+@app.command()
+def halt(file: FileOpt = DEFAULT_FILE, name: NameOpt = None) -> None:
+    """Power every node off cleanly; `lab up` starts them again with their state."""
+    lab = _open_lab(file, name)
+    with lab.lock("halt"):
+        lab.halt(_progress)
+    _out().print(f"lab {lab.name} halted")
+
+
+@app.command()
+def destroy(file: FileOpt = DEFAULT_FILE, name: NameOpt = None) -> None:
+    """Remove every node, mount, bridge, rule and file the lab created."""
+    lab = _open_lab(file, name)
+    with lab.lock("destroy"):
+        existed = lab.destroy(_progress)
+    _out().print(f"lab {lab.name} destroyed" if existed else f"lab {lab.name} does not exist; nothing to do")
+
+
+@app.command("ssh-config")
+def ssh_config(file: FileOpt = DEFAULT_FILE, name: NameOpt = None) -> None:
+    """Print an ssh_config for the nodes (for `ssh -F` and `pytest --ssh-config`)."""
+    sys.stdout.write(_open_lab(file, name).ssh_config())
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def ssh(node: Annotated[str, typer.Argument(help="Node to open a shell on.")], ctx: typer.Context,
+        file: FileOpt = DEFAULT_FILE, name: NameOpt = None) -> None:
+    """Open a shell on NODE (or run `lab ssh NODE -- CMD`)."""
+    from .ssh import exec_interactive, ssh_argv
+
+    lab = _open_lab(file, name)
+    endpoints = lab.ssh_endpoints()
+    if node not in endpoints:
+        raise UsageError(f"no node named {node!r} in lab {lab.name!r}", hint=f"nodes are: {', '.join(endpoints)}")
+    lab._write_ssh_config(lab.provider())
+    exec_interactive(ssh_argv(endpoints[node], lab.ssh_config_path, list(ctx.args) or None))
+
+
+@app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def exec_(ctx: typer.Context, file: FileOpt = DEFAULT_FILE, name: NameOpt = None,
+          node: Annotated[Optional[list[str]], typer.Option("--node", help="Only on this node (repeatable).")] = None,
+          timeout: Annotated[Optional[float], typer.Option(help="Seconds before a command is given up.")] = None,
+          as_json: JsonOpt = False) -> None:
+    """Run a command on every node in parallel: `lab exec -- uptime`. Output is prefixed by node."""
+    import shlex
+
+    from .ssh import run_many
+
+    if not ctx.args:
+        raise UsageError("no command given", hint="put the command after --, e.g. `lab exec -- uptime`")
+    lab = _open_lab(file, name)
+    endpoints = lab.ssh_endpoints()
+    unknown = [n for n in node or [] if n not in endpoints]
+    if unknown:
+        raise UsageError(f"no node named {unknown[0]!r} in lab {lab.name!r}", hint=f"nodes are: {', '.join(endpoints)}")
+    chosen = [endpoints[n] for n in (node or endpoints)]
+    command = shlex.join(ctx.args) if len(ctx.args) > 1 else ctx.args[0]
+    results = run_many(chosen, command, timeout=timeout, echo=not as_json)
+    if as_json:
+        _print_json([r.__dict__ for r in results])
+    failed = [r for r in results if not r.ok]
+    for result in failed:
+        reason = "unreachable: " + result.stderr.strip() if result.exit_status is None and not result.stdout \
+            else f"exit {result.exit_status}"
+        _err().print(f"[red]{result.node}: {reason}[/red]")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def reboot(node: Annotated[str, typer.Argument(help="Node to reboot.")], file: FileOpt = DEFAULT_FILE,
+           name: NameOpt = None) -> None:
+    """Reboot NODE cleanly and wait until it answers SSH again."""
+    lab = _open_lab(file, name)
+    provider = lab.provider()
+    lab.context(lab.selection().name).node(node)
+    provider.reboot(node, _progress)
+    _out().print(f"{node} rebooted")
+
+
+# ---------------------------------------------------------------- lab fault
+
+NodesArg = Annotated[list[str], typer.Argument(help="Node names.")]
+
+
+def _fault(file: Path, name: str | None, nodes: list[str], action: str) -> None:
+    lab = _open_lab(file, name)
+    provider = lab.provider()
+    context = lab.context(lab.selection().name)
+    for node in nodes:
+        context.node(node)  # unknown names fail before anything is done
+    for node in nodes:
+        getattr(provider, action)(node)
+        _out().print(f"{action}: {node}")
+
+
+@fault_app.command("kill")
+def fault_kill(nodes: NodesArg, file: FileOpt = DEFAULT_FILE, name: NameOpt = None) -> None:
+    """Stop nodes at once, as if their power were pulled (`lab fault start` brings them back)."""
+    _fault(file, name, nodes, "kill")
+
+
+@fault_app.command("start")
+def fault_start(nodes: NodesArg, file: FileOpt = DEFAULT_FILE, name: NameOpt = None) -> None:
+    """Start killed or halted nodes again and wait for SSH."""
+    _fault(file, name, nodes, "start")
+
+
+@fault_app.command("pause")
+def fault_pause(nodes: NodesArg, file: FileOpt = DEFAULT_FILE, name: NameOpt = None) -> None:
+    """Freeze every process of the nodes."""
+    _fault(file, name, nodes, "pause")
+
+
+@fault_app.command("resume")
+def fault_resume(nodes: NodesArg, file: FileOpt = DEFAULT_FILE, name: NameOpt = None) -> None:
+    """Thaw paused nodes."""
+    _fault(file, name, nodes, "resume")
+
+
+@fault_app.command("reboot")
+def fault_reboot(nodes: NodesArg, file: FileOpt = DEFAULT_FILE, name: NameOpt = None) -> None:
+    """Reboot nodes cleanly, one after the other."""
+    _fault(file, name, nodes, "reboot")
+
+
+@fault_app.command("partition")
+def fault_partition(
+        groups: Annotated[list[str], typer.Argument(help="Groups of nodes, comma-separated: node-1 node-2,node-3")],
+        file: FileOpt = DEFAULT_FILE, name: NameOpt = None) -> None:
+    """Cut the network between groups: `lab fault partition node-1 node-2,node-3`."""
+    lab = _open_lab(file, name)
+    context = lab.context(lab.selection().name)
+    parsed = [[n for n in group.split(",") if n] for group in groups]
+    if len(parsed) < 2:
+        # One group means "this group against everyone else".
+        rest = [n.name for n in context.nodes if n.name not in parsed[0]]
+        parsed.append(rest)
+    for group in parsed:
+        for node in group:
+            context.node(node)
+    lab.provider().partition(parsed)
+    _out().print("partitioned: " + " | ".join(",".join(g) for g in parsed))
+
+
+@fault_app.command("heal")
+def fault_heal(file: FileOpt = DEFAULT_FILE, name: NameOpt = None) -> None:
+    """Remove every partition."""
+    _open_lab(file, name).provider().heal()
+    _out().print("healed")
+
+
+# ---------------------------------------------------------------- lab box
+
+
+@box_app.command("build")
+def box_build(version: Annotated[str, typer.Option(help="OS version to build.")] = "1",
+              box: Annotated[str, typer.Option("--name", help="Recipe under boxes/.")] = "labos",
+              mirror: Annotated[Optional[str], typer.Option(
+                  help="Debian mirror URL; default: the one this host's apt sources name.")] = None,
+              force: Annotated[bool, typer.Option("--force", help="Rebuild even if cached.")] = False) -> None:
+    """Build the node OS image (cached: a second build with the same recipe is instant)."""
+    import time
+
+    from .boxes import build_image
+
+    start = time.monotonic()
+    with _err().status(f"building {box} {version}") as spinner:
+        def progress(line: str) -> None:
+            spinner.update(f"building {box} {version}: {line.strip()[:100]}")
+        image = build_image(box, version, mirror=mirror, progress=progress, force=force)
+    _out().print(f"{image.name} {image.version} ready at {image.rootfs} "
+                 f"({image.size_bytes / 2**20:.0f} MiB, {time.monotonic() - start:.1f} s)")
+
+
+@box_app.command("list")
+def box_list(as_json: JsonOpt = False) -> None:
+    """List built node OS images."""
+    from rich.table import Table
+
+    from .boxes import list_images
+
+    images = list_images()
+    if as_json:
+        _print_json([{"name": i.name, "version": i.version, "key": i.key, "size_bytes": i.size_bytes,
+                      "built_at": i.built_at, "path": str(i.path)} for i in images])
+        return
+    table = Table()
+    for column in ("NAME", "VERSION", "KEY", "SIZE", "BUILT"):
+        table.add_column(column)
+    for image in images:
+        table.add_row(image.name, image.version, image.key, f"{image.size_bytes / 2**20:.0f} MiB", image.built_at)
+    _out().print(table if images else "no images built yet; build one with `lab box build`")
+
+
+@box_app.command("rm")
+def box_rm(box: Annotated[str, typer.Argument(help="Image name, e.g. labos.")],
+           version: Annotated[Optional[str], typer.Option(help="Only this version.")] = None) -> None:
+    """Remove built images."""
+    from .boxes import remove_images
+
+    removed = remove_images(box, version)
+    if not removed:
+        raise UsageError(f"no built image {box}{' ' + version if version else ''}", hint="see `lab box list`")
+    for image in removed:
+        _out().print(f"removed {image.name} {image.version} ({image.key})")
+
+
+# ---------------------------------------------------------------- lab spec / scenario
+
+
+@spec_app.command("schema")
+def spec_schema() -> None:
+    """Print the JSON Schema of lab.yaml (for editor completion)."""
+    from .spec import json_schema
+
+    _print_json(json_schema())
+
+
+@spec_app.command("show")
+def spec_show(file: FileOpt = DEFAULT_FILE, name: NameOpt = None, nodes: NodesOpt = None,
+              provider: ProviderOpt = None, sets: SetOpt = None) -> None:
+    """Print the effective spec: defaults, lab.yaml, LAB_* variables and flags combined."""
+    lab = _open_lab(file, name, nodes, provider, sets)
+    _print_json(lab.spec.model_dump(mode="json", by_alias=True))
+
+
+@scenario_app.command("list")
+def scenario_list(as_json: JsonOpt = False) -> None:
+    """List built-in scenarios and the ones in ./scenarios."""
+    from .scenarios import discover
+
+    found = discover(Path.cwd())
+    if as_json:
+        _print_json([s.__dict__ for s in found])
+        return
+    from rich.table import Table
+
+    table = Table()
+    for column in ("SCENARIO", "SOURCE", "DESCRIPTION"):
+        table.add_column(column)
+    for scenario in found:
+        table.add_row(scenario.name, scenario.source, scenario.description)
+    _out().print(table if found else "no scenarios found")
+
+
+@scenario_app.command("run")
+def scenario_run(scenario: Annotated[str, typer.Argument(help="Scenario name (see `lab scenario list`).")],
+                 file: FileOpt = DEFAULT_FILE) -> None:
+    """Run a scenario against the lab."""
+    from .scenarios import run
+
+    run(scenario, file)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

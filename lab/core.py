@@ -1,0 +1,203 @@
+"""The lab: one spec, its directory, its state, its provider.
+
+This is the core the CLI is a thin shell over. Functions here raise
+`LabError`s and report progress through a callback; they never print or exit.
+
+A lab lives in `<directory of lab.yaml>/.lab/<name>/`: the rendered
+Vagrantfile, `state.json`, the per-lab SSH key and known_hosts, node state
+and scenario runs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import network
+from .errors import LabError, StateError, UsageError
+from .providers import Selection, select
+from .providers.base import LabContext, NodeState, NodeStatus, Progress, Provider, no_progress
+from .spec import LabSpec, LoadedSpec, Override, load_spec
+from .state import LabState, lab_lock
+
+LABS_DIR = ".lab"
+
+
+class Lab:
+    def __init__(self, loaded: LoadedSpec) -> None:
+        self.loaded = loaded
+        self.spec: LabSpec = loaded.spec
+        self.lab_dir = (loaded.project_dir / LABS_DIR / self.spec.name).absolute()
+        self.lab_id = network.lab_id(self.lab_dir)
+        self.state = LabState.load(self.lab_dir)
+
+    @classmethod
+    def open(cls, spec_path: Path | str = "lab.yaml", overrides: list[Override] | None = None) -> "Lab":
+        return cls(load_spec(spec_path, overrides))
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def created(self) -> bool:
+        return self.state is not None
+
+    def lock(self, command: str):
+        return lab_lock(self.lab_dir, command)
+
+    # ------------------------------------------------------------ provider
+
+    def selection(self) -> Selection:
+        """The provider: the one the lab was created with, else what the spec asks for."""
+        if self.state is not None:
+            recorded = self.state.get("provider")
+            if self.spec.provider not in ("auto", recorded):
+                raise UsageError(
+                    f"lab {self.name!r} was created with provider {recorded!r}, the spec now asks for "
+                    f"{self.spec.provider!r}",
+                    hint=f"`lab destroy` first, or use --provider {recorded}")
+            return Selection(recorded, automatic=False, considered={})
+        return select(self.spec.provider)
+
+    def _subnet(self, provider: str, claim: bool) -> ipaddress.IPv4Network:
+        if self.state is not None and self.state.get("subnet"):
+            return ipaddress.IPv4Network(self.state["subnet"])
+        pool = network.VIRTUALBOX_POOL if provider == "virtualbox" else network.DEFAULT_POOL
+        if claim:
+            return network.claim_subnet(self.lab_dir, self.name, self.spec.network.subnet, pool,
+                                        own_devices=set())
+        if self.spec.network.subnet is not None:
+            return self.spec.network.subnet
+        taken = [ipaddress.IPv4Network(c.subnet) for c in network.claims() if c.lab_id != self.lab_id]
+        return network.choose_subnet(self.lab_id, pool, taken)
+
+    def context(self, provider: str, *, claim: bool = False) -> LabContext:
+        nodes = self.spec.node_specs()
+        if self.state is not None and self.state.get("nodes"):
+            # Nodes the lab was created with win over a spec edited since.
+            recorded = self.state["nodes"]
+            known = {n.name: n for n in nodes}
+            nodes = [known[name] for name in recorded if name in known] or nodes
+        subnet = self._subnet(provider, claim)
+        ssh_dir = self.lab_dir / "ssh"
+        return LabContext(spec=self.spec, lab_dir=self.lab_dir, lab_id=self.lab_id, nodes=nodes,
+                          addresses=network.node_addresses(subnet, [n.name for n in nodes]),
+                          subnet=str(subnet), ssh_key=ssh_dir / "id_ed25519",
+                          known_hosts=ssh_dir / "known_hosts", state=self.state)
+
+    def provider(self) -> Provider:
+        from .providers import provider_class
+
+        selection = self.selection()
+        return provider_class(selection.name)(self.context(selection.name))
+
+    # ------------------------------------------------------------ commands
+
+    def up(self, progress: Progress = no_progress) -> "UpResult":
+        """Create (or start) every node; on a new lab, any failure removes what was made."""
+        from .providers import provider_class
+
+        selection = self.selection()
+        progress(selection.describe())
+        provider_cls = provider_class(selection.name)
+        new_lab = self.state is None
+        if new_lab:
+            # Check the host before anything exists, so bad input leaves nothing behind.
+            provider_cls(self.context(selection.name)).preflight()
+            self.state = LabState(self.lab_dir, {
+                "version": 1, "name": self.name, "lab_id": self.lab_id, "provider": selection.name,
+                "created_at": _now(), "resources": [],
+                "nodes": [n.name for n in self.spec.node_specs()],
+            })
+            self.state.save()
+        try:
+            context = self.context(selection.name, claim=new_lab)
+            if new_lab:
+                self.state.set("subnet", context.subnet)
+                from .ssh import ensure_keypair
+                ensure_keypair(context.ssh_key, comment=f"lab-{self.name}")
+            else:
+                network.ensure_claim_matches(self.lab_dir, context.subnet)
+            provider = provider_cls(context)
+            if not new_lab:
+                provider.preflight()
+            provider.up(progress)
+            self._write_ssh_config(provider)
+        except BaseException:
+            if new_lab:
+                progress("rolling back: removing what this `lab up` created")
+                self._destroy_quietly()
+            raise
+        return UpResult(selection=selection, nodes=provider.status(), ssh_config=self.ssh_config_path)
+
+    def status(self) -> list[NodeStatus]:
+        if self.state is None:
+            return [NodeStatus(n.name, NodeState.NOT_CREATED) for n in self.spec.node_specs()]
+        return self.provider().status()
+
+    def halt(self, progress: Progress = no_progress) -> None:
+        self._require_created("halt")
+        self.provider().halt(progress)
+
+    def destroy(self, progress: Progress = no_progress) -> bool:
+        """Remove everything of the lab. Returns False if there was nothing to remove."""
+        if self.state is None:
+            if self.lab_dir.exists():
+                shutil.rmtree(self.lab_dir)
+            network.release_subnet(self.lab_dir)
+            return False
+        self.provider().destroy(progress)
+        network.release_subnet(self.lab_dir)
+        shutil.rmtree(self.lab_dir, ignore_errors=True)
+        self.state = None
+        return True
+
+    def _destroy_quietly(self) -> None:
+        try:
+            self.destroy()
+        except (LabError, OSError):
+            pass  # the state file survives; `lab destroy` retries from it
+
+    def _require_created(self, verb: str) -> None:
+        if self.state is None:
+            raise StateError(f"lab {self.name!r} does not exist yet, nothing to {verb}",
+                             hint="create it with `lab up`")
+
+    # ------------------------------------------------------------ SSH
+
+    @property
+    def ssh_config_path(self) -> Path:
+        return self.lab_dir / "ssh_config"
+
+    def ssh_endpoints(self):
+        self._require_created("reach")
+        return self.provider().ssh_endpoints()
+
+    def _write_ssh_config(self, provider: Provider) -> None:
+        from .ssh import render_ssh_config
+        from .state import write_atomic
+
+        write_atomic(self.ssh_config_path, render_ssh_config(provider.ssh_endpoints().values()))
+
+    def ssh_config(self) -> str:
+        from .ssh import render_ssh_config
+
+        return render_ssh_config(self.ssh_endpoints().values())
+
+    def node_names(self) -> list[str]:
+        return [n.name for n in self.context(self.selection().name).nodes]
+
+
+@dataclass
+class UpResult:
+    selection: Selection
+    nodes: list[NodeStatus]
+    ssh_config: Path
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

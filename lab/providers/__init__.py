@@ -1,0 +1,71 @@
+"""Provider registry and auto-selection.
+
+Providers are imported only when asked for, so `lab --help` never loads
+python-vagrant or the nspawn machinery. An unknown name fails with the list of
+valid ones.
+"""
+
+from __future__ import annotations
+
+import importlib
+import platform
+from dataclasses import dataclass
+
+from ..errors import PrerequisiteError, UsageError
+from .base import Availability, Provider
+
+# name -> "module:Class"; all Vagrant providers share one module.
+_REGISTRY = {
+    "nspawn": "lab.providers.nspawn:NspawnProvider",
+    "virtualbox": "lab.providers.vagrant:VirtualboxProvider",
+    "libvirt": "lab.providers.vagrant:LibvirtProvider",
+    "hyperv": "lab.providers.vagrant:HypervProvider",
+    "vmware_desktop": "lab.providers.vagrant:VmwareDesktopProvider",
+    "parallels": "lab.providers.vagrant:ParallelsProvider",
+}
+# The order auto-selection tries, as minikube does: a real hypervisor first.
+AUTO_ORDER = ("virtualbox", "libvirt", "nspawn")
+
+
+def names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def provider_class(name: str) -> type[Provider]:
+    try:
+        target = _REGISTRY[name]
+    except KeyError:
+        raise UsageError(f"unknown provider {name!r}", hint=f"choose one of: {', '.join(_REGISTRY)}") from None
+    module_name, class_name = target.split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+@dataclass(frozen=True)
+class Selection:
+    name: str
+    automatic: bool
+    considered: dict[str, Availability]  # what auto-selection saw, in order
+
+    def describe(self) -> str:
+        if not self.automatic:
+            return f"provider: {self.name} (from the spec)"
+        others = "; ".join(f"{n}: {a.reason}" for n, a in self.considered.items() if n != self.name)
+        return f"provider: {self.name} (auto{'; ' + others if others else ''})"
+
+
+def select(requested: str) -> Selection:
+    if requested != "auto":
+        provider_class(requested)  # validate the name early
+        return Selection(requested, automatic=False, considered={})
+    considered: dict[str, Availability] = {}
+    for name in AUTO_ORDER:
+        availability = provider_class(name).availability()
+        considered[name] = availability
+        if availability.usable:
+            return Selection(name, automatic=True, considered=considered)
+    reasons = "\n".join(f"  {n}: {a.reason}" for n, a in considered.items())
+    hint = ("install VirtualBox, or vagrant + vagrant-libvirt with libvirtd running"
+            if platform.system() != "Linux" else
+            "run as root with systemd-nspawn installed (apt-get install systemd-container), "
+            "or install VirtualBox / vagrant-libvirt")
+    raise PrerequisiteError(f"no provider can run on this host:\n{reasons}", hint=hint)

@@ -1,0 +1,156 @@
+"""The provider interface: how nodes come to exist, and how they are hurt.
+
+Everything above this layer (bootstrap, scenarios, the CLI) speaks only to
+`Provider`. A provider is one module with these methods; nothing else knows
+how its nodes are made.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+from ..spec import LabSpec, ResolvedNode
+
+Progress = Callable[[str], None]
+
+
+def no_progress(_message: str) -> None:
+    pass
+
+
+class NodeState(str, enum.Enum):
+    NOT_CREATED = "not_created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    name: str
+    state: NodeState
+    ip: str | None = None
+    boot_id: str | None = None
+    detail: str = ""
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "state": self.state.value, "ip": self.ip,
+                "boot_id": self.boot_id, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class SSHEndpoint:
+    """Everything needed to reach one node over SSH, for ssh, Fabric and testinfra alike."""
+
+    node: str
+    host: str
+    port: int
+    user: str
+    identity_file: Path
+    # None means the provider cannot vouch for host keys (Vagrant's own boxes).
+    known_hosts: Path | None = None
+    extra_options: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Availability:
+    usable: bool
+    reason: str  # why not, or what was found
+
+
+@dataclass
+class LabContext:
+    """What a provider is given about the lab it serves."""
+
+    spec: LabSpec
+    lab_dir: Path
+    lab_id: str
+    nodes: list[ResolvedNode]
+    addresses: dict[str, str]  # node name -> IP on the lab subnet
+    subnet: str
+    ssh_key: Path  # per-lab private key; .pub beside it
+    known_hosts: Path
+    # The lab's LabState: providers record what they create in it *before*
+    # creating it, so destroy can undo everything after a crash.
+    state: Any = None
+
+    def node(self, name: str) -> ResolvedNode:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        from ..errors import UsageError
+        raise UsageError(f"no node named {name!r} in lab {self.spec.name!r}",
+                         hint=f"nodes are: {', '.join(n.name for n in self.nodes)}")
+
+
+class Provider(ABC):
+    """One way of making nodes. Subclasses live one per module in this package."""
+
+    name: ClassVar[str]
+
+    def __init__(self, context: LabContext) -> None:
+        self.context = context
+
+    @classmethod
+    @abstractmethod
+    def availability(cls) -> Availability:
+        """Can this provider run on this host at all? Cheap; used by auto-selection."""
+
+    @abstractmethod
+    def preflight(self) -> None:
+        """Raise PrerequisiteError naming the exact fix if `up` cannot work."""
+
+    @abstractmethod
+    def up(self, progress: Progress = no_progress) -> None:
+        """Create and start every node (or start stopped ones); return when all answer SSH."""
+
+    @abstractmethod
+    def status(self) -> list[NodeStatus]:
+        """State of every node of the spec, created or not."""
+
+    @abstractmethod
+    def halt(self, progress: Progress = no_progress) -> None:
+        """Power every node off cleanly, keeping its state for the next `up`."""
+
+    @abstractmethod
+    def destroy(self, progress: Progress = no_progress) -> None:
+        """Remove everything this provider created for the lab. Idempotent, works after a crash."""
+
+    @abstractmethod
+    def ssh_endpoints(self) -> dict[str, SSHEndpoint]:
+        """How to reach each running node over SSH."""
+
+    # Fault primitives, used by scenarios and `lab fault`.
+
+    @abstractmethod
+    def reboot(self, node: str, progress: Progress = no_progress) -> None:
+        """Reboot one node cleanly and wait until it answers SSH again."""
+
+    @abstractmethod
+    def kill(self, node: str) -> None:
+        """Stop a node at once, as if its power were pulled."""
+
+    @abstractmethod
+    def start(self, node: str, progress: Progress = no_progress) -> None:
+        """Start one stopped or killed node and wait until it answers SSH."""
+
+    @abstractmethod
+    def pause(self, node: str) -> None:
+        """Freeze every process of a node."""
+
+    @abstractmethod
+    def resume(self, node: str) -> None:
+        """Thaw a paused node."""
+
+    @abstractmethod
+    def partition(self, groups: list[list[str]]) -> None:
+        """Drop all traffic between nodes of different groups (nodes in no group keep talking to all)."""
+
+    @abstractmethod
+    def heal(self) -> None:
+        """Undo every partition."""
