@@ -690,7 +690,6 @@ def _refuse_if_in_use(path: Path) -> None:
 
 def _unmount_below(top: Path) -> None:
     """Unmount everything mounted at or below `top`, deepest first."""
-    top = top.resolve() if top.exists() else top
     below = sorted({m.mount_point for m in _mounts() if _is_below(m.mount_point, top)},
                    key=lambda p: len(p.parts), reverse=True)
     for mount_point in below:
@@ -702,6 +701,7 @@ def _unmount_below(top: Path) -> None:
 
 
 def _delete_tree(path: Path) -> None:
+    path = path.resolve()
     _unmount_below(path)
     if any(_is_below(m.mount_point, path) for m in _mounts()):
         raise BoxError(f"cannot delete {path}: something is still mounted below it",
