@@ -266,7 +266,7 @@ def ssh(node: Annotated[str, typer.Argument(help="Node to open a shell on.")], c
     endpoints = lab.ssh_endpoints()
     if node not in endpoints:
         raise UsageError(f"no node named {node!r} in lab {lab.name!r}", hint=f"nodes are: {', '.join(endpoints)}")
-    lab._write_ssh_config(lab.provider())
+    lab.write_ssh_config(lab.provider())
     exec_interactive(ssh_argv(endpoints[node], lab.ssh_config_path, list(ctx.args) or None))
 
 
@@ -480,11 +480,29 @@ def scenario_list(as_json: JsonOpt = False) -> None:
 
 @scenario_app.command("run")
 def scenario_run(scenario: Annotated[str, typer.Argument(help="Scenario name (see `lab scenario list`).")],
-                 file: FileOpt = DEFAULT_FILE) -> None:
-    """Run a scenario against the lab."""
-    from .scenarios import run
+                 file: FileOpt = DEFAULT_FILE, name: NameOpt = None, provider: ProviderOpt = None,
+                 sets: SetOpt = None,
+                 keep: Annotated[bool, typer.Option("--keep", help="Keep a lab the scenario created.")] = False,
+                 junit: Annotated[Optional[Path], typer.Option(help="Write a JUnit XML report here.")] = None,
+                 ) -> None:
+    """Run a scenario against the lab; creates the lab first if needed (and removes it after, unless --keep)."""
+    from .scenarios import find, run_checks
 
-    run(scenario, file)
+    found = find(scenario, file.parent if str(file.parent) else Path.cwd())
+    lab = _open_lab(file, name, None, provider, sets)
+    created_here = not lab.created
+    with lab.lock(f"scenario run {scenario}"):
+        try:
+            if created_here:
+                lab.up(_progress)
+            lab.write_ssh_config(lab.provider())
+            _progress(f"scenario {found.name}: {found.description}")
+            run_checks(found, lab.node_names(), lab.ssh_config_path, junit)
+        finally:
+            if created_here and not keep:
+                _progress("removing the lab this scenario created (--keep keeps it)")
+                lab.destroy(_progress)
+    _out().print(f"[green]scenario {found.name} passed[/green]")
 
 
 def main() -> None:

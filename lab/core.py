@@ -126,7 +126,7 @@ class Lab:
             if not new_lab:
                 provider.preflight()
             provider.up(progress)
-            self._write_ssh_config(provider)
+            self.write_ssh_config(provider)
         except BaseException:
             if new_lab:
                 progress("rolling back: removing what this `lab up` created")
@@ -140,7 +140,10 @@ class Lab:
         return self.provider().status()
 
     def halt(self, progress: Progress = no_progress) -> None:
+        from .ssh import close_masters
+
         self._require_created("halt")
+        close_masters(self.ssh_config_path, self.state.get("nodes", []))
         self.provider().halt(progress)
 
     def destroy(self, progress: Progress = no_progress) -> bool:
@@ -150,6 +153,9 @@ class Lab:
                 shutil.rmtree(self.lab_dir)
             network.release_subnet(self.lab_dir)
             return False
+        from .ssh import close_masters
+
+        close_masters(self.ssh_config_path, self.state.get("nodes", []))
         self.provider().destroy(progress)
         network.release_subnet(self.lab_dir)
         shutil.rmtree(self.lab_dir, ignore_errors=True)
@@ -177,16 +183,17 @@ class Lab:
         self._require_created("reach")
         return self.provider().ssh_endpoints()
 
-    def _write_ssh_config(self, provider: Provider) -> None:
-        from .ssh import render_ssh_config
+    def write_ssh_config(self, provider: Provider) -> None:
         from .state import write_atomic
 
-        write_atomic(self.ssh_config_path, render_ssh_config(provider.ssh_endpoints().values()))
+        write_atomic(self.ssh_config_path, self.ssh_config(provider))
 
-    def ssh_config(self) -> str:
-        from .ssh import render_ssh_config
+    def ssh_config(self, provider: Provider | None = None) -> str:
+        from .ssh import control_path, render_ssh_config
 
-        return render_ssh_config(self.ssh_endpoints().values())
+        endpoints = (provider or self.provider()).ssh_endpoints() if self.created else {}
+        self._require_created("reach")
+        return render_ssh_config(endpoints.values(), control=control_path(self.lab_id))
 
     def node_names(self) -> list[str]:
         return [n.name for n in self.context(self.selection().name).nodes]

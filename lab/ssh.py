@@ -50,12 +50,25 @@ def _quote(value: str) -> str:
     return f'"{value}"' if any(c.isspace() for c in value) else value
 
 
-def render_ssh_config(endpoints: Iterable[SSHEndpoint]) -> str:
+def control_path(lab_id: str) -> str:
+    """Where a multiplexing ssh master for a node listens (ssh expands %n to the node).
+
+    Short and outside the lab directory: unix socket paths are limited to
+    about 100 bytes. Inert unless a client asks for ControlMaster, as
+    testinfra's ssh backend does: one connection per node instead of one per
+    check. `close_masters` ends them.
+    """
+    return f"/tmp/lab-{lab_id}-%n.ssh"
+
+
+def render_ssh_config(endpoints: Iterable[SSHEndpoint], control: str | None = None) -> str:
     blocks = []
     for ep in endpoints:
         lines = [f"Host {ep.node}", f"  HostName {ep.host}", f"  Port {ep.port}", f"  User {ep.user}",
                  f"  IdentityFile {_quote(str(ep.identity_file))}", "  IdentitiesOnly yes",
-                 "  LogLevel ERROR"]
+                 "  LogLevel ERROR", "  ServerAliveInterval 5", "  ServerAliveCountMax 3"]
+        if control:
+            lines.append(f"  ControlPath {control}")
         if ep.known_hosts is not None:
             lines += [f"  UserKnownHostsFile {_quote(str(ep.known_hosts))}", "  StrictHostKeyChecking yes",
                       f"  HostKeyAlias {ep.node}"]
@@ -64,6 +77,17 @@ def render_ssh_config(endpoints: Iterable[SSHEndpoint]) -> str:
         lines += [f"  {key} {value}" for key, value in ep.extra_options.items()]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"
+
+
+def close_masters(ssh_config: Path, nodes: Iterable[str]) -> None:
+    """End multiplexing ssh masters left by testinfra, so nothing outlives a command."""
+    import subprocess
+
+    if not ssh_config.exists():
+        return
+    for node in nodes:
+        subprocess.run(["ssh", "-F", str(ssh_config), "-O", "exit", node], capture_output=True,
+                       check=False, timeout=10)
 
 
 def ssh_argv(endpoint: SSHEndpoint, ssh_config: Path, command: list[str] | None = None) -> list[str]:
@@ -130,6 +154,9 @@ class _PrefixedWriter:
                 self.target.flush()
 
     def flush(self) -> None:
+        pass  # invoke flushes after every chunk; a partial line waits for its end
+
+    def close(self) -> None:
         if self.buffer:
             self.write("\n")
 
@@ -159,7 +186,7 @@ def run(endpoint: SSHEndpoint, command: str, *, timeout: float | None = None,
         status, out, err = None, exc.result.stdout, exc.result.stderr
     finally:
         for stream in streams.values():
-            stream.flush()
+            stream.close()
     node_result = NodeResult(endpoint.node, command, status, out, err)
     if check and not node_result.ok:
         raise CommandError(command, where=endpoint.node, exit_status=status, output=out + err)

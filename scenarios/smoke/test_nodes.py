@@ -1,0 +1,45 @@
+"""Every node is a real Lab OS machine: checked over SSH with testinfra."""
+
+import json
+
+
+def node_info(host):
+    return json.loads(host.file("/etc/lab/node.json").content_string)
+
+
+def test_systemd_is_pid_1(host):
+    assert host.check_output("cat /proc/1/comm") == "systemd"
+
+
+def test_system_is_running_without_failed_units(host):
+    state = host.run("systemctl is-system-running --wait").stdout.strip()
+    failed = host.check_output("systemctl list-units --failed --no-legend --plain")
+    assert state == "running", f"system is {state}; failed units:\n{failed}"
+
+
+def test_journald_and_sshd_run(host):
+    assert host.service("systemd-journald").is_running
+    assert host.service("ssh").is_running
+
+
+def test_hostname_is_node_name(host):
+    assert host.check_output("hostname") == node_info(host)["node"]
+
+
+def test_node_has_its_lab_address(host):
+    info = node_info(host)
+    assert info["ip"] in host.check_output("ip -4 -o addr show dev host0")
+
+
+def test_os_is_lab_os(host):
+    release = host.file("/etc/os-release").content_string
+    assert 'ID="labos"' in release.splitlines() or "ID=labos" in release.splitlines()
+
+
+def test_usr_is_read_only(host):
+    assert host.run("touch /usr/lab-write-test").rc != 0
+
+
+def test_reaches_every_peer(host):
+    for name, ip in node_info(host)["peers"].items():
+        assert host.run(f"ping -c1 -W2 {ip}").rc == 0, f"cannot reach {name} at {ip}"
