@@ -175,14 +175,13 @@ def render(file: FileOpt = DEFAULT_FILE, name: NameOpt = None, nodes: NodesOpt =
            stdout: Annotated[bool, typer.Option("--stdout", help="Print instead of writing the file.")] = False,
            ) -> None:
     """Render the Vagrantfile of the lab into its directory (.lab/NAME/Vagrantfile)."""
-    from .render import render_for_lab
-
     lab = _open_lab(file, name, nodes, provider, sets)
-    result = render_for_lab(lab, write=not stdout)
+    result = lab.render(write=not stdout)
+    if result.note:
+        _progress(result.note)
     if stdout:
         sys.stdout.write(result.text)
     else:
-        _progress(result.note) if result.note else None
         _out().print(f"rendered {result.path} for provider {result.provider}")
 
 
@@ -190,10 +189,8 @@ def render(file: FileOpt = DEFAULT_FILE, name: NameOpt = None, nodes: NodesOpt =
 def validate(file: FileOpt = DEFAULT_FILE, name: NameOpt = None, nodes: NodesOpt = None,
              provider: ProviderOpt = None, sets: SetOpt = None) -> None:
     """Validate lab.yaml, and the rendered Vagrantfile with `vagrant validate` when vagrant is installed."""
-    from .render import validate_for_lab
-
     lab = _open_lab(file, name, nodes, provider, sets)
-    for line in validate_for_lab(lab):
+    for line in lab.validate():
         _out().print(line)
 
 

@@ -173,6 +173,44 @@ class Lab:
             raise StateError(f"lab {self.name!r} does not exist yet, nothing to {verb}",
                              hint="create it with `lab up`")
 
+    # ------------------------------------------------------------ Vagrantfile
+
+    def vagrant_provider(self) -> tuple[str, str | None]:
+        """The Vagrant provider to render for, and a note when it is not the lab's own."""
+        from .render import VAGRANT_PROVIDERS
+
+        name = self.selection().name
+        if name in VAGRANT_PROVIDERS:
+            return name, None
+        return "virtualbox", (f"the {name} provider needs no Vagrantfile; rendered the one for virtualbox, "
+                              "the laptop default (choose another with --provider)")
+
+    def render(self, write: bool = True) -> "RenderResult":
+        from .render import render_vagrantfile, write_vagrantfile
+
+        provider, note = self.vagrant_provider()
+        context = self.context(provider)
+        text = render_vagrantfile(context, provider)
+        path = write_vagrantfile(context, provider) if write else context.lab_dir / "Vagrantfile"
+        return RenderResult(path=path, provider=provider, text=text, note=note)
+
+    def validate(self) -> list[str]:
+        """Check the spec (already done on load) and the rendered Vagrantfile with real `vagrant validate`."""
+        import shutil as _shutil
+
+        report = [f"{self.loaded.path}: valid" if self.loaded.exists else "no lab.yaml: the defaults are valid"]
+        provider, note = self.vagrant_provider()
+        if note:
+            report.append(note)
+        if _shutil.which("vagrant") is None:
+            report.append("vagrant is not installed: skipped `vagrant validate` (apt-get install vagrant)")
+            return report
+        from .providers.vagrant import validate
+
+        validate(self.context(provider), provider)
+        report.append(f"{self.lab_dir / 'Vagrantfile'}: vagrant validate passed ({provider})")
+        return report
+
     # ------------------------------------------------------------ SSH
 
     @property
@@ -197,6 +235,14 @@ class Lab:
 
     def node_names(self) -> list[str]:
         return [n.name for n in self.context(self.selection().name).nodes]
+
+
+@dataclass
+class RenderResult:
+    path: Path
+    provider: str
+    text: str
+    note: str | None
 
 
 @dataclass
