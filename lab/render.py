@@ -16,6 +16,7 @@ missing, even for a lab that was never created there.
 
 from __future__ import annotations
 
+import ipaddress
 import posixpath
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any, Mapping
@@ -111,7 +112,9 @@ def render_template(source: str, values: Mapping[str, Any], *, name: str = TEMPL
     import jinja2  # only `lab up` and friends pay for jinja2
 
     environment = jinja2.Environment(
-        loader=jinja2.DictLoader({name: source}),
+        # FunctionLoader, unlike DictLoader, gives the template a file name, so
+        # jinja2's rewritten traceback tells us the template line of an error.
+        loader=jinja2.FunctionLoader(lambda wanted: (source, name, lambda: True) if wanted == name else None),
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         keep_trailing_newline=True,
@@ -162,6 +165,10 @@ def _template_values(context: "LabContext", provider: str) -> dict[str, Any]:
     if not context.nodes:
         raise ProviderError(f"lab {spec.name!r} has no nodes to render")
     first = context.nodes[0].name
+    try:
+        netmask = str(ipaddress.IPv4Network(context.subnet).netmask)
+    except ValueError as exc:
+        raise ProviderError(f"lab subnet {context.subnet!r} is not an IPv4 network ({exc})") from None
     prefix = f"{spec.name}-{context.lab_id}-"
     nodes = []
     for node in context.nodes:
@@ -195,6 +202,7 @@ def _template_values(context: "LabContext", provider: str) -> dict[str, Any]:
         "provider_id": provider,
         "provider": ruby_str(provider),
         "box": ruby_str(vagrant_box_name(spec)),
+        "netmask": ruby_str(netmask),
         "nodes": nodes,
         "synced_folders": folders,
         "libvirt": {
