@@ -303,29 +303,54 @@ class _OutputSink:
                         pass
 
 
+# Errors of `vagrant validate` that say no provider could be used here, not
+# that the Vagrantfile is wrong.
+_NO_PROVIDER_ERRORS = frozenset({"Vagrant::Errors::NoDefaultProvider", "Vagrant::Errors::ProviderNotUsable",
+                                 "Vagrant::Errors::ProviderNotFound"})
+
+
 def validate(context: LabContext, provider: str) -> None:
     """Render the lab's Vagrantfile and run `vagrant validate` on it.
 
-    Vagrant validates the provider block of the provider it would use: the
-    lab's own where that is usable, another usable one (the machine-wide part
-    of the file is still checked) where it is not.
+    Vagrant checks the provider block of the provider it would use: the lab's
+    own where that is usable, else another usable one. Where no provider is
+    usable at all, it refuses to validate anything; the file is then checked
+    with `--ignore-provider` (everything but the provider block).
     """
     path = write_vagrantfile(context, provider)
+    result = _validate_run(path.parent, provider, [])
+    if result.returncode != 0 and parse_vagrant_error(result.stdout)[0] in _NO_PROVIDER_ERRORS:
+        result = _validate_run(path.parent, provider, ["--ignore-provider"])
+    if result.returncode != 0:
+        kind, message = parse_vagrant_error(result.stdout)
+        text = message or (result.stdout + result.stderr).strip() or f"exit status {result.returncode}"
+        raise ProviderError(f"{path}: vagrant validate failed:\n"
+                            + "\n".join("    " + line for line in text.splitlines()),
+                            hint="fix the lab spec (or Vagrantfile.j2) so that Vagrant accepts the Vagrantfile")
+
+
+def _validate_run(directory: Path, provider: str, extra: list[str]) -> subprocess.CompletedProcess:
     vagrant_binary = _which("vagrant")
     if vagrant_binary is None:
         raise PrerequisiteError("vagrant not found", hint=VAGRANT_HINT)
     # python-vagrant's Vagrant.validate() ignores its env=, so run it here.
-    command = [vagrant_binary, "validate"]
+    command = [vagrant_binary, "validate", "--machine-readable", *extra]
     try:
-        result = subprocess.run(command, cwd=path.parent, env=vagrant_environment(provider),
-                                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+        return subprocess.run(command, cwd=directory, env=vagrant_environment(provider),
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
     except subprocess.TimeoutExpired as exc:
-        raise CommandError("vagrant validate", where=str(path.parent), exit_status=None,
+        raise CommandError(shlex.join(["vagrant", *command[1:]]), where=str(directory), exit_status=None,
                            output=_text(exc.stdout) + _text(exc.stderr)) from None
-    if result.returncode != 0:
-        raise ProviderError(f"{path}: vagrant validate failed:\n"
-                            + "\n".join("    " + line for line in (result.stdout + result.stderr).strip().splitlines()),
-                            hint="fix the lab spec (or Vagrantfile.j2) so that Vagrant accepts the Vagrantfile")
+
+
+def parse_vagrant_error(machine_readable: str) -> tuple[str | None, str]:
+    """(error class, message) of the `error-exit` line of `--machine-readable` output."""
+    for line in machine_readable.splitlines():
+        parts = line.split(",", 4)
+        if len(parts) == 5 and parts[2] == "error-exit":
+            message = parts[4].replace("%!(VAGRANT_COMMA)", ",").replace("\\n", "\n").replace("\\r", "")
+            return parts[3], message.strip()
+    return None, ""
 
 
 def _text(data: bytes | str | None) -> str:
@@ -466,7 +491,8 @@ class VagrantProvider(Provider):
             # machines it never made; with nothing on disk, nothing exists.
             if self.machines_on_disk():
                 raise
-            detail = exc.message.splitlines()[0]
+            reason = parse_vagrant_error(getattr(exc, "output", ""))[1] or exc.message
+            detail = f"not created; vagrant status: {reason.splitlines()[0]}"
             return [self._status(node.name, NodeState.NOT_CREATED, detail) for node in nodes]
         statuses = []
         for node in nodes:
