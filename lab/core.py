@@ -106,18 +106,23 @@ class Lab:
         provider_cls = provider_class(selection.name)
         new_lab = self.state is None
         if new_lab:
-            # Check the host before anything exists, so bad input leaves nothing behind.
+            # Check the host and claim a subnet before anything exists, so bad
+            # input or a busy subnet leaves nothing behind.
             provider_cls(self.context(selection.name)).preflight()
+            subnet = self._subnet(selection.name, claim=True)
             self.state = LabState(self.lab_dir, {
                 "version": 1, "name": self.name, "lab_id": self.lab_id, "provider": selection.name,
-                "created_at": _now(), "resources": [],
+                "created_at": _now(), "subnet": str(subnet), "resources": [],
                 "nodes": [n.name for n in self.spec.node_specs()],
             })
-            self.state.save()
+            try:
+                self.state.save()
+            except BaseException:
+                network.release_subnet(self.lab_dir)
+                raise
         try:
-            context = self.context(selection.name, claim=new_lab)
+            context = self.context(selection.name)
             if new_lab:
-                self.state.set("subnet", context.subnet)
                 from .ssh import ensure_keypair
                 ensure_keypair(context.ssh_key, comment=f"lab-{self.name}")
             else:
@@ -149,18 +154,27 @@ class Lab:
     def destroy(self, progress: Progress = no_progress) -> bool:
         """Remove everything of the lab. Returns False if there was nothing to remove."""
         if self.state is None:
-            if self.lab_dir.exists():
+            existed = self.lab_dir.exists()  # a rendered Vagrantfile, say
+            if existed:
                 shutil.rmtree(self.lab_dir)
+                self._remove_labs_dir_if_empty()
             network.release_subnet(self.lab_dir)
-            return False
+            return existed
         from .ssh import close_masters
 
         close_masters(self.ssh_config_path, self.state.get("nodes", []))
         self.provider().destroy(progress)
         network.release_subnet(self.lab_dir)
         shutil.rmtree(self.lab_dir, ignore_errors=True)
+        self._remove_labs_dir_if_empty()
         self.state = None
         return True
+
+    def _remove_labs_dir_if_empty(self) -> None:
+        try:
+            self.lab_dir.parent.rmdir()
+        except OSError:
+            pass  # other labs live there
 
     def _destroy_quietly(self) -> None:
         try:

@@ -112,14 +112,21 @@ class LabState:
 
 @contextmanager
 def lab_lock(lab_dir: Path, command: str) -> Iterator[None]:
-    lab_dir.mkdir(parents=True, exist_ok=True)
-    with open(lab_dir / "lock", "a+") as handle:
+    # The lock lives outside the lab directory, so a command refused for bad
+    # input leaves nothing in the project, and destroy can remove the lab
+    # directory while holding it.
+    from .network import lab_id
+    from .paths import state_home
+
+    locks = state_home() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{lab_id(lab_dir)}.lock", "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another lab command"
-            raise StateError(f"lab {lab_dir.name} is busy: {holder} is running on it",
+            raise StateError(f"lab {lab_dir.name} ({lab_dir}) is busy: {holder} is running on it",
                              hint="wait for it to finish (or stop it with Ctrl-C), then retry") from None
         handle.seek(0)
         handle.truncate()

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Install everything lab needs on a Debian or Ubuntu machine, as root:
+# the host tools (apt), lab itself in a virtualenv at .venv (pip), and a
+# `lab` command in /usr/local/bin. Safe to run again.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+if [ "$(id -u)" != 0 ]; then
+  echo "install.sh: run as root (sudo $0): nodes need root for nspawn, mounts and bridges" >&2
+  exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+# systemd-container: systemd-nspawn (the embedded provider); debootstrap builds
+# the node OS image; iproute2/nftables: bridges and partitions; openssh-client:
+# `lab ssh` and testinfra; vagrant: the VM providers and `lab validate`;
+# etcd-client: etcdctl on the host.
+apt-get install -y -qq --no-install-recommends \
+  systemd-container debootstrap iproute2 nftables iputils-ping openssh-client ca-certificates \
+  python3 python3-venv python3-pip vagrant etcd-client >/dev/null
+python3 -m venv "$root/.venv"
+"$root/.venv/bin/python" -m pip install -q --upgrade pip >/dev/null
+"$root/.venv/bin/python" -m pip install -q -e "$root[test]"
+ln -sf "$root/.venv/bin/lab" /usr/local/bin/lab
+echo "lab installed: $(command -v lab) ($("$root/.venv/bin/lab" --version 2>/dev/null || echo ok))"
