@@ -56,6 +56,20 @@ flags (--nodes, --provider, --name, --set key.path=value).
 
 app = typer.Typer(cls=LabGroup, help=HELP, no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"lab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                                help="Print lab's version and exit.")] = False) -> None:
+    pass
 box_app = typer.Typer(cls=LabGroup, help="Build and manage node OS images.", no_args_is_help=True)
 fault_app = typer.Typer(cls=LabGroup, help="Inject faults into a running lab.", no_args_is_help=True)
 scenario_app = typer.Typer(cls=LabGroup, help="List and run fault scenarios.", no_args_is_help=True)
@@ -477,8 +491,8 @@ def scenario_list(as_json: JsonOpt = False) -> None:
 
 @scenario_app.command("run")
 def scenario_run(scenario: Annotated[str, typer.Argument(help="Scenario name (see `lab scenario list`).")],
-                 file: FileOpt = DEFAULT_FILE, name: NameOpt = None, provider: ProviderOpt = None,
-                 sets: SetOpt = None,
+                 file: FileOpt = DEFAULT_FILE, name: NameOpt = None, nodes: NodesOpt = None,
+                 provider: ProviderOpt = None, sets: SetOpt = None,
                  keep: Annotated[bool, typer.Option("--keep", help="Keep a lab the scenario created.")] = False,
                  junit: Annotated[Optional[Path], typer.Option(help="Write a JUnit XML report here.")] = None,
                  ) -> None:
@@ -486,7 +500,7 @@ def scenario_run(scenario: Annotated[str, typer.Argument(help="Scenario name (se
     from .scenarios import find, run_checks
 
     found = find(scenario, file.parent if str(file.parent) else Path.cwd())
-    lab = _open_lab(file, name, None, provider, sets)
+    lab = _open_lab(file, name, nodes or found.nodes, provider, sets)
     created_here = not lab.created
     with lab.lock(f"scenario run {scenario}"):
         try:

@@ -31,6 +31,7 @@ class Scenario:
     source: str  # "built-in" or the local directory
     description: str
     path: str
+    nodes: int | None = None  # node count for a lab the scenario creates
 
 
 def _read(directory: Path, source: str) -> Scenario:
@@ -41,7 +42,10 @@ def _read(directory: Path, source: str) -> Scenario:
         raise UsageError(f"{spec_file}:{exc.line}: {exc.message}") from None
     if not isinstance(data, dict):
         raise UsageError(f"{spec_file}: must be a mapping with a description")
-    return Scenario(directory.name, source, str(data.get("description", "")).strip(), str(directory))
+    nodes = data.get("nodes")
+    if nodes is not None and (not isinstance(nodes, int) or isinstance(nodes, bool) or nodes < 1):
+        raise UsageError(f"{spec_file}: nodes: must be a whole number of at least 1, got {nodes!r}")
+    return Scenario(directory.name, source, str(data.get("description", "")).strip(), str(directory), nodes)
 
 
 def discover(project_dir: Path) -> list[Scenario]:
