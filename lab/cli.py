@@ -70,10 +70,14 @@ def _show_version(value: bool) -> None:
 def _main(version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
                                                 help="Print lab's version and exit.")] = False) -> None:
     pass
-box_app = typer.Typer(cls=LabGroup, help="Build and manage node OS images.", no_args_is_help=True)
-fault_app = typer.Typer(cls=LabGroup, help="Inject faults into a running lab.", no_args_is_help=True)
-scenario_app = typer.Typer(cls=LabGroup, help="List and run fault scenarios.", no_args_is_help=True)
-spec_app = typer.Typer(cls=LabGroup, help="Inspect the lab.yaml format.", no_args_is_help=True)
+box_app = typer.Typer(cls=LabGroup, help="Build and manage node OS images.", no_args_is_help=True,
+                    rich_markup_mode=None)
+fault_app = typer.Typer(cls=LabGroup, help="Inject faults into a running lab.", no_args_is_help=True,
+                      rich_markup_mode=None)
+scenario_app = typer.Typer(cls=LabGroup, help="List and run fault scenarios.", no_args_is_help=True,
+                         rich_markup_mode=None)
+spec_app = typer.Typer(cls=LabGroup, help="Inspect the lab.yaml format.", no_args_is_help=True,
+                     rich_markup_mode=None)
 app.add_typer(box_app, name="box")
 app.add_typer(fault_app, name="fault")
 app.add_typer(scenario_app, name="scenario")

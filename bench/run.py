@@ -1,0 +1,162 @@
+"""lab benchmarks: print figures, assert nothing (these machines are shared and noisy).
+
+    python bench/run.py            # cli, render, boot (needs root + the built image)
+    python bench/run.py cli render # only some
+    python bench/run.py build      # cold image build into a throwaway cache (~1 min)
+
+Each figure comes with the baseline measured in the same run where there is
+one, and the ratio to it.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LAB = [sys.executable, "-m", "lab.cli"]
+
+
+def timed(argv: list[str], runs: int, **kwargs) -> list[float]:
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(argv, check=True, capture_output=True, **kwargs)
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def show(label: str, samples: list[float], baseline: float | None = None) -> float:
+    median = statistics.median(samples)
+    ratio = f"  ({median / baseline:.2f}x baseline)" if baseline else ""
+    print(f"  {label:<44} median {median * 1000:8.1f} ms  min {min(samples) * 1000:8.1f} ms"
+          f"  n={len(samples)}{ratio}")
+    return median
+
+
+def bench_cli() -> None:
+    print("lab --help start-up")
+    base = show("python -c pass (baseline)", timed([sys.executable, "-c", "pass"], 15))
+    show("python -c 'import typer' (framework floor)", timed([sys.executable, "-c", "import typer"], 15), base)
+    show("lab --help", timed([*LAB, "--help"], 15), base)
+    show("lab box --help", timed([*LAB, "box", "--help"], 15), base)
+
+
+def bench_render() -> None:
+    print("lab render (writes .lab/lab/Vagrantfile)")
+    with tempfile.TemporaryDirectory() as scratch:
+        env = {**os.environ, "XDG_STATE_HOME": scratch}
+        base = show("lab spec show --nodes 3 (load + validate only)",
+                    timed([*LAB, "spec", "show", "--nodes", "3", "-f", f"{scratch}/lab.yaml"], 7, env=env))
+        per_node = {}
+        for nodes in (3, 20, 64):
+            median = show(f"lab render --nodes {nodes} --provider virtualbox",
+                          timed([*LAB, "render", "--nodes", str(nodes), "--provider", "virtualbox",
+                                 "-f", f"{scratch}/lab.yaml"], 7, env=env), base)
+            per_node[nodes] = median
+        # 64 is the most nodes a lab may have.
+        print(f"  marginal cost per node: 3 -> 20: {(per_node[20] - per_node[3]) / 17 * 1e6:.0f} us/node, "
+              f"20 -> 64: {(per_node[64] - per_node[20]) / 44 * 1e6:.0f} us/node (linear if these agree)")
+
+
+def bench_render_in_process() -> None:
+    """Rendering alone, without interpreter start-up: the cost that grows with nodes."""
+    sys.path.insert(0, str(REPO))
+    from lab.core import Lab
+    from lab.render import render_vagrantfile
+    from lab.spec import Override
+
+    print("render_vagrantfile() in process (no start-up)")
+    with tempfile.TemporaryDirectory() as scratch:
+        os.environ["XDG_STATE_HOME"] = scratch
+        medians = {}
+        for nodes in (3, 16, 32, 64):
+            lab = Lab.open(Path(scratch) / "lab.yaml", [Override(("nodes", "count"), nodes, "--nodes"),
+                                                        Override(("provider",), "virtualbox", "--provider")])
+            context = lab.context("virtualbox")
+            render_vagrantfile(context, "virtualbox")  # warm the template cache
+            samples = []
+            for _ in range(30):
+                start = time.perf_counter()
+                render_vagrantfile(context, "virtualbox")
+                samples.append(time.perf_counter() - start)
+            medians[nodes] = show(f"{nodes} nodes", samples)
+        # Fixed cost (template compile) plus a per-node cost: the slope is what grows.
+        print(f"  marginal cost: 3 -> 16 nodes {(medians[16] - medians[3]) / 13 * 1e6:.1f} us/node, "
+              f"16 -> 64 nodes {(medians[64] - medians[16]) / 48 * 1e6:.1f} us/node "
+              f"(linear if these agree); fixed cost ~{(medians[3] - 3 * (medians[64] - medians[3]) / 61) * 1e3:.1f} ms")
+
+
+def bench_boot() -> None:
+    if os.geteuid() != 0:
+        print("boot: skipped (needs root)")
+        return
+    sys.path.insert(0, str(REPO))
+    from lab.boxes import build_image
+    from lab.core import Lab
+    from lab.spec import Override
+
+    build_image("labos", "1")
+    print("lab up to every node answering SSH (warm image), nspawn")
+    for nodes, goal in ((3, 5.0), (9, 15.0)):
+        samples, memory = [], []
+        for _ in range(3):
+            with tempfile.TemporaryDirectory() as scratch:
+                lab = Lab.open(Path(scratch) / "lab.yaml", [Override(("nodes", "count"), nodes, "--nodes"),
+                                                            Override(("provider",), "nspawn", "--provider")])
+                start = time.perf_counter()
+                try:
+                    lab.up()
+                    samples.append(time.perf_counter() - start)
+                    time.sleep(2)  # let boot-time jobs settle before measuring memory
+                    memory.append(_memory_per_node(lab))
+                finally:
+                    lab.destroy()
+        median = statistics.median(samples)
+        print(f"  {nodes} nodes: median {median:.2f} s, min {min(samples):.2f} s, n={len(samples)} "
+              f"(goal <= {goal:.0f} s: {'met' if median <= goal else 'NOT met'})")
+        rss = statistics.median(m[0] for m in memory)
+        cache = statistics.median(m[1] for m in memory)
+        print(f"  {nodes} nodes: memory per node: {rss / 2**20:.1f} MiB RSS + {cache / 2**20:.1f} MiB page cache")
+
+
+def _memory_per_node(lab) -> tuple[float, float]:
+    provider = lab.provider()
+    rss, cache = [], []
+    for node in lab.node_names():
+        memory_cgroup = provider.cgroups(node)[1]
+        stat = dict(line.split() for line in (memory_cgroup / "memory.stat").read_text().splitlines())
+        rss.append(int(stat["total_rss"]))
+        cache.append(int(stat["total_cache"]))
+    return statistics.mean(rss), statistics.mean(cache)
+
+
+def bench_build() -> None:
+    if os.geteuid() != 0:
+        print("build: skipped (needs root)")
+        return
+    sys.path.insert(0, str(REPO))
+    print("cold node OS image build (debootstrap from the host's mirror) into a throwaway cache")
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/var/tmp")) as scratch:
+        env = {**os.environ, "XDG_CACHE_HOME": scratch}
+        cold = timed([*LAB, "box", "build"], 1, env=env)[0]
+        warm = timed([*LAB, "box", "build"], 3, env=env)
+        print(f"  cold build: {cold:.1f} s")
+        show("warm build (cache hit, whole CLI)", warm)
+
+
+BENCHES = {"cli": bench_cli, "render": bench_render, "render-core": bench_render_in_process,
+           "boot": bench_boot, "build": bench_build}
+
+if __name__ == "__main__":
+    chosen = sys.argv[1:] or ["cli", "render", "render-core", "boot"]
+    unknown = [name for name in chosen if name not in BENCHES]
+    if unknown:
+        sys.exit(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHES)}")
+    for name in chosen:
+        BENCHES[name]()
