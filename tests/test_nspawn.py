@@ -60,6 +60,11 @@ def leftovers(lab_id: str, lab_dir: Path) -> list[str]:
                 continue
             if f"lab-{lab_id}-" in cmdline:
                 found.append(f"process {proc.name}: {cmdline[:80]}")
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    if f"vb-lab-{lab_id}-" in links:
+        found.append("veth of a node")
+    for propagate in Path("/run/systemd/nspawn/propagate").glob(f"lab-{lab_id}-*"):
+        found.append(f"nspawn directory {propagate}")
     tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
     if f"lab_{lab_id}" in tables:
         found.append(f"nft table lab_{lab_id}")

@@ -157,6 +157,18 @@ def _link_exists(name: str) -> bool:
     return Path(f"/sys/class/net/{name}").exists()
 
 
+def _delete_link(name: str) -> None:
+    """Delete a network link by name or altname, if it exists."""
+    _run(["ip", "link", "delete", name], check=False)
+
+
+def _remove_empty_dir(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
 # ---------------------------------------------------------------- the provider
 
 
@@ -175,6 +187,17 @@ class NspawnProvider(Provider):
 
     def machine(self, node: str) -> str:
         return f"lab-{self.context.lab_id}-{node}"
+
+    def veth(self, node: str) -> str:
+        # nspawn names the host end vb-MACHINE; past 15 characters it shortens
+        # the name with a hash but keeps the full one as an altname, which
+        # `ip link` accepts everywhere a name goes.
+        return f"vb-{self.machine(node)}"
+
+    def propagate_dir(self, node: str) -> Path:
+        # nspawn makes this per machine and, where /run is not a tmpfs, refuses
+        # to remove it on exit ("disk file system"): lab removes it.
+        return Path("/run/systemd/nspawn/propagate") / self.machine(node)
 
     def node_dir(self, node: str) -> Path:
         return self.context.lab_dir / "nodes" / node
@@ -441,6 +464,10 @@ class NspawnProvider(Provider):
         config = {"argv": self._nspawn_argv(node, rootfs), "pidfile": str(directory / "nspawn.pid"),
                   "cgroups": [str(c / "cgroup.procs") for c in cgroups]}
         (directory / "nspawn.pid").unlink(missing_ok=True)
+        # A killed node's old veth lives on while orphaned TCP sockets keep its
+        # network namespace alive (up to minutes); nspawn would then fail with
+        # "File exists". Deleting one end deletes the pair.
+        _delete_link(self.veth(node))
         with open(directory / "console.log", "ab") as log:
             process = subprocess.Popen([sys.executable, "-I", "-S", "-c", SUPERVISOR, json.dumps(config)],
                                        stdin=subprocess.DEVNULL, stdout=log, stderr=log,
@@ -569,11 +596,14 @@ class NspawnProvider(Provider):
                 if _link_exists(ident):
                     _run(["ip", "link", "delete", ident, "type", "bridge"], check=False)
                 self.state.forget(kind, ident)
-            elif kind == "node" and not keep_files:
-                for mount_point in _mounts_below(Path(res.get("dir", self.node_dir(ident)))):
-                    _unmount(mount_point)
-                shutil.rmtree(res.get("dir", self.node_dir(ident)), ignore_errors=True)
-                self.state.forget(kind, ident)
+            elif kind == "node":
+                _delete_link(self.veth(ident))
+                _remove_empty_dir(self.propagate_dir(ident))
+                if not keep_files:
+                    for mount_point in _mounts_below(Path(res.get("dir", self.node_dir(ident)))):
+                        _unmount(mount_point)
+                    shutil.rmtree(res.get("dir", self.node_dir(ident)), ignore_errors=True)
+                    self.state.forget(kind, ident)
         # Anything mounted below the lab directory that the state missed.
         for mount_point in _mounts_below(self.context.lab_dir):
             _unmount(mount_point)
