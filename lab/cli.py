@@ -214,11 +214,13 @@ def validate(file: FileOpt = DEFAULT_FILE, name: NameOpt = None, nodes: NodesOpt
 
 @app.command()
 def up(file: FileOpt = DEFAULT_FILE, name: NameOpt = None, nodes: NodesOpt = None,
-       provider: ProviderOpt = None, sets: SetOpt = None, as_json: JsonOpt = False) -> None:
-    """Create the lab (or start it again) and wait until every node answers SSH."""
+       provider: ProviderOpt = None, sets: SetOpt = None, as_json: JsonOpt = False,
+       no_bootstrap: Annotated[bool, typer.Option("--no-bootstrap", help="Boot the nodes only: no etcd.")] = False,
+       ) -> None:
+    """Create the lab (or start it again), wait for SSH, and bootstrap the etcd cluster."""
     lab = _open_lab(file, name, nodes, provider, sets)
     with lab.lock("up"):
-        result = lab.up(_progress)
+        result = lab.up(_progress, bootstrap=not no_bootstrap)
     if as_json:
         _print_json({"lab": lab.name, "provider": result.selection.name,
                      "ssh_config": str(result.ssh_config), "nodes": [s.to_json() for s in result.nodes]})
@@ -226,25 +228,63 @@ def up(file: FileOpt = DEFAULT_FILE, name: NameOpt = None, nodes: NodesOpt = Non
     out = _out()
     out.print(_node_table(result.nodes, title=f"lab {lab.name} is up ({result.selection.name})"))
     first = result.nodes[0].name if result.nodes else "node-1"
+    if not no_bootstrap:
+        out.print(_member_table(lab.etcd_status()))
     out.print(f"  shell:    lab ssh {first}\n"
               f"  command:  lab exec -- uptime\n"
+              f"  etcd:     lab etcdctl -- endpoint status   (endpoints {lab.etcdctl_env()['ETCDCTL_ENDPOINTS']})\n"
               f"  ssh:      ssh -F {result.ssh_config} {first}\n"
               f"  testinfra: pytest --hosts={','.join('ssh://' + s.name for s in result.nodes)} "
               f"--ssh-config={result.ssh_config}")
 
 
+def _member_table(rows):
+    from rich.table import Table
+
+    table = Table(title="etcd", title_justify="left")
+    for column in ("MEMBER", "ENDPOINT", "HEALTH", "ROLE", "RAFT TERM", "RAFT INDEX", "DB SIZE"):
+        table.add_column(column)
+    for row in rows:
+        health = "[green]healthy[/]" if row.healthy else "[red]unhealthy[/]"
+        role = "[bold]leader[/]" if row.leader else ("follower" if row.member_id else "-")
+        table.add_row(row.node, row.endpoint, health, role, str(row.raft_term or "-"), str(row.raft_index or "-"),
+                      f"{row.db_size / 1024:.0f} KiB" if row.db_size else "-")
+    return table
+
+
 @app.command()
 def status(file: FileOpt = DEFAULT_FILE, name: NameOpt = None, as_json: JsonOpt = False) -> None:
-    """Show every node: state, IP and boot id."""
+    """Show every node (state, IP, boot id) and every etcd member (health, leader, Raft term and index)."""
     lab = _open_lab(file, name)
     statuses = lab.status()
+    running = any(s.state.value == "running" for s in statuses)
+    members = lab.etcd_status() if lab.created and running else []
     if as_json:
         _print_json({"lab": lab.name, "created": lab.created,
                      "provider": lab.state.get("provider") if lab.state else None,
-                     "nodes": [s.to_json() for s in statuses]})
+                     "nodes": [s.to_json() for s in statuses],
+                     "etcd": [m.__dict__ for m in members]})
         return
     _out().print(_node_table(statuses, title=f"lab {lab.name}"
                              + (f" ({lab.state.get('provider')})" if lab.state else " (not created)")))
+    if members:
+        _out().print(_member_table(members))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def etcdctl(ctx: typer.Context, file: FileOpt = DEFAULT_FILE, name: NameOpt = None) -> None:
+    """Run the host's etcdctl against the lab: `lab etcdctl -- endpoint status -w table`."""
+    import os
+    import shutil
+
+    from .errors import PrerequisiteError
+
+    binary = shutil.which("etcdctl")
+    if binary is None:
+        raise PrerequisiteError("etcdctl not found on this host", hint="apt-get install etcd-client")
+    lab = _open_lab(file, name)
+    env = {**os.environ, **lab.etcdctl_env()}
+    os.execve(binary, [binary, *ctx.args], env)
 
 
 @app.command()

@@ -97,7 +97,7 @@ class Lab:
 
     # ------------------------------------------------------------ commands
 
-    def up(self, progress: Progress = no_progress) -> "UpResult":
+    def up(self, progress: Progress = no_progress, bootstrap: bool = True) -> "UpResult":
         """Create (or start) every node; on a new lab, any failure removes what was made."""
         from .providers import provider_class
 
@@ -132,6 +132,10 @@ class Lab:
                 provider.preflight()
             provider.up(progress)
             self.write_ssh_config(provider)
+            if bootstrap:
+                from .bootstrap import EtcdBootstrap
+
+                EtcdBootstrap(context, provider.ssh_endpoints()).run(progress)
         except BaseException:
             if new_lab:
                 progress("rolling back: removing what this `lab up` created")
@@ -186,6 +190,51 @@ class Lab:
         if self.state is None:
             raise StateError(f"lab {self.name!r} does not exist yet, nothing to {verb}",
                              hint="create it with `lab up`")
+
+    # ------------------------------------------------------------ etcd
+
+    def etcd_client(self, timeout: float = 2.0):
+        from .bootstrap import client_for
+
+        self._require_created("reach")
+        return client_for(self.context(self.selection().name), timeout=timeout)
+
+    def etcd_status(self) -> list["MemberRow"]:
+        """Each member's health, role and Raft position, as seen from the host."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .bootstrap import members
+        from .etcdclient import EtcdError
+
+        context = self.context(self.selection().name)
+        client = self.etcd_client(timeout=1.0)
+
+        def probe(member) -> MemberRow:
+            try:
+                status = client.status(member.client_url)
+            except EtcdError as exc:
+                return MemberRow(member.node, member.client_url, healthy=False, error=exc.message)
+            return MemberRow(member.node, member.client_url, healthy=client.health(member.client_url),
+                             member_id=status.member_id, leader=status.is_leader, raft_term=status.raft_term,
+                             raft_index=status.raft_index, db_size=status.db_size, version=status.version)
+
+        cluster = members(context)
+        with ThreadPoolExecutor(max_workers=max(1, len(cluster))) as pool:
+            return list(pool.map(probe, cluster))
+
+    def etcdctl_env(self) -> dict[str, str]:
+        """Environment for the host's etcdctl: endpoints and, with TLS, the lab's certificates."""
+        from .bootstrap import members
+        from .pki import LabPki
+
+        self._require_created("reach")
+        context = self.context(self.selection().name)
+        env = {"ETCDCTL_API": "3", "ETCDCTL_ENDPOINTS": ",".join(m.client_url for m in members(context))}
+        if self.spec.etcd.tls:
+            pki = LabPki(self.lab_dir / "pki")
+            env.update(ETCDCTL_CACERT=str(pki.ca), ETCDCTL_CERT=str(pki.client.cert),
+                       ETCDCTL_KEY=str(pki.client.key))
+        return env
 
     # ------------------------------------------------------------ Vagrantfile
 
@@ -249,6 +298,20 @@ class Lab:
 
     def node_names(self) -> list[str]:
         return [n.name for n in self.context(self.selection().name).nodes]
+
+
+@dataclass
+class MemberRow:
+    node: str
+    endpoint: str
+    healthy: bool
+    member_id: str = ""
+    leader: bool = False
+    raft_term: int = 0
+    raft_index: int = 0
+    db_size: int = 0
+    version: str = ""
+    error: str = ""
 
 
 @dataclass

@@ -1,0 +1,243 @@
+"""Bootstrap services on the nodes over SSH: the etcd cluster.
+
+Provider-agnostic: it speaks only SSH (Fabric) to nodes and HTTP to etcd, so
+the same code configures nspawn nodes, Vagrant VMs and generic boxes.
+
+etcd is bootstrapped statically (every member knows the whole initial
+cluster; no discovery service, the lab is offline), configured through
+`/etc/default/etcd`, which Debian's etcd unit reads as its environment, and
+run as the node's systemd unit. Re-running changes nothing on a node whose
+configuration is already right.
+"""
+
+from __future__ import annotations
+
+import io
+import secrets
+import shlex
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CommandError, LabError, ProviderError
+from .etcdclient import EtcdClient, TlsFiles
+from .pki import LabPki
+from .providers.base import LabContext, Progress, SSHEndpoint, no_progress
+
+CLIENT_PORT = 2379
+PEER_PORT = 2380
+ETCD_ENV_FILE = "/etc/default/etcd"
+NODE_PKI_DIR = "/etc/etcd/pki"
+DATA_DIR = "/var/lib/etcd/lab"
+HEALTH_TIMEOUT = 60.0
+
+
+class BootstrapError(LabError):
+    exit_code = 8
+
+
+@dataclass(frozen=True)
+class EtcdMember:
+    """Where a member's etcd listens, derived from the node's address."""
+
+    node: str
+    ip: str
+    tls: bool
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    @property
+    def client_url(self) -> str:
+        return f"{self.scheme}://{self.ip}:{CLIENT_PORT}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"{self.scheme}://{self.ip}:{PEER_PORT}"
+
+
+def members(context: LabContext) -> list[EtcdMember]:
+    return [EtcdMember(n.name, context.addresses[n.name], context.spec.etcd.tls) for n in context.nodes]
+
+
+def etcd_environment(member: EtcdMember, cluster: list[EtcdMember], token: str, heartbeat_ms: int,
+                     election_timeout_ms: int, cluster_state: str = "new") -> str:
+    """The `/etc/default/etcd` of one member (pure: tested on fixed input)."""
+    lines = [
+        "# Written by lab: `lab up` rewrites it. etcd reads ETCD_* variables.",
+        f"ETCD_NAME={member.node}",
+        f"ETCD_DATA_DIR={DATA_DIR}",
+        f"ETCD_LISTEN_PEER_URLS={member.peer_url}",
+        f"ETCD_LISTEN_CLIENT_URLS={member.client_url},{member.scheme}://127.0.0.1:{CLIENT_PORT}",
+        f"ETCD_INITIAL_ADVERTISE_PEER_URLS={member.peer_url}",
+        f"ETCD_ADVERTISE_CLIENT_URLS={member.client_url}",
+        "ETCD_INITIAL_CLUSTER=" + ",".join(f"{m.node}={m.peer_url}" for m in cluster),
+        f"ETCD_INITIAL_CLUSTER_TOKEN={token}",
+        f"ETCD_INITIAL_CLUSTER_STATE={cluster_state}",
+        f"ETCD_HEARTBEAT_INTERVAL={heartbeat_ms}",
+        f"ETCD_ELECTION_TIMEOUT={election_timeout_ms}",
+    ]
+    if member.tls:
+        lines += [
+            f"ETCD_TRUSTED_CA_FILE={NODE_PKI_DIR}/ca.crt",
+            f"ETCD_CERT_FILE={NODE_PKI_DIR}/node.crt",
+            f"ETCD_KEY_FILE={NODE_PKI_DIR}/node.key",
+            "ETCD_CLIENT_CERT_AUTH=true",
+            f"ETCD_PEER_TRUSTED_CA_FILE={NODE_PKI_DIR}/ca.crt",
+            f"ETCD_PEER_CERT_FILE={NODE_PKI_DIR}/node.crt",
+            f"ETCD_PEER_KEY_FILE={NODE_PKI_DIR}/node.key",
+            "ETCD_PEER_CLIENT_CERT_AUTH=true",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    path: str
+    content: bytes
+    mode: int
+    owner: str = "root"
+
+
+class EtcdBootstrap:
+    """Configure and start etcd on every node, then wait for a healthy cluster."""
+
+    def __init__(self, context: LabContext, endpoints: dict[str, SSHEndpoint]) -> None:
+        self.context = context
+        self.endpoints = endpoints
+        self.members = members(context)
+        self.pki = LabPki(context.lab_dir / "pki")
+
+    # -- the cluster's identity, kept in the lab state so re-runs agree
+
+    def token(self) -> str:
+        etcd_state = dict(self.context.state.get("etcd") or {})
+        if "token" not in etcd_state:
+            etcd_state["token"] = f"lab-{self.context.lab_id}-{secrets.token_hex(4)}"
+            self.context.state.set("etcd", etcd_state)
+        return etcd_state["token"]
+
+    def client(self, timeout: float = 2.0) -> EtcdClient:
+        return client_for(self.context, timeout=timeout)
+
+    # -- bootstrap
+
+    def run(self, progress: Progress = no_progress) -> None:
+        spec = self.context.spec.etcd
+        if spec.tls:
+            self.pki.ensure(self.context.spec.name, self.context.addresses)
+        token = self.token()
+        started = time.monotonic()
+        with ThreadPoolExecutor(max_workers=max(1, len(self.members))) as pool:
+            changed = list(pool.map(lambda m: self._configure(m, token), self.members))
+        touched = [m.node for m, c in zip(self.members, changed) if c]
+        progress(f"etcd: configured {', '.join(touched)}" if touched else "etcd: configuration unchanged")
+        self.wait_healthy(progress)
+        progress(f"etcd: {len(self.members)}/{len(self.members)} members healthy "
+                 f"{time.monotonic() - started:.1f} s after the nodes were ready")
+
+    def _files(self, member: EtcdMember, token: str, cluster: list[EtcdMember], state: str) -> list[RemoteFile]:
+        spec = self.context.spec.etcd
+        env = etcd_environment(member, cluster, token, spec.heartbeat_ms, spec.election_timeout_ms, state)
+        files = [RemoteFile(ETCD_ENV_FILE, env.encode(), 0o644)]
+        if member.tls:
+            pair = self.pki.node(member.node)
+            files += [RemoteFile(f"{NODE_PKI_DIR}/ca.crt", self.pki.ca.read_bytes(), 0o644),
+                      RemoteFile(f"{NODE_PKI_DIR}/node.crt", pair.cert.read_bytes(), 0o644),
+                      RemoteFile(f"{NODE_PKI_DIR}/node.key", pair.key.read_bytes(), 0o600, owner="etcd")]
+        return files
+
+    def _configure(self, member: EtcdMember, token: str, cluster: list[EtcdMember] | None = None,
+                   state: str = "new") -> bool:
+        """Write the member's files and (re)start etcd if anything changed. Returns whether it did."""
+        from .ssh import connect
+
+        endpoint = self.endpoints[member.node]
+        files = self._files(member, token, cluster or self.members, state)
+        with connect(endpoint) as connection:
+            self._ensure_etcd_installed(connection, member.node)
+            changed = any([_put_if_changed(connection, f, member.node) for f in files])
+            active = connection.run("systemctl is-active --quiet etcd", warn=True, hide=True,
+                                    in_stream=False).exited == 0
+            if changed or not active:
+                # --no-block: a member only reports ready once a quorum is up,
+                # so starting them one by one would wait forever on the first.
+                verb = "restart" if active else "start"
+                _check(connection, f"systemctl enable --quiet etcd && systemctl {verb} --no-block etcd",
+                       member.node)
+            return changed or not active
+
+    @staticmethod
+    def _ensure_etcd_installed(connection, node: str) -> None:
+        if connection.run("command -v etcd", warn=True, hide=True, in_stream=False).exited == 0:
+            return
+        # A generic Debian/Ubuntu box: install etcd from the node's own apt sources.
+        _check(connection, "DEBIAN_FRONTEND=noninteractive apt-get update -qq && "
+                           "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client", node)
+
+    def wait_healthy(self, progress: Progress = no_progress, timeout: float = HEALTH_TIMEOUT) -> None:
+        client = self.client(timeout=1.0)
+        deadline = time.monotonic() + timeout
+        healthy: set[str] = set()
+        reported = -1
+        try:
+            while time.monotonic() < deadline:
+                for member in self.members:
+                    if member.node not in healthy and client.health(member.client_url):
+                        healthy.add(member.node)
+                if len(healthy) != reported:
+                    reported = len(healthy)
+                    progress(f"etcd: {reported}/{len(self.members)} members healthy")
+                if len(healthy) == len(self.members):
+                    return
+                time.sleep(0.1)
+        finally:
+            client.close()
+        sick = [m.node for m in self.members if m.node not in healthy]
+        raise BootstrapError(f"etcd did not become healthy on {', '.join(sick)} within {timeout:.0f} s:\n"
+                             + "\n".join(self._journal_tail(node) for node in sick),
+                             hint="see the journal lines above; `lab exec --node NODE -- journalctl -u etcd` "
+                                  "shows the whole log")
+
+    def _journal_tail(self, node: str) -> str:
+        from .ssh import run
+
+        try:
+            result = run(self.endpoints[node], "systemctl is-active etcd; journalctl -u etcd -n 12 --no-pager -o cat",
+                         timeout=10)
+            text = result.stdout
+        except ProviderError as exc:
+            text = exc.message
+        return "\n".join(f"    {node}: {line}" for line in text.strip().splitlines()[-12:])
+
+
+def _put_if_changed(connection, file: RemoteFile, node: str) -> bool:
+    """Upload through a temp file and swap it in only if the content differs."""
+    temporary = f"{file.path}.lab-new"
+    directory = str(Path(file.path).parent)
+    _check(connection, f"mkdir -p {shlex.quote(directory)}", node)
+    connection.put(io.BytesIO(file.content), remote=temporary)
+    quoted, quoted_tmp = shlex.quote(file.path), shlex.quote(temporary)
+    script = (f"chmod {file.mode:o} {quoted_tmp} && chown {file.owner} {quoted_tmp} && "
+              f"if cmp -s {quoted_tmp} {quoted}; then rm -f {quoted_tmp}; "
+              f"else mv -f {quoted_tmp} {quoted} && echo CHANGED; fi")
+    result = _check(connection, script, node)
+    return "CHANGED" in result.stdout
+
+
+def _check(connection, command: str, node: str):
+    result = connection.run(command, warn=True, hide=True, in_stream=False)
+    if result.exited != 0:
+        raise CommandError(command, where=node, exit_status=result.exited, output=result.stdout + result.stderr)
+    return result
+
+
+def client_for(context: LabContext, timeout: float = 2.0) -> EtcdClient:
+    """An etcd client for the lab, with its certificates when TLS is on."""
+    tls = None
+    if context.spec.etcd.tls:
+        pki = LabPki(context.lab_dir / "pki")
+        tls = TlsFiles(ca=str(pki.ca), cert=str(pki.client.cert), key=str(pki.client.key))
+    return EtcdClient([m.client_url for m in members(context)], tls=tls, timeout=timeout)
