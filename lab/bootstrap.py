@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CommandError, LabError, ProviderError
-from .etcdclient import EtcdClient, TlsFiles
+from .etcdclient import EtcdClient, EtcdError, TlsFiles
 from .pki import LabPki
 from .providers.base import LabContext, Progress, SSHEndpoint, no_progress
 
@@ -73,7 +73,8 @@ def etcd_environment(member: EtcdMember, cluster: list[EtcdMember], token: str, 
         f"ETCD_LISTEN_CLIENT_URLS={member.client_url},{member.scheme}://127.0.0.1:{CLIENT_PORT}",
         f"ETCD_INITIAL_ADVERTISE_PEER_URLS={member.peer_url}",
         f"ETCD_ADVERTISE_CLIENT_URLS={member.client_url}",
-        "ETCD_INITIAL_CLUSTER=" + ",".join(f"{m.node}={m.peer_url}" for m in cluster),
+        # Sorted: the file must not change when nothing but an order did.
+        "ETCD_INITIAL_CLUSTER=" + ",".join(f"{m.node}={m.peer_url}" for m in sorted(cluster, key=lambda m: m.node)),
         f"ETCD_INITIAL_CLUSTER_TOKEN={token}",
         f"ETCD_INITIAL_CLUSTER_STATE={cluster_state}",
         f"ETCD_HEARTBEAT_INTERVAL={heartbeat_ms}",
@@ -122,19 +123,36 @@ class EtcdBootstrap:
     def client(self, timeout: float = 2.0) -> EtcdClient:
         return client_for(self.context, timeout=timeout)
 
+    def _joined(self) -> dict[str, dict]:
+        """Members added at run time: the initial cluster they were started with."""
+        return dict((self.context.state.get("etcd") or {}).get("joined") or {})
+
+    def _initial(self, member: EtcdMember) -> tuple[list[EtcdMember], str]:
+        """The initial cluster a member was (or is to be) started with: fixed once chosen,
+        so removing or adding other members later never rewrites its configuration."""
+        etcd_state = dict(self.context.state.get("etcd") or {})
+        joined = (etcd_state.get("joined") or {}).get(member.node)
+        if joined is not None:
+            return [EtcdMember(name, ip, member.tls) for name, ip in joined["cluster"].items()], "existing"
+        if "initial_cluster" not in etcd_state:
+            etcd_state["initial_cluster"] = {m.node: m.ip for m in self.members}
+            self.context.state.set("etcd", etcd_state)
+        return [EtcdMember(name, ip, member.tls) for name, ip in etcd_state["initial_cluster"].items()], "new"
+
     # -- bootstrap
 
-    def run(self, progress: Progress = no_progress) -> None:
+    def run(self, progress: Progress = no_progress, timeout: float = HEALTH_TIMEOUT) -> None:
         spec = self.context.spec.etcd
         if spec.tls:
             self.pki.ensure(self.context.spec.name, self.context.addresses)
         token = self.token()
         started = time.monotonic()
+        initial = {m.node: self._initial(m) for m in self.members}  # state writes stay on this thread
         with ThreadPoolExecutor(max_workers=max(1, len(self.members))) as pool:
-            changed = list(pool.map(lambda m: self._configure(m, token), self.members))
+            changed = list(pool.map(lambda m: self._configure(m, token, *initial[m.node]), self.members))
         touched = [m.node for m, c in zip(self.members, changed) if c]
         progress(f"etcd: configured {', '.join(touched)}" if touched else "etcd: configuration unchanged")
-        self.wait_healthy(progress)
+        self.wait_healthy(progress, timeout)
         progress(f"etcd: {len(self.members)}/{len(self.members)} members healthy "
                  f"{time.monotonic() - started:.1f} s after the nodes were ready")
 
@@ -169,6 +187,60 @@ class EtcdBootstrap:
                        member.node)
             return changed or not active
 
+    def join(self, node: str, progress: Progress = no_progress) -> None:
+        """Add `node` as a new member through the member API, then start its etcd."""
+        member = next(m for m in self.members if m.node == node)
+        client = self.client()
+        try:
+            existing = client.members()
+            if not any(member.peer_url in m.get("peerURLs", []) for m in existing):
+                progress(f"etcd: adding member {node} ({member.peer_url})")
+                self._reconfigure(lambda: client.member_add(member.peer_url))
+                existing = client.members()
+        finally:
+            client.close()
+        # The initial cluster of a joining member is every current member, itself included.
+        ips = {m.node: m.ip for m in self.members}
+        cluster = {}
+        for entry in existing:
+            name = entry.get("name") or node  # a member added but not started has no name yet
+            peer = entry["peerURLs"][0]
+            cluster[name] = ips.get(name) or peer.split("//")[1].rsplit(":", 1)[0]
+        etcd_state = dict(self.context.state.get("etcd") or {})
+        etcd_state["joined"] = {**etcd_state.get("joined", {}), node: {"cluster": cluster}}
+        self.context.state.set("etcd", etcd_state)
+        self._configure(member, self.token(), *self._initial(member))
+        self.wait_healthy(progress)
+        progress(f"etcd: {node} joined; {len(self.members)} members healthy")
+
+    @staticmethod
+    def _reconfigure(call, timeout: float = 30.0):
+        # etcd refuses reconfiguration ("unhealthy cluster") until every member
+        # has been connected for a few seconds, e.g. right after bootstrap.
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return call()
+            except EtcdError as exc:
+                if "unhealthy cluster" not in exc.message or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def leave(self, node: str, progress: Progress = no_progress) -> None:
+        """Remove `node`'s member through the member API (the cluster stays available)."""
+        member = next(m for m in self.members if m.node == node)
+        client = self.client()
+        try:
+            for entry in client.members():
+                if entry.get("name") == node or member.peer_url in entry.get("peerURLs", []):
+                    progress(f"etcd: removing member {node} ({entry['ID']})")
+                    self._reconfigure(lambda entry=entry: client.member_remove(entry["ID"]))
+        finally:
+            client.close()
+        etcd_state = dict(self.context.state.get("etcd") or {})
+        etcd_state["joined"] = {k: v for k, v in etcd_state.get("joined", {}).items() if k != node}
+        self.context.state.set("etcd", etcd_state)
+
     @staticmethod
     def _ensure_etcd_installed(connection, node: str) -> None:
         if connection.run("command -v etcd", warn=True, hide=True, in_stream=False).exited == 0:
@@ -178,28 +250,48 @@ class EtcdBootstrap:
                            "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client", node)
 
     def wait_healthy(self, progress: Progress = no_progress, timeout: float = HEALTH_TIMEOUT) -> None:
+        """Poll every member's /health; give up early on a member whose etcd unit has failed."""
         client = self.client(timeout=1.0)
         deadline = time.monotonic() + timeout
         healthy: set[str] = set()
-        reported = -1
+        reported, next_unit_check = -1, time.monotonic() + 2.0
+        failed: list[str] = []
         try:
             while time.monotonic() < deadline:
                 for member in self.members:
                     if member.node not in healthy and client.health(member.client_url):
                         healthy.add(member.node)
+                if len(healthy) == len(self.members):
+                    return
                 if len(healthy) != reported:
                     reported = len(healthy)
                     progress(f"etcd: {reported}/{len(self.members)} members healthy")
-                if len(healthy) == len(self.members):
-                    return
+                if time.monotonic() >= next_unit_check:
+                    failed = self._failed_units([m.node for m in self.members if m.node not in healthy])
+                    if failed:
+                        break
+                    next_unit_check = time.monotonic() + 2.0
                 time.sleep(0.1)
         finally:
             client.close()
-        sick = [m.node for m in self.members if m.node not in healthy]
-        raise BootstrapError(f"etcd did not become healthy on {', '.join(sick)} within {timeout:.0f} s:\n"
+        sick = failed or [m.node for m in self.members if m.node not in healthy]
+        why = "etcd failed to start" if failed else f"etcd did not become healthy within {timeout:.0f} s"
+        raise BootstrapError(f"{why} on {', '.join(sick)}:\n"
                              + "\n".join(self._journal_tail(node) for node in sick),
                              hint="see the journal lines above; `lab exec --node NODE -- journalctl -u etcd` "
                                   "shows the whole log")
+
+    def _failed_units(self, nodes: list[str]) -> list[str]:
+        from .ssh import run
+
+        failed = []
+        for node in nodes:
+            try:
+                if run(self.endpoints[node], "systemctl is-failed --quiet etcd", timeout=5).exit_status == 0:
+                    failed.append(node)
+            except ProviderError:
+                continue
+        return failed
 
     def _journal_tail(self, node: str) -> str:
         from .ssh import run

@@ -243,7 +243,7 @@ def _member_table(rows):
 
     table = Table(title="etcd", title_justify="left")
     for column in ("MEMBER", "ENDPOINT", "HEALTH", "ROLE", "RAFT TERM", "RAFT INDEX", "DB SIZE"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column == "ENDPOINT")
     for row in rows:
         health = "[green]healthy[/]" if row.healthy else "[red]unhealthy[/]"
         role = "[bold]leader[/]" if row.leader else ("follower" if row.member_id else "-")
@@ -365,6 +365,32 @@ def reboot(node: Annotated[str, typer.Argument(help="Node to reboot.")], file: F
     lab.context(lab.selection().name).node(node)
     provider.reboot(node, _progress)
     _out().print(f"{node} rebooted")
+
+
+# ---------------------------------------------------------------- lab node
+
+node_app = typer.Typer(cls=LabGroup, help="Add or remove nodes of a running lab (etcd membership follows).",
+                       no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(node_app, name="node")
+
+
+@node_app.command("add")
+def node_add(file: FileOpt = DEFAULT_FILE, name: NameOpt = None) -> None:
+    """Boot one more node and join it to the etcd cluster as a new member."""
+    lab = _open_lab(file, name)
+    with lab.lock("node add"):
+        new = lab.node_add(_progress)
+    _out().print(f"{new} added")
+
+
+@node_app.command("remove")
+def node_remove(node: Annotated[str, typer.Argument(help="Node to remove.")], file: FileOpt = DEFAULT_FILE,
+                name: NameOpt = None) -> None:
+    """Remove NODE's etcd member cleanly, then destroy the node."""
+    lab = _open_lab(file, name)
+    with lab.lock("node remove"):
+        lab.node_remove(node, _progress)
+    _out().print(f"{node} removed")
 
 
 # ---------------------------------------------------------------- lab fault

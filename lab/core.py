@@ -20,7 +20,7 @@ from . import network
 from .errors import LabError, StateError, UsageError
 from .providers import Selection, select
 from .providers.base import LabContext, NodeState, NodeStatus, Progress, Provider, no_progress
-from .spec import LabSpec, LoadedSpec, Override, load_spec
+from .spec import LabSpec, LoadedSpec, Override, ResolvedNode, load_spec
 from .state import LabState, lab_lock
 
 LABS_DIR = ".lab"
@@ -78,15 +78,20 @@ class Lab:
     def context(self, provider: str, *, claim: bool = False) -> LabContext:
         nodes = self.spec.node_specs()
         if self.state is not None and self.state.get("nodes"):
-            # Nodes the lab was created with win over a spec edited since.
-            recorded = self.state["nodes"]
+            # The nodes the lab has (created, added, removed) win over a spec
+            # edited since; nodes added at run time inherit the spec's defaults.
             known = {n.name: n for n in nodes}
-            nodes = [known[name] for name in recorded if name in known] or nodes
+            defaults = self.spec.nodes
+            nodes = [known.get(name) or ResolvedNode(name=name, index=i, cpus=defaults.cpus, memory=defaults.memory,
+                                                     metadata=dict(defaults.metadata))
+                     for i, name in enumerate(self.state["nodes"], start=1)]
         subnet = self._subnet(provider, claim)
+        # Addresses are kept in the state once given: removing node-2 must not move node-3.
+        recorded = dict(self.state.get("addresses") or {}) if self.state is not None else {}
+        addresses = network.assign_addresses(subnet, [n.name for n in nodes], recorded)
         ssh_dir = self.lab_dir / "ssh"
         return LabContext(spec=self.spec, lab_dir=self.lab_dir, lab_id=self.lab_id, nodes=nodes,
-                          addresses=network.node_addresses(subnet, [n.name for n in nodes]),
-                          subnet=str(subnet), ssh_key=ssh_dir / "id_ed25519",
+                          addresses=addresses, subnet=str(subnet), ssh_key=ssh_dir / "id_ed25519",
                           known_hosts=ssh_dir / "known_hosts", state=self.state)
 
     def provider(self) -> Provider:
@@ -123,6 +128,7 @@ class Lab:
         try:
             context = self.context(selection.name)
             if new_lab:
+                self.state.set("addresses", context.addresses)
                 from .ssh import ensure_keypair
                 ensure_keypair(context.ssh_key, comment=f"lab-{self.name}")
             else:
@@ -142,6 +148,50 @@ class Lab:
                 self._destroy_quietly()
             raise
         return UpResult(selection=selection, nodes=provider.status(), ssh_config=self.ssh_config_path)
+
+    def node_add(self, progress: Progress = no_progress) -> str:
+        """Boot one more node and join it to etcd as a new member (runtime reconfiguration)."""
+        from .bootstrap import EtcdBootstrap
+
+        self._require_created("add a node to")
+        names = list(self.state["nodes"])
+        index = len(names) + 1
+        while f"{self.spec.nodes.prefix}-{index}" in names:
+            index += 1
+        new = f"{self.spec.nodes.prefix}-{index}"
+        self.state.set("nodes", names + [new])  # recorded before it exists
+        context = self.context(self.selection().name)
+        self.state.set("addresses", context.addresses)
+        provider = self.provider()
+        progress(f"adding {new} at {context.addresses[new]}")
+        try:
+            provider.up(progress)
+            self.write_ssh_config(provider)
+            EtcdBootstrap(provider.context, provider.ssh_endpoints()).join(new, progress)
+        except BaseException:
+            progress(f"rolling back: removing {new}")
+            self._forget_node(provider, new, progress)
+            raise
+        return new
+
+    def _forget_node(self, provider: Provider, node: str, progress: Progress) -> None:
+        provider.remove_node(node, progress)
+        self.state.set("nodes", [n for n in self.state["nodes"] if n != node])
+        self.state.set("addresses", {n: ip for n, ip in self.state["addresses"].items() if n != node})
+        self.write_ssh_config(self.provider())
+
+    def node_remove(self, node: str, progress: Progress = no_progress) -> None:
+        """Remove a node's etcd member cleanly, then destroy the node."""
+        from .bootstrap import EtcdBootstrap
+
+        self._require_created("remove a node from")
+        context = self.context(self.selection().name)
+        context.node(node)
+        if len(context.nodes) == 1:
+            raise UsageError(f"{node} is the lab's last node", hint="use `lab destroy` to remove the whole lab")
+        provider = self.provider()
+        EtcdBootstrap(context, provider.ssh_endpoints()).leave(node, progress)
+        self._forget_node(provider, node, progress)
 
     def status(self) -> list[NodeStatus]:
         if self.state is None:

@@ -115,6 +115,7 @@ class EtcdClient:
 
         targets = [endpoint] if endpoint else self._rotation()
         last: Exception | None = None
+        refused: EtcdError | None = None
         for target in targets:
             try:
                 response = self._client().post(f"{target}/v3/{path}", json=body)
@@ -132,11 +133,15 @@ class EtcdClient:
                     self._advance(target)
                     raise EtcdUnknown(f"{target}: {path}: {message}")
                 if _retryable(message) and not endpoint:
-                    last = EtcdError(f"{target}: {message}")
+                    refused = EtcdError(f"{target}: {message}")
                     self._advance(target)
                     continue
                 raise EtcdError(f"{target}: {path}: {message}")
             return data
+        if refused is not None:
+            # Some member answered: say what it said, not that another was down.
+            raise EtcdError(f"no etcd member could serve {path}: {refused.message}",
+                            hint="check the cluster with `lab status`")
         raise EtcdUnavailable(f"no etcd endpoint answered {path}: {last}",
                               hint="check the cluster with `lab status`")
 

@@ -40,11 +40,29 @@ def host_address(subnet: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
 
 
 def node_addresses(subnet: ipaddress.IPv4Network, node_names: list[str]) -> dict[str, str]:
-    usable = subnet.num_addresses - FIRST_NODE_HOST - 1
-    if len(node_names) > usable:
-        raise PrerequisiteError(f"network.subnet {subnet} has room for {usable} nodes, not {len(node_names)}",
-                                hint="choose a larger network.subnet (e.g. a /24)")
-    return {name: str(subnet.network_address + FIRST_NODE_HOST + i) for i, name in enumerate(node_names)}
+    """Addresses of a new lab's nodes: node-1 is .11, node-2 .12, ..."""
+    return assign_addresses(subnet, node_names, {})
+
+
+def assign_addresses(subnet: ipaddress.IPv4Network, node_names: list[str],
+                     recorded: dict[str, str]) -> dict[str, str]:
+    """Keep recorded addresses; give each other node the lowest free one from .11 up."""
+    addresses = {name: recorded[name] for name in node_names if name in recorded}
+    used = set(addresses.values())
+    candidates = (str(subnet.network_address + host)
+                  for host in range(FIRST_NODE_HOST, subnet.num_addresses - 1))
+    for name in node_names:
+        if name in addresses:
+            continue
+        for candidate in candidates:
+            if candidate not in used:
+                addresses[name] = candidate
+                used.add(candidate)
+                break
+        else:
+            raise PrerequisiteError(f"network.subnet {subnet} has no address left for {name}",
+                                    hint="choose a larger network.subnet (e.g. a /24)")
+    return {name: addresses[name] for name in node_names}
 
 
 @dataclass(frozen=True)

@@ -122,6 +122,10 @@ class Provider(ABC):
         """Remove everything this provider created for the lab. Idempotent, works after a crash."""
 
     @abstractmethod
+    def remove_node(self, node: str, progress: Progress = no_progress) -> None:
+        """Destroy one node and everything the provider made for it (the rest of the lab stays)."""
+
+    @abstractmethod
     def ssh_endpoints(self) -> dict[str, SSHEndpoint]:
         """How to reach each running node over SSH."""
 

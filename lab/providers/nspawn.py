@@ -321,6 +321,21 @@ class NspawnProvider(Provider):
             self._kill_everything(res["id"])
         self._teardown_host(progress, keep_files=False)
 
+    def remove_node(self, node: str, progress: Progress = no_progress) -> None:
+        progress(f"removing node {node}")
+        self._kill_everything(node)
+        merged = str(self.node_dir(node) / "merged")
+        for mount_point in _mounts_below(self.node_dir(node)):
+            _unmount(mount_point)
+        self.state.forget("mount", merged)
+        for cgroup in self.cgroups(node):
+            _remove_cgroup(cgroup)
+            self.state.forget("cgroup", str(cgroup))
+        _delete_link(self.veth(node))
+        _remove_empty_dir(self.propagate_dir(node))
+        shutil.rmtree(self.node_dir(node), ignore_errors=True)
+        self.state.forget("node", node)
+
     def ssh_endpoints(self) -> dict[str, SSHEndpoint]:
         return {node.name: SSHEndpoint(node=node.name, host=self.context.addresses[node.name], port=22,
                                        user="root", identity_file=self.context.ssh_key,

@@ -529,6 +529,10 @@ class VagrantProvider(Provider):
         shutil.rmtree(self.dotdir, ignore_errors=True)
         self.vagrantfile.unlink(missing_ok=True)
 
+    def remove_node(self, node: str, progress: Progress = no_progress) -> None:
+        if node in self.machines_on_disk():
+            self._run(lambda v: v.destroy(vm_name=node), progress)
+
     def _context_with(self, names: set[str]) -> LabContext:
         known = {node.name for node in self.context.nodes}
         extra = sorted(names - known)
