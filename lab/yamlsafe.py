@@ -51,37 +51,86 @@ def load(text: str) -> LoadedYaml:
     if node is None:
         return LoadedYaml(data=None)
     loaded = LoadedYaml(data=None)
-    loaded.data = _convert(node, (), loaded.lines)
+    loaded.data = _Converter(loaded.lines).convert(node, ())
     return loaded
 
 
 _constructor = yaml.SafeLoader("")
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+# A lab.yaml has a few hundred values; aliases can multiply that (a "billion
+# laughs" document), so conversion stops well before it could hang.
+MAX_VALUES = 100_000
 
 
-def _convert(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int]) -> Any:
-    lines.setdefault(path, node.start_mark.line + 1)
-    expected_tag = _COLLECTION_TAGS.get(type(node))
-    if expected_tag and node.tag != expected_tag:
-        raise _refused_tag(node)
-    if isinstance(node, yaml.MappingNode):
-        if any(key.tag == "tag:yaml.org,2002:merge" for key, _ in node.value):
-            # Merge keys (<<) are legal YAML; let the safe constructor flatten them.
-            _constructor.flatten_mapping(node)
+class _Converter:
+    def __init__(self, lines: dict[KeyPath, int]) -> None:
+        self.lines = lines
+        self.count = 0
+        self.open: set[int] = set()  # ids of the collections being converted, to spot recursive aliases
+
+    def convert(self, node: yaml.Node, path: KeyPath) -> Any:
+        self.count += 1
+        if self.count > MAX_VALUES:
+            raise YamlError(f"document expands to more than {MAX_VALUES} values (aliases repeated too often)",
+                            node.start_mark.line + 1)
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        expected_tag = _COLLECTION_TAGS.get(type(node))
+        if expected_tag and node.tag != expected_tag:
+            raise _refused_tag(node)
+        if not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            return _scalar(node)
+        if id(node) in self.open:
+            raise YamlError("an alias refers to the mapping or list that contains it", node.start_mark.line + 1)
+        self.open.add(id(node))
+        try:
+            if isinstance(node, yaml.SequenceNode):
+                return [self.convert(item, path + (index,)) for index, item in enumerate(node.value)]
+            return self._mapping(node, path)
+        finally:
+            self.open.discard(id(node))
+
+    def _mapping(self, node: yaml.MappingNode, path: KeyPath) -> dict[Any, Any]:
         result: dict[Any, Any] = {}
+        merges: list[yaml.Node] = []
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
                 raise YamlError("mapping keys must be plain scalars", key_node.start_mark.line + 1)
+            if key_node.tag == _MERGE_TAG:
+                merges.append(value_node)
+                continue
             key = _scalar(key_node)
             if key in result:
-                where = ".".join(str(p) for p in path + (key,))
-                raise YamlError(f"duplicate key {where!r} (first defined on line "
-                                f"{lines[path + (key,)]})", key_node.start_mark.line + 1)
-            lines[path + (key,)] = key_node.start_mark.line + 1
-            result[key] = _convert(value_node, path + (key,), lines)
-        return result
-    if isinstance(node, yaml.SequenceNode):
-        return [_convert(item, path + (index,), lines) for index, item in enumerate(node.value)]
-    return _scalar(node)
+                raise YamlError(f"duplicate key {dotted(path + (key,))!r} (first defined on line "
+                                f"{self.lines[path + (key,)]})", key_node.start_mark.line + 1)
+            self.lines[path + (key,)] = key_node.start_mark.line + 1
+            result[key] = self.convert(value_node, path + (key,))
+        if not merges:
+            return result
+        # Merge keys (<<) are legal YAML: keys written in the mapping win over
+        # merged ones, and of `<<: [*a, *b]` the first mapping wins.
+        merged: dict[Any, Any] = {}
+        for value_node in merges:
+            sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            if isinstance(value_node, yaml.SequenceNode) and value_node.tag != _COLLECTION_TAGS[yaml.SequenceNode]:
+                raise _refused_tag(value_node)
+            for source in sources:
+                if not isinstance(source, yaml.MappingNode):
+                    raise YamlError("a merge key (<<) must name a mapping or a list of mappings",
+                                    source.start_mark.line + 1)
+                scratch: dict[KeyPath, int] = {}
+                lines, self.lines = self.lines, scratch
+                try:
+                    data = self.convert(source, path)
+                finally:
+                    self.lines = lines
+                for key, value in data.items():
+                    if key in result or key in merged:
+                        continue
+                    merged[key] = value
+                    for sub, line in scratch.items():
+                        if sub[:len(path) + 1] == path + (key,):
+                            self.lines.setdefault(sub, line)
+        return {**merged, **result}
 
 
 _COLLECTION_TAGS = {yaml.MappingNode: "tag:yaml.org,2002:map",
@@ -89,6 +138,14 @@ _COLLECTION_TAGS = {yaml.MappingNode: "tag:yaml.org,2002:map",
 # The YAML core schema: the only scalar types a lab.yaml needs.
 _SCALAR_TAGS = {f"tag:yaml.org,2002:{name}" for name in
                 ("str", "int", "float", "bool", "null", "timestamp")}
+
+
+def dotted(path: KeyPath) -> str:
+    """("nodes", "list", 0, "name") -> "nodes.list[0].name", as lab's messages spell key paths."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
 def _refused_tag(node: yaml.Node) -> YamlError:
