@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
+from pydantic_core import PydanticCustomError
 
 from . import yamlsafe
 from .errors import SpecError
@@ -37,6 +39,16 @@ Name = Annotated[str, Field(pattern=_NAME_RE)]
 _NAME_HINT = "a lowercase name of 1-24 letters, digits and '-', starting with a letter (it becomes a directory and host name)"
 
 
+def _no_bool(value: Any) -> Any:
+    # pydantic reads true as 1: `count: yes` would silently mean one node.
+    if isinstance(value, bool):
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_no_bool)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
 
@@ -45,16 +57,16 @@ class NodeSpec(_Strict):
     """One node of an explicit `nodes.list`; unset fields inherit from `nodes`."""
 
     name: Name
-    cpus: int | None = Field(None, ge=1, le=64)
-    memory: int | None = Field(None, ge=256, le=262144, description="MiB")
+    cpus: Int | None = Field(None, ge=1, le=64)
+    memory: Int | None = Field(None, ge=256, le=262144, description="MiB")
     metadata: dict[str, str] = Field(default_factory=dict)
 
 
 class Nodes(_Strict):
-    count: int = Field(3, ge=1, le=64, description="number of nodes (ignored when `list` is given)")
+    count: Int = Field(3, ge=1, le=64, description="number of nodes (ignored when `list` is given)")
     prefix: Name = Field("node", description="nodes are named PREFIX-1 .. PREFIX-N")
-    cpus: int = Field(1, ge=1, le=64)
-    memory: int = Field(1024, ge=256, le=262144, description="MiB per node")
+    cpus: Int = Field(1, ge=1, le=64)
+    memory: Int = Field(1024, ge=256, le=262144, description="MiB per node")
     metadata: dict[str, str] = Field(default_factory=dict, description="scheduler metadata of every node, e.g. role: worker")
     members: list[NodeSpec] | None = Field(None, alias="list", description="explicit nodes with per-node overrides")
 
@@ -75,6 +87,13 @@ class Nodes(_Strict):
 class Box(_Strict):
     name: Name = Field("labos", description="node OS image (see `lab box list`)")
     version: str = Field("1", pattern=r"^[0-9A-Za-z][0-9A-Za-z._-]{0,31}$")
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _whole_number_as_text(cls, value: Any) -> Any:
+        # LAB_BOX_VERSION=2 and `--set box.version=2` are read as YAML, so they
+        # arrive as the number 2. A float (1.10) is left to fail: it lost digits.
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class Network(_Strict):
@@ -104,8 +123,8 @@ class Network(_Strict):
 
 
 class Etcd(_Strict):
-    heartbeat_ms: int = Field(100, ge=10, le=5000, description="Raft heartbeat interval")
-    election_timeout_ms: int = Field(1000, ge=50, le=50000, description="Raft election timeout")
+    heartbeat_ms: Int = Field(100, ge=10, le=5000, description="Raft heartbeat interval")
+    election_timeout_ms: Int = Field(1000, ge=50, le=50000, description="Raft election timeout")
     tls: bool = Field(False, description="per-lab CA, TLS and client-certificate auth for peers and clients")
 
     @model_validator(mode="after")
@@ -114,19 +133,25 @@ class Etcd(_Strict):
         if self.election_timeout_ms < 5 * self.heartbeat_ms:
             raise _KeyedValueError(("election_timeout_ms",),
                                    f"must be at least 5x heartbeat_ms ({5 * self.heartbeat_ms}), "
-                                   f"got {self.election_timeout_ms}")
+                                   f"got {self.election_timeout_ms}", related=(("heartbeat_ms",),))
         return self
 
 
 class Updates(_Strict):
     strategy: Literal["etcd-lock", "reboot", "off"] = Field(
         "etcd-lock", description="etcd-lock: reboot holding a lock in etcd; reboot: right away; off: never")
-    max_concurrent_reboots: int = Field(1, ge=1, le=64)
+    max_concurrent_reboots: Int = Field(1, ge=1, le=64)
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _off_is_not_false(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as false: `strategy: off` means "off".
+        return "off" if value is False else value
 
 
 class ForwardedPort(_Strict):
-    guest: int = Field(ge=1, le=65535)
-    host: int = Field(ge=1, le=65535)
+    guest: Int = Field(ge=1, le=65535)
+    host: Int = Field(ge=1, le=65535)
     node: Name | None = Field(None, description="node to forward to; default: the first node")
     protocol: Literal["tcp", "udp"] = "tcp"
 
@@ -173,12 +198,14 @@ class LabSpec(_Strict):
         for index, port in enumerate(self.forwarded_ports):
             if port.node is not None and port.node not in names:
                 raise _KeyedValueError(("forwarded_ports", index, "node"),
-                                       f"no node named {port.node!r}; nodes are {', '.join(sorted(names))}")
+                                       f"no node named {port.node!r}; nodes are {', '.join(sorted(names))}",
+                                       related=(("nodes",),))
         hosts = [(p.host, p.protocol) for p in self.forwarded_ports]
         for index, key in enumerate(hosts):
             if key in hosts[:index]:
                 raise _KeyedValueError(("forwarded_ports", index, "host"),
-                                       f"host port {key[0]}/{key[1]} is forwarded twice")
+                                       f"host port {key[0]}/{key[1]} is forwarded twice",
+                                       related=(("forwarded_ports", hosts.index(key)),))
         return self
 
     def node_specs(self) -> list["ResolvedNode"]:
@@ -202,10 +229,12 @@ class ResolvedNode:
 class _KeyedValueError(ValueError):
     """A cross-field error that knows which key it is about."""
 
-    def __init__(self, path: tuple[str | int, ...], message: str) -> None:
+    def __init__(self, path: tuple[str | int, ...], message: str,
+                 related: tuple[tuple[str | int, ...], ...] = ()) -> None:
         super().__init__(message)
         self.path = path
         self.message = message
+        self.related = related  # other keys the check read, relative to the same model
 
 
 # ---------------------------------------------------------------- loading
@@ -297,8 +326,8 @@ def load_spec(path: Path | str = SPEC_FILE, overrides: list[Override] | None = N
         if loaded.data is None:
             loaded.data = {}
         if not isinstance(loaded.data, dict):
-            raise SpecError(f"{label}:1: the top level must be a mapping of keys (name:, nodes:, ...), "
-                            f"got {_type_name(loaded.data)}")
+            raise SpecError(f"{label}:{loaded.line_of(()) or 1}: the top level must be a mapping of keys "
+                            f"(name:, nodes:, ...), got {_type_name(loaded.data)}")
     data = loaded.data
     origins: dict[tuple, str] = {}
     for override in [*env_overrides(environ), *(overrides or [])]:
@@ -339,15 +368,24 @@ def _describe(error: Mapping[str, Any], label: str, loaded: yamlsafe.LoadedYaml,
     loc = tuple(error["loc"])
     ctx = error.get("ctx") or {}
     original = ctx.get("error")
+    related: list[tuple] = []
     if isinstance(original, _KeyedValueError):
-        loc = loc + original.path if loc and loc[-1] != original.path[0] else original.path
+        model_loc = loc if loc and loc[-1] != original.path[0] else ()
+        loc = model_loc + original.path
+        related = [model_loc + path for path in original.related]
         message = original.message
     else:
         message = _explain(error, loc)
-    for end in range(len(loc), 0, -1):
-        origin = origins.get(tuple(loc[:end]))
-        if origin:
-            return f"{origin}: {_dotted(loc)}: {message}"
+    origin = next((origins[loc[:end]] for end in range(len(loc), 0, -1) if loc[:end] in origins), None)
+    # A cross-field error is also caused by the other keys the check read:
+    # name the variables and flags that set them, or the message would blame
+    # only lab.yaml (which may not even exist).
+    involved = sorted({o for path, o in origins.items() if o != origin
+                       and any(path[:len(r)] == r or r[:len(path)] == path for r in related)})
+    if involved:
+        message += f" (with {', '.join(involved)})"
+    if origin:
+        return f"{origin}: {_dotted(loc)}: {message}"
     line = loaded.line_of(loc)
     where = f"{label}:{line}" if line else label
     return f"{where}: {_dotted(loc) or 'top level'}: {message}"
@@ -367,7 +405,7 @@ def _explain(error: Mapping[str, Any], loc: tuple) -> str:
     if kind in ("less_than_equal", "less_than"):
         bound = ctx.get("le", ctx.get("lt"))
         return f"must be at most {bound}, got {value!r}"
-    if kind in ("int_parsing", "int_type", "int_from_float"):
+    if kind in ("int_parsing", "int_type", "int_from_float", "finite_number"):
         return f"must be a whole number, got {value!r}"
     if kind in ("bool_parsing", "bool_type"):
         return f"must be true or false, got {value!r}"
@@ -389,6 +427,8 @@ def _explain(error: Mapping[str, Any], loc: tuple) -> str:
         return f"has an invalid format, got {value!r} (expected to match {ctx.get('pattern')})"
     if kind == "string_too_short":
         return "must not be empty"
+    if kind == "invalid_key":
+        return f"keys must be text, got {value!r}"
     if kind == "value_error":
         return str(error["msg"]).removeprefix("Value error, ")
     return f"{error['msg']}, got {value!r}"
@@ -426,11 +466,7 @@ def _closest(value: Any, choices: list[str]) -> str:
     return f"; did you mean {match[0]!r}?" if match else ""
 
 
-def _dotted(path: tuple) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
+_dotted = yamlsafe.dotted
 
 
 def _type_name(value: Any) -> str:
