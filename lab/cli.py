@@ -171,18 +171,18 @@ def init(file: FileOpt = DEFAULT_FILE, name: NameOpt = None, nodes: NodesOpt = N
          provider: ProviderOpt = None,
          force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False) -> None:
     """Write a commented lab.yaml with every default spelled out."""
-    from .spec import default_yaml, load_spec
+    from .spec import Override, default_yaml, load_spec
     from .state import write_atomic
 
     if file.exists() and not force:
         raise UsageError(f"{file} already exists", hint="edit it, or pass --force to overwrite it")
-    text = default_yaml(name=name or "lab", nodes=nodes or 3, provider=provider or "auto")
-    # Validate what we are about to write, so init can never produce a broken spec.
-    import tempfile
-    with tempfile.TemporaryDirectory() as scratch:
-        probe = Path(scratch) / file.name
-        probe.write_text(text)
-        load_spec(probe, environ={})
+    # Check the flags against the spec's rules first, so a bad --name or
+    # --nodes is reported against the flag and init never writes a broken file.
+    flags = [Override(path, value, f"{flag} {value}") for flag, path, value in (
+        ("--name", ("name",), name), ("--nodes", ("nodes", "count"), nodes), ("--provider", ("provider",), provider))
+        if value is not None]
+    spec = load_spec(file.parent / ".lab-init-does-not-exist.yaml", flags, environ={}).spec
+    text = default_yaml(name=spec.name, nodes=spec.nodes.count, provider=spec.provider)
     write_atomic(file, text)
     _out().print(f"wrote {file}; next: `lab up`")
 
