@@ -2,6 +2,7 @@
 
     python bench/run.py            # cli, render, boot (needs root + the built image)
     python bench/run.py cli render # only some
+    python bench/run.py etcd       # bootstrap time, writes/s, etcdctl check perf (~2 min)
     python bench/run.py build      # cold image build into a throwaway cache (~1 min)
 
 Each figure comes with the baseline measured in the same run where there is
@@ -136,6 +137,80 @@ def _memory_per_node(lab) -> tuple[float, float]:
     return statistics.mean(rss), statistics.mean(cache)
 
 
+def bench_etcd() -> None:
+    """Bootstrap time, lab client writes/s, and etcdctl check perf, on one 3-node lab."""
+    if os.geteuid() != 0:
+        print("etcd: skipped (needs root)")
+        return
+    import shutil
+    import threading
+
+    sys.path.insert(0, str(REPO))
+    from lab.boxes import build_image
+    from lab.core import Lab
+    from lab.spec import Override
+
+    build_image("labos", "1")
+    print("etcd on a 3-node nspawn lab")
+    with tempfile.TemporaryDirectory() as scratch:
+        lab = Lab.open(Path(scratch) / "lab.yaml", [Override(("nodes", "count"), 3, "--nodes"),
+                                                    Override(("provider",), "nspawn", "--provider")])
+        try:
+            marks: dict[str, float] = {}
+
+            def progress(message: str) -> None:
+                if "answer SSH" in message:
+                    marks["ssh"] = time.perf_counter()
+                if "members healthy" in message and "after" in message:
+                    marks["healthy"] = time.perf_counter()
+
+            lab.up(progress)
+            print(f"  nodes ready -> cluster healthy: {marks['healthy'] - marks['ssh']:.2f} s")
+            for threads in (1, 8, 32):
+                writes, errors = _write_load(lab, threads, seconds=5.0)
+                print(f"  lab client (JSON gateway, {threads:>2} threads): {writes / 5.0:7.0f} acked writes/s, "
+                      f"{errors} errors (goal >= 1000/s)")
+            if shutil.which("etcdctl"):
+                env = {**os.environ, **lab.etcdctl_env()}
+                out = subprocess.run(["etcdctl", "check", "perf", "--load=s"], env=env, capture_output=True,
+                                     text=True, timeout=300).stdout
+                # Its progress bar redraws with carriage returns: split on those too.
+                for line in out.replace("\r", "\n").splitlines():
+                    if line.startswith(("PASS", "FAIL")):
+                        print(f"  etcdctl check perf --load=s: {line.strip()}")
+                print("  (check perf --load=s drives a fixed ~150 writes/s from 50 clients and checks that the "
+                      "cluster keeps up; it is a pass/fail floor, not a maximum)")
+        finally:
+            lab.destroy()
+
+
+def _write_load(lab, threads: int, seconds: float) -> tuple[int, int]:
+    import threading
+
+    client = lab.etcd_client(timeout=2.0)
+    stop = time.perf_counter() + seconds
+    counts = [0] * threads
+    errors = [0] * threads
+
+    def worker(index: int) -> None:
+        n = 0
+        while time.perf_counter() < stop:
+            try:
+                client.put(f"/bench/{index}/{n}", "x" * 64)
+                counts[index] += 1
+            except Exception:
+                errors[index] += 1
+            n += 1
+        client.close()
+
+    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    return sum(counts), sum(errors)
+
+
 def bench_build() -> None:
     if os.geteuid() != 0:
         print("build: skipped (needs root)")
@@ -151,7 +226,7 @@ def bench_build() -> None:
 
 
 BENCHES = {"cli": bench_cli, "render": bench_render, "render-core": bench_render_in_process,
-           "boot": bench_boot, "build": bench_build}
+           "boot": bench_boot, "etcd": bench_etcd, "build": bench_build}
 
 if __name__ == "__main__":
     chosen = sys.argv[1:] or ["cli", "render", "render-core", "boot"]
