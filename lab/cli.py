@@ -98,9 +98,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines i
 DEFAULT_FILE = Path("lab.yaml")
 
 
-def _open_lab(file: Path, name: str | None = None, nodes: int | None = None, provider: str | None = None,
-              sets: list[str] | None = None) -> "Lab":
-    from .core import Lab
+def _flag_overrides(name: str | None = None, nodes: int | None = None, provider: str | None = None,
+                    sets: list[str] | None = None) -> list:
     from .spec import Override, parse_set_option
 
     overrides = [parse_set_option(item) for item in sets or []]
@@ -108,7 +107,14 @@ def _open_lab(file: Path, name: str | None = None, nodes: int | None = None, pro
                               ("--provider", ("provider",), provider)):
         if value is not None:
             overrides.append(Override(path, value, f"{flag} {value}"))
-    return Lab.open(file, overrides)
+    return overrides
+
+
+def _open_lab(file: Path, name: str | None = None, nodes: int | None = None, provider: str | None = None,
+              sets: list[str] | None = None) -> "Lab":
+    from .core import Lab
+
+    return Lab.open(file, _flag_overrides(name, nodes, provider, sets))
 
 
 # ---------------------------------------------------------------- output helpers
@@ -552,11 +558,118 @@ def scenario_list(as_json: JsonOpt = False) -> None:
     from rich.table import Table
 
     table = Table()
-    for column in ("SCENARIO", "SOURCE", "DESCRIPTION"):
+    for column in ("SCENARIO", "SOURCE", "NODES", "DESCRIPTION"):
         table.add_column(column)
     for scenario in found:
-        table.add_row(scenario.name, scenario.source, scenario.description)
+        table.add_row(scenario.name, scenario.source, str(scenario.nodes or "-"), scenario.description)
     _out().print(table if found else "no scenarios found")
+
+
+@scenario_app.command("new")
+def scenario_new(scenario: Annotated[str, typer.Argument(help="Name of the new scenario.")],
+                 directory: Annotated[Path, typer.Option(help="Where scenarios live.")] = Path("scenarios")) -> None:
+    """Scaffold ./scenarios/NAME with a commented scenario.yaml and a testinfra file.
+
+    \b
+    Steps (one key each):
+      workload: start|stop          background writes/reads/CAS, recorded to history.jsonl
+      sleep: SECONDS
+      fault: ACTION [TARGET]        kill|start|pause|resume|reboot|partition|heal|kill-etcd|start-etcd
+                                    TARGET: leader|followers|all|old-leader|NODE, or for partition
+                                    groups: node-1|node-2,node-3
+      wait-until: {condition: new-leader|leader|healthy|converged|old-leader-follows,
+                   timeout: S, within: auto|S}
+      probe: {write-via: leader|old-leader|NODE, expect: ok|fail}
+      check: [test_x.py]            testinfra files run on every node
+    """
+    from .scenarios import scaffold
+
+    target = scaffold(scenario, directory)
+    _out().print(f"created {target}: edit scenario.yaml, then `lab scenario run {scenario}`")
+
+
+def _scenario_lab(found, spec, file, name, nodes, provider, sets):
+    """The lab a scenario runs on: flags win over the scenario's own lab: overrides."""
+    from .spec import Override
+
+    lab = _open_lab(file, name, nodes or spec.nodes, provider, sets)
+    if spec.lab and not lab.created:
+        from .core import Lab
+
+        scenario_overrides = [Override(tuple(path), value, f"{found.path}/scenario.yaml lab:")
+                              for path, value in _flatten(spec.lab)]
+        lab = Lab.open(file, scenario_overrides + _flag_overrides(name, nodes or spec.nodes, provider, sets))
+    return lab
+
+
+def _flatten(data: dict, prefix: tuple = ()) -> list[tuple[tuple, Any]]:
+    items = []
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            items += _flatten(value, prefix + (key,))
+        else:
+            items.append((prefix + (key,), value))
+    return items
+
+
+def run_scenarios(names: list[str], file: Path, name, nodes, provider, sets, keep_policy: str,
+                  junit: Path | None, as_json: bool) -> None:
+    """Create the lab if needed, run scenarios on it, remove it per policy; exit non-zero on any failure."""
+    from .engine import ScenarioRun
+    from .report import result_json
+    from .scenarios import ScenarioFailed, find
+
+    project = file.parent if str(file.parent) else Path.cwd()
+    chosen = [find(n, project) for n in names]
+    specs = [c.load() for c in chosen]
+    lab = _scenario_lab(chosen[0], specs[0], file, name, nodes, provider, sets)
+    created_here = not lab.created
+    results = []
+    with lab.lock(f"scenario run {' '.join(names)}"):
+        try:
+            if created_here:
+                lab.up(_progress)
+            for found, spec in zip(chosen, specs):
+                _progress(f"scenario {found.name}: {found.description}")
+                result = ScenarioRun(lab, found, spec, _progress).run()
+                results.append(result)
+                _progress(f"report: {result.run_dir / 'summary.md'}")
+                if junit is not None:
+                    import shutil
+
+                    shutil.copyfile(result.run_dir / "junit.xml", junit if len(chosen) == 1
+                                    else junit.with_name(f"{junit.stem}-{found.name}{junit.suffix}"))
+        finally:
+            passed = bool(results) and all(r.ok for r in results) and len(results) == len(chosen)
+            remove = created_here and (keep_policy == "always" or (keep_policy == "passing" and passed))
+            if remove:
+                _progress("removing the lab this run created (--keep / --destroy never keeps it)")
+                lab.destroy(_progress)
+    if as_json:
+        _print_json([result_json(r) for r in results])
+    for result in results:
+        _print_measurements(result)
+    failed = [r for r in results if not r.ok]
+    if failed:
+        lines = [f"{r.scenario}: " + "; ".join(s.description for s in r.failures) for r in failed]
+        raise ScenarioFailed("scenario failed:\n  " + "\n  ".join(lines),
+                             hint=f"see {failed[0].run_dir / 'summary.md'} and junit.xml beside it")
+
+
+def _print_measurements(result) -> None:
+    m = result.measurements
+    parts = []
+    if m.get("time_to_new_leader_s"):
+        parts.append("new leader after " + ", ".join(f"{t:.2f} s" for t in m["time_to_new_leader_s"]))
+    windows = [w for w in m.get("write_unavailability_s") or [] if w is not None]
+    if windows:
+        parts.append("writes unavailable for " + ", ".join(f"{w:.2f} s" for w in windows))
+    if "ops" in m:
+        parts.append(f"{m['ops']} ops, {m.get('errors', 0)} not acknowledged")
+    if "lost_writes" in m:
+        parts.append(f"{m['lost_writes']} lost writes")
+    status = "[green]passed[/green]" if result.ok else "[red]FAILED[/red]"
+    _out().print(f"scenario {result.scenario} {status}" + (f": {'; '.join(parts)}" if parts else ""))
 
 
 @scenario_app.command("run")
@@ -564,26 +677,34 @@ def scenario_run(scenario: Annotated[str, typer.Argument(help="Scenario name (se
                  file: FileOpt = DEFAULT_FILE, name: NameOpt = None, nodes: NodesOpt = None,
                  provider: ProviderOpt = None, sets: SetOpt = None,
                  keep: Annotated[bool, typer.Option("--keep", help="Keep a lab the scenario created.")] = False,
-                 junit: Annotated[Optional[Path], typer.Option(help="Write a JUnit XML report here.")] = None,
-                 ) -> None:
-    """Run a scenario against the lab; creates the lab first if needed (and removes it after, unless --keep)."""
-    from .scenarios import find, run_checks
+                 junit: Annotated[Optional[Path], typer.Option(help="Also write the JUnit XML report here.")] = None,
+                 as_json: JsonOpt = False) -> None:
+    """Run a scenario: faults, workload and checks, with a report in .lab/runs/.
 
-    found = find(scenario, file.parent if str(file.parent) else Path.cwd())
-    lab = _open_lab(file, name, nodes or found.nodes, provider, sets)
-    created_here = not lab.created
-    with lab.lock(f"scenario run {scenario}"):
-        try:
-            if created_here:
-                lab.up(_progress)
-            lab.write_ssh_config(lab.provider())
-            _progress(f"scenario {found.name}: {found.description}")
-            run_checks(found, lab.node_names(), lab.ssh_config_path, junit)
-        finally:
-            if created_here and not keep:
-                _progress("removing the lab this scenario created (--keep keeps it)")
-                lab.destroy(_progress)
-    _out().print(f"[green]scenario {found.name} passed[/green]")
+    Uses the running lab, or creates one (removed afterwards unless --keep).
+    Exits non-zero when any step or check fails, so it can gate CI.
+    """
+    run_scenarios([scenario], file, name, nodes, provider, sets, "never" if keep else "always", junit, as_json)
+
+
+@app.command("test")
+def test_(scenarios: Annotated[Optional[list[str]], typer.Argument(help="Scenarios to run (default: all built-ins).")] = None,
+          file: FileOpt = DEFAULT_FILE, name: NameOpt = None, nodes: NodesOpt = None,
+          provider: ProviderOpt = None, sets: SetOpt = None,
+          destroy_policy: Annotated[str, typer.Option("--destroy", help="always, never or passing.")] = "always",
+          junit: Annotated[Optional[Path], typer.Option(help="Write JUnit XML here (one file per scenario).")] = None,
+          as_json: JsonOpt = False) -> None:
+    """Create a lab, run scenarios on it, destroy it (as Molecule's test does)."""
+    from .scenarios import discover
+
+    if destroy_policy not in ("always", "never", "passing"):
+        raise UsageError(f"--destroy {destroy_policy!r}: must be always, never or passing")
+    names = scenarios or [s.name for s in discover(Path.cwd()) if s.source == "built-in"]
+    lab = _open_lab(file, name, nodes, provider, sets)
+    if lab.created:
+        raise UsageError(f"lab {lab.name!r} already exists; `lab test` creates its own",
+                         hint="`lab destroy` first, use another --name, or `lab scenario run` on the running lab")
+    run_scenarios(names, file, name, nodes, provider, sets, destroy_policy, junit, as_json)
 
 
 def main() -> None:

@@ -363,8 +363,14 @@ def _join(label: str, problems: list[str]) -> str:
     return f"{label} has {len(problems)} problems:\n" + "\n".join(f"  {p}" for p in problems)
 
 
+def validation_message(exc: ValidationError, label: str, loaded: yamlsafe.LoadedYaml, root: Any,
+                       origins: dict[tuple, str] | None = None) -> str:
+    """One message for every problem pydantic found in a YAML file validated against `root`."""
+    return _join(label, [_describe(error, label, loaded, origins or {}, root) for error in exc.errors()])
+
+
 def _describe(error: Mapping[str, Any], label: str, loaded: yamlsafe.LoadedYaml,
-              origins: dict[tuple, str]) -> str:
+              origins: dict[tuple, str], root: Any = None) -> str:
     loc = tuple(error["loc"])
     ctx = error.get("ctx") or {}
     original = ctx.get("error")
@@ -375,7 +381,7 @@ def _describe(error: Mapping[str, Any], label: str, loaded: yamlsafe.LoadedYaml,
         related = [model_loc + path for path in original.related]
         message = original.message
     else:
-        message = _explain(error, loc)
+        message = _explain(error, loc, root or LabSpec)
     origin = next((origins[loc[:end]] for end in range(len(loc), 0, -1) if loc[:end] in origins), None)
     # A cross-field error is also caused by the other keys the check read:
     # name the variables and flags that set them, or the message would blame
@@ -391,12 +397,12 @@ def _describe(error: Mapping[str, Any], label: str, loaded: yamlsafe.LoadedYaml,
     return f"{where}: {_dotted(loc) or 'top level'}: {message}"
 
 
-def _explain(error: Mapping[str, Any], loc: tuple) -> str:
+def _explain(error: Mapping[str, Any], loc: tuple, root: Any = None) -> str:
     kind = error["type"]
     ctx = error.get("ctx") or {}
     value = error.get("input")
     if kind == "extra_forbidden":
-        return f"unknown key{_suggest(loc)}"
+        return f"unknown key{_suggest(loc, root or LabSpec)}"
     if kind == "missing":
         return "is required"
     if kind in ("greater_than_equal", "greater_than"):
@@ -434,8 +440,8 @@ def _explain(error: Mapping[str, Any], loc: tuple) -> str:
     return f"{error['msg']}, got {value!r}"
 
 
-def _suggest(loc: tuple) -> str:
-    model: Any = LabSpec
+def _suggest(loc: tuple, root: Any = None) -> str:
+    model: Any = root or LabSpec
     for key in loc[:-1]:
         if isinstance(key, int):
             continue
