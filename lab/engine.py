@@ -270,6 +270,7 @@ class ScenarioRun:
             groups = self._partition_groups(fault.target)
             record["targets"] = groups
             self.provider.partition(groups)
+            record["start"] = self.clock()
             self.faults.append(record)
             self.last_fault = record
             return True, " | ".join(",".join(g) for g in groups), {}
@@ -283,6 +284,10 @@ class ScenarioRun:
             self.last_fault = record
         with ThreadPoolExecutor(max_workers=max(1, len(targets))) as pool:
             list(pool.map(actions[fault.action], targets))
+        # Measured from when the fault is surely in place (the kill returned
+        # once the process was gone): times to recover are lower bounds by at
+        # most the injection latency, never inflated by it.
+        record["start"] = self.clock()
         if fault.action in ("start", "resume", "start-etcd"):
             undone = {"start": "kill", "resume": "pause", "start-etcd": "kill-etcd"}[fault.action]
             self._close_faults(undone, targets)
@@ -312,11 +317,14 @@ class ScenarioRun:
         """SIGKILL the node's etcd and keep systemd from restarting it until start-etcd."""
         from .ssh import run
 
+        # kill -9 of the main PID, not `systemctl kill`: on cgroup v1 hosts the
+        # latter also signals the unit's cgroup and fails with EIO here.
         script = (f"mkdir -p {Path(KILL_ETCD_DROPIN).parent} && "
                   f"printf '[Service]\\nRestart=no\\n' > {KILL_ETCD_DROPIN} && systemctl daemon-reload && "
-                  "systemctl kill --signal=SIGKILL etcd")
+                  "pid=$(systemctl show -p MainPID --value etcd) && [ \"$pid\" != 0 ] && kill -9 \"$pid\" && "
+                  "for i in $(seq 100); do systemctl is-active --quiet etcd || exit 0; sleep 0.05; done; exit 1")
+        self.killed_etcd.add(node)  # before: restore must undo even a half-done kill
         run(self.context_endpoint(node), script, timeout=15, check=True)
-        self.killed_etcd.add(node)
 
     def _start_etcd(self, node: str) -> None:
         from .ssh import run
