@@ -13,6 +13,7 @@ configuration is already right.
 from __future__ import annotations
 
 import io
+import json
 import secrets
 import shlex
 import time
@@ -333,3 +334,98 @@ def client_for(context: LabContext, timeout: float = 2.0) -> EtcdClient:
         pki = LabPki(context.lab_dir / "pki")
         tls = TlsFiles(ca=str(pki.ca), cert=str(pki.client.cert), key=str(pki.client.key))
     return EtcdClient([m.client_url for m in members(context)], tls=tls, timeout=timeout)
+
+
+# ---------------------------------------------------------------- the scheduler agent
+
+AGENT_DIR = "/var/lib/lab"
+AGENT_CONFIG = "/etc/lab/agent.json"
+AGENT_UNIT = "/etc/systemd/system/lab-agent.service"
+AGENT_TTL = 5  # seconds: a dead machine's units move after about this long
+AGENT_SERVICE = f"""\
+[Unit]
+Description=lab scheduler agent (fleet, reborn): runs the units etcd assigns to this machine
+After=etcd.service network-online.target
+Wants=network-online.target
+
+[Service]
+ExecStart=/usr/bin/python3 -u {AGENT_DIR}/agent.py {AGENT_CONFIG}
+Restart=always
+RestartSec=1
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+class SchedulerBootstrap:
+    """Install and start the scheduler agent on every node; wait until every machine registered."""
+
+    def __init__(self, context: LabContext, endpoints: dict[str, SSHEndpoint]) -> None:
+        self.context = context
+        self.endpoints = endpoints
+
+    def _files(self, node: str) -> list[RemoteFile]:
+        source = Path(__file__).resolve().parent
+        cluster = members(self.context)
+        own = next(m for m in cluster if m.node == node)
+        config = {"name": node, "ip": self.context.addresses[node],
+                  "metadata": self.context.node(node).metadata,
+                  # Its own member first: the agent keeps working when only its side of a partition is up.
+                  "endpoints": [own.client_url] + [m.client_url for m in cluster if m.node != node],
+                  "tls": ({"ca": f"{NODE_PKI_DIR}/ca.crt", "cert": f"{NODE_PKI_DIR}/node.crt",
+                           "key": f"{NODE_PKI_DIR}/node.key"} if self.context.spec.etcd.tls else None),
+                  "ttl": AGENT_TTL, "interval": 0.5}
+        return [RemoteFile(f"{AGENT_DIR}/agent.py", (source / "agent.py").read_bytes(), 0o644),
+                RemoteFile(f"{AGENT_DIR}/fleet.py", (source / "fleet.py").read_bytes(), 0o644),
+                RemoteFile(AGENT_CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(), 0o644),
+                RemoteFile(AGENT_UNIT, AGENT_SERVICE.encode(), 0o644)]
+
+    def install(self, node: str) -> bool:
+        from .ssh import connect
+
+        with connect(self.endpoints[node]) as connection:
+            changed = any([_put_if_changed(connection, f, node) for f in self._files(node)])
+            active = connection.run("systemctl is-active --quiet lab-agent", warn=True, hide=True,
+                                    in_stream=False).exited == 0
+            if changed or not active:
+                _check(connection, "systemctl daemon-reload && systemctl enable --quiet lab-agent && "
+                                   f"systemctl {'restart' if active else 'start'} lab-agent", node)
+            return changed or not active
+
+    def run(self, progress: Progress = no_progress, nodes: list[str] | None = None, timeout: float = 30.0) -> None:
+        nodes = nodes or [n.name for n in self.context.nodes]
+        with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
+            changed = list(pool.map(self.install, nodes))
+        touched = [n for n, c in zip(nodes, changed) if c]
+        progress(f"scheduler: agent installed on {', '.join(touched)}" if touched
+                 else "scheduler: agents unchanged")
+        self.wait_registered(progress, timeout)
+
+    def wait_registered(self, progress: Progress, timeout: float) -> None:
+        client = client_for(self.context)
+        expected = {n.name for n in self.context.nodes}
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                machines = {json.loads(v)["name"] for v in client.get_prefix("/lab/fleet/machines/").values()}
+                engine = client.get("/lab/fleet/engine")
+                if expected <= machines and engine:
+                    progress(f"scheduler: {len(machines)} machines registered, engine elected")
+                    return
+                time.sleep(0.2)
+        finally:
+            client.close()
+        missing = sorted(expected - machines)
+        raise BootstrapError(f"scheduler agents did not register in {timeout:.0f} s: missing {', '.join(missing)}:\n"
+                             + "\n".join(self._journal_tail(node) for node in missing),
+                             hint="see `lab exec --node NODE -- journalctl -u lab-agent`")
+
+    def _journal_tail(self, node: str) -> str:
+        from .ssh import run
+
+        try:
+            text = run(self.endpoints[node], "journalctl -u lab-agent -n 12 --no-pager -o cat", timeout=10).stdout
+        except ProviderError as exc:
+            text = exc.message
+        return "\n".join(f"    {node}: {line}" for line in text.strip().splitlines()[-12:])

@@ -399,6 +399,145 @@ def node_remove(node: Annotated[str, typer.Argument(help="Node to remove.")], fi
     _out().print(f"{node} removed")
 
 
+# ---------------------------------------------------------------- lab unit / lab machines
+
+unit_app = typer.Typer(cls=LabGroup, no_args_is_help=True, rich_markup_mode=None, help="""\
+Run systemd units on the cluster, placed by the scheduler (like fleetctl).
+
+\b
+Unit files are ordinary systemd units, with optional [X-Fleet] placement:
+  MachineID=ID            only on that machine
+  MachineMetadata=k=v     only on machines with that metadata (nodes.metadata)
+  MachineOf=other.service on the same machine as another unit
+  Conflicts=glob*         never beside units matching the glob
+  Global=true             on every (matching) machine
+Otherwise the least-loaded machine. A unit whose machine dies moves
+elsewhere after the machine's lease (5 s) expires.
+""")
+app.add_typer(unit_app, name="unit")
+UnitsArg = Annotated[list[str], typer.Argument(help="Unit files (to submit) or names of submitted units.")]
+
+
+def _unit_client(file: Path, name: str | None):
+    lab = _open_lab(file, name)
+    return lab, lab.etcd_client()
+
+
+@unit_app.command("submit")
+def unit_submit(units: UnitsArg, file: FileOpt = DEFAULT_FILE, name: NameOpt = None) -> None:
+    """Store unit files in the cluster without starting them."""
+    from .units import submit
+
+    _, client = _unit_client(file, name)
+    for unit in submit(client, [Path(u) for u in units], "inactive"):
+        _out().print(f"submitted {unit}")
+
+
+@unit_app.command("start")
+def unit_start(units: UnitsArg, file: FileOpt = DEFAULT_FILE, name: NameOpt = None) -> None:
+    """Submit (if a file is given) and start units: the engine places them, an agent starts them."""
+    from .units import set_desired
+
+    _, client = _unit_client(file, name)
+    for unit in set_desired(client, units, "launched"):
+        _out().print(f"started {unit} (see `lab unit list`)")
+
+
+@unit_app.command("stop")
+def unit_stop(units: UnitsArg, file: FileOpt = DEFAULT_FILE, name: NameOpt = None) -> None:
+    """Stop units; they stay placed on their machine (loaded)."""
+    from .units import set_desired
+
+    _, client = _unit_client(file, name)
+    for unit in set_desired(client, units, "loaded"):
+        _out().print(f"stopped {unit}")
+
+
+@unit_app.command("destroy")
+def unit_destroy(units: UnitsArg, file: FileOpt = DEFAULT_FILE, name: NameOpt = None) -> None:
+    """Stop units and remove them from the cluster."""
+    from .units import destroy
+
+    _, client = _unit_client(file, name)
+    for unit in destroy(client, units):
+        _out().print(f"destroyed {unit}")
+
+
+@unit_app.command("list")
+def unit_list(file: FileOpt = DEFAULT_FILE, name: NameOpt = None, as_json: JsonOpt = False) -> None:
+    """Every unit: machine, active and sub state, and why a unit is pending."""
+    from rich.table import Table
+
+    from .units import list_units
+
+    _, client = _unit_client(file, name)
+    rows = list_units(client)
+    if as_json:
+        _print_json([r.__dict__ for r in rows])
+        return
+    table = Table()
+    for column in ("UNIT", "MACHINE", "ACTIVE", "SUB", "DESIRED", "PENDING BECAUSE"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row.name, ",".join(row.machines) or "-", row.active, row.sub, row.desired, row.reason)
+    _out().print(table if rows else "no units; start one with `lab unit start FILE`")
+
+
+@unit_app.command("status")
+def unit_status(unit: Annotated[str, typer.Argument(help="Unit name.")], file: FileOpt = DEFAULT_FILE,
+                name: NameOpt = None) -> None:
+    """`systemctl status` of a unit, from the machine(s) running it."""
+    from .ssh import run_many
+    from .units import machine_of
+
+    lab, client = _unit_client(file, name)
+    endpoints = lab.ssh_endpoints()
+    chosen = [endpoints[m.name] for m in machine_of(client, unit)]
+    run_many(chosen, f"systemctl status --no-pager {unit}", echo=True)
+
+
+@unit_app.command("journal")
+def unit_journal(unit: Annotated[str, typer.Argument(help="Unit name.")], file: FileOpt = DEFAULT_FILE,
+                 name: NameOpt = None,
+                 follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines.")] = False,
+                 lines: Annotated[int, typer.Option("--lines", "-n", help="Lines of history.")] = 10) -> None:
+    """The unit's journal from whichever machine runs it (-f follows it live)."""
+    import shlex
+
+    from .ssh import exec_interactive, run_many, ssh_argv
+    from .units import machine_of
+
+    lab, client = _unit_client(file, name)
+    endpoints = lab.ssh_endpoints()
+    found = machine_of(client, unit)
+    command = f"journalctl --no-pager -o short -u {shlex.quote(unit)} -n {lines}" + (" -f" if follow else "")
+    if follow and len(found) == 1:
+        lab.write_ssh_config(lab.provider())
+        exec_interactive(ssh_argv(endpoints[found[0].name], lab.ssh_config_path, ["sh", "-c", command]))
+    run_many([endpoints[m.name] for m in found], command, echo=True)
+
+
+@app.command("machines")
+def machines_(file: FileOpt = DEFAULT_FILE, name: NameOpt = None, as_json: JsonOpt = False) -> None:
+    """Machines registered with the scheduler: id, IP, metadata, and which one is the engine."""
+    from rich.table import Table
+
+    from .units import machines
+
+    _, client = _unit_client(file, name)
+    rows = machines(client)
+    if as_json:
+        _print_json([r.__dict__ for r in rows])
+        return
+    table = Table()
+    for column in ("MACHINE", "ID", "IP", "METADATA", "ENGINE"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row.name, row.id[:12], row.ip, ",".join(f"{k}={v}" for k, v in row.metadata.items()) or "-",
+                      "yes" if row.engine else "")
+    _out().print(table)
+
+
 # ---------------------------------------------------------------- lab fault
 
 NodesArg = Annotated[list[str], typer.Argument(help="Node names.")]

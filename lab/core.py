@@ -139,9 +139,11 @@ class Lab:
             provider.up(progress)
             self.write_ssh_config(provider)
             if bootstrap:
-                from .bootstrap import EtcdBootstrap
+                from .bootstrap import EtcdBootstrap, SchedulerBootstrap
 
-                EtcdBootstrap(context, provider.ssh_endpoints()).run(progress)
+                endpoints = provider.ssh_endpoints()
+                EtcdBootstrap(context, endpoints).run(progress)
+                SchedulerBootstrap(context, endpoints).run(progress)
         except BaseException:
             if new_lab:
                 progress("rolling back: removing what this `lab up` created")
@@ -167,7 +169,11 @@ class Lab:
         try:
             provider.up(progress)
             self.write_ssh_config(provider)
-            EtcdBootstrap(provider.context, provider.ssh_endpoints()).join(new, progress)
+            endpoints = provider.ssh_endpoints()
+            EtcdBootstrap(provider.context, endpoints).join(new, progress)
+            from .bootstrap import SchedulerBootstrap
+
+            SchedulerBootstrap(provider.context, endpoints).run(progress, nodes=[new])
         except BaseException:
             progress(f"rolling back: removing {new}")
             self._forget_node(provider, new, progress)

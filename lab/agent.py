@@ -1,0 +1,282 @@
+"""The scheduler agent that runs on every node (fleet, reborn), standard library only.
+
+Copied with `fleet.py` to /var/lib/lab/ on each node and run by the
+`lab-agent` systemd unit. Each agent, every second:
+  * keeps its machine registered in etcd under a lease (id, name, IP,
+    metadata); if the lease cannot be renewed for most of its TTL it stops
+    its units, so a cut-off machine never runs a unit someone else now runs;
+  * takes part in the engine election (a key held under its lease): the
+    winner assigns units to machines with `fleet.place` and writes the
+    schedule, including why a unit is pending;
+  * runs the units assigned to it through the node's systemd (unit files in
+    /etc/systemd/system, `systemctl start/stop`) and reports their states.
+
+etcd layout, under /lab/fleet:
+  machines/ID          machine JSON, under the machine's lease
+  units/NAME           {"name", "text", "desired": "loaded" | "launched"}
+  schedule/NAME        machine id (written by the engine)
+  pending/NAME         reason the unit has no machine (written by the engine)
+  states/NAME/ID       {"active", "sub", "load"} under the machine's lease
+  engine               id of the machine whose agent is the engine, under its lease
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+try:  # in the lab package on the host; beside this file on a node
+    from . import fleet
+except ImportError:  # pragma: no cover - the node's way
+    import fleet  # type: ignore[no-redef]
+
+PREFIX = "/lab/fleet"
+UNIT_DIR = Path("/etc/systemd/system")
+MANAGED = Path("/var/lib/lab/agent-units.json")
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def _unb64(text: str | None) -> str:
+    return base64.b64decode(text or "").decode()
+
+
+def _prefix_end(prefix: str) -> str:
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+class Etcd:
+    """The few etcd v3 calls the agent needs, over the JSON gateway, with failover."""
+
+    def __init__(self, endpoints: list[str], tls: dict | None, timeout: float = 2.0) -> None:
+        self.endpoints = endpoints
+        self.timeout = timeout
+        self.context = None
+        if tls:
+            self.context = ssl.create_default_context(cafile=tls["ca"])
+            self.context.load_cert_chain(tls["cert"], tls["key"])
+
+    def call(self, path: str, body: dict) -> dict:
+        last: Exception | None = None
+        for index, endpoint in enumerate(self.endpoints):
+            request = urllib.request.Request(f"{endpoint}/v3/{path}", data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout, context=self.context) as response:
+                    data = json.loads(response.read() or b"{}")
+                if index:  # remember the endpoint that answered
+                    self.endpoints = self.endpoints[index:] + self.endpoints[:index]
+                return data
+            except (urllib.error.URLError, OSError, ValueError) as exc:
+                last = exc
+        raise ConnectionError(f"no etcd endpoint answered {path}: {last}")
+
+    def get_prefix(self, prefix: str) -> dict[str, str]:
+        data = self.call("kv/range", {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix))})
+        return {_unb64(kv["key"]): _unb64(kv.get("value")) for kv in data.get("kvs") or []}
+
+    def get(self, key: str) -> str | None:
+        kvs = self.call("kv/range", {"key": _b64(key)}).get("kvs") or []
+        return _unb64(kvs[0].get("value")) if kvs else None
+
+    def put(self, key: str, value: str, lease: str | None = None) -> None:
+        body = {"key": _b64(key), "value": _b64(value)}
+        if lease:
+            body["lease"] = lease
+        self.call("kv/put", body)
+
+    def delete(self, key: str) -> None:
+        self.call("kv/deleterange", {"key": _b64(key)})
+
+    def create_if_absent(self, key: str, value: str, lease: str) -> bool:
+        data = self.call("kv/txn", {
+            "compare": [{"key": _b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"}],
+            "success": [{"request_put": {"key": _b64(key), "value": _b64(value), "lease": lease}}]})
+        return bool(data.get("succeeded"))
+
+    def grant(self, ttl: int) -> str:
+        return str(self.call("lease/grant", {"TTL": str(ttl)})["ID"])
+
+    def keepalive(self, lease: str) -> int:
+        return int((self.call("lease/keepalive", {"ID": lease}).get("result") or {}).get("TTL", 0))
+
+
+def systemctl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["systemctl", *args], capture_output=True, text=True, check=False)
+
+
+class Agent:
+    def __init__(self, config: dict) -> None:
+        self.config = config
+        self.id = Path("/etc/machine-id").read_text().strip()
+        self.etcd = Etcd(config["endpoints"], config.get("tls"))
+        self.ttl = int(config.get("ttl", 5))
+        self.interval = float(config.get("interval", 1.0))
+        self.lease: str | None = None
+        self.last_renewal = time.monotonic()
+        self.fenced = False
+
+    def log(self, message: str) -> None:
+        print(message, flush=True)  # journald keeps it, with the unit's name
+
+    # ------------------------------------------------------------ the loop
+
+    def run_forever(self) -> None:
+        self.log(f"agent {self.config['name']} ({self.id}) starting; lease TTL {self.ttl} s")
+        while True:
+            started = time.monotonic()
+            try:
+                self.tick()
+            except (ConnectionError, KeyError, ValueError) as exc:
+                self.log(f"etcd unreachable: {exc}")
+                self.fence_if_expired()
+            time.sleep(max(0.05, self.interval - (time.monotonic() - started)))
+
+    def tick(self) -> None:
+        self.renew()
+        if self.etcd.create_if_absent(f"{PREFIX}/engine", self.id, self.lease):
+            self.log("became the engine")
+        if self.etcd.get(f"{PREFIX}/engine") == self.id:
+            self.reconcile()
+        self.apply()
+
+    def renew(self) -> None:
+        if self.lease is not None and self.etcd.keepalive(self.lease) <= 0:
+            self.log("lease expired; registering again")
+            self.lease = None
+        if self.lease is None:
+            self.lease = self.etcd.grant(self.ttl)
+        machine = {"id": self.id, "name": self.config["name"], "ip": self.config["ip"],
+                   "metadata": self.config.get("metadata", {})}
+        self.etcd.put(f"{PREFIX}/machines/{self.id}", json.dumps(machine, sort_keys=True), self.lease)
+        self.last_renewal = time.monotonic()
+        self.fenced = False
+
+    def fence_if_expired(self) -> None:
+        """Cut off from etcd for most of a TTL: the engine will give our units to others. Stop them first."""
+        if self.fenced or time.monotonic() - self.last_renewal < self.ttl * 0.6:
+            return
+        for name in sorted(self.managed()):
+            self.log(f"fencing: stopping {name} (no lease renewal for {time.monotonic() - self.last_renewal:.1f} s)")
+            systemctl("stop", "--no-block", name)
+        self.lease = None
+        self.fenced = True
+
+    # ------------------------------------------------------------ engine
+
+    def units(self) -> dict[str, tuple[fleet.Unit, str]]:
+        found = {}
+        for key, value in self.etcd.get_prefix(f"{PREFIX}/units/").items():
+            record = json.loads(value)
+            try:
+                found[record["name"]] = (fleet.parse_unit(record["name"], record["text"]), record["desired"])
+            except fleet.UnitError as exc:
+                self.log(f"ignoring {key}: {exc}")
+        return found
+
+    def machines(self) -> list[fleet.Machine]:
+        return [fleet.Machine(id=m["id"], name=m["name"], ip=m["ip"], metadata=m.get("metadata", {}))
+                for m in (json.loads(v) for v in self.etcd.get_prefix(f"{PREFIX}/machines/").values())]
+
+    def reconcile(self) -> None:
+        units = self.units()
+        machines = self.machines()
+        schedule = {k.rsplit("/", 1)[1]: v for k, v in self.etcd.get_prefix(f"{PREFIX}/schedule/").items()}
+        schedulable = [unit for unit, desired in units.values() if desired in ("loaded", "launched")]
+        plan = fleet.place(schedulable, machines, schedule)
+        names = {m.id: m.name for m in machines}
+        for name, machine in plan.assignments.items():
+            if schedule.get(name) != machine:
+                self.log(f"engine: {name} -> {names.get(machine, machine)}"
+                         + (f" (was {names.get(schedule[name], schedule[name])})" if name in schedule else ""))
+                self.etcd.put(f"{PREFIX}/schedule/{name}", machine)
+        for name in schedule:
+            if name not in plan.assignments:
+                self.etcd.delete(f"{PREFIX}/schedule/{name}")
+        pending = {k.rsplit("/", 1)[1]: v for k, v in self.etcd.get_prefix(f"{PREFIX}/pending/").items()}
+        for name, reason in plan.pending.items():
+            if pending.get(name) != reason:
+                self.etcd.put(f"{PREFIX}/pending/{name}", reason)
+        for name in pending:
+            if name not in plan.pending:
+                self.etcd.delete(f"{PREFIX}/pending/{name}")
+
+    # ------------------------------------------------------------ agent
+
+    def managed(self) -> set[str]:
+        try:
+            return set(json.loads(MANAGED.read_text()))
+        except (OSError, ValueError):
+            return set()
+
+    def save_managed(self, names: set[str]) -> None:
+        MANAGED.parent.mkdir(parents=True, exist_ok=True)
+        tmp = MANAGED.with_suffix(".tmp")
+        tmp.write_text(json.dumps(sorted(names)))
+        os.replace(tmp, MANAGED)
+
+    def apply(self) -> None:
+        units = self.units()
+        schedule = {k.rsplit("/", 1)[1]: v for k, v in self.etcd.get_prefix(f"{PREFIX}/schedule/").items()}
+        mine = {name for name, machine in schedule.items() if machine == self.id and name in units}
+        global_units = [unit for unit, desired in units.values()
+                        if unit.options.global_ and desired in ("loaded", "launched")]
+        if global_units:
+            plan = fleet.place(global_units, self.machines(), {})
+            mine |= {name for name, targets in plan.global_targets.items() if self.id in targets}
+        managed = self.managed()
+        reload = False
+        for name in sorted(mine):
+            path = UNIT_DIR / name
+            text = units[name][0].text
+            if not path.exists() or path.read_text() != text:
+                path.write_text(text)
+                reload = True
+        for name in sorted(managed - mine):
+            self.log(f"agent: {name} is no longer ours: stopping it")
+            systemctl("stop", name)
+            (UNIT_DIR / name).unlink(missing_ok=True)
+            self.etcd.delete(f"{PREFIX}/states/{name}/{self.id}")
+            reload = True
+        if reload:
+            systemctl("daemon-reload")
+        self.save_managed(mine)
+        for name in sorted(mine):
+            desired = units[name][1]
+            active = systemctl("is-active", "--quiet", name).returncode == 0
+            if desired == "launched" and not active:
+                self.log(f"agent: starting {name}")
+                systemctl("start", "--no-block", name)
+            elif desired == "loaded" and active:
+                self.log(f"agent: stopping {name}")
+                systemctl("stop", "--no-block", name)
+            self.report(name)
+
+    def report(self, name: str) -> None:
+        shown = systemctl("show", name, "-p", "ActiveState", "-p", "SubState", "-p", "LoadState").stdout
+        fields = dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
+        state = {"active": fields.get("ActiveState", "unknown"), "sub": fields.get("SubState", "unknown"),
+                 "load": fields.get("LoadState", "unknown"), "machine": self.id, "updated": time.time()}
+        self.etcd.put(f"{PREFIX}/states/{name}/{self.id}", json.dumps(state, sort_keys=True), self.lease)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: agent.py CONFIG.json", file=sys.stderr)
+        return 2
+    Agent(json.loads(Path(argv[1]).read_text())).run_forever()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(sys.argv))
