@@ -513,7 +513,8 @@ def unit_journal(unit: Annotated[str, typer.Argument(help="Unit name.")], file: 
     command = f"journalctl --no-pager -o short -u {shlex.quote(unit)} -n {lines}" + (" -f" if follow else "")
     if follow and len(found) == 1:
         lab.write_ssh_config(lab.provider())
-        exec_interactive(ssh_argv(endpoints[found[0].name], lab.ssh_config_path, ["sh", "-c", command]))
+        # ssh hands the remote shell one string: pass the command as one.
+        exec_interactive(ssh_argv(endpoints[found[0].name], lab.ssh_config_path, [command]))
     run_many([endpoints[m.name] for m in found], command, echo=True)
 
 

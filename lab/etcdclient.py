@@ -125,12 +125,18 @@ class EtcdClient:
                 continue
             except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.RemoteProtocolError, httpx.ReadError) as exc:
                 self._advance(target)
+                if path in _READ_ONLY and not endpoint:
+                    last = exc  # nothing changes by asking again elsewhere
+                    continue
                 raise EtcdUnknown(f"{target}: no answer to {path} ({type(exc).__name__})") from None
             data = response.json() if response.content else {}
             if response.status_code != 200:
                 message = data.get("message") or data.get("error") or response.text
                 if _ambiguous(message):
                     self._advance(target)
+                    if path in _READ_ONLY and not endpoint:
+                        refused = EtcdError(f"{target}: {message}")
+                        continue
                     raise EtcdUnknown(f"{target}: {path}: {message}")
                 if _retryable(message) and not endpoint:
                     refused = EtcdError(f"{target}: {message}")
@@ -232,6 +238,10 @@ def _prefix_end(prefix: str) -> bytes:
             raw[i] += 1
             return bytes(raw[: i + 1])
     return b"\0"
+
+
+# Calls that change nothing: safe to send to the next endpoint after a timeout.
+_READ_ONLY = frozenset({"kv/range", "maintenance/status", "cluster/member/list"})
 
 
 def _retryable(message: str) -> bool:
