@@ -230,7 +230,8 @@ class ScenarioRun:
         options = self.spec.workload
         config = WorkloadConfig(register_clients=options.register_clients, unique_writers=options.unique_writers,
                                 registers=options.registers, pause_s=options.pause_ms / 1000)
-        self.workload = Workload(self.client_factory, self.run_dir / "history.jsonl", config, clock=self.clock)
+        self.workload = Workload(self.client_factory, self.run_dir / "history.jsonl", config, clock=self.clock,
+                                 run_id=self.run_dir.name)
         self.workload.start()
         return True, f"{config.register_clients} register clients, {config.unique_writers} unique writers", {}
 
@@ -496,7 +497,7 @@ class ScenarioRun:
             started = self.clock()
             client = self.client_factory(5.0)
             try:
-                final = read_final_uniques(client)
+                final = read_final_uniques(client, self.run_dir.name)
             finally:
                 client.close()
             report = check_lost_writes(ops, final)

@@ -46,8 +46,12 @@ class WorkloadStats:
 
 class Workload:
     def __init__(self, client_factory: Callable[[float], EtcdClient], history_path: Path,
-                 config: WorkloadConfig | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 config: WorkloadConfig | None = None, clock: Callable[[], float] = time.monotonic,
+                 run_id: str = "run") -> None:
         self.client_factory = client_factory
+        # Keys of one run never meet another's: the checkers assume registers
+        # start absent, and count only this run's unique writes.
+        self.prefix = f"{PREFIX}/{run_id}"
         self.history_path = history_path
         self.config = config or WorkloadConfig()
         self.clock = clock
@@ -94,7 +98,7 @@ class Workload:
         try:
             while not self._stop.is_set():
                 key = f"r{rng.randrange(self.config.registers)}"
-                path = f"{PREFIX}/register/{key}"
+                path = f"{self.prefix}/register/{key}"
                 choice = rng.random()
                 if choice < 0.4:
                     self._record(process, "read", key, None, None, lambda: client.get(path))
@@ -116,7 +120,7 @@ class Workload:
         n = 0
         try:
             while not self._stop.is_set():
-                key = f"{PREFIX}/unique/{process}/{n}"
+                key = f"{self.prefix}/unique/{process}/{n}"
                 value = f"{process}-{n}"
                 self._record(process, "unique", key, value, None, lambda: (client.put(key, value), None)[1])
                 n += 1
@@ -155,6 +159,6 @@ class Workload:
             self.stats.by_kind[kind] = self.stats.by_kind.get(kind, 0) + 1
 
 
-def read_final_uniques(client: EtcdClient) -> dict[str, str]:
-    """Every unique key present after the run (for the lost-write check)."""
-    return client.get_prefix(f"{PREFIX}/unique/")
+def read_final_uniques(client: EtcdClient, run_id: str) -> dict[str, str]:
+    """Every unique key of a run present after it (for the lost-write check)."""
+    return client.get_prefix(f"{PREFIX}/{run_id}/unique/")

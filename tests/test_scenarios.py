@@ -129,22 +129,24 @@ def image():
 
 
 @needs_nodes
-@pytest.mark.parametrize("scenario", ["raft-failover", "partition", "full-restart"])
-def test_builtin_scenario_passes_on_nspawn(image, tmp_path, scenario):
-    result = run_cli(["scenario", "run", scenario, "--provider", "nspawn", "--junit", str(tmp_path / "j.xml")],
-                     cwd=tmp_path)
+def test_lab_test_runs_every_fault_scenario_on_one_lab_and_removes_it(image, tmp_path):
+    scenarios = ["raft-failover", "partition", "full-restart"]
+    result = run_cli(["test", *scenarios, "--provider", "nspawn", "--junit", str(tmp_path / "j.xml")],
+                     cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    runs = list((tmp_path / ".lab" / "runs").iterdir())
-    assert len(runs) == 1
-    data = json.loads((runs[0] / "result.json").read_text())
-    assert data["ok"] and data["measurements"]["lost_writes"] == 0
-    assert (runs[0] / "timeline.svg").exists() and (runs[0] / "history.jsonl").stat().st_size > 0
-    assert (runs[0] / "nodes" / "node-1" / "etcd.log").stat().st_size > 0
-    suite = ET.parse(tmp_path / "j.xml").getroot()
-    assert all(s.get("failures") in ("0", None) for s in suite.iter("testsuite"))
-    if scenario != "full-restart":
-        assert data["measurements"]["time_to_new_leader_s"]
-    assert not (tmp_path / ".lab" / "lab").exists(), "the lab the scenario created must be gone"
+    runs = sorted((tmp_path / ".lab" / "runs").iterdir())
+    assert [r.name.split("-lab-")[1] for r in runs] == scenarios  # back to back on the same lab
+    for run in runs:
+        data = json.loads((run / "result.json").read_text())
+        assert data["ok"] and data["measurements"]["lost_writes"] == 0, data
+        assert (run / "timeline.svg").exists() and (run / "history.jsonl").stat().st_size > 0
+        assert (run / "nodes" / "node-1" / "etcd.log").stat().st_size > 0
+        if not run.name.endswith("full-restart"):
+            assert data["measurements"]["time_to_new_leader_s"]
+    for scenario in scenarios:
+        suite = ET.parse(tmp_path / f"j-{scenario}.xml").getroot()
+        assert all(s.get("failures") in ("0", None) for s in suite.iter("testsuite"))
+    assert not (tmp_path / ".lab" / "lab").exists(), "the lab `lab test` created must be gone"
 
 
 @needs_nodes
