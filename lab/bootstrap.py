@@ -64,7 +64,7 @@ def members(context: LabContext) -> list[EtcdMember]:
 
 
 def etcd_environment(member: EtcdMember, cluster: list[EtcdMember], token: str, heartbeat_ms: int,
-                     election_timeout_ms: int, cluster_state: str = "new") -> str:
+                     election_timeout_ms: int, cluster_state: str = "new", pre_vote: bool = False) -> str:
     """The `/etc/default/etcd` of one member (pure: tested on fixed input)."""
     lines = [
         "# Written by lab: `lab up` rewrites it. etcd reads ETCD_* variables.",
@@ -81,6 +81,8 @@ def etcd_environment(member: EtcdMember, cluster: list[EtcdMember], token: str, 
         f"ETCD_HEARTBEAT_INTERVAL={heartbeat_ms}",
         f"ETCD_ELECTION_TIMEOUT={election_timeout_ms}",
     ]
+    if pre_vote:
+        lines.append("ETCD_PRE_VOTE=true")
     if member.tls:
         lines += [
             f"ETCD_TRUSTED_CA_FILE={NODE_PKI_DIR}/ca.crt",
@@ -159,7 +161,8 @@ class EtcdBootstrap:
 
     def _files(self, member: EtcdMember, token: str, cluster: list[EtcdMember], state: str) -> list[RemoteFile]:
         spec = self.context.spec.etcd
-        env = etcd_environment(member, cluster, token, spec.heartbeat_ms, spec.election_timeout_ms, state)
+        env = etcd_environment(member, cluster, token, spec.heartbeat_ms, spec.election_timeout_ms, state,
+                               pre_vote=spec.pre_vote)
         files = [RemoteFile(ETCD_ENV_FILE, env.encode(), 0o644)]
         if member.tls:
             pair = self.pki.node(member.node)

@@ -73,7 +73,7 @@ class LeaderMonitor:
         # latest sample per node: (t, leader_node or None, term, is_self_leader)
         self.latest: dict[str, tuple[float, str | None, int, bool]] = {}
         self.changes: list[dict[str, Any]] = []
-        self._last_leader: tuple[str | None, int] = (None, 0)
+        self._max_term = 0
 
     def start(self) -> None:
         for member in self.members:
@@ -105,8 +105,10 @@ class LeaderMonitor:
                         self.ids[status.member_id] = member.node
                         leader = self.ids.get(status.leader)
                         self.latest[member.node] = (now, leader, status.raft_term, status.is_leader)
-                        if status.is_leader and (member.node, status.raft_term) != self._last_leader:
-                            self._last_leader = (member.node, status.raft_term)
+                        # A change is a leader of a newer term. An isolated old
+                        # leader still claiming its old term is not one.
+                        if status.is_leader and status.raft_term > self._max_term:
+                            self._max_term = status.raft_term
                             self.changes.append({"t": now, "leader": member.node, "term": status.raft_term})
                 self._stop.wait(SAMPLE_INTERVAL)
         finally:

@@ -145,7 +145,7 @@ def timeline_svg(ops: list[dict[str, Any]], faults: list[dict[str, Any]], leader
         start, stop = fault["start"], fault.get("end") or end
         parts.append(f'<rect x="{x(start):.1f}" y="{top}" width="{max(1.0, x(stop) - x(start)):.1f}" '
                      f'height="{plot_h}" fill="#f5c542" fill-opacity="0.3"/>')
-        label = f'{fault["action"]} {",".join(_flat(fault.get("targets") or []))}'
+        label = f'{fault["action"]} {_targets_label(fault.get("targets") or [])}'
         parts.append(f'<text x="{x(start) + 2:.1f}" y="{top + 12}">{escape(label)}</text>')
     for change in leader_changes:
         parts.append(f'<line x1="{x(change["t"]):.1f}" y1="{top}" x2="{x(change["t"]):.1f}" '
@@ -166,8 +166,8 @@ def timeline_svg(ops: list[dict[str, Any]], faults: list[dict[str, Any]], leader
     return "\n".join(parts) + "\n"
 
 
-def _flat(targets) -> list[str]:
-    out = []
-    for target in targets:
-        out.extend(_flat(target) if isinstance(target, list) else [str(target)])
-    return out
+def _targets_label(targets: list) -> str:
+    """node-1,node-2 for nodes; node-1 | node-2,node-3 for partition groups."""
+    if targets and isinstance(targets[0], list):
+        return " | ".join(",".join(group) for group in targets)
+    return ",".join(str(t) for t in targets)

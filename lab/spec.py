@@ -126,6 +126,8 @@ class Etcd(_Strict):
     heartbeat_ms: Int = Field(100, ge=10, le=5000, description="Raft heartbeat interval")
     election_timeout_ms: Int = Field(1000, ge=50, le=50000, description="Raft election timeout")
     tls: bool = Field(False, description="per-lab CA, TLS and client-certificate auth for peers and clients")
+    pre_vote: bool = Field(False, description="Raft pre-vote: a member rejoining after a partition does not "
+                                              "force an election (off by default in etcd 3.4)")
 
     @model_validator(mode="after")
     def _election_vs_heartbeat(self) -> "Etcd":

@@ -320,7 +320,7 @@ def test_every_problem_is_reported_with_its_line(tmp_path):
 
 def test_unknown_key_without_a_close_match_lists_valid_keys(tmp_path):
     message = error_of(tmp_path, "etcd:\n  xyzzy: 1\n")
-    assert "etcd.xyzzy: unknown key (valid keys: heartbeat_ms, election_timeout_ms, tls)" in message
+    assert "etcd.xyzzy: unknown key (valid keys: heartbeat_ms, election_timeout_ms, tls, pre_vote)" in message
 
 
 def test_unknown_key_under_a_list_suggests_by_alias(tmp_path):
