@@ -767,7 +767,9 @@ def run_scenarios(names: list[str], file: Path, name, nodes, provider, sets, kee
     results = []
     with lab.lock(f"scenario run {' '.join(names)}"):
         try:
-            if created_here:
+            if created_here or sets:
+                # On a running lab, --set changes (etcd settings, say) are applied
+                # first: `up` is idempotent and restarts only what changed.
                 lab.up(_progress)
             for found, spec in zip(chosen, specs):
                 _progress(f"scenario {found.name}: {found.description}")
