@@ -133,9 +133,12 @@ def test_testinfra_sees_systemd_journald_sshd_hostname_and_ip(lab3):
 
 
 def test_smoke_scenario_passes(lab3):
-    from lab.scenarios import find, run_checks
+    from lab.engine import ScenarioRun
+    from lab.scenarios import find
 
-    run_checks(find("smoke", lab3.loaded.project_dir), lab3.node_names(), lab3.ssh_config_path)
+    scenario = find("smoke", lab3.loaded.project_dir)
+    result = ScenarioRun(lab3, scenario, scenario.load(), lambda _m: None).run()
+    assert result.ok, [(s.description, s.detail) for s in result.failures]
 
 
 def test_host_keys_are_verified(lab3, tmp_path):

@@ -205,10 +205,13 @@ def test_merged_keys_are_located_at_the_anchor():
     assert loaded.line_of(("nodes", "memory")) == 3
 
 
-def test_merge_key_matches_pyyaml():
+def test_merge_keys_follow_the_yaml_merge_spec():
+    # Written out rather than compared with yaml.safe_load: PyYAML 6.0.3 and
+    # 6.0.4 disagree on the nested merge below (6.0.4 loses c's own l: 3).
     text = ("a: &a {k: 1, l: 1}\nb: &b {k: 2, m: 2}\n"
             "c: &c\n  <<: [*a, *b]\n  l: 3\nd:\n  <<: *c\n  n: 4\n")
-    assert yamlsafe.load(text).data == yaml.safe_load(text)
+    assert yamlsafe.load(text).data == {"a": {"k": 1, "l": 1}, "b": {"k": 2, "m": 2},
+                                        "c": {"k": 1, "l": 3, "m": 2}, "d": {"k": 1, "l": 3, "m": 2, "n": 4}}
 
 
 @pytest.mark.parametrize("text", ["nodes:\n  <<: 3\n", "nodes:\n  <<: [{a: 1}, x]\n"])
