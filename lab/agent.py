@@ -41,6 +41,9 @@ except ImportError:  # pragma: no cover - the node's way
 PREFIX = "/lab/fleet"
 UNIT_DIR = Path("/etc/systemd/system")
 MANAGED = Path("/var/lib/lab/agent-units.json")
+# Set by the update agent before a reboot: stop our units and leave the
+# cluster so the engine moves them now, not when our lease runs out.
+DRAIN_FLAG = Path("/run/lab/draining")
 
 
 def _b64(text: str) -> str:
@@ -143,6 +146,9 @@ class Agent:
             time.sleep(max(0.05, self.interval - (time.monotonic() - started)))
 
     def tick(self) -> None:
+        if DRAIN_FLAG.exists():
+            self.drain()
+            return
         self.renew()
         if self.etcd.create_if_absent(f"{PREFIX}/engine", self.id, self.lease):
             self.log("became the engine")
@@ -161,6 +167,19 @@ class Agent:
         self.etcd.put(f"{PREFIX}/machines/{self.id}", json.dumps(machine, sort_keys=True), self.lease)
         self.last_renewal = time.monotonic()
         self.fenced = False
+
+    def drain(self) -> None:
+        if self.lease is None:
+            return
+        for name in sorted(self.managed()):
+            self.log(f"draining: stopping {name}")
+            systemctl("stop", name)
+        self.save_managed(set())
+        # Revoking the lease removes our machine key, our unit states and the
+        # engine key if we held it, all at once.
+        self.etcd.call("lease/revoke", {"ID": self.lease})
+        self.lease = None
+        self.log("drained: deregistered from the scheduler")
 
     def fence_if_expired(self) -> None:
         """Cut off from etcd for most of a TTL: the engine will give our units to others. Stop them first."""

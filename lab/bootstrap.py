@@ -345,6 +345,21 @@ AGENT_DIR = "/var/lib/lab"
 AGENT_CONFIG = "/etc/lab/agent.json"
 AGENT_UNIT = "/etc/systemd/system/lab-agent.service"
 AGENT_TTL = 5  # seconds: a dead machine's units move after about this long
+UPDATE_CONFIG = "/etc/lab/update.json"
+UPDATE_UNIT = "/etc/systemd/system/lab-update.service"
+UPDATE_SERVICE = f"""\
+[Unit]
+Description=lab update agent: A/B slot updates under the etcd reboot lock
+After=etcd.service lab-agent.service
+
+[Service]
+ExecStart=/usr/bin/python3 -u {AGENT_DIR}/updater.py {UPDATE_CONFIG}
+Restart=always
+RestartSec=1
+
+[Install]
+WantedBy=multi-user.target
+"""
 AGENT_SERVICE = f"""\
 [Unit]
 Description=lab scheduler agent (fleet, reborn): runs the units etcd assigns to this machine
@@ -362,7 +377,7 @@ WantedBy=multi-user.target
 
 
 class SchedulerBootstrap:
-    """Install and start the scheduler agent on every node; wait until every machine registered."""
+    """Install and start the scheduler and update agents on every node; wait until every machine registered."""
 
     def __init__(self, context: LabContext, endpoints: dict[str, SSHEndpoint]) -> None:
         self.context = context
@@ -379,21 +394,29 @@ class SchedulerBootstrap:
                   "tls": ({"ca": f"{NODE_PKI_DIR}/ca.crt", "cert": f"{NODE_PKI_DIR}/node.crt",
                            "key": f"{NODE_PKI_DIR}/node.key"} if self.context.spec.etcd.tls else None),
                   "ttl": AGENT_TTL, "interval": 0.5}
+        updates = self.context.spec.updates
+        update_config = {"name": node, "endpoints": config["endpoints"], "tls": config["tls"],
+                         "strategy": updates.strategy, "max_holders": updates.max_concurrent_reboots,
+                         "interval": 1.0}
         return [RemoteFile(f"{AGENT_DIR}/agent.py", (source / "agent.py").read_bytes(), 0o644),
                 RemoteFile(f"{AGENT_DIR}/fleet.py", (source / "fleet.py").read_bytes(), 0o644),
+                RemoteFile(f"{AGENT_DIR}/updater.py", (source / "updater.py").read_bytes(), 0o644),
                 RemoteFile(AGENT_CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(), 0o644),
-                RemoteFile(AGENT_UNIT, AGENT_SERVICE.encode(), 0o644)]
+                RemoteFile(UPDATE_CONFIG, (json.dumps(update_config, indent=2, sort_keys=True) + "\n").encode(),
+                           0o644),
+                RemoteFile(AGENT_UNIT, AGENT_SERVICE.encode(), 0o644),
+                RemoteFile(UPDATE_UNIT, UPDATE_SERVICE.encode(), 0o644)]
 
     def install(self, node: str) -> bool:
         from .ssh import connect
 
         with connect(self.endpoints[node]) as connection:
             changed = any([_put_if_changed(connection, f, node) for f in self._files(node)])
-            active = connection.run("systemctl is-active --quiet lab-agent", warn=True, hide=True,
+            active = connection.run("systemctl is-active --quiet lab-agent lab-update", warn=True, hide=True,
                                     in_stream=False).exited == 0
             if changed or not active:
-                _check(connection, "systemctl daemon-reload && systemctl enable --quiet lab-agent && "
-                                   f"systemctl {'restart' if active else 'start'} lab-agent", node)
+                _check(connection, "systemctl daemon-reload && systemctl enable --quiet lab-agent lab-update && "
+                                   "systemctl restart lab-agent lab-update", node)
             return changed or not active
 
     def run(self, progress: Progress = no_progress, nodes: list[str] | None = None, timeout: float = 30.0) -> None:

@@ -56,7 +56,7 @@ _PACKAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 _UNIT_NAME = re.compile(r"^[A-Za-z0-9@_.:\\-]+\.(service|socket|timer|target|path|mount)$")
 _UNIT_ACTIONS = ("enable", "disable", "mask")
 _RECIPE_KEYS = {"os_name", "suite", "packages", "units", "versions"}
-_VERSION_KEYS = {"packages", "units"}
+_VERSION_KEYS = {"packages", "units", "overlay"}
 
 
 # --------------------------------------------------------------------------- #
@@ -161,6 +161,9 @@ class Recipe:
     packages: tuple[str, ...]
     units: dict[str, tuple[str, ...]]   # "enable" / "disable" / "mask" -> units
     overlay: Path                       # rootfs/ tree copied into the image
+    # versions/VERSION/rootfs/ of the recipe, copied over the shared tree: what
+    # makes one OS version differ from another beyond its packages.
+    version_overlay: Path | None = None
 
 
 def recipe_dir(name: str) -> Path:
@@ -238,10 +241,18 @@ def parse_recipe(data: object, *, name: str, version: str, overlay: Path,
     shared_units = _units(data["units"], "units", fail)
     version_units = _units(section.get("units", {}), f"versions.{version}.units", fail)
     units = {action: shared_units[action] + version_units[action] for action in _UNIT_ACTIONS}
+    version_overlay = None
+    if "overlay" in section:
+        value = section["overlay"]
+        if not isinstance(value, str) or not value or ".." in Path(value).parts or Path(value).is_absolute():
+            raise fail(f"versions.{version}.overlay must be a directory inside the recipe, got {value!r}")
+        version_overlay = overlay.parent / value
+        if not version_overlay.is_dir():
+            raise fail(f"versions.{version}.overlay: no directory {value!r} in the recipe")
     return Recipe(name=name, version=version, os_name=data["os_name"].strip(),
                   suite=data["suite"].strip(), packages=tuple(dict.fromkeys(packages)),
                   units={a: tuple(dict.fromkeys(u)) for a, u in units.items()},
-                  overlay=overlay)
+                  overlay=overlay, version_overlay=version_overlay)
 
 
 def _check_keys(mapping: dict, *, required: set, allowed: set, where: str,
@@ -486,6 +497,8 @@ def _group_alive(pgid: int) -> bool:
 def _customize(recipe: Recipe, key: str, rootfs: Path, report: Progress) -> None:
     report("customize: copying the recipe's rootfs/ files")
     _copy_overlay(recipe.overlay, rootfs)
+    if recipe.version_overlay is not None:
+        _copy_overlay(recipe.version_overlay, rootfs)
     report("customize: os-release, identity, ssh host keys")
     _write_os_release(recipe, key, rootfs)
     _reset_identity(rootfs)

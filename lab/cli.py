@@ -539,6 +539,87 @@ def machines_(file: FileOpt = DEFAULT_FILE, name: NameOpt = None, as_json: JsonO
     _out().print(table)
 
 
+# ---------------------------------------------------------------- lab update
+
+update_app = typer.Typer(cls=LabGroup, rich_markup_mode=None, help="""\
+Roll the lab to another OS version, node by node (A/B slots + etcd reboot lock).
+
+\b
+  lab box build --version 2      build the new version first
+  lab update --to 2              stage it on every node and wait for the roll
+  lab update status              each node's version, slot and state; lock holders
+  lab update unlock node-2       free the lock a dead node holds
+The strategy (updates.strategy: etcd-lock | reboot | off) and the number of
+nodes that may reboot at once (updates.max_concurrent_reboots) come from lab.yaml.
+""")
+app.add_typer(update_app, name="update")
+
+
+@update_app.callback(invoke_without_command=True)
+def update_(ctx: typer.Context,
+            to: Annotated[Optional[str], typer.Option("--to", help="OS version to roll to.")] = None,
+            file: FileOpt = DEFAULT_FILE, name: NameOpt = None,
+            wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until the roll is done.")] = True,
+            timeout: Annotated[float, typer.Option(help="Seconds to wait for the roll.")] = 600.0) -> None:
+    """Start a rolling update with --to VERSION (see the commands below for more)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if to is None:
+        raise UsageError("which version?", hint="lab update --to VERSION (see `lab box list`), or `lab update status`")
+    from .update import start_roll, wait as wait_roll
+
+    lab = _open_lab(file, name)
+    with lab.lock("update"):
+        start_roll(lab, to, _progress)
+    if not wait:
+        _out().print(f"rolling to {to}; follow it with `lab update status`")
+        return
+    result = wait_roll(lab, to, _progress, timeout)
+    if result.halted:
+        from .update import UpdateError
+
+        raise UpdateError(f"the roll to {to} stopped: {result.halted['node']} failed its health check on "
+                          f"{result.halted['version']} ({result.halted['reason']}) and rolled back",
+                          hint="fix the image, then `lab update --to` again (that clears the halt)")
+    _out().print(f"[green]every node runs {to}[/green]")
+
+
+@update_app.command("status")
+def update_status(file: FileOpt = DEFAULT_FILE, name: NameOpt = None, as_json: JsonOpt = False) -> None:
+    """Each node's OS version, slot and update state; the reboot lock's holders."""
+    from rich.table import Table
+
+    from .update import status
+
+    current = status(_open_lab(file, name))
+    if as_json:
+        _print_json({"target": current.target, "strategy": current.strategy, "holders": current.holders,
+                     "max_holders": current.max_holders, "halted": current.halted,
+                     "nodes": [n.__dict__ for n in current.nodes]})
+        return
+    table = Table(title=f"target {current.target or '-'}; strategy {current.strategy}; lock "
+                        f"{len(current.holders)}/{current.max_holders} held"
+                        + (f" by {', '.join(current.holders)}" if current.holders else ""), title_justify="left")
+    for column in ("NODE", "VERSION", "SLOT", "STATE", "DETAIL"):
+        table.add_column(column)
+    for node in current.nodes:
+        table.add_row(node.node, node.version, node.slot, node.state, node.detail)
+    _out().print(table)
+    if current.halted:
+        _err().print(f"[red]halted:[/red] {current.halted['node']} rolled back from {current.halted['version']}: "
+                     f"{current.halted['reason']}")
+
+
+@update_app.command("unlock")
+def update_unlock(node: Annotated[str, typer.Argument(help="Node whose reboot lock to free.")],
+                  file: FileOpt = DEFAULT_FILE, name: NameOpt = None) -> None:
+    """Free the reboot lock held by NODE (e.g. a node that died while holding it)."""
+    from .update import unlock
+
+    held = unlock(_open_lab(file, name), node)
+    _out().print(f"freed the reboot lock held by {node}" if held else f"{node} held no reboot lock")
+
+
 # ---------------------------------------------------------------- lab fault
 
 NodesArg = Annotated[list[str], typer.Argument(help="Node names.")]

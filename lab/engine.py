@@ -162,6 +162,9 @@ class ScenarioRun:
         self.last_fault: dict[str, Any] | None = None
         self.measurements: dict[str, Any] = {}
         self.killed_etcd: set[str] = set()
+        self.boot_ids_start = {status.name: status.boot_id for status in self.provider.status()}
+        self.update_target: str | None = None
+        self.invariants = InvariantSampler(self)
 
     def clock(self) -> float:
         return time.monotonic() - self.t0
@@ -170,6 +173,7 @@ class ScenarioRun:
 
     def run(self) -> RunResult:
         self.monitor.start()
+        self.invariants.start()
         try:
             self._wait_leader(timeout=30)
             for index, step in enumerate(self.spec.steps):
@@ -185,8 +189,10 @@ class ScenarioRun:
             if self.workload is not None:
                 self._stop_workload()
             self._restore()
+            self.invariants.stop()
             self.monitor.stop()
         self._verify()
+        self._expectations()
         self._collect_journals()
         from .report import write_report
 
@@ -214,6 +220,23 @@ class ScenarioRun:
         if step.sleep is not None:
             time.sleep(step.sleep)
             return True, "", {}
+        if step.unit is not None:
+            from .units import set_desired
+
+            client = self.client_factory(2.0)
+            try:
+                names = set_desired(client, [str(Path(self.scenario.path) / step.unit.start)], "launched")
+            finally:
+                client.close()
+            self.invariants.watch_units(names)
+            return True, f"started {', '.join(names)}", {}
+        if step.update is not None:
+            from .update import start_roll
+
+            messages: list[str] = []
+            start_roll(self.lab, step.update.to, messages.append)
+            self.update_target = step.update.to
+            return True, f"{len(messages)} nodes staged", {}
         if step.fault is not None:
             return self._fault(step.fault)
         if step.wait_until is not None:
@@ -383,6 +406,18 @@ class ScenarioRun:
         return False, f"not reached within {wait.timeout:g} s", {}
 
     def _condition(self, condition: str, since: float):
+        if condition in ("updated", "update-halted"):
+            from .etcdclient import EtcdError
+            from .update import status
+
+            try:
+                current = status(self.lab)
+            except EtcdError:
+                return None
+            if condition == "update-halted":
+                return True if current.halted else None
+            done = all(n.version == self.update_target and n.state in ("updated", "idle") for n in current.nodes)
+            return True if done else None
         if condition == "new-leader":
             old, old_term = (self.last_fault or {}).get("leader"), (self.last_fault or {}).get("term", 0)
             return self.monitor.new_leader_since(old, old_term, since)
@@ -524,6 +559,66 @@ class ScenarioRun:
             self.progress(f"[{started:6.2f}s] {'ok' if report.ok else 'FAILED':6} linearizable: "
                           f"{detail.splitlines()[0]}")
 
+    def _expectations(self) -> None:
+        """The scenario's `expect:` beyond the history checkers, each as a result of its own."""
+        expect = self.spec.expect
+        results: list[tuple[str, bool, str]] = []
+        majority = len(self.members) // 2 + 1
+        sampled = self.invariants
+        self.measurements["max_members_down"] = sampled.max_down
+        if expect.max_down is not None:
+            bound = (self.lab.spec.updates.max_concurrent_reboots if expect.max_down == "auto"
+                     else expect.max_down)
+            results.append((f"never more than {bound} etcd member(s) down at once", sampled.max_down <= bound,
+                            f"at most {sampled.max_down} down at once ({sampled.samples} samples"
+                            + (f"; worst at {sampled.max_down_at:.2f} s: {', '.join(sampled.max_down_nodes)}"
+                               if sampled.max_down else "") + ")"))
+        if expect.quorum:
+            lost = sampled.quorum_lost
+            results.append((f"etcd quorum ({majority} of {len(self.members)}) never lost", not lost,
+                            f"{sampled.samples} samples" + (f"; lost at {', '.join(f'{t:.2f} s' for t in lost[:5])}"
+                                                            if lost else "")))
+        statuses = {s.name: s for s in self.provider.status()}
+        if expect.rebooted is not None:
+            changed = [n for n, s in statuses.items() if s.boot_id and s.boot_id != self.boot_ids_start.get(n)]
+            wanted = len(statuses) if expect.rebooted == "all" else expect.rebooted
+            results.append((f"{expect.rebooted} node(s) rebooted (boot id changed)", len(changed) == wanted,
+                            f"rebooted: {', '.join(changed) or 'none'}"))
+        if expect.final_version is not None or expect.rolled_back is not None:
+            from .ssh import run_many
+
+            outputs = run_many(list(self.provider.ssh_endpoints().values()),
+                               ". /usr/lib/os-release; echo $VERSION_ID; cat /etc/lab/boot.json 2>/dev/null || true")
+            versions = {r.node: (r.stdout.splitlines() or ["?"])[0] for r in outputs}
+            rolled = [r.node for r in outputs if "rolled_back_from" in r.stdout]
+            if expect.final_version is not None:
+                ok = all(v == expect.final_version for v in versions.values())
+                results.append((f"every node runs OS version {expect.final_version}", ok,
+                                ", ".join(f"{n}: {v}" for n, v in sorted(versions.items()))))
+            if expect.rolled_back is not None:
+                results.append((f"{expect.rolled_back} node(s) rolled back", len(rolled) == expect.rolled_back,
+                                f"rolled back: {', '.join(rolled) or 'none'}"))
+        if expect.units_running or expect.units_moved:
+            from .units import list_units
+
+            client = self.client_factory(2.0)
+            try:
+                rows = {r.name: r for r in list_units(client)}
+            finally:
+                client.close()
+            for name in expect.units_running:
+                row = rows.get(name)
+                ok = row is not None and row.active == "active"
+                results.append((f"{name} is running", ok,
+                                f"on {','.join(row.machines)}: {row.active}/{row.sub}" if row else "not found"))
+            if expect.units_moved:
+                moves = sampled.unit_moves()
+                results.append(("units moved off rebooting machines", bool(moves),
+                                "; ".join(f"{u}: {' -> '.join(path)}" for u, path in moves.items()) or "no unit moved"))
+        for description, ok, detail in results:
+            self.steps.append(StepResult(len(self.steps), description, ok, self.clock(), 0.0, detail))
+            self.progress(f"[{self.clock():6.2f}s] {'ok' if ok else 'FAILED':6} {description}: {detail}")
+
     def _collect_journals(self) -> None:
         from .ssh import run
 
@@ -542,6 +637,75 @@ class ScenarioRun:
 
         with ThreadPoolExecutor(max_workers=max(1, len(endpoints))) as pool:
             list(pool.map(collect, list(endpoints)))
+
+
+class InvariantSampler:
+    """Samples, from outside the nodes, how many etcd members are down and where units run."""
+
+    def __init__(self, run: "ScenarioRun", interval: float = SAMPLE_INTERVAL) -> None:
+        self.run = run
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.samples = 0
+        self.max_down = 0
+        self.max_down_at = 0.0
+        self.max_down_nodes: list[str] = []
+        self.quorum_lost: list[float] = []
+        self._units: list[str] = []
+        self.placements: dict[str, list[str]] = {}  # unit -> machines it was seen on, in order
+
+    def watch_units(self, names: list[str]) -> None:
+        self._units += [n for n in names if n not in self._units]
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="invariants")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        majority = len(self.run.members) // 2 + 1
+        next_units = 0.0
+        while not self._stop.is_set():
+            now = self.run.clock()
+            with self.run.monitor._lock:
+                latest = dict(self.run.monitor.latest)
+            # Down: no fresh answer from the member (a failed probe, or none for 0.5 s).
+            down = sorted(node for node in (m.node for m in self.run.members)
+                          if node not in latest or latest[node][2] == 0 or now - latest[node][0] > 0.5)
+            if latest:
+                self.samples += 1
+                if len(down) > self.max_down:
+                    self.max_down, self.max_down_at, self.max_down_nodes = len(down), now, down
+                if len(self.run.members) - len(down) < majority:
+                    self.quorum_lost.append(now)
+            if self._units and now >= next_units:
+                self._sample_units()
+                next_units = now + 0.5
+            self._stop.wait(self.interval)
+
+    def _sample_units(self) -> None:
+        from .units import list_units
+
+        client = self.run.client_factory(0.5)
+        try:
+            rows = list_units(client)
+        except LabError:
+            return
+        finally:
+            client.close()
+        for row in rows:
+            if row.name in self._units and row.machines and row.active == "active":
+                seen = self.placements.setdefault(row.name, [])
+                if not seen or seen[-1] != row.machines[0]:
+                    seen.append(row.machines[0])
+
+    def unit_moves(self) -> dict[str, list[str]]:
+        return {unit: path for unit, path in self.placements.items() if len(path) > 1}
 
 
 def _availability(ops, faults: list[dict[str, Any]]) -> dict[str, Any]:

@@ -45,7 +45,7 @@ FAULT_ACTIONS = ("kill", "start", "pause", "resume", "reboot", "partition", "hea
 # its followers, every node, or a node by name. Partition also takes groups:
 # "partition node-1|node-2,node-3".
 SPECIAL_TARGETS = ("leader", "followers", "all", "old-leader")
-CONDITIONS = ("new-leader", "leader", "healthy", "converged", "old-leader-follows")
+CONDITIONS = ("new-leader", "leader", "healthy", "converged", "old-leader-follows", "updated", "update-halted")
 
 
 class ScenarioFailed(LabError):
@@ -79,11 +79,14 @@ class Fault(_Strict):
 
 
 class WaitUntil(_Strict):
+    # updated: every node reports the version of the last `update` step;
+    # update-halted: a node rolled back and the roll stopped;
     # new-leader: a member other than the last fault's leader leads a later term;
     # leader: a majority agrees on a leader; healthy: every member answers /health;
     # converged: every member agrees on leader and term, indexes within 5;
     # old-leader-follows: the last fault's leader is back as a follower.
-    condition: Literal["new-leader", "leader", "healthy", "converged", "old-leader-follows"]
+    condition: Literal["new-leader", "leader", "healthy", "converged", "old-leader-follows", "updated",
+                       "update-halted"]
     timeout: float = Field(30.0, gt=0, le=600, description="seconds before the step fails")
     # "auto": 2x the election timeout plus a margin; a number: seconds. The
     # step fails (and the measurement is reported) when the condition took longer.
@@ -96,8 +99,18 @@ class Probe(_Strict):
     timeout: float = Field(2.0, gt=0, le=60)
 
 
+class UnitStep(_Strict):
+    start: str = Field(description="unit file in the scenario directory, started on the cluster")
+
+
+class UpdateStep(_Strict):
+    to: str = Field(pattern=r"^[0-9A-Za-z][0-9A-Za-z._-]{0,31}$", description="OS version to roll to")
+
+
 class Step(_Strict):
     workload: Literal["start", "stop"] | None = None
+    unit: UnitStep | None = None
+    update: UpdateStep | None = None
     sleep: float | None = Field(None, ge=0, le=600)
     fault: Fault | None = None
     wait_until: WaitUntil | None = Field(None, alias="wait-until")
@@ -124,17 +137,16 @@ class Step(_Strict):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "Step":
-        given = [name for name in ("workload", "sleep", "fault", "wait_until", "probe", "check")
-                 if getattr(self, name) is not None]
+        given = [name for name in STEP_KINDS if getattr(self, name) is not None]
         if len(given) != 1:
-            raise ValueError("each step is exactly one of: workload, sleep, fault, wait-until, probe, check"
+            raise ValueError("each step is exactly one of: workload, unit, update, sleep, fault, wait-until, "
+                             "probe, check"
                              + (f" (got {', '.join(given)})" if given else ""))
         return self
 
     @property
     def kind(self) -> str:
-        return next(name for name in ("workload", "sleep", "fault", "wait_until", "probe", "check")
-                    if getattr(self, name) is not None)
+        return next(name for name in STEP_KINDS if getattr(self, name) is not None)
 
     def describe(self) -> str:
         if self.fault is not None:
@@ -147,12 +159,29 @@ class Step(_Strict):
             return f"check: {', '.join(self.check)}"
         if self.sleep is not None:
             return f"sleep {self.sleep:g} s"
+        if self.unit is not None:
+            return f"unit: start {self.unit.start}"
+        if self.update is not None:
+            return f"update: roll to {self.update.to}"
         return f"workload: {self.workload}"
+
+
+STEP_KINDS = ("workload", "unit", "update", "sleep", "fault", "wait_until", "probe", "check")
 
 
 class Expect(_Strict):
     linearizable: bool = True
     no_lost_writes: bool = True
+    # Sampled all through the run from outside the nodes (every 50 ms):
+    max_down: int | Literal["auto"] | None = Field(
+        None, description="never more etcd members down at once; auto: updates.max_concurrent_reboots")
+    quorum: bool = Field(False, description="a majority of members answered at every sample")
+    # Checked at the end:
+    final_version: str | None = Field(None, description="every node runs this OS version")
+    rebooted: int | Literal["all"] | None = Field(None, description="how many nodes' boot ids changed")
+    rolled_back: int | None = Field(None, description="how many nodes reported a rollback")
+    units_running: list[str] = Field(default_factory=list, description="units active at the end")
+    units_moved: bool = Field(False, description="some unit changed machine during the run")
 
 
 class WorkloadOptions(_Strict):
@@ -203,7 +232,7 @@ def parse(spec_file: Path) -> ScenarioSpec:
         raise ScenarioError(validation_message(exc, label, loaded, ScenarioSpec),
                             hint="see the scenario format in `lab scenario new --help`") from None
     for index, step in enumerate(spec.steps):
-        for name in step.check or []:
+        for name in (step.check or []) + ([step.unit.start] if step.unit else []):
             if not (spec_file.parent / name).is_file():
                 line = loaded.line_of(("steps", index, "check"))
                 raise ScenarioError(f"{label}:{line}: steps[{index}].check: no file {name!r} in {spec_file.parent}")

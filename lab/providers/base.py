@@ -126,6 +126,10 @@ class Provider(ABC):
         """Destroy one node and everything the provider made for it (the rest of the lab stays)."""
 
     @abstractmethod
+    def stage_update(self, node: str, rootfs: Path) -> str:
+        """Write an OS image into the node's passive slot; return the slot's name."""
+
+    @abstractmethod
     def ssh_endpoints(self) -> dict[str, SSHEndpoint]:
         """How to reach each running node over SSH."""
 

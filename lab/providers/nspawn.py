@@ -59,8 +59,21 @@ def stop(signum, frame):
 signal.signal(signal.SIGTERM, stop)
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 signal.signal(signal.SIGHUP, signal.SIG_IGN)
+def boot_usr():
+    # The node chooses its boot slot itself, as a machine writes its
+    # bootloader's config: /etc/lab/boot.json in its own layer.
+    try:
+        with open(config["boot_file"]) as f:
+            slot = json.load(f).get("slot", "a")
+    except (OSError, ValueError, AttributeError):
+        slot = "a"
+    path = os.path.join(config["slots_dir"], "slot-" + str(slot))
+    if not os.path.isdir(path):
+        path = os.path.join(config["slots_dir"], "slot-a")
+    return os.path.join(path, "usr")
 while True:
-    child = subprocess.Popen(config["argv"], stdin=subprocess.DEVNULL)
+    usr = boot_usr()
+    child = subprocess.Popen([a.replace("{usr}", usr) for a in config["argv"]], stdin=subprocess.DEVNULL)
     with open(config["pidfile"] + ".tmp", "w") as f:
         f.write(str(child.pid))
     os.replace(config["pidfile"] + ".tmp", config["pidfile"])
@@ -239,7 +252,9 @@ class NspawnProvider(Provider):
                 raise PrerequisiteError(f"cgroup v1 controller {controller!r} is not mounted at "
                                         f"{CGROUP_ROOT / controller}",
                                         hint="the nspawn provider needs the freezer and memory controllers")
-        self.image()
+        recorded = (self.context.state.get("image") if self.context.state is not None else None) or {}
+        if not Path(recorded.get("rootfs", "/nonexistent")).is_dir():
+            self.image()
 
     def image(self):
         from ..boxes import find_image
@@ -255,15 +270,21 @@ class NspawnProvider(Provider):
     # -- lifecycle
 
     def up(self, progress: Progress = no_progress) -> None:
-        image = self.image()
-        self.state.set("image", {"name": image.name, "version": image.version, "key": image.key,
-                                 "rootfs": str(image.rootfs)})
+        recorded = self.state.get("image")
+        if recorded and Path(recorded["rootfs"]).is_dir():
+            # The lower layer of existing nodes never changes; updates swap /usr slots.
+            rootfs = Path(recorded["rootfs"])
+        else:
+            image = self.image()
+            self.state.set("image", {"name": image.name, "version": image.version, "key": image.key,
+                                     "rootfs": str(image.rootfs)})
+            rootfs = image.rootfs
         self._ensure_bridge(progress)
         to_start = []
         for node in self.context.nodes:
             if self._supervisor_alive(node.name):
                 continue
-            self._prepare_node(node.name, image.rootfs)
+            self._prepare_node(node.name, rootfs)
             to_start.append(node.name)
         if self.state.get("partition"):
             self._apply_partition(self.state["partition"])
@@ -273,7 +294,7 @@ class NspawnProvider(Provider):
         progress(f"booting {len(to_start)} node(s): {', '.join(to_start)}")
         started = time.monotonic()
         for node in to_start:
-            self._spawn(node, image.rootfs)
+            self._spawn(node, rootfs)
         self._wait_ssh(to_start)
         progress(f"{len(to_start)} node(s) answer SSH after {time.monotonic() - started:.1f} s")
 
@@ -335,6 +356,25 @@ class NspawnProvider(Provider):
         _remove_empty_dir(self.propagate_dir(node))
         shutil.rmtree(self.node_dir(node), ignore_errors=True)
         self.state.forget("node", node)
+
+    def stage_update(self, node: str, rootfs: Path) -> str:
+        """Put an image in the node's passive slot; returns that slot's name ("a" or "b")."""
+        self.context.node(node)
+        active = self.boot_slot(node)
+        passive = "b" if active == "a" else "a"
+        link = self.node_dir(node) / f"slot-{passive}"
+        tmp = link.with_name(link.name + ".new")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(rootfs)
+        os.replace(tmp, link)
+        return passive
+
+    def boot_slot(self, node: str) -> str:
+        """The slot the node boots next (what its own /etc/lab/boot.json says)."""
+        try:
+            return json.loads((self.node_dir(node) / "upper/etc/lab/boot.json").read_text()).get("slot", "a")
+        except (OSError, ValueError):
+            return "a"
 
     def ssh_endpoints(self) -> dict[str, SSHEndpoint]:
         return {node.name: SSHEndpoint(node=node.name, host=self.context.addresses[node.name], port=22,
@@ -414,6 +454,9 @@ class NspawnProvider(Provider):
         self.state.record("node", node, dir=str(directory))
         for path in (upper, work, merged):
             path.mkdir(parents=True, exist_ok=True)
+        slot_a = directory / "slot-a"
+        if not slot_a.is_symlink():
+            slot_a.symlink_to(rootfs)  # the image the node was created with
         if not (directory / "provisioned").exists():
             self._write_node_files(node, upper, rootfs)
             (directory / "provisioned").write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
@@ -462,10 +505,10 @@ class NspawnProvider(Provider):
         lines.append(f"{node},{ip} {key_type} {key_data}")
         write_atomic(known, "\n".join(lines) + "\n", mode=0o644)
 
-    def _nspawn_argv(self, node: str, rootfs: Path) -> list[str]:
+    def _nspawn_argv(self, node: str) -> list[str]:
         return ["systemd-nspawn", "--boot", "--register=no", "--keep-unit", "--quiet",
                 f"--machine={self.machine(node)}", f"--directory={self.node_dir(node) / 'merged'}",
-                f"--bind-ro={rootfs / 'usr'}:/usr",  # /usr read-only, straight from the image
+                "--bind-ro={usr}:/usr",  # /usr read-only, from the slot the node boots (see SUPERVISOR)
                 f"--network-bridge={self.bridge}", "--console=read-only",
                 "--resolv-conf=off", "--timezone=off", "--link-journal=no"]
 
@@ -476,8 +519,9 @@ class NspawnProvider(Provider):
             self.state.record("cgroup", str(cgroup))
             cgroup.mkdir(parents=True, exist_ok=True)
         self._freezer(node, "THAWED")
-        config = {"argv": self._nspawn_argv(node, rootfs), "pidfile": str(directory / "nspawn.pid"),
-                  "cgroups": [str(c / "cgroup.procs") for c in cgroups]}
+        config = {"argv": self._nspawn_argv(node), "pidfile": str(directory / "nspawn.pid"),
+                  "cgroups": [str(c / "cgroup.procs") for c in cgroups],
+                  "slots_dir": str(directory), "boot_file": str(directory / "upper" / "etc" / "lab" / "boot.json")}
         (directory / "nspawn.pid").unlink(missing_ok=True)
         # A killed node's old veth lives on while orphaned TCP sockets keep its
         # network namespace alive (up to minutes); nspawn would then fail with

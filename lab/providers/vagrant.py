@@ -529,6 +529,10 @@ class VagrantProvider(Provider):
         shutil.rmtree(self.dotdir, ignore_errors=True)
         self.vagrantfile.unlink(missing_ok=True)
 
+    def stage_update(self, node: str, rootfs: Path) -> str:
+        raise ProviderError("A/B OS updates are implemented for nspawn nodes only so far",
+                            hint="run `lab update` on an nspawn lab")
+
     def remove_node(self, node: str, progress: Progress = no_progress) -> None:
         if node in self.machines_on_disk():
             self._run(lambda v: v.destroy(vm_name=node), progress)

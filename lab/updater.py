@@ -1,0 +1,293 @@
+"""The update agent on every node: A/B slots and an etcd reboot lock, standard library only.
+
+Copied with agent.py to /var/lib/lab/ and run by `lab-update.service`. It
+does on each node what CoreOS's update_engine and locksmith did together:
+
+  * lab stages a new OS version in the node's *passive* slot (the provider's
+    job: on nspawn a slot is an image's /usr) and publishes it in etcd under
+    /lab/update/staged/NODE;
+  * the agent takes the reboot lock: a semaphore in etcd with at most
+    `max_holders` holders, changed only by compare-and-swap on its revision
+    (locksmith's design); with strategy `reboot` it takes no lock, with `off`
+    it does nothing;
+  * before rebooting it reads the semaphore again and acts only if it still
+    holds it: etcd locks alone cannot guarantee mutual exclusion when a
+    process pauses between acquiring and acting (Jepsen, 2020);
+  * it drains the node (the scheduler agent stops and deregisters, so its
+    units move), writes /etc/lab/boot.json {"slot": passive, "try": true}
+    and reboots; the node comes up on the new slot with /etc and /var kept;
+  * after boot, a health check (the etcd member healthy, the scheduler agent
+    registered) either confirms the slot and releases the lock, or rolls
+    back: boot.json points at the previous slot again, the failure is
+    published under /lab/update/halted (no other node starts an update
+    after that) and the node reboots into the version it had.
+
+Its state per node is published under /lab/update/nodes/NODE.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+try:  # in the lab package on the host; beside this file on a node
+    from .agent import PREFIX as FLEET_PREFIX
+    from .agent import Etcd, _b64, _unb64
+except ImportError:  # pragma: no cover - the node's way
+    from agent import PREFIX as FLEET_PREFIX  # type: ignore[no-redef]
+    from agent import Etcd, _b64, _unb64  # type: ignore[no-redef]
+
+PREFIX = "/lab/update"
+SEMAPHORE = f"{PREFIX}/semaphore"
+HALTED = f"{PREFIX}/halted"
+BOOT_FILE = Path("/etc/lab/boot.json")
+DRAIN_FLAG = Path("/run/lab/draining")
+HEALTH_TIMEOUT = 60.0
+
+
+# ---------------------------------------------------------------- the semaphore (pure + CAS)
+
+
+def new_semaphore(max_holders: int) -> dict:
+    return {"max": max_holders, "holders": []}
+
+
+def try_acquire(semaphore: dict, holder: str) -> dict | None:
+    """The semaphore with `holder` added, or None if it is full (holding already counts as acquired)."""
+    if holder in semaphore["holders"]:
+        return semaphore
+    if len(semaphore["holders"]) >= semaphore["max"]:
+        return None
+    return {**semaphore, "holders": [*semaphore["holders"], holder]}
+
+
+def release(semaphore: dict, holder: str) -> dict:
+    return {**semaphore, "holders": [h for h in semaphore["holders"] if h != holder]}
+
+
+class Semaphore:
+    """locksmith's semaphore: one JSON key, changed only by compare-and-swap on its mod revision."""
+
+    def __init__(self, etcd: Etcd, key: str = SEMAPHORE) -> None:
+        self.etcd = etcd
+        self.key = key
+
+    def read(self, default_max: int) -> tuple[dict, str]:
+        kvs = self.etcd.call("kv/range", {"key": _b64(self.key)}).get("kvs") or []
+        if not kvs:
+            return new_semaphore(default_max), "0"
+        return json.loads(_unb64(kvs[0]["value"])), kvs[0]["mod_revision"]
+
+    def _swap(self, revision: str, value: dict) -> bool:
+        if revision == "0":
+            compare = {"key": _b64(self.key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
+        else:
+            compare = {"key": _b64(self.key), "target": "MOD", "result": "EQUAL", "mod_revision": revision}
+        data = self.etcd.call("kv/txn", {"compare": [compare], "success": [
+            {"request_put": {"key": _b64(self.key), "value": _b64(json.dumps(value, sort_keys=True))}}]})
+        return bool(data.get("succeeded"))
+
+    def acquire(self, holder: str, default_max: int) -> bool:
+        while True:
+            current, revision = self.read(default_max)
+            wanted = try_acquire(current, holder)
+            if wanted is None:
+                return False
+            if wanted is current or self._swap(revision, wanted):
+                return True
+
+    def release(self, holder: str, default_max: int) -> None:
+        while True:
+            current, revision = self.read(default_max)
+            if holder not in current["holders"] or self._swap(revision, release(current, holder)):
+                return
+
+    def holds(self, holder: str, default_max: int) -> bool:
+        return holder in self.read(default_max)[0]["holders"]
+
+
+# ---------------------------------------------------------------- the node's side
+
+
+def read_boot() -> dict:
+    try:
+        return json.loads(BOOT_FILE.read_text())
+    except (OSError, ValueError):
+        return {"slot": "a"}
+
+
+def write_boot(boot: dict) -> None:
+    BOOT_FILE.parent.mkdir(parents=True, exist_ok=True)
+    tmp = BOOT_FILE.with_suffix(".tmp")
+    tmp.write_text(json.dumps(boot, sort_keys=True) + "\n")
+    with open(tmp) as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, BOOT_FILE)
+
+
+def os_version() -> str:
+    for line in Path("/usr/lib/os-release").read_text().splitlines():
+        if line.startswith("VERSION_ID="):
+            return line.split("=", 1)[1].strip().strip('"')
+    return "unknown"
+
+
+class Updater:
+    def __init__(self, config: dict) -> None:
+        self.config = config
+        self.node = config["name"]
+        self.strategy = config.get("strategy", "etcd-lock")
+        self.max_holders = int(config.get("max_holders", 1))
+        self.etcd = Etcd(config["endpoints"], config.get("tls"))
+        self.semaphore = Semaphore(self.etcd)
+
+    def log(self, message: str) -> None:
+        print(message, flush=True)
+
+    def publish(self, state: str, **extra) -> None:
+        boot = read_boot()
+        record = {"node": self.node, "state": state, "version": os_version(), "slot": boot.get("slot", "a"),
+                  "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(), "at": time.time(),
+                  **extra}
+        self.etcd.put(f"{PREFIX}/nodes/{self.node}", json.dumps(record, sort_keys=True))
+
+    # -- after boot
+
+    def settle_boot(self) -> None:
+        """Confirm or roll back the slot this boot tried."""
+        boot = read_boot()
+        if not boot.get("try"):
+            self.release_if_holding()
+            self.publish("idle")
+            return
+        self.log(f"booted slot {boot['slot']} (version {os_version()}) on trial: health check")
+        healthy, reason = self.health_check()
+        if healthy:
+            write_boot({"slot": boot["slot"]})
+            self.publish("updated")
+            self.log(f"slot {boot['slot']} is good; releasing the reboot lock")
+            self.release_if_holding()
+            return
+        failed_version = os_version()
+        self.log(f"health check failed ({reason}): rolling back to slot {boot['previous']}")
+        write_boot({"slot": boot["previous"], "rolled_back_from": failed_version, "reason": reason})
+        self.etcd.put(HALTED, json.dumps({"node": self.node, "version": failed_version, "reason": reason,
+                                          "at": time.time()}, sort_keys=True))
+        self.publish("rolling-back", failed_version=failed_version, reason=reason)
+        self.reboot()
+
+    def health_check(self) -> tuple[bool, str]:
+        deadline = time.monotonic() + float(self.config.get("health_timeout", HEALTH_TIMEOUT))
+        reason = "not checked"
+        while time.monotonic() < deadline:
+            etcd_ok = subprocess.run(["systemctl", "is-active", "--quiet", "etcd"]).returncode == 0
+            agent_ok = subprocess.run(["systemctl", "is-active", "--quiet", "lab-agent"]).returncode == 0
+            member_ok = etcd_ok and self._member_healthy()
+            registered = agent_ok and self._registered()
+            if member_ok and registered:
+                return True, "etcd member healthy, scheduler agent registered"
+            reason = ("etcd is not running" if not etcd_ok else "the etcd member is not healthy" if not member_ok
+                      else "the scheduler agent is not running" if not agent_ok
+                      else "the scheduler agent did not register")
+            if subprocess.run(["systemctl", "is-failed", "--quiet", "etcd"]).returncode == 0:
+                return False, "etcd failed to start"
+            time.sleep(1)
+        return False, reason
+
+    def _member_healthy(self) -> bool:
+        own = Etcd(self.config["endpoints"][:1], self.config.get("tls"), timeout=2)
+        try:
+            import urllib.request
+
+            request = urllib.request.Request(f"{own.endpoints[0]}/health")
+            with urllib.request.urlopen(request, timeout=2, context=own.context) as response:
+                return json.loads(response.read()).get("health") == "true"
+        except Exception:  # noqa: BLE001 - any failure means "not healthy yet"
+            return False
+
+    def _registered(self) -> bool:
+        machine = Path("/etc/machine-id").read_text().strip()
+        try:
+            return self.etcd.get(f"{FLEET_PREFIX}/machines/{machine}") is not None
+        except ConnectionError:
+            return False
+
+    def release_if_holding(self) -> None:
+        if self.strategy == "etcd-lock" and self.semaphore.holds(self.node, self.max_holders):
+            self.semaphore.release(self.node, self.max_holders)
+
+    # -- rolling forward
+
+    def staged(self) -> dict | None:
+        value = self.etcd.get(f"{PREFIX}/staged/{self.node}")
+        return json.loads(value) if value else None
+
+    def step(self) -> None:
+        staged = self.staged()
+        boot = read_boot()
+        if not staged or staged["slot"] == boot.get("slot", "a") or self.strategy == "off":
+            return
+        if boot.get("rolled_back_from") == staged["version"]:
+            return  # this node already failed that version
+        halted = self.etcd.get(HALTED)
+        if halted:
+            return
+        if self.strategy == "etcd-lock":
+            if not self.semaphore.acquire(self.node, self.max_holders):
+                return
+            # Check the lock again right before acting: a pause between
+            # acquiring and rebooting must not let two holders too many reboot.
+            if not self.semaphore.holds(self.node, self.max_holders) or self.etcd.get(HALTED):
+                return
+        self.log(f"rebooting into slot {staged['slot']} (version {staged['version']})")
+        self.publish("rebooting", target=staged["version"])
+        self.drain()
+        write_boot({"slot": staged["slot"], "try": True, "previous": boot.get("slot", "a")})
+        self.reboot()
+
+    def drain(self) -> None:
+        """Ask the scheduler agent to stop its units and deregister, so they move before we go."""
+        DRAIN_FLAG.parent.mkdir(parents=True, exist_ok=True)
+        DRAIN_FLAG.write_text(str(time.time()))
+        machine = Path("/etc/machine-id").read_text().strip()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.etcd.get(f"{FLEET_PREFIX}/machines/{machine}") is None:
+                return
+            time.sleep(0.2)
+        self.log("drain: the scheduler agent did not deregister in 15 s; rebooting anyway")
+
+    def reboot(self) -> None:
+        subprocess.run(["systemctl", "reboot"], check=False)
+        time.sleep(60)  # systemd stops us long before this
+
+    def run_forever(self) -> None:
+        while True:
+            try:
+                self.settle_boot()
+                break
+            except ConnectionError as exc:
+                self.log(f"etcd unreachable after boot: {exc}")
+                time.sleep(1)
+        while True:
+            try:
+                self.step()
+            except ConnectionError as exc:
+                self.log(f"etcd unreachable: {exc}")
+            time.sleep(float(self.config.get("interval", 1.0)))
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: updater.py CONFIG.json", file=sys.stderr)
+        return 2
+    Updater(json.loads(Path(argv[1]).read_text())).run_forever()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(sys.argv))
