@@ -887,6 +887,10 @@ def _print_measurements(result) -> None:
     windows = [w for w in m.get("write_unavailability_s") or [] if w is not None]
     if windows:
         parts.append("writes unavailable for " + ", ".join(f"{w:.2f} s" for w in windows))
+    if "roll_s" in m:
+        parts.append(f"rolled in {m['roll_s']:.1f} s")
+    if m.get("member_downtime_s"):
+        parts.append("member downtime " + ", ".join(f"{n} {t:.1f} s" for n, t in m["member_downtime_s"].items()))
     if "ops" in m:
         parts.append(f"{m['ops']} ops, {m.get('errors', 0)} not acknowledged")
     if "lost_writes" in m:

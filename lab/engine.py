@@ -173,9 +173,9 @@ class ScenarioRun:
 
     def run(self) -> RunResult:
         self.monitor.start()
-        self.invariants.start()
         try:
             self._wait_leader(timeout=30)
+            self.invariants.start()
             for index, step in enumerate(self.spec.steps):
                 result = self._run_step(index, step)
                 self.steps.append(result)
@@ -236,6 +236,7 @@ class ScenarioRun:
             messages: list[str] = []
             start_roll(self.lab, step.update.to, messages.append)
             self.update_target = step.update.to
+            self.update_started = self.clock()
             return True, f"{len(messages)} nodes staged", {}
         if step.fault is not None:
             return self._fault(step.fault)
@@ -416,6 +417,10 @@ class ScenarioRun:
                 return None
             if condition == "update-halted":
                 return True if current.halted else None
+            if current.halted:
+                halted = current.halted
+                raise LabError(f"the roll halted: {halted['node']} rolled back from {halted['version']}: "
+                               f"{halted['reason']}")
             done = all(n.version == self.update_target and n.state in ("updated", "idle") for n in current.nodes)
             return True if done else None
         if condition == "new-leader":
@@ -566,6 +571,7 @@ class ScenarioRun:
         majority = len(self.members) // 2 + 1
         sampled = self.invariants
         self.measurements["max_members_down"] = sampled.max_down
+        self.measurements["member_downtime_s"] = {node: round(t, 2) for node, t in sorted(sampled.downtime.items())}
         if expect.max_down is not None:
             bound = (self.lab.spec.updates.max_concurrent_reboots if expect.max_down == "auto"
                      else expect.max_down)
@@ -652,6 +658,8 @@ class InvariantSampler:
         self.max_down_at = 0.0
         self.max_down_nodes: list[str] = []
         self.quorum_lost: list[float] = []
+        self.downtime: dict[str, float] = {}  # node -> seconds its member did not answer
+        self._down_since: dict[str, float] = {}
         self._units: list[str] = []
         self.placements: dict[str, list[str]] = {}  # unit -> machines it was seen on, in order
 
@@ -677,8 +685,13 @@ class InvariantSampler:
             # Down: no fresh answer from the member (a failed probe, or none for 0.5 s).
             down = sorted(node for node in (m.node for m in self.run.members)
                           if node not in latest or latest[node][2] == 0 or now - latest[node][0] > 0.5)
-            if latest:
+            if len(latest) == len(self.run.members):  # every member probed at least once
                 self.samples += 1
+                for node in (m.node for m in self.run.members):
+                    if node in down:
+                        self._down_since.setdefault(node, now)
+                    elif node in self._down_since:
+                        self.downtime[node] = self.downtime.get(node, 0.0) + now - self._down_since.pop(node)
                 if len(down) > self.max_down:
                     self.max_down, self.max_down_at, self.max_down_nodes = len(down), now, down
                 if len(self.run.members) - len(down) < majority:

@@ -91,6 +91,13 @@ def summary_markdown(result: "RunResult") -> str:
     if windows:
         lines.append(f"| write-unavailability window (longest gap between acknowledged writes, per fault) | "
                      f"{', '.join(f'{w:.2f} s' for w in windows)} |")
+    if "roll_s" in m:
+        lines.append(f"| rolling update, staged to every node updated | {m['roll_s']:.1f} s |")
+    if m.get("member_downtime_s"):
+        lines.append("| etcd member downtime per node | "
+                     + ", ".join(f"{n}: {t:.1f} s" for n, t in m["member_downtime_s"].items()) + " |")
+    if "max_members_down" in m:
+        lines.append(f"| most etcd members down at once | {m['max_members_down']} |")
     for key, label in (("ops", "operations"), ("errors", "operations not acknowledged (failed or unknown)"),
                        ("acknowledged_writes", "acknowledged unique writes"), ("lost_writes", "lost writes"),
                        ("checker_s", "linearizability check time (s)")):

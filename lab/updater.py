@@ -262,8 +262,14 @@ class Updater:
         self.log("drain: the scheduler agent did not deregister in 15 s; rebooting anyway")
 
     def reboot(self) -> None:
-        subprocess.run(["systemctl", "reboot"], check=False)
-        time.sleep(60)  # systemd stops us long before this
+        # `systemctl reboot` can fail on its D-Bus call ("Connection reset by
+        # peer") while the system is busy; then ask PID 1 directly.
+        for command in (["systemctl", "reboot"], ["kill", "-s", "RTMIN+5", "1"], ["systemctl", "reboot", "-ff"]):
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                self.log(f"{' '.join(command)} failed: {result.stderr.strip()}")
+            time.sleep(15)  # systemd stops us long before this when the reboot is under way
+        time.sleep(60)
 
     def run_forever(self) -> None:
         while True:

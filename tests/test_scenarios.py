@@ -150,6 +150,24 @@ def test_lab_test_runs_every_fault_scenario_on_one_lab_and_removes_it(image, tmp
 
 
 @needs_nodes
+def test_rolling_update_and_rollback_on_one_lab(image, tmp_path):
+    from lab.boxes import build_image
+
+    build_image("labos", "2")
+    build_image("labos", "2-broken")
+    # Rollback first: it leaves every node on version 1 for the real roll.
+    scenarios = ["rolling-update-rollback", "rolling-update"]
+    result = run_cli(["test", *scenarios, "--provider", "nspawn"], cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    runs = {r.name.split("-lab-")[1]: json.loads((r / "result.json").read_text())
+            for r in (tmp_path / ".lab" / "runs").iterdir()}
+    assert runs["rolling-update"]["ok"] and runs["rolling-update-rollback"]["ok"]
+    measured = runs["rolling-update"]["measurements"]
+    assert measured["max_members_down"] <= 1 and measured["lost_writes"] == 0
+    assert measured["roll_s"] > 0
+
+
+@needs_nodes
 def test_a_failing_check_fails_the_run_with_the_failure_in_junit(image, tmp_path):
     directory = tmp_path / "scenarios" / "must-fail"
     directory.mkdir(parents=True)
