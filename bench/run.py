@@ -5,6 +5,7 @@
     python bench/run.py etcd       # bootstrap time, writes/s, etcdctl check perf (~2 min)
     python bench/run.py failover   # scheduler: machine loss to unit running elsewhere (LAB_BENCH_RUNS=5)
     python bench/run.py scenarios  # scenario wall times, time to new leader over LAB_BENCH_RUNS=10 runs
+    python bench/run.py update     # rolling update 1 -> 2: roll time, per-node downtime (LAB_BENCH_RUNS=3)
     python bench/run.py build      # cold image build into a throwaway cache (~1 min)
 
 Each figure comes with the baseline measured in the same run where there is
@@ -318,6 +319,39 @@ def bench_scenarios() -> None:
             lab.destroy()
 
 
+def bench_update() -> None:
+    """Rolling update 1 -> 2 on 3 nspawn nodes: total roll time and per-node etcd member downtime."""
+    if os.geteuid() != 0:
+        print("update: skipped (needs root)")
+        return
+    runs = int(os.environ.get("LAB_BENCH_RUNS", "3"))
+    sys.path.insert(0, str(REPO))
+    from lab.boxes import build_image
+    from lab.engine import ScenarioRun
+    from lab.scenarios import find
+
+    build_image("labos", "2")
+    print(f"rolling update 1 -> 2, 3 nodes, max 1 reboot at a time, under the workload ({runs} runs; "
+          "goal: roll <= 60 s)")
+    rolls, downtimes = [], []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory() as scratch:
+            lab = _lab(scratch)
+            try:
+                lab.up()
+                scenario = find("rolling-update", REPO)
+                result = ScenarioRun(lab, scenario, scenario.load(), lambda _m: None).run()
+                rolls.append(result.measurements.get("roll_s", float("nan")))
+                downtimes += list((result.measurements.get("member_downtime_s") or {}).values())
+                if not result.ok:
+                    print("  run FAILED: " + "; ".join(f.description for f in result.failures))
+            finally:
+                lab.destroy()
+    print(f"  roll time: median {statistics.median(rolls):.1f} s, max {max(rolls):.1f} s")
+    print(f"  etcd member downtime per node reboot: median {statistics.median(downtimes):.2f} s, "
+          f"max {max(downtimes):.2f} s (sampled every 50 ms from the host)")
+
+
 def bench_build() -> None:
     if os.geteuid() != 0:
         print("build: skipped (needs root)")
@@ -333,7 +367,7 @@ def bench_build() -> None:
 
 
 BENCHES = {"cli": bench_cli, "render": bench_render, "render-core": bench_render_in_process,
-           "boot": bench_boot, "etcd": bench_etcd, "failover": bench_failover, "scenarios": bench_scenarios,
+           "boot": bench_boot, "etcd": bench_etcd, "failover": bench_failover, "scenarios": bench_scenarios, "update": bench_update,
            "build": bench_build}
 
 if __name__ == "__main__":
