@@ -298,15 +298,19 @@ class EtcdBootstrap:
         return failed
 
     def _journal_tail(self, node: str) -> str:
-        from .ssh import run
+        return journal_tail(self.endpoints[node], "etcd")
 
-        try:
-            result = run(self.endpoints[node], "systemctl is-active etcd; journalctl -u etcd -n 12 --no-pager -o cat",
-                         timeout=10)
-            text = result.stdout
-        except ProviderError as exc:
-            text = exc.message
-        return "\n".join(f"    {node}: {line}" for line in text.strip().splitlines()[-12:])
+
+def journal_tail(endpoint: SSHEndpoint, unit: str, lines: int = 12) -> str:
+    """A unit's state and last journal lines on a node, indented and prefixed, for error messages."""
+    from .ssh import run
+
+    try:
+        text = run(endpoint, f"systemctl is-active {unit}; journalctl -u {unit} -n {lines} --no-pager -o cat",
+                   timeout=10).stdout
+    except ProviderError as exc:
+        text = exc.message
+    return "\n".join(f"    {endpoint.node}: {line}" for line in text.strip().splitlines()[-lines:])
 
 
 def _put_if_changed(connection, file: RemoteFile, node: str) -> bool:
@@ -448,10 +452,4 @@ class SchedulerBootstrap:
                              hint="see `lab exec --node NODE -- journalctl -u lab-agent`")
 
     def _journal_tail(self, node: str) -> str:
-        from .ssh import run
-
-        try:
-            text = run(self.endpoints[node], "journalctl -u lab-agent -n 12 --no-pager -o cat", timeout=10).stdout
-        except ProviderError as exc:
-            text = exc.message
-        return "\n".join(f"    {node}: {line}" for line in text.strip().splitlines()[-12:])
+        return journal_tail(self.endpoints[node], "lab-agent")
