@@ -60,7 +60,7 @@ class Lab:
                     f"lab {self.name!r} was created with provider {recorded!r}, the spec now asks for "
                     f"{self.spec.provider!r}",
                     hint=f"`lab destroy` first, or use --provider {recorded}")
-            return Selection(recorded, automatic=False, considered={})
+            return Selection(recorded, automatic=False, considered={}, origin="the one this lab was created with")
         return select(self.spec.provider)
 
     def _subnet(self, provider: str, claim: bool) -> ipaddress.IPv4Network:

@@ -45,10 +45,11 @@ class Selection:
     name: str
     automatic: bool
     considered: dict[str, Availability]  # what auto-selection saw, in order
+    origin: str = "from the spec"
 
     def describe(self) -> str:
         if not self.automatic:
-            return f"provider: {self.name} (from the spec)"
+            return f"provider: {self.name} ({self.origin})"
         others = "; ".join(f"{n}: {a.reason}" for n, a in self.considered.items() if n != self.name)
         return f"provider: {self.name} (auto{'; ' + others if others else ''})"
 
