@@ -305,10 +305,32 @@ def halt(file: FileOpt = DEFAULT_FILE, name: NameOpt = None) -> None:
 @app.command()
 def destroy(file: FileOpt = DEFAULT_FILE, name: NameOpt = None) -> None:
     """Remove every node, mount, bridge, rule and file the lab created."""
-    lab = _open_lab(file, name)
+    from .errors import SpecError
+
+    try:
+        lab = _open_lab(file, name)
+    except SpecError as exc:
+        # A broken lab.yaml must not keep a lab alive: destroy works from the
+        # state the lab recorded, when it is clear which lab is meant.
+        lab = _lab_from_state(file, name)
+        if lab is None:
+            raise
+        _progress(f"{exc.message.splitlines()[0]}; destroying lab {lab.name!r} from its recorded state")
     with lab.lock("destroy"):
         existed = lab.destroy(_progress)
     _out().print(f"lab {lab.name} destroyed" if existed else f"lab {lab.name} does not exist; nothing to do")
+
+
+def _lab_from_state(file: Path, name: str | None):
+    from .core import LABS_DIR, Lab
+    from .spec import LabSpec, LoadedSpec
+
+    labs = file.parent / LABS_DIR
+    found = sorted(d.name for d in labs.iterdir() if (d / "state.json").is_file()) if labs.is_dir() else []
+    chosen = name if name in found else (found[0] if len(found) == 1 and name is None else None)
+    if chosen is None:
+        return None
+    return Lab(LoadedSpec(spec=LabSpec(name=chosen), path=file, exists=False))
 
 
 @app.command("ssh-config")
