@@ -321,3 +321,15 @@ def test_status_json_lists_every_node(lab3):
     data = json.loads(result.stdout)
     assert data["provider"] == "nspawn"
     assert [n["name"] for n in data["nodes"]] == ["node-1", "node-2", "node-3"]
+
+
+def test_destroy_works_after_lab_yaml_breaks(image, tmp_path):
+    (tmp_path / "lab.yaml").write_text("provider: nspawn\nnodes: {count: 1}\n")
+    lab = Lab.open(tmp_path / "lab.yaml")
+    lab.up(bootstrap=False)
+    (tmp_path / "lab.yaml").write_text("nodes: {count: 0}\n")
+    result = subprocess.run([sys.executable, "-m", "lab.cli", "destroy", "--file", str(tmp_path / "lab.yaml")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "from its recorded state" in result.stderr
+    assert leftovers(lab.lab_id, lab.lab_dir) == []
