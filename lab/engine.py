@@ -390,6 +390,10 @@ class ScenarioRun:
             if reached_at is not None:
                 measured = {}
                 detail = ""
+                if wait.condition == "updated":
+                    elapsed = self.clock() - self.update_started
+                    self.measurements["roll_s"] = round(elapsed, 2)
+                    detail = f"every node runs {self.update_target}, {elapsed:.1f} s after the roll began"
                 if wait.condition == "new-leader":
                     change = reached_at
                     elapsed = change["t"] - since

@@ -77,7 +77,15 @@ def wait_running(lab: Lab, name: str, timeout: float = 20, count: int = 1, avoid
         if row and row.active == "active" and len(row.machines) == count and avoid not in row.machines:
             return row
         time.sleep(0.2)
-    raise AssertionError(f"{name} not running as expected within {timeout} s: {row}")
+    from lab.ssh import run_many
+    from lab.units import machines
+
+    registered = polled(lambda: [m.name for m in machines(lab.etcd_client())])
+    agents = run_many(list(lab.ssh_endpoints().values()),
+                      "systemctl is-active lab-agent; journalctl -u lab-agent -n 15 --no-pager -o cat")
+    raise AssertionError(f"{name} not running as expected within {timeout} s: {row}\n"
+                         f"registered machines: {registered}\n"
+                         + "\n".join(f"--- {r.node}:\n{r.stdout}{r.stderr}" for r in agents))
 
 
 def destroy_units(lab: Lab, *names: str) -> None:
