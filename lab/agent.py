@@ -23,6 +23,7 @@ etcd layout, under /lab/fleet:
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import ssl
@@ -80,7 +81,9 @@ class Etcd:
                 if index:  # remember the endpoint that answered
                     self.endpoints = self.endpoints[index:] + self.endpoints[:index]
                 return data
-            except (urllib.error.URLError, OSError, ValueError) as exc:
+            except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+                # HTTPException (IncompleteRead, BadStatusLine...) is not an
+                # OSError: a member dying mid-answer must not kill the agent.
                 last = exc
         raise ConnectionError(f"no etcd endpoint answered {path}: {last}")
 
@@ -142,6 +145,9 @@ class Agent:
                 self.tick()
             except (ConnectionError, KeyError, ValueError) as exc:
                 self.log(f"etcd unreachable: {exc}")
+                self.fence_if_expired()
+            except Exception as exc:  # noqa: BLE001 - the agent must outlive any one bad tick
+                self.log(f"tick failed: {type(exc).__name__}: {exc}")
                 self.fence_if_expired()
             time.sleep(max(0.05, self.interval - (time.monotonic() - started)))
 

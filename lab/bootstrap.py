@@ -355,6 +355,7 @@ UPDATE_SERVICE = f"""\
 [Unit]
 Description=lab update agent: A/B slot updates under the etcd reboot lock
 After=etcd.service lab-agent.service
+StartLimitIntervalSec=0
 
 [Service]
 ExecStart=/usr/bin/python3 -u {AGENT_DIR}/updater.py {UPDATE_CONFIG}
@@ -369,6 +370,8 @@ AGENT_SERVICE = f"""\
 Description=lab scheduler agent (fleet, reborn): runs the units etcd assigns to this machine
 After=etcd.service network-online.target
 Wants=network-online.target
+# Restart forever: the agent is how this machine takes part in scheduling.
+StartLimitIntervalSec=0
 
 [Service]
 ExecStart=/usr/bin/python3 -u {AGENT_DIR}/agent.py {AGENT_CONFIG}

@@ -276,7 +276,7 @@ class Updater:
             try:
                 self.settle_boot()
                 break
-            except ConnectionError as exc:
+            except (ConnectionError, KeyError, ValueError) as exc:
                 self.log(f"etcd unreachable after boot: {exc}")
                 time.sleep(1)
         while True:
@@ -284,6 +284,8 @@ class Updater:
                 self.step()
             except ConnectionError as exc:
                 self.log(f"etcd unreachable: {exc}")
+            except Exception as exc:  # noqa: BLE001 - keep rolling; systemd would give up on a crash loop
+                self.log(f"step failed: {type(exc).__name__}: {exc}")
             time.sleep(float(self.config.get("interval", 1.0)))
 
 
