@@ -15,7 +15,7 @@ apt-get update -qq
 # `lab ssh` and testinfra; vagrant: the VM providers and `lab validate`;
 # etcd-client: etcdctl on the host.
 apt-get install -y -qq --no-install-recommends \
-  systemd-container debootstrap iproute2 nftables iputils-ping openssh-client ca-certificates \
+  systemd-container debootstrap debian-archive-keyring iproute2 nftables iputils-ping openssh-client ca-certificates \
   python3 python3-venv python3-pip vagrant etcd-client >/dev/null
 python3 -m venv "$root/.venv"
 "$root/.venv/bin/python" -m pip install -q --upgrade pip >/dev/null
