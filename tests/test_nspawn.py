@@ -333,3 +333,22 @@ def test_destroy_works_after_lab_yaml_breaks(image, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "from its recorded state" in result.stderr
     assert leftovers(lab.lab_id, lab.lab_dir) == []
+
+
+def test_ctrl_c_during_first_up_rolls_back_everything(image, tmp_path):
+    (tmp_path / "lab.yaml").write_text("name: interrupted\nprovider: nspawn\nnodes:\n  count: 3\n")
+    lab_dir = tmp_path / ".lab" / "interrupted"
+    up = subprocess.Popen([sys.executable, "-m", "lab.cli", "up", "--file", str(tmp_path / "lab.yaml")],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        state_file = lab_dir / "state.json"
+        if state_file.exists() and "supervisor_pid" in state_file.read_text():
+            break
+        time.sleep(0.01)
+    lab_id = json.loads((lab_dir / "state.json").read_text())["lab_id"]
+    up.send_signal(signal.SIGINT)
+    _, stderr = up.communicate(timeout=120)
+    assert up.returncode == 130, stderr
+    assert "rolling back" in stderr and "Traceback" not in stderr
+    assert leftovers(lab_id, lab_dir) == []
