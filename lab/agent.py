@@ -125,8 +125,12 @@ class Agent:
     def __init__(self, config: dict) -> None:
         self.config = config
         self.id = Path("/etc/machine-id").read_text().strip()
-        self.etcd = Etcd(config["endpoints"], config.get("tls"))
         self.ttl = int(config.get("ttl", 5))
+        # Short per-endpoint timeouts: one call that tries every endpoint must
+        # fail well inside the lease, so a cut-off machine fences itself before
+        # the engine gives its units to another.
+        per_endpoint = max(0.2, min(2.0, 0.3 * self.ttl / max(1, len(config["endpoints"]))))
+        self.etcd = Etcd(config["endpoints"], config.get("tls"), timeout=per_endpoint)
         self.interval = float(config.get("interval", 1.0))
         self.lease: str | None = None
         self.last_renewal = time.monotonic()
@@ -152,6 +156,7 @@ class Agent:
             time.sleep(max(0.05, self.interval - (time.monotonic() - started)))
 
     def tick(self) -> None:
+        self.fence_if_expired()
         if DRAIN_FLAG.exists():
             self.drain()
             return

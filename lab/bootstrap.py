@@ -194,6 +194,8 @@ class EtcdBootstrap:
     def join(self, node: str, progress: Progress = no_progress) -> None:
         """Add `node` as a new member through the member API, then start its etcd."""
         member = next(m for m in self.members if m.node == node)
+        if self.context.spec.etcd.tls:
+            self.pki.ensure(self.context.spec.name, self.context.addresses)  # the new node's certificate
         client = self.client()
         try:
             existing = client.members()

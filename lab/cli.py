@@ -316,7 +316,8 @@ def destroy(file: FileOpt = DEFAULT_FILE, name: NameOpt = None) -> None:
         if lab is None:
             raise
         _progress(f"{exc.message.splitlines()[0]}; destroying lab {lab.name!r} from its recorded state")
-    with lab.lock("destroy"):
+    # destroy waits a little: a command killed a moment ago may still be letting go.
+    with lab.lock("destroy", wait=10):
         existed = lab.destroy(_progress)
     _out().print(f"lab {lab.name} destroyed" if existed else f"lab {lab.name} does not exist; nothing to do")
 

@@ -46,8 +46,8 @@ class Lab:
     def created(self) -> bool:
         return self.state is not None
 
-    def lock(self, command: str):
-        return lab_lock(self.lab_dir, command)
+    def lock(self, command: str, wait: float = 0.0):
+        return lab_lock(self.lab_dir, command, wait)
 
     # ------------------------------------------------------------ provider
 
@@ -176,6 +176,10 @@ class Lab:
             SchedulerBootstrap(provider.context, endpoints).run(progress, nodes=[new])
         except BaseException:
             progress(f"rolling back: removing {new}")
+            try:  # a member added but never started would cost the cluster its fault tolerance
+                EtcdBootstrap(provider.context, {}).leave(new, progress)
+            except LabError:
+                progress(f"could not remove {new}'s etcd member; `lab etcdctl -- member list` shows it")
             self._forget_node(provider, new, progress)
             raise
         return new

@@ -213,8 +213,12 @@ class ScenarioRun:
 
     def _dispatch(self, step: Step) -> tuple[bool, str, dict[str, Any]]:
         if step.workload == "start":
+            if self.workload is not None:
+                raise LabError("the workload is already running (two `workload: start` steps)")
             return self._start_workload()
         if step.workload == "stop":
+            if self.workload is None:
+                raise LabError("no workload is running (`workload: stop` before `workload: start`)")
             stats = self._stop_workload()
             return True, f"{stats.ops} ops ({stats.by_status})", {}
         if step.sleep is not None:
@@ -288,7 +292,9 @@ class ScenarioRun:
 
     def _fault(self, fault: Fault) -> tuple[bool, str, dict[str, Any]]:
         leader, term = self.monitor.leader()
-        record = {"start": self.clock(), "end": None, "action": fault.action, "leader": leader, "term": term}
+        requested = self.clock()
+        record = {"start": requested, "requested": requested, "end": None, "action": fault.action,
+                  "leader": leader, "term": term}
         if fault.action == "heal":
             self.provider.heal()
             self._close_faults("partition")
@@ -382,7 +388,11 @@ class ScenarioRun:
         return within
 
     def _wait_until(self, wait: WaitUntil) -> tuple[bool, str, dict[str, Any]]:
-        since = self.last_fault["start"] if self.last_fault else 0.0
+        # Look for changes from when the fault was requested (a graceful reboot
+        # hands leadership over before the reboot returns), measure from when
+        # it was in place, and never report less than zero.
+        since = self.last_fault["requested"] if self.last_fault else 0.0
+        in_place = self.last_fault["start"] if self.last_fault else 0.0
         deadline = time.monotonic() + wait.timeout
         bound = self._bound(wait.within)
         while time.monotonic() < deadline:
@@ -396,7 +406,7 @@ class ScenarioRun:
                     detail = f"every node runs {self.update_target}, {elapsed:.1f} s after the roll began"
                 if wait.condition == "new-leader":
                     change = reached_at
-                    elapsed = change["t"] - since
+                    elapsed = max(0.0, change["t"] - in_place)
                     measured = {"time_to_new_leader_s": round(elapsed, 3), "new_leader": change["leader"],
                                 "term": change["term"], "resolution_s": SAMPLE_INTERVAL}
                     self.measurements.setdefault("time_to_new_leader_s", []).append(round(elapsed, 3))

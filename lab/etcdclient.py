@@ -123,7 +123,9 @@ class EtcdClient:
                 last = exc
                 self._advance(target)
                 continue
-            except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.RemoteProtocolError, httpx.ReadError) as exc:
+            except httpx.TransportError as exc:
+                # Sent, or maybe sent (read/write failures, a reset on a reused
+                # connection...): a write's outcome is unknown from here.
                 self._advance(target)
                 if path in _READ_ONLY and not endpoint:
                     last = exc  # nothing changes by asking again elsewhere

@@ -15,6 +15,7 @@ import fcntl
 import json
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -111,7 +112,7 @@ class LabState:
 
 
 @contextmanager
-def lab_lock(lab_dir: Path, command: str) -> Iterator[None]:
+def lab_lock(lab_dir: Path, command: str, wait: float = 0.0) -> Iterator[None]:
     # The lock lives outside the lab directory, so a command refused for bad
     # input leaves nothing in the project, and destroy can remove the lab
     # directory while holding it.
@@ -121,9 +122,15 @@ def lab_lock(lab_dir: Path, command: str) -> Iterator[None]:
     locks = state_home() / "locks"
     locks.mkdir(parents=True, exist_ok=True)
     with open(locks / f"{lab_id(lab_dir)}.lock", "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
             handle.seek(0)
             holder = handle.read().strip() or "another lab command"
             raise StateError(f"lab {lab_dir.name} ({lab_dir}) is busy: {holder} is running on it",

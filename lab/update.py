@@ -57,8 +57,22 @@ def _semaphore(lab) -> Semaphore:
     return Semaphore(Etcd([m.client_url for m in members(context)], tls))
 
 
+def _etcd_errors(call):
+    """The stdlib client raises ConnectionError: turn it into lab's own error."""
+    from .etcdclient import EtcdError
+
+    try:
+        return call()
+    except ConnectionError as exc:
+        raise EtcdError(str(exc), hint="check the cluster with `lab status`") from None
+
+
 def start_roll(lab, version: str, progress: Progress = no_progress) -> None:
     """Stage `version` on every node and let the update agents roll."""
+    return _etcd_errors(lambda: _start_roll(lab, version, progress))
+
+
+def _start_roll(lab, version: str, progress: Progress) -> None:
     from .boxes import find_image
 
     lab._require_created("update")
@@ -116,6 +130,10 @@ def status(lab) -> UpdateStatus:
 
 def unlock(lab, node: str) -> bool:
     """Free the reboot lock a (dead) node holds. Returns whether it held one."""
+    return _etcd_errors(lambda: _unlock(lab, node))
+
+
+def _unlock(lab, node: str) -> bool:
     lab.context(lab.selection().name).node(node)
     semaphore = _semaphore(lab)
     held = semaphore.holds(node, lab.spec.updates.max_concurrent_reboots)

@@ -174,7 +174,8 @@ class Updater:
             return
         failed_version = os_version()
         self.log(f"health check failed ({reason}): rolling back to slot {boot['previous']}")
-        write_boot({"slot": boot["previous"], "rolled_back_from": failed_version, "reason": reason})
+        write_boot({"slot": boot["previous"], "rolled_back_from": failed_version, "reason": reason,
+                    "rolled_back_staging": boot.get("staging")})
         self.etcd.put(HALTED, json.dumps({"node": self.node, "version": failed_version, "reason": reason,
                                           "at": time.time()}, sort_keys=True))
         self.publish("rolling-back", failed_version=failed_version, reason=reason)
@@ -231,8 +232,8 @@ class Updater:
         boot = read_boot()
         if not staged or staged["slot"] == boot.get("slot", "a") or self.strategy == "off":
             return
-        if boot.get("rolled_back_from") == staged["version"]:
-            return  # this node already failed that version
+        if boot.get("rolled_back_staging") == staged.get("at"):
+            return  # this node already failed this very staging (a new `lab update` stages anew)
         halted = self.etcd.get(HALTED)
         if halted:
             return
@@ -246,7 +247,8 @@ class Updater:
         self.log(f"rebooting into slot {staged['slot']} (version {staged['version']})")
         self.publish("rebooting", target=staged["version"])
         self.drain()
-        write_boot({"slot": staged["slot"], "try": True, "previous": boot.get("slot", "a")})
+        write_boot({"slot": staged["slot"], "try": True, "previous": boot.get("slot", "a"),
+                    "staging": staged.get("at")})
         self.reboot()
 
     def drain(self) -> None:

@@ -300,7 +300,7 @@ def test_kill_9_during_up_then_destroy_leaves_nothing(image, tmp_path):
     lab = Lab.open(tmp_path / "lab.yaml")
     lab_id = lab.lab_id
     assert lab.created, "the state must survive kill -9"
-    with lab.lock("destroy"):
+    with lab.lock("destroy", wait=10):
         lab.destroy()
     assert leftovers(lab_id, lab_dir) == []
 

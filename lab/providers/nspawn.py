@@ -23,6 +23,7 @@ import ipaddress
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -132,7 +133,10 @@ def _children(pid: int) -> list[int]:
 
 def _container_init(nspawn_pid: int) -> int | None:
     """The container's PID 1 as seen from the host: nspawn's child in a new pid namespace."""
-    own_ns = os.readlink(f"/proc/{nspawn_pid}/ns/pid") if os.path.exists(f"/proc/{nspawn_pid}") else None
+    try:
+        own_ns = os.readlink(f"/proc/{nspawn_pid}/ns/pid")
+    except OSError:
+        return None  # gone meanwhile (or not ours to read: status checks root first)
     for child in _children(nspawn_pid):
         try:
             if os.readlink(f"/proc/{child}/ns/pid") != own_ns:
@@ -154,7 +158,9 @@ def _mounts_below(directory: Path) -> list[str]:
     prefix = str(directory.resolve())
     found = []
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        mount_point = line.split()[4].encode().decode("unicode_escape")
+        # mountinfo escapes space, tab, newline and backslash as \ooo octal;
+        # other characters (UTF-8 names) are written as they are.
+        mount_point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
         if mount_point == prefix or mount_point.startswith(prefix + "/"):
             found.append(mount_point)
     return sorted(found, key=len, reverse=True)
@@ -309,6 +315,7 @@ class NspawnProvider(Provider):
         self._wait_ssh([node])
 
     def status(self) -> list[NodeStatus]:
+        _require_root()
         statuses = []
         for node in self.context.nodes:
             ip = self.context.addresses.get(node.name)
@@ -410,8 +417,10 @@ class NspawnProvider(Provider):
         """SIGKILL to the container's PID 1 ends its whole pid namespace at once: no shutdown, no sync."""
         init = self._require_running(node)
         os.kill(init, signal.SIGKILL)
-        supervisor = self._supervisor(node)
-        self._wait_gone(supervisor, timeout=10)
+        # A frozen task gets no signal, SIGKILL included: thaw a paused node.
+        self._freezer(node, "THAWED")
+        if not self._wait_gone(self._supervisor(node), timeout=10):
+            raise ProviderError(f"{node}: still running 10 s after SIGKILL", hint="`lab destroy` removes it")
 
     def pause(self, node: str) -> None:
         self._require_running(node)
@@ -569,6 +578,7 @@ class NspawnProvider(Provider):
         return _container_init(int(nspawn))
 
     def _require_running(self, node: str) -> int:
+        _require_root()
         self.context.node(node)
         init = self._init_pid(node)
         if init is None:
@@ -694,6 +704,12 @@ class NspawnProvider(Provider):
                   f"    type filter hook forward priority 0; policy accept;\n"
                   + "".join(f"    {rule}\n" for rule in rules) + "  }\n}\n")
         _run(["nft", "-f", "-"], input=script)
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise PrerequisiteError("nspawn nodes are root's: reading their state needs root too",
+                                hint="run lab as root (sudo)")
 
 
 def _mkdirs_like(upper: Path, relative: Path, lower: Path) -> None:
