@@ -544,19 +544,29 @@ class NspawnProvider(Provider):
                           supervisor_start=_start_time(process.pid))
 
     def _wait_ssh(self, nodes: list[str]) -> None:
+        import threading
+
         from ..ssh import wait_for_ssh
 
         endpoints = self.ssh_endpoints()
         deadline = time.monotonic() + BOOT_TIMEOUT
+        # Ctrl-C must stop the pollers at once, not after BOOT_TIMEOUT: the
+        # rollback that follows waits for them.
+        cancelled = threading.Event()
+        errors = []
         with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
             futures = [pool.submit(wait_for_ssh, endpoints[n], deadline,
-                                   lambda n=n: self._supervisor_alive(n)) for n in nodes]
-            errors = []
-            for node, future in zip(nodes, futures):
-                try:
-                    future.result()
-                except ProviderError as exc:
-                    errors.append(exc.message)
+                                   lambda n=n: not cancelled.is_set() and self._supervisor_alive(n))
+                       for n in nodes]
+            try:
+                for node, future in zip(nodes, futures):
+                    try:
+                        future.result()
+                    except ProviderError as exc:
+                        errors.append(exc.message)
+            except BaseException:
+                cancelled.set()
+                raise
         if errors:
             log = self.node_dir(nodes[0]) / "console.log"
             raise ProviderError("; ".join(errors), hint=f"console output of each node is in {log}")
