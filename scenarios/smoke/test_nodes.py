@@ -12,9 +12,13 @@ def test_systemd_is_pid_1(host):
 
 
 def test_system_is_running_without_failed_units(host):
-    state = host.run("systemctl is-system-running --wait").stdout.strip()
-    failed = host.check_output("systemctl list-units --failed --no-legend --plain")
-    assert state == "running", f"system is {state}; failed units:\n{failed}"
+    # On cgroup-v1 hosts a unit can fail for a moment and be restarted (systemd
+    # logs "Failed to kill control group ... Input/output error"): allow the
+    # system a few seconds to settle, then name what is still failed.
+    script = ("for i in $(seq 20); do s=$(systemctl is-system-running); [ \"$s\" = running ] && break; "
+              "sleep 0.5; done; echo \"$s\"; systemctl list-units --failed --no-legend --plain")
+    lines = host.check_output(script).splitlines()
+    assert lines[0] == "running", f"system is {lines[0]}; failed units: {lines[1:]}"
 
 
 def test_journald_and_sshd_run(host):
