@@ -570,6 +570,23 @@ class NspawnProvider(Provider):
         if errors:
             log = self.node_dir(nodes[0]) / "console.log"
             raise ProviderError("; ".join(errors), hint=f"console output of each node is in {log}")
+        self._retry_cgroup_races(nodes)
+
+    def _retry_cgroup_races(self, nodes: list[str]) -> None:
+        """Start again the units that lost systemd's early-boot race for a cgroup.
+
+        On cgroup-v1 hosts a unit started in the first moments of a container's
+        boot now and then fails with "Failed at step CGROUP ... No such file or
+        directory" (seen with systemd-sysctl and systemd-tmpfiles-setup-dev);
+        started again a moment later it works. Other failures are left alone.
+        """
+        from ..ssh import run_many
+
+        script = ("for u in $(systemctl list-units --failed --plain --no-legend | awk '{print $1}'); do "
+                  "journalctl -b -u \"$u\" -o cat | grep -q 'Failed at step CGROUP' && "
+                  "systemctl restart \"$u\" && echo \"restarted $u\"; done; true")
+        endpoints = self.ssh_endpoints()
+        run_many([endpoints[n] for n in nodes], script, timeout=30)
 
     def _supervisor(self, node: str) -> tuple[int | None, str | None]:
         for res in self.state.find("node", node):
