@@ -29,6 +29,15 @@ from .providers.base import LabContext, Progress, SSHEndpoint, no_progress
 CLIENT_PORT = 2379
 PEER_PORT = 2380
 ETCD_ENV_FILE = "/etc/default/etcd"
+# Named to sort before a fault's runtime drop-in (lab-fault.conf), which must win.
+ETCD_DROPIN = "/etc/systemd/system/etcd.service.d/10-lab.conf"
+ETCD_DROPIN_TEXT = """\
+# Written by lab. A member may start before its address is up (wait-online
+# is not reliable in containers on every host): try again instead of staying down.
+[Service]
+Restart=on-failure
+RestartSec=1
+"""
 NODE_PKI_DIR = "/etc/etcd/pki"
 DATA_DIR = "/var/lib/etcd/lab"
 HEALTH_TIMEOUT = 60.0
@@ -163,7 +172,7 @@ class EtcdBootstrap:
         spec = self.context.spec.etcd
         env = etcd_environment(member, cluster, token, spec.heartbeat_ms, spec.election_timeout_ms, state,
                                pre_vote=spec.pre_vote)
-        files = [RemoteFile(ETCD_ENV_FILE, env.encode(), 0o644)]
+        files = [RemoteFile(ETCD_ENV_FILE, env.encode(), 0o644), RemoteFile(ETCD_DROPIN, ETCD_DROPIN_TEXT.encode(), 0o644)]
         if member.tls:
             pair = self.pki.node(member.node)
             files += [RemoteFile(f"{NODE_PKI_DIR}/ca.crt", self.pki.ca.read_bytes(), 0o644),
@@ -187,8 +196,8 @@ class EtcdBootstrap:
                 # --no-block: a member only reports ready once a quorum is up,
                 # so starting them one by one would wait forever on the first.
                 verb = "restart" if active else "start"
-                _check(connection, f"systemctl enable --quiet etcd && systemctl {verb} --no-block etcd",
-                       member.node)
+                _check(connection, "systemctl daemon-reload && systemctl enable --quiet etcd && "
+                                   f"systemctl {verb} --no-block etcd", member.node)
             return changed or not active
 
     def join(self, node: str, progress: Progress = no_progress) -> None:

@@ -578,13 +578,14 @@ class NspawnProvider(Provider):
         On cgroup-v1 hosts a unit started in the first moments of a container's
         boot now and then fails with "Failed at step CGROUP ... No such file or
         directory" (seen with systemd-sysctl and systemd-tmpfiles-setup-dev);
-        started again a moment later it works. Other failures are left alone.
+        started again a moment later it works.
         """
         from ..ssh import run_many
 
+        # Every unit failed at boot gets one more start: a real failure fails
+        # again and stays visible; a lost race is gone.
         script = ("for u in $(systemctl list-units --failed --plain --no-legend | awk '{print $1}'); do "
-                  "journalctl -b -u \"$u\" -o cat | grep -q 'Failed at step CGROUP' && "
-                  "systemctl restart \"$u\" && echo \"restarted $u\"; done; true")
+                  "systemctl reset-failed \"$u\"; systemctl restart --no-block \"$u\"; done; true")
         endpoints = self.ssh_endpoints()
         run_many([endpoints[n] for n in nodes], script, timeout=30)
 
