@@ -102,8 +102,6 @@ def _start_roll(lab, version: str, progress: Progress) -> None:
 
 
 def status(lab) -> UpdateStatus:
-    from .etcdclient import EtcdError
-
     lab._require_created("show updates of")
     client = lab.etcd_client()
     reported = {}
@@ -118,10 +116,7 @@ def status(lab) -> UpdateStatus:
             detail = f"rolled back from {record.get('failed_version')}: {record.get('reason')}"
         rows.append(NodeUpdate(node, record.get("version", "?"), record.get("slot", "?"),
                                record.get("state", "unknown"), record.get("boot_id", ""), detail))
-    try:
-        semaphore, _ = _semaphore(lab).read(lab.spec.updates.max_concurrent_reboots)
-    except ConnectionError as exc:
-        raise EtcdError(str(exc)) from None
+    semaphore, _ = _etcd_errors(lambda: _semaphore(lab).read(lab.spec.updates.max_concurrent_reboots))
     halted = client.get(HALTED)
     return UpdateStatus(target=(lab.state.get("update") or {}).get("target"), nodes=rows,
                         holders=semaphore["holders"], max_holders=semaphore["max"],

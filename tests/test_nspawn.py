@@ -283,18 +283,22 @@ def test_missing_image_names_the_fix_and_creates_nothing(image, tmp_path):
     assert not (tmp_path / ".lab").exists() or not any((tmp_path / ".lab").iterdir())
 
 
+def wait_until_nodes_start(lab_dir: Path, timeout: float = 30) -> None:
+    """Until `lab up` is starting nodes: the state records a supervisor (the moment to interrupt it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state_file = lab_dir / "state.json"
+        if state_file.exists() and "supervisor_pid" in state_file.read_text():
+            return
+        time.sleep(0.01)
+
+
 def test_kill_9_during_up_then_destroy_leaves_nothing(image, tmp_path):
     (tmp_path / "lab.yaml").write_text("name: crash\nprovider: nspawn\nnodes:\n  count: 3\n")
     lab_dir = tmp_path / ".lab" / "crash"
     up = subprocess.Popen([sys.executable, "-m", "lab.cli", "up", "--file", str(tmp_path / "lab.yaml")],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # Kill it once nodes are being started: the state records a supervisor.
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        state_file = lab_dir / "state.json"
-        if state_file.exists() and "supervisor_pid" in state_file.read_text():
-            break
-        time.sleep(0.01)
+    wait_until_nodes_start(lab_dir)
     up.send_signal(signal.SIGKILL)
     up.wait()
     lab = Lab.open(tmp_path / "lab.yaml")
@@ -340,12 +344,7 @@ def test_ctrl_c_during_first_up_rolls_back_everything(image, tmp_path):
     lab_dir = tmp_path / ".lab" / "interrupted"
     up = subprocess.Popen([sys.executable, "-m", "lab.cli", "up", "--file", str(tmp_path / "lab.yaml")],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        state_file = lab_dir / "state.json"
-        if state_file.exists() and "supervisor_pid" in state_file.read_text():
-            break
-        time.sleep(0.01)
+    wait_until_nodes_start(lab_dir)
     lab_id = json.loads((lab_dir / "state.json").read_text())["lab_id"]
     up.send_signal(signal.SIGINT)
     _, stderr = up.communicate(timeout=120)
