@@ -56,7 +56,11 @@ _PACKAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 _UNIT_NAME = re.compile(r"^[A-Za-z0-9@_.:\\-]+\.(service|socket|timer|target|path|mount)$")
 _UNIT_ACTIONS = ("enable", "disable", "mask")
 _RECIPE_KEYS = {"os_name", "suite", "packages", "units", "versions"}
+_OPTIONAL_RECIPE_KEYS = {"vm"}
 _VERSION_KEYS = {"packages", "units", "overlay"}
+# An image is built for containers (nspawn nodes) or for VMs (Vagrant boxes):
+# the VM flavor adds the recipe's `vm` section (a kernel, udev, Vagrant's user).
+FLAVORS = ("container", "vm")
 
 
 # --------------------------------------------------------------------------- #
@@ -73,6 +77,7 @@ class Image:
     size_bytes: int
     built_at: str
     mirror: str
+    flavor: str = "container"
 
     @property
     def os_release(self) -> dict[str, str]:
@@ -96,8 +101,9 @@ def images_dir() -> Path:
     return cache_dir() / "images"
 
 
-def _image_path(name: str, version: str, key: str) -> Path:
-    return images_dir() / f"{name}-{version}-{key}"
+def _image_path(name: str, version: str, key: str, flavor: str = "container") -> Path:
+    suffix = "" if flavor == "container" else f"{flavor}-"
+    return images_dir() / f"{name}-{version}-{suffix}{key}"
 
 
 def _read_image(path: Path) -> Image | None:
@@ -107,17 +113,17 @@ def _read_image(path: Path) -> Image | None:
         image = Image(
             name=meta["name"], version=meta["version"], key=meta["key"],
             path=path, rootfs=path / "rootfs", size_bytes=int(meta["size_bytes"]),
-            built_at=meta["built_at"], mirror=meta["mirror"],
+            built_at=meta["built_at"], mirror=meta["mirror"], flavor=meta.get("flavor", "container"),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return image if image.rootfs.is_dir() else None
 
 
-def find_image(name: str, version: str) -> Image | None:
+def find_image(name: str, version: str, flavor: str = "container") -> Image | None:
     """The cached image built from the current content of the recipe, or None."""
-    key = image_key(name, version)
-    return _read_image(_image_path(name, version, key))
+    key = image_key(name, version, flavor)
+    return _read_image(_image_path(name, version, key, flavor))
 
 
 def list_images() -> list[Image]:
@@ -134,10 +140,11 @@ def list_images() -> list[Image]:
     return images
 
 
-def remove_images(name: str, version: str | None = None) -> list[Image]:
-    """Delete every cached image of `name` (optionally one version); returns them."""
+def remove_images(name: str, version: str | None = None, flavor: str | None = None) -> list[Image]:
+    """Delete every cached image of `name` (optionally one version or flavor); returns them."""
     doomed = [image for image in list_images()
-              if image.name == name and (version is None or image.version == version)]
+              if image.name == name and (version is None or image.version == version)
+              and (flavor is None or image.flavor == flavor)]
     for image in doomed:
         _refuse_if_in_use(image.path)
     for image in doomed:
@@ -164,6 +171,9 @@ class Recipe:
     # versions/VERSION/rootfs/ of the recipe, copied over the shared tree: what
     # makes one OS version differ from another beyond its packages.
     version_overlay: Path | None = None
+    flavor: str = "container"
+    # The `vm` section's tree (VM flavor only), copied last.
+    vm_overlay: Path | None = None
 
 
 def recipe_dir(name: str) -> Path:
@@ -185,8 +195,8 @@ def _recipe_files(directory: Path) -> Iterator[Path]:
             yield Path(root) / file
 
 
-def image_key(name: str, version: str) -> str:
-    """First 12 hex digits of a sha256 over the recipe dir's files and the version."""
+def image_key(name: str, version: str, flavor: str = "container") -> str:
+    """First 12 hex digits of a sha256 over the recipe dir's files, the version and the flavor."""
     directory = recipe_dir(name)
     digest = hashlib.sha256()
     for file in _recipe_files(directory):
@@ -197,10 +207,12 @@ def image_key(name: str, version: str) -> str:
             digest.update(len(part).to_bytes(8, "big"))
             digest.update(part)
     digest.update(f"version={version}\0builder={_BUILDER_REVISION}".encode())
+    if flavor != "container":  # container keys stay what they were before flavors existed
+        digest.update(f"\0flavor={flavor}".encode())
     return digest.hexdigest()[:12]
 
 
-def load_recipe(name: str, version: str) -> Recipe:
+def load_recipe(name: str, version: str, flavor: str = "container") -> Recipe:
     directory = recipe_dir(name)
     path = directory / "recipe.yaml"
     try:
@@ -208,18 +220,21 @@ def load_recipe(name: str, version: str) -> Recipe:
     except yaml.YAMLError as error:
         raise BoxError(f"{path}: not valid YAML: {error}") from None
     return parse_recipe(data, name=name, version=version, overlay=directory / "rootfs",
-                        source=str(path))
+                        source=str(path), flavor=flavor)
 
 
 def parse_recipe(data: object, *, name: str, version: str, overlay: Path,
-                 source: str = "recipe.yaml") -> Recipe:
+                 source: str = "recipe.yaml", flavor: str = "container") -> Recipe:
     """Validate a loaded recipe.yaml and merge the shared and `version` sections."""
     def fail(problem: str) -> BoxError:
         return BoxError(f"{source}: {problem}")
 
     if not isinstance(data, dict):
         raise fail("must be a mapping")
-    _check_keys(data, required=_RECIPE_KEYS, allowed=_RECIPE_KEYS, where="top level", fail=fail)
+    _check_keys(data, required=_RECIPE_KEYS, allowed=_RECIPE_KEYS | _OPTIONAL_RECIPE_KEYS,
+                where="top level", fail=fail)
+    if flavor not in FLAVORS:
+        raise BoxError(f"unknown image flavor {flavor!r}", hint=f"choose one of: {', '.join(FLAVORS)}")
     for field in ("os_name", "suite"):
         if not isinstance(data[field], str) or not data[field].strip():
             raise fail(f"{field} must be a non-empty string")
@@ -241,18 +256,36 @@ def parse_recipe(data: object, *, name: str, version: str, overlay: Path,
     shared_units = _units(data["units"], "units", fail)
     version_units = _units(section.get("units", {}), f"versions.{version}.units", fail)
     units = {action: shared_units[action] + version_units[action] for action in _UNIT_ACTIONS}
-    version_overlay = None
-    if "overlay" in section:
-        value = section["overlay"]
-        if not isinstance(value, str) or not value or ".." in Path(value).parts or Path(value).is_absolute():
-            raise fail(f"versions.{version}.overlay must be a directory inside the recipe, got {value!r}")
-        version_overlay = overlay.parent / value
-        if not version_overlay.is_dir():
-            raise fail(f"versions.{version}.overlay: no directory {value!r} in the recipe")
+    version_overlay = _overlay(section, f"versions.{version}", overlay.parent, fail)
+    vm_overlay = None
+    vm = data.get("vm") or {}
+    if not isinstance(vm, dict):
+        raise fail("vm must be a mapping")
+    _check_keys(vm, required=set(), allowed=_VERSION_KEYS, where="vm", fail=fail)
+    if flavor == "vm":
+        if not vm:
+            raise BoxError(f"box {name!r} has no `vm` section: it cannot be built as a VM box",
+                           hint=f"add a vm: section to {source}")
+        packages += _packages(vm.get("packages", []), "vm.packages", fail)
+        vm_units = _units(vm.get("units", {}), "vm.units", fail)
+        units = {action: units[action] + vm_units[action] for action in _UNIT_ACTIONS}
+        vm_overlay = _overlay(vm, "vm", overlay.parent, fail)
     return Recipe(name=name, version=version, os_name=data["os_name"].strip(),
                   suite=data["suite"].strip(), packages=tuple(dict.fromkeys(packages)),
                   units={a: tuple(dict.fromkeys(u)) for a, u in units.items()},
-                  overlay=overlay, version_overlay=version_overlay)
+                  overlay=overlay, version_overlay=version_overlay, flavor=flavor, vm_overlay=vm_overlay)
+
+
+def _overlay(section: dict, where: str, recipe_root: Path, fail: Callable[[str], BoxError]) -> Path | None:
+    if "overlay" not in section:
+        return None
+    value = section["overlay"]
+    if not isinstance(value, str) or not value or ".." in Path(value).parts or Path(value).is_absolute():
+        raise fail(f"{where}.overlay must be a directory inside the recipe, got {value!r}")
+    path = recipe_root / value
+    if not path.is_dir():
+        raise fail(f"{where}.overlay: no directory {value!r} in the recipe")
+    return path
 
 
 def _check_keys(mapping: dict, *, required: set, allowed: set, where: str,
@@ -378,16 +411,16 @@ def _apt_source_files(sources_dir: Path) -> Iterator[tuple[Path, bool]]:
 # --------------------------------------------------------------------------- #
 
 def build_image(name: str, version: str, *, mirror: str | None = None,
-                progress: Progress | None = None, force: bool = False) -> Image:
+                progress: Progress | None = None, force: bool = False, flavor: str = "container") -> Image:
     """The image for `name`/`version`, built now unless the cache already has it."""
     report = progress or (lambda line: None)
-    if not force and (image := find_image(name, version)) is not None:
+    if not force and (image := find_image(name, version, flavor)) is not None:
         return image
-    recipe = load_recipe(name, version)
+    recipe = load_recipe(name, version, flavor)
     _check_build_prerequisites()
     mirror = (mirror or host_debian_mirror()).rstrip("/")
-    key = image_key(name, version)
-    final = _image_path(name, version, key)
+    key = image_key(name, version, flavor)
+    final = _image_path(name, version, key, flavor)
     final.parent.mkdir(parents=True, exist_ok=True)
 
     # Two `lab up` at once must not both spend minutes building the same image:
@@ -495,10 +528,17 @@ def _group_alive(pgid: int) -> bool:
 
 
 def _customize(recipe: Recipe, key: str, rootfs: Path, report: Progress) -> None:
+    if recipe.flavor == "vm":
+        # Before the overlay, which puts files into the new user's home.
+        report("customize: the vagrant user")
+        _chroot(rootfs, "useradd", "--create-home", "--user-group", "--shell", "/bin/bash", "vagrant")
     report("customize: copying the recipe's rootfs/ files")
     _copy_overlay(recipe.overlay, rootfs)
     if recipe.version_overlay is not None:
         _copy_overlay(recipe.version_overlay, rootfs)
+    if recipe.vm_overlay is not None:
+        _copy_overlay(recipe.vm_overlay, rootfs)
+        _vagrant_conventions(rootfs)
     report("customize: os-release, identity, ssh host keys")
     _write_os_release(recipe, key, rootfs)
     _reset_identity(rootfs)
@@ -510,6 +550,18 @@ def _customize(recipe: Recipe, key: str, rootfs: Path, report: Progress) -> None
     report("customize: cleaning apt caches")
     _clean_apt(rootfs)
     _mark_updated(rootfs)
+
+
+def _vagrant_conventions(rootfs: Path) -> None:
+    """Modes and owners Vagrant and sudo insist on (git keeps neither)."""
+    ssh_dir = rootfs / "home/vagrant/.ssh"
+    if ssh_dir.is_dir():
+        os.chmod(ssh_dir, 0o700)
+        for file in ssh_dir.iterdir():
+            os.chmod(file, 0o600)
+        _chroot(rootfs, "chown", "-R", "vagrant:vagrant", "/home/vagrant")
+    for sudoers in (rootfs / "etc/sudoers.d").glob("*"):
+        os.chmod(sudoers, 0o440)
 
 
 def _copy_overlay(overlay: Path, rootfs: Path) -> None:
@@ -613,7 +665,7 @@ def _chroot(rootfs: Path, *command: str) -> None:
 
 def _write_meta(temp: Path, recipe: Recipe, key: str, mirror: str) -> None:
     meta = {
-        "name": recipe.name, "version": recipe.version, "key": key, "mirror": mirror,
+        "name": recipe.name, "version": recipe.version, "key": key, "mirror": mirror, "flavor": recipe.flavor,
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "size_bytes": _disk_usage(temp / "rootfs"),
     }

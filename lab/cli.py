@@ -718,57 +718,110 @@ def fault_heal(file: FileOpt = DEFAULT_FILE, name: NameOpt = None) -> None:
 # ---------------------------------------------------------------- lab box
 
 
+BoxFormatOpt = Annotated[str, typer.Option(
+    "--format", help="container: the nspawn image; libvirt or virtualbox: a Vagrant box of the same OS.")]
+
+
 @box_app.command("build")
 def box_build(version: Annotated[str, typer.Option(help="OS version to build.")] = "1",
               box: Annotated[str, typer.Option("--name", help="Recipe under boxes/.")] = "labos",
+              fmt: BoxFormatOpt = "container",
               mirror: Annotated[Optional[str], typer.Option(
                   help="Debian mirror URL; default: the one this host's apt sources name.")] = None,
               force: Annotated[bool, typer.Option("--force", help="Rebuild even if cached.")] = False) -> None:
-    """Build the node OS image (cached: a second build with the same recipe is instant)."""
+    """Build the node OS image or a Vagrant box of it (cached: a second build with the same recipe is instant).
+
+    \b
+    lab box build                        the image nspawn nodes boot (~1 min cold)
+    lab box build --format libvirt       a qcow2 box for vagrant-libvirt (~2 min cold)
+    lab box build --format virtualbox    an OVF/VMDK box for VirtualBox
+    lab box add --format libvirt         then register it with Vagrant
+    """
     import time
 
     from .boxes import build_image
 
     start = time.monotonic()
-    with _err().status(f"building {box} {version}") as spinner:
+    with _err().status(f"building {box} {version} ({fmt})") as spinner:
         def progress(line: str) -> None:
-            spinner.update(f"building {box} {version}: {line.strip()[:100]}")
-        image = build_image(box, version, mirror=mirror, progress=progress, force=force)
-    _out().print(f"{image.name} {image.version} ready at {image.rootfs} "
-                 f"({image.size_bytes / 2**20:.0f} MiB, {time.monotonic() - start:.1f} s)")
+            spinner.update(f"building {box} {version} ({fmt}): {line.strip()[:100]}")
+        if fmt == "container":
+            image = build_image(box, version, mirror=mirror, progress=progress, force=force)
+            _out().print(f"{image.name} {image.version} ready at {image.rootfs} "
+                         f"({image.size_bytes / 2**20:.0f} MiB, {time.monotonic() - start:.1f} s)")
+            return
+        from .vagrantbox import build_box
+
+        built = build_box(box, version, fmt, mirror=mirror, progress=progress, force=force)
+    _out().print(f"{built.name} {built.version} {fmt} box ready at {built.path} "
+                 f"({built.size_bytes / 2**20:.0f} MiB, {time.monotonic() - start:.1f} s)\n"
+                 f"register it with Vagrant: lab box add --format {fmt}"
+                 + (f" --version {version}" if version != "1" else ""))
+
+
+@box_app.command("add")
+def box_add(version: Annotated[str, typer.Option(help="OS version of the box.")] = "1",
+            box: Annotated[str, typer.Option("--name", help="Recipe under boxes/.")] = "labos",
+            fmt: Annotated[str, typer.Option("--format", help="libvirt or virtualbox.")] = "libvirt",
+            build: Annotated[bool, typer.Option("--build/--no-build",
+                                                help="Build the box first if it is not built yet.")] = True) -> None:
+    """Register a built box with Vagrant, under the name lab's Vagrantfiles use (lab-NAME-VERSION)."""
+    from .vagrantbox import add_box, build_box, find_box
+
+    found = find_box(box, version, fmt)
+    if found is None and not build:
+        raise UsageError(f"the {fmt} box of {box} {version} is not built",
+                         hint=f"lab box build --format {fmt}" + (f" --version {version}" if version != "1" else ""))
+    with _err().status(f"adding {box} {version} ({fmt})") as spinner:
+        def progress(line: str) -> None:
+            spinner.update(f"{box} {version} ({fmt}): {line.strip()[:100]}")
+        found = found or build_box(box, version, fmt, progress=progress)
+        name = add_box(found, progress=progress)
+    _out().print(f"Vagrant box {name} ({fmt}) added from {found.path}")
 
 
 @box_app.command("list")
 def box_list(as_json: JsonOpt = False) -> None:
-    """List built node OS images."""
+    """List built node OS images and Vagrant box files."""
     from rich.table import Table
 
     from .boxes import list_images
+    from .vagrantbox import list_boxes
 
-    images = list_images()
+    images, boxes = list_images(), list_boxes()
     if as_json:
-        _print_json([{"name": i.name, "version": i.version, "key": i.key, "size_bytes": i.size_bytes,
-                      "built_at": i.built_at, "path": str(i.path)} for i in images])
+        _print_json([{"name": i.name, "version": i.version, "key": i.key, "format": i.flavor,
+                      "size_bytes": i.size_bytes, "built_at": i.built_at, "path": str(i.path)} for i in images]
+                    + [{"name": b.name, "version": b.version, "key": b.key, "format": f"{b.format} box",
+                        "size_bytes": b.size_bytes, "path": str(b.path)} for b in boxes])
         return
     table = Table()
-    for column in ("NAME", "VERSION", "KEY", "SIZE", "BUILT"):
+    for column in ("NAME", "VERSION", "FORMAT", "KEY", "SIZE", "BUILT"):
         table.add_column(column)
     for image in images:
-        table.add_row(image.name, image.version, image.key, f"{image.size_bytes / 2**20:.0f} MiB", image.built_at)
-    _out().print(table if images else "no images built yet; build one with `lab box build`")
+        table.add_row(image.name, image.version, "image" if image.flavor == "container" else "vm image",
+                      image.key, f"{image.size_bytes / 2**20:.0f} MiB", image.built_at)
+    for built in boxes:
+        table.add_row(built.name, built.version, f"{built.format} box", built.key,
+                      f"{built.size_bytes / 2**20:.0f} MiB", "")
+    _out().print(table if images or boxes else "no images built yet; build one with `lab box build`")
 
 
 @box_app.command("rm")
 def box_rm(box: Annotated[str, typer.Argument(help="Image name, e.g. labos.")],
            version: Annotated[Optional[str], typer.Option(help="Only this version.")] = None) -> None:
-    """Remove built images."""
+    """Remove built images and box files (boxes added to Vagrant stay: `vagrant box remove` them)."""
     from .boxes import remove_images
+    from .vagrantbox import remove_boxes
 
     removed = remove_images(box, version)
-    if not removed:
+    files = remove_boxes(box, version)
+    if not removed and not files:
         raise UsageError(f"no built image {box}{' ' + version if version else ''}", hint="see `lab box list`")
     for image in removed:
-        _out().print(f"removed {image.name} {image.version} ({image.key})")
+        _out().print(f"removed {image.name} {image.version} {image.flavor} image ({image.key})")
+    for built in files:
+        _out().print(f"removed {built.path}")
 
 
 # ---------------------------------------------------------------- lab spec / scenario

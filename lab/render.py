@@ -46,7 +46,11 @@ def vagrant_box_name(spec: "LabSpec") -> str:
     `owner/name` for a Vagrant Cloud shorthand and, when the box is missing,
     would try to reach the cloud instead of failing at once.
     """
-    return f"lab-{spec.box.name}-{spec.box.version}"
+    return vagrant_box_name_for(spec.box.name, spec.box.version)
+
+
+def vagrant_box_name_for(name: str, version: str) -> str:
+    return f"lab-{name}-{version}"
 
 
 # ---------------------------------------------------------------- Ruby literals
