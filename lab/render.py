@@ -49,6 +49,15 @@ def vagrant_box_name(spec: "LabSpec") -> str:
     return vagrant_box_name_for(spec.box.name, spec.box.version)
 
 
+def machine_prefix(context: "LabContext") -> str:
+    """What a lab's machine names start with on the hypervisor (names there are host-wide)."""
+    return f"{context.spec.name}-{context.lab_id}-"
+
+
+def libvirt_network_name(context: "LabContext") -> str:
+    return f"lab-{context.lab_id}"
+
+
 def vagrant_box_name_for(name: str, version: str) -> str:
     return f"lab-{name}-{version}"
 
@@ -173,7 +182,7 @@ def _template_values(context: "LabContext", provider: str) -> dict[str, Any]:
         netmask = str(ipaddress.IPv4Network(context.subnet).netmask)
     except ValueError as exc:
         raise ProviderError(f"lab subnet {context.subnet!r} is not an IPv4 network ({exc})") from None
-    prefix = f"{spec.name}-{context.lab_id}-"
+    prefix = machine_prefix(context)
     nodes = []
     for node in context.nodes:
         try:
@@ -213,7 +222,7 @@ def _template_values(context: "LabContext", provider: str) -> dict[str, Any]:
             "driver": ruby_str(options.libvirt.driver),
             "uri": ruby_str(options.libvirt.uri),
             "default_prefix": ruby_str(prefix),
-            "network_name": ruby_str(f"lab-{context.lab_id}"),
+            "network_name": ruby_str(libvirt_network_name(context)),
         },
         "virtualbox": {
             "linked_clone": ruby_bool(options.virtualbox.linked_clone),

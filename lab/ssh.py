@@ -33,6 +33,16 @@ def ensure_keypair(private_key: Path, comment: str) -> Path:
     return private_key
 
 
+def record_host_key(known_hosts: Path, node: str, ip: str, public_line: str) -> None:
+    """Pin a node's host key under its name and address, replacing what was pinned before."""
+    key_type, key_data = public_line.split()[:2]
+    lines = [line for line in (known_hosts.read_text().splitlines() if known_hosts.exists() else [])
+             if line.split(" ", 1)[0] != f"{node},{ip}"]
+    lines.append(f"{node},{ip} {key_type} {key_data}")
+    known_hosts.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_atomic(known_hosts, "\n".join(lines) + "\n", mode=0o644)
+
+
 def generate_ed25519(comment: str) -> tuple[str, str]:
     """(OpenSSH private key, `ssh-ed25519 AAAA... comment` public line)."""
     from cryptography.hazmat.primitives import serialization

@@ -505,14 +505,9 @@ class NspawnProvider(Provider):
         self._record_host_key(node, ip, public)
 
     def _record_host_key(self, node: str, ip: str, public_line: str) -> None:
-        from ..state import write_atomic
+        from ..ssh import record_host_key
 
-        key_type, key_data = public_line.split()[:2]
-        known = self.context.known_hosts
-        lines = [line for line in (known.read_text().splitlines() if known.exists() else [])
-                 if line.split(" ", 1)[0] not in (f"{node},{ip}",)]
-        lines.append(f"{node},{ip} {key_type} {key_data}")
-        write_atomic(known, "\n".join(lines) + "\n", mode=0o644)
+        record_host_key(self.context.known_hosts, node, ip, public_line)
 
     def _nspawn_argv(self, node: str) -> list[str]:
         return ["systemd-nspawn", "--boot", "--register=no", "--keep-unit", "--quiet",

@@ -12,10 +12,24 @@ How lab drives Vagrant:
   later commands need no provider flag, and `status` on a lab that was never
   created answers even on a host that lacks the hypervisor.
 - Vagrant runs with `vagrant_environment()`: no version check against
-  HashiCorp's servers, no box update checks, no colors, and machines brought
-  up one after another (VAGRANT_NO_PARALLEL): parallel `up` is racy with
-  vagrant-libvirt's storage pool and with distribution-packaged Vagrant
-  (vagrant-libvirt issues #278, #850, #1495).
+  HashiCorp's servers, no box update checks, no colors. Machines boot in
+  parallel where that is safe: vagrant-libvirt does it itself in one
+  process (its box upload and storage pool setup hold a lock); Vagrant's
+  VirtualBox provider cannot (`--parallel` is refused), so lab runs one
+  `vagrant up NODE` per node at once after the first (see
+  `up_concurrently`). Other providers boot one after another.
+- After `vagrant up`, lab *adopts* each machine over Vagrant's own SSH
+  access (user vagrant, the key Vagrant inserted): it authorizes the lab's
+  own key for root, pins the machine's host key in the lab's known_hosts and,
+  on a generic box, installs what lab needs (etcd, python3, nftables).
+  From then on everything (bootstrap, scenarios, testinfra, `lab ssh`) goes
+  to root@PRIVATE-IP with host keys verified, exactly as on nspawn nodes, and
+  no command needs `vagrant ssh-config` (a second or more per call).
+- Faults go to the hypervisor directly where that is fast (virsh for
+  libvirt, VBoxManage for VirtualBox; a `vagrant` command costs seconds,
+  which a leader-failover measurement cannot afford), to the guest over SSH
+  for reboots and partitions (nftables inside every guest), and to Vagrant
+  for the rest.
 - Vagrant's output is streamed line by line to the progress callback (from a
   reader thread) and its tail goes into the CommandError when a command fails.
 """
@@ -34,14 +48,16 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, TypeVar
 
 from ..errors import CommandError, PrerequisiteError, ProviderError
 from ..network import node_addresses
-from ..render import VAGRANTFILE, vagrant_box_name, write_vagrantfile
+from ..render import VAGRANTFILE, libvirt_network_name, machine_prefix, vagrant_box_name, write_vagrantfile
 from ..spec import ResolvedNode
 from .base import (Availability, LabContext, NodeState, NodeStatus, Progress, Provider, SSHEndpoint,
                    no_progress)
@@ -55,6 +71,12 @@ LIBVIRT_SOCKETS = (Path("/var/run/libvirt/libvirt-sock"), Path("/var/run/libvirt
 # Vagrantfile, another .vagrant, or a provider other than the lab's.
 _FOREIGN_VARIABLES = ("VAGRANT_CWD", "VAGRANT_VAGRANTFILE", "VAGRANT_DOTFILE_PATH", "VAGRANT_DEFAULT_PROVIDER")
 _OUTPUT_TAIL_LINES = 200
+# Software-emulated VMs (QEMU without KVM) take a minute or more to boot.
+VM_BOOT_TIMEOUT = 300.0
+# Adoption may install packages on a generic box (apt-get over the VM's NAT).
+ADOPT_TIMEOUT = 900.0
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+PARTITION_TABLE = "lab_partition"
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -167,17 +189,130 @@ def ssh_endpoint(node: str, entry: SSHConfigEntry) -> SSHEndpoint:
                        known_hosts=None, extra_options=dict(entry.options))
 
 
+# What lab needs on a node, by command, and the Debian/Ubuntu package that brings it.
+NODE_COMMANDS = {"python3": "python3", "nft": "nftables", "etcd": "etcd-server", "etcdctl": "etcd-client"}
+
+
+def adoption_script(public_key: str) -> str:
+    """Shell run as root on a fresh machine: lab's key for root, missing tools, the host key.
+
+    Prints `lab-installed PKG...` when it had to install packages (a generic
+    box), and always `lab-host-key TYPE DATA` last.
+    """
+    key = shlex.quote(public_key)
+    checks = "\n".join(f"command -v {cmd} >/dev/null 2>&1 || missing=\"$missing {pkg}\""
+                       for cmd, pkg in NODE_COMMANDS.items())
+    return f"""set -e
+install -d -m 0700 /root/.ssh
+touch /root/.ssh/authorized_keys
+chmod 0600 /root/.ssh/authorized_keys
+grep -qxF {key} /root/.ssh/authorized_keys || printf '%s\\n' {key} >> /root/.ssh/authorized_keys
+missing=""
+{checks}
+if [ -n "$missing" ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq --no-install-recommends $missing >/dev/null
+  # Debian's etcd-server starts a default single-member etcd; lab configures its own.
+  systemctl disable --now etcd >/dev/null 2>&1 || true
+  echo "lab-installed$missing"
+fi
+test -f /etc/ssh/ssh_host_ed25519_key.pub || ssh-keygen -A >/dev/null
+echo "lab-host-key $(cat /etc/ssh/ssh_host_ed25519_key.pub)"
+"""
+
+
+def parse_adoption_output(stdout: str, node: str) -> str:
+    """`TYPE DATA` of the host key the adoption script printed."""
+    for line in reversed(stdout.splitlines()):
+        words = line.split()
+        if len(words) >= 3 and words[0] == "lab-host-key":
+            return f"{words[1]} {words[2]}"
+    raise ProviderError(f"{node}: adoption printed no host key", hint="is /etc/ssh/ssh_host_ed25519_key.pub there?")
+
+
+def partition_scripts(groups: list[list[str]], addresses: dict[str, str]) -> dict[str, str]:
+    """An `nft -f` script per node: drop IP to and from every node of the other groups.
+
+    Every node gets one: a node in no group (or alone with nobody to cut off)
+    has its table removed, so a new partition replaces the last one whole.
+    Only the lab's node addresses are dropped: the host (and lab's SSH) still
+    reach every node, as with a firewall between racks.
+    """
+    group_of = {node: index for index, group in enumerate(groups) for node in group}
+    scripts = {}
+    for node in addresses:
+        reset = f"table inet {PARTITION_TABLE}\ndelete table inet {PARTITION_TABLE}\n"
+        if node not in group_of:
+            scripts[node] = reset
+            continue
+        others = sorted((addresses[other] for other, index in group_of.items() if index != group_of[node]),
+                        key=lambda ip: tuple(int(part) for part in ip.split(".")))
+        if not others:
+            scripts[node] = reset
+            continue
+        peers = ", ".join(others)
+        scripts[node] = (reset + f"table inet {PARTITION_TABLE} {{\n"
+                         f"  chain input {{ type filter hook input priority 0; policy accept; "
+                         f"ip saddr {{ {peers} }} drop; }}\n"
+                         f"  chain output {{ type filter hook output priority 0; policy accept; "
+                         f"ip daddr {{ {peers} }} drop; }}\n}}\n")
+    return scripts
+
+
+def up_concurrently(nodes: list[str], up_one: Callable[[str], None], *, first_alone: bool,
+                    progress: Progress = no_progress) -> None:
+    """Bring machines up at once, for providers whose `vagrant up` cannot.
+
+    With linked clones the first `vagrant up` imports the box and makes the
+    master VM every clone is taken from, so it runs alone; then one
+    `vagrant up NODE` per remaining node, all at once (each its own Vagrant
+    process: Vagrant locks per machine, not per project). Every node's
+    failure is reported, not just the first; nodes that did come up stay up
+    (the caller's rollback removes them).
+    """
+    failures: dict[str, str] = {}
+
+    def attempt(node: str) -> None:
+        try:
+            up_one(node)
+        except (CommandError, ProviderError) as exc:
+            failures[node] = exc.message
+
+    waves = [nodes[:1], nodes[1:]] if first_alone else [nodes]
+    for wave in waves:
+        if not wave:
+            continue
+        if len(wave) > 1:
+            progress(f"vagrant up {' '.join(wave)}: {len(wave)} at once")
+        with ThreadPoolExecutor(max_workers=len(wave)) as pool:
+            list(pool.map(attempt, wave))
+        if failures:
+            break  # the master clone failed: the rest would fail the same way
+    if failures:
+        raise ProviderError(f"{len(failures)} of {len(nodes)} machines did not come up:\n"
+                            + "\n".join(f"  {node}: {why}" for node, why in failures.items()),
+                            hint="see each node's Vagrant output above; `lab destroy` removes what was made")
+
+
 # ---------------------------------------------------------------- host checks (cheap)
+
+# Providers whose `vagrant up` boots machines in parallel by itself, safely.
+_NATIVE_PARALLEL = frozenset({"libvirt"})
+
 
 def vagrant_environment(provider: str, base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment every vagrant command of a lab runs with."""
     env = dict(os.environ if base is None else base)
     for name in _FOREIGN_VARIABLES:
         env.pop(name, None)
+    if provider not in _NATIVE_PARALLEL:
+        env["VAGRANT_NO_PARALLEL"] = "1"  # see the module docstring
+    else:
+        env.pop("VAGRANT_NO_PARALLEL", None)
     env.update({
         "VAGRANT_CHECKPOINT_DISABLE": "1",        # no version check against HashiCorp's servers
         "VAGRANT_BOX_UPDATE_CHECK_DISABLE": "1",  # boxes are local: no catalog to ask
-        "VAGRANT_NO_PARALLEL": "1",               # see the module docstring
         "VAGRANT_NO_COLOR": "1",                  # output goes to progress lines and error tails
         # A preference, not a force: status and destroy still answer where the
         # hypervisor is missing, and created machines keep their own provider.
@@ -476,9 +611,47 @@ class VagrantProvider(Provider):
 
     def up(self, progress: Progress = no_progress) -> None:
         write_vagrantfile(self.context, self.vagrant_provider)
-        progress(f"vagrant up --provider={self.vagrant_provider} ({len(self.context.nodes)} nodes)")
-        # `vagrant up` returns once every machine answers SSH.
+        nodes = [node.name for node in self.context.nodes]
+        started = time.monotonic()
+        self._vagrant_up(nodes, progress)
+        progress(f"{len(nodes)} machine(s) booted by Vagrant in {time.monotonic() - started:.0f} s; adopting them")
+        self._adopt(nodes, progress)
+
+    def _vagrant_up(self, nodes: list[str], progress: Progress) -> None:
+        """`vagrant up` returns once every machine answers SSH (as Vagrant's user)."""
+        progress(f"vagrant up --provider={self.vagrant_provider} ({len(nodes)} nodes"
+                 f"{', in parallel' if self.vagrant_provider in _NATIVE_PARALLEL else ''})")
         self._run(lambda v: v.up(provider=self.vagrant_provider, provision=False), progress)
+
+    def _adopt(self, nodes: list[str], progress: Progress) -> None:
+        """Authorize the lab's key for root on each machine, pin its host key, install what lab needs."""
+        from ..ssh import record_host_key
+        from ..ssh import run as ssh_run
+
+        text = self._run(lambda v: v.ssh_config())
+        entries = parse_ssh_config(text)
+        public_key = self.context.ssh_key.with_suffix(".pub").read_text().strip()
+        script = adoption_script(public_key)
+
+        def adopt(node: str) -> str:
+            entry = entries.get(node)
+            if entry is None:
+                raise ProviderError(f"{node}: `vagrant ssh-config` does not list it",
+                                    hint=f"run `vagrant status` in {self.context.lab_dir}")
+            endpoint = ssh_endpoint(node, entry)
+            result = ssh_run(endpoint, f"sudo -n sh -c {shlex.quote(script)}", timeout=ADOPT_TIMEOUT, check=True)
+            host_key = parse_adoption_output(result.stdout, node)
+            installed = [line.split(None, 1)[1] for line in result.stdout.splitlines()
+                         if line.startswith("lab-installed ")]
+            if installed:
+                progress(f"{node}: installed {', '.join(installed)} (a generic box)")
+            return host_key
+
+        with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
+            host_keys = dict(zip(nodes, pool.map(adopt, nodes)))
+        for node, host_key in host_keys.items():
+            record_host_key(self.context.known_hosts, node, self.context.addresses[node], host_key)
+        progress(f"adopted {', '.join(nodes)}: root@private address with the lab's key, host keys pinned")
 
     def status(self) -> list[NodeStatus]:
         nodes = self.context.nodes
@@ -520,14 +693,23 @@ class VagrantProvider(Provider):
             # Machines of nodes since removed from the spec are still Vagrant's
             # to destroy: render them in too.
             write_vagrantfile(self._context_with(leftover), self.vagrant_provider)
+            # A paused machine refuses some providers' destroy: thaw it first.
+            self._thaw_all()
             self._run(lambda v: v.destroy(), progress)
             remaining = self.machines_on_disk()
             if remaining:
                 raise ProviderError(f"vagrant destroy left machines behind: {', '.join(sorted(remaining))}",
                                     hint=f"check `vagrant global-status`, then run `vagrant destroy -f` "
                                          f"in {self.context.lab_dir}")
+        self._cleanup_host(progress)
         shutil.rmtree(self.dotdir, ignore_errors=True)
         self.vagrantfile.unlink(missing_ok=True)
+
+    def _thaw_all(self) -> None:
+        """Resume paused machines (best effort) before a destroy."""
+
+    def _cleanup_host(self, progress: Progress) -> None:
+        """Remove what Vagrant leaves on the host after destroying every machine."""
 
     def stage_update(self, node: str, rootfs: Path) -> str:
         raise ProviderError("A/B OS updates are implemented for nspawn nodes only so far",
@@ -551,6 +733,14 @@ class VagrantProvider(Provider):
         return replace(self.context, nodes=nodes, addresses=addresses)
 
     def ssh_endpoints(self) -> dict[str, SSHEndpoint]:
+        # Adopted machines: root on the private network, host keys pinned (see `_adopt`).
+        return {node.name: SSHEndpoint(node=node.name, host=self.context.addresses[node.name], port=22,
+                                       user="root", identity_file=self.context.ssh_key,
+                                       known_hosts=self.context.known_hosts)
+                for node in self.context.nodes}
+
+    def vagrant_ssh_endpoints(self) -> dict[str, SSHEndpoint]:
+        """Vagrant's own way in (user vagrant), for adoption and diagnosis."""
         try:
             text = self._run(lambda v: v.ssh_config())
         except CommandError:
@@ -562,11 +752,30 @@ class VagrantProvider(Provider):
         return {node.name: ssh_endpoint(node.name, entries[node.name])
                 for node in self.context.nodes if node.name in entries}
 
-    # -- faults
+    # -- faults: the hypervisor where a provider class knows a fast way, else Vagrant
 
     def reboot(self, node: str, progress: Progress = no_progress) -> None:
+        """A clean reboot from inside the guest; returns once it answers SSH with a new boot id."""
+        from ..ssh import run as ssh_run
+        from ..ssh import wait_for_ssh
+
         self._require_created(node, "reboot")
-        self._run(lambda v: v.reload(vm_name=node, provision=False), progress)
+        endpoint = self.ssh_endpoints()[node]
+        old_boot = ssh_run(endpoint, f"cat {BOOT_ID_PATH}", timeout=30, check=True).stdout.strip()
+        # The connection may drop before systemctl answers: that is the reboot working.
+        with contextlib.suppress(ProviderError):
+            ssh_run(endpoint, "systemctl reboot", timeout=30)
+        deadline = time.monotonic() + VM_BOOT_TIMEOUT
+        while time.monotonic() < deadline:
+            wait_for_ssh(endpoint, deadline)
+            with contextlib.suppress(ProviderError):
+                new_boot = ssh_run(endpoint, f"cat {BOOT_ID_PATH}", timeout=10).stdout.strip()
+                if new_boot and new_boot != old_boot:
+                    progress(f"{node} rebooted")
+                    return
+            time.sleep(1)
+        raise ProviderError(f"{node}: did not come back from a reboot within {VM_BOOT_TIMEOUT:.0f} s",
+                            hint="look at the machine's console (virt-manager, VirtualBox GUI) or `lab status`")
 
     def kill(self, node: str) -> None:
         self._require_created(node, "kill")
@@ -575,6 +784,7 @@ class VagrantProvider(Provider):
     def start(self, node: str, progress: Progress = no_progress) -> None:
         self.context.node(node)
         self._run(lambda v: v.up(vm_name=node, provider=self.vagrant_provider, provision=False), progress)
+        self._wait_ssh(node)
 
     def pause(self, node: str) -> None:
         self._require_created(node, "pause")
@@ -583,6 +793,11 @@ class VagrantProvider(Provider):
     def resume(self, node: str) -> None:
         self._require_created(node, "resume")
         self._run(lambda v: v.resume(vm_name=node))
+
+    def _wait_ssh(self, node: str) -> None:
+        from ..ssh import wait_for_ssh
+
+        wait_for_ssh(self.ssh_endpoints()[node], time.monotonic() + VM_BOOT_TIMEOUT, poll=0.5)
 
     def _require_created(self, node: str, action: str) -> None:
         # Vagrant answers a fault on a machine it never made with a note and
@@ -593,12 +808,43 @@ class VagrantProvider(Provider):
                                 hint="run `lab up` first")
 
     def partition(self, groups: list[list[str]]) -> None:
-        raise ProviderError("partition on Vagrant VMs is not implemented yet",
-                            hint="use the nspawn provider for partition faults (`--provider nspawn`)")
+        """nftables inside every guest of a group: drop all IP traffic to and from the other groups."""
+        from ..errors import UsageError
+
+        names = [n for group in groups for n in group]
+        for name in names:
+            self.context.node(name)
+        if len(set(names)) != len(names):
+            raise UsageError("a node appears in two partition groups", hint="list every node at most once")
+        self.context.state.set("partition", groups)
+        scripts = partition_scripts(groups, self.context.addresses)
+        failures = self._run_on_guests({node: f"nft -f - <<'LAB_EOF'\n{script}LAB_EOF"
+                                        for node, script in scripts.items()})
+        if failures:
+            raise ProviderError("partition not applied on " + "; ".join(failures),
+                                hint="check the nodes are running (`lab status`), then `lab fault heal`")
 
     def heal(self) -> None:
-        raise ProviderError("heal on Vagrant VMs is not implemented yet",
-                            hint="use the nspawn provider for partition faults (`--provider nspawn`)")
+        self.context.state.set("partition", None)
+        # A node that is down or paused cannot be reached; its rules go with its next boot anyway.
+        self._run_on_guests({node.name: f"nft delete table inet {PARTITION_TABLE} 2>/dev/null; true"
+                             for node in self.context.nodes})
+
+    def _run_on_guests(self, commands: dict[str, str]) -> list[str]:
+        """Run one command per node as root, in parallel; returns 'node: why' for each failure."""
+        from ..ssh import run as ssh_run
+
+        endpoints = self.ssh_endpoints()
+
+        def one(node: str) -> str | None:
+            try:
+                result = ssh_run(endpoints[node], commands[node], timeout=20)
+            except ProviderError as exc:
+                return f"{node}: {exc.message}"
+            return None if result.ok else f"{node}: exit {result.exit_status}: {(result.stdout + result.stderr).strip()}"
+
+        with ThreadPoolExecutor(max_workers=max(1, len(commands))) as pool:
+            return [failure for failure in pool.map(one, list(commands)) if failure]
 
     # -- checks
 
@@ -618,6 +864,39 @@ class VirtualboxProvider(VagrantProvider):
         if _virtualbox_manage() is None:
             return "VBoxManage not found", "install VirtualBox from virtualbox.org (it is not in Debian)"
         return None
+
+    def _vagrant_up(self, nodes: list[str], progress: Progress) -> None:
+        # `vagrant up --parallel` is refused by the VirtualBox provider: one
+        # process per node instead (see up_concurrently).
+        up_concurrently(nodes, lambda node: self._run(
+            lambda v: v.up(vm_name=node, provider=self.vagrant_provider, provision=False),
+            lambda line, node=node: progress(f"{node}: {line}")),
+            first_alone=self.context.spec.providers.virtualbox.linked_clone, progress=progress)
+
+    def _vm(self, node: str) -> str:
+        return machine_prefix(self.context) + node  # the Vagrantfile's vb.name
+
+    def _vboxmanage(self, *args: str) -> None:
+        binary = _virtualbox_manage()
+        if binary is None:
+            raise PrerequisiteError("VBoxManage not found", hint="install VirtualBox from virtualbox.org")
+        result = subprocess.run([binary, *args], capture_output=True, text=True, errors="replace",
+                                stdin=subprocess.DEVNULL, timeout=60)
+        if result.returncode != 0:
+            raise CommandError(shlex.join(["VBoxManage", *args]), where=f"{self.name} lab {self.context.spec.name}",
+                               exit_status=result.returncode, output=result.stdout + result.stderr)
+
+    def kill(self, node: str) -> None:
+        self._require_created(node, "kill")
+        self._vboxmanage("controlvm", self._vm(node), "poweroff")
+
+    def pause(self, node: str) -> None:
+        self._require_created(node, "pause")
+        self._vboxmanage("controlvm", self._vm(node), "pause")
+
+    def resume(self, node: str) -> None:
+        self._require_created(node, "resume")
+        self._vboxmanage("controlvm", self._vm(node), "resume")
 
 
 class LibvirtProvider(VagrantProvider):
@@ -640,6 +919,110 @@ class LibvirtProvider(VagrantProvider):
     def uses_local_daemon(self) -> bool:
         # Another URI (a session, a remote host) has its own daemon.
         return self.context.spec.providers.libvirt.uri == "qemu:///system"
+
+    # What vagrant-libvirt makes on the host, by name: recorded before `vagrant
+    # up` so destroy finds them even if lab or Vagrant died half-way.
+    MANAGEMENT_NETWORK = "vagrant-libvirt"  # vagrant-libvirt's default, shared by all its machines
+    STORAGE_POOL = "default"
+
+    def _domain(self, node: str) -> str:
+        return machine_prefix(self.context) + node  # lv.default_prefix + the machine name
+
+    def _vagrant_up(self, nodes: list[str], progress: Progress) -> None:
+        state = self.context.state
+        if state is not None:
+            if self.MANAGEMENT_NETWORK not in self._networks():
+                state.record("libvirt-network", self.MANAGEMENT_NETWORK, shared=True)
+            state.record("libvirt-network", libvirt_network_name(self.context))
+            for node in nodes:
+                state.record("libvirt-domain", self._domain(node))
+                # vagrant-libvirt names the domain's disk after it, in the default pool.
+                state.record("libvirt-volume", f"{self._domain(node)}.img", pool=self.STORAGE_POOL)
+        super()._vagrant_up(nodes, progress)
+
+    def _virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        if _which("virsh") is None:
+            raise PrerequisiteError("virsh not found", hint="apt-get install libvirt-clients")
+        argv = ["virsh", "-q", "-c", self.context.spec.providers.libvirt.uri, *args]
+        result = subprocess.run(argv, capture_output=True, text=True, errors="replace",
+                                stdin=subprocess.DEVNULL, timeout=120)
+        if check and result.returncode != 0:
+            raise CommandError(shlex.join(argv), where=f"libvirt lab {self.context.spec.name}",
+                               exit_status=result.returncode, output=result.stdout + result.stderr)
+        return result
+
+    def _domain_state(self, node: str) -> str | None:
+        """virsh's state of the node's domain (running, paused, shut off), or None if there is none."""
+        result = self._virsh("domstate", self._domain(node), check=False)
+        return result.stdout.strip() if result.returncode == 0 else None
+
+    def _networks(self) -> set[str]:
+        return set(self._virsh("net-list", "--all", "--name", check=False).stdout.split())
+
+    def kill(self, node: str) -> None:
+        """Pull the plug: `virsh destroy` stops QEMU at once, no shutdown inside the guest."""
+        self._require_created(node, "kill")
+        if self._domain_state(node) in ("running", "paused"):
+            self._virsh("destroy", self._domain(node))
+
+    def pause(self, node: str) -> None:
+        self._require_created(node, "pause")
+        self._virsh("suspend", self._domain(node))
+
+    def resume(self, node: str) -> None:
+        self._require_created(node, "resume")
+        if self._domain_state(node) == "paused":
+            self._virsh("resume", self._domain(node))
+
+    def start(self, node: str, progress: Progress = no_progress) -> None:
+        # A killed domain keeps its definition and its guest its network
+        # settings: starting it is enough, and much faster than `vagrant up`.
+        self.context.node(node)
+        if self._domain_state(node) == "shut off":
+            self._virsh("start", self._domain(node))
+            self._wait_ssh(node)
+            progress(f"{node} started")
+            return
+        super().start(node, progress)
+
+    def _thaw_all(self) -> None:
+        for node in self.machines_on_disk():
+            if self._domain_state(node) == "paused":
+                self._virsh("resume", self._domain(node), check=False)
+
+    def _cleanup_host(self, progress: Progress) -> None:
+        """Whatever `vagrant destroy` left of what the state recorded: domains first, then networks."""
+        state = self.context.state
+        if state is None:
+            return
+        for resource in state.find("libvirt-domain"):
+            domain = resource["id"]
+            if self._virsh("domstate", domain, check=False).returncode == 0:
+                progress(f"removing leftover domain {domain}")
+                self._virsh("destroy", domain, check=False)
+                self._virsh("undefine", domain, "--remove-all-storage", "--nvram", check=False)
+            state.forget("libvirt-domain", domain)
+        for resource in state.find("libvirt-volume"):
+            pool, volume = resource.get("pool", self.STORAGE_POOL), resource["id"]
+            if self._virsh("vol-info", "--pool", pool, volume, check=False).returncode == 0:
+                progress(f"removing leftover volume {volume}")
+                self._virsh("vol-delete", "--pool", pool, volume, check=False)
+            state.forget("libvirt-volume", volume)
+        for resource in state.find("libvirt-network"):
+            network = resource["id"]
+            if network in self._networks() and not self._network_in_use(network):
+                progress(f"removing libvirt network {network}")
+                self._virsh("net-destroy", network, check=False)
+                self._virsh("net-undefine", network, check=False)
+            state.forget("libvirt-network", network)
+
+    def _network_in_use(self, network: str) -> bool:
+        """Is any domain on the host (of any lab, or not lab's at all) attached to the network?"""
+        for domain in self._virsh("list", "--all", "--name", check=False).stdout.split():
+            interfaces = self._virsh("domiflist", domain, check=False).stdout.split()
+            if network in interfaces:
+                return True
+        return False
 
     def lab_problem(self) -> tuple[str, str] | None:
         if self.context.spec.providers.libvirt.driver == "kvm" and not Path("/dev/kvm").exists():
