@@ -331,9 +331,15 @@ def _put_if_changed(connection, file: RemoteFile, node: str) -> bool:
     _check(connection, f"mkdir -p {shlex.quote(directory)}", node)
     connection.put(io.BytesIO(file.content), remote=temporary)
     quoted, quoted_tmp = shlex.quote(file.path), shlex.quote(temporary)
+    # fsync the file before the rename and the directory after it: a VM whose
+    # power is pulled (`lab fault kill`) seconds later otherwise comes back with
+    # the new name on an empty file (ext4 delayed allocation), e.g. a unit file
+    # systemd then reads as masked. Container nodes share the host's page cache
+    # and never showed it.
     script = (f"chmod {file.mode:o} {quoted_tmp} && chown {file.owner} {quoted_tmp} && "
               f"if cmp -s {quoted_tmp} {quoted}; then rm -f {quoted_tmp}; "
-              f"else mv -f {quoted_tmp} {quoted} && echo CHANGED; fi")
+              f"else sync {quoted_tmp} && mv -f {quoted_tmp} {quoted} && sync {shlex.quote(directory)} "
+              f"&& echo CHANGED; fi")
     result = _check(connection, script, node)
     return "CHANGED" in result.stdout
 

@@ -118,7 +118,14 @@ def ssh_argv(endpoint: SSHEndpoint, ssh_config: Path, command: list[str] | None 
 
 def connect(endpoint: SSHEndpoint, timeout: float = 10.0):
     """A Fabric Connection that verifies the node's host key when the provider knows it."""
+    import logging
+
     import paramiko
+
+    # paramiko logs a traceback from its transport thread for every refused
+    # banner while a node boots; lab reports connection failures itself.
+    logging.getLogger("paramiko").addHandler(logging.NullHandler())
+    logging.getLogger("paramiko").propagate = False
     from fabric import Config, Connection
 
     config = Config(overrides={"load_ssh_configs": False, "run": {"warn": True, "hide": True}})
