@@ -22,8 +22,9 @@ from lab.network import node_addresses
 from lab.providers import provider_class
 from lab.providers.base import LabContext, NodeState
 from lab.providers.vagrant import (LibvirtProvider, SSHConfigEntry, VagrantProvider, VirtualboxProvider,
-                                   libvirt_socket_problem, node_state, parse_ssh_config, parse_vagrant_error,
-                                   plugin_installed, ssh_endpoint, vagrant_environment)
+                                   adoption_script, libvirt_socket_problem, node_state, parse_adoption_output,
+                                   parse_ssh_config, parse_vagrant_error, partition_scripts, plugin_installed,
+                                   ssh_endpoint, up_concurrently, vagrant_environment)
 from lab.render import VAGRANT_PROVIDERS
 from lab.spec import LabSpec
 
@@ -188,9 +189,13 @@ def test_vagrant_environment() -> None:
     for gone in ("VAGRANT_DEFAULT_PROVIDER", "VAGRANT_CWD", "VAGRANT_DOTFILE_PATH", "VAGRANT_VAGRANTFILE"):
         assert gone not in env
     assert env["VAGRANT_CHECKPOINT_DISABLE"] == "1"
-    assert env["VAGRANT_NO_PARALLEL"] == "1"
     assert env["VAGRANT_PREFERRED_PROVIDERS"] == "libvirt"
     assert base["VAGRANT_DEFAULT_PROVIDER"] == "virtualbox"  # the caller's dict is left alone
+    # vagrant-libvirt boots machines in parallel itself; the others one by one
+    # (VirtualBox nodes get lab's own concurrency: up_concurrently).
+    assert "VAGRANT_NO_PARALLEL" not in vagrant_environment("libvirt", {"VAGRANT_NO_PARALLEL": "1"})
+    for provider in ("virtualbox", "hyperv", "vmware_desktop", "parallels"):
+        assert vagrant_environment(provider, base)["VAGRANT_NO_PARALLEL"] == "1"
 
 
 def test_plugin_installed_reads_vagrants_plugin_files(tmp_path: Path) -> None:
@@ -274,12 +279,114 @@ def test_preflight_names_a_missing_synced_folder(tmp_path: Path, monkeypatch: py
 
 # ---------------------------------------------------------------- no vagrant needed
 
-def test_partition_and_heal_are_not_implemented(tmp_path: Path) -> None:
-    provider = LibvirtProvider(make_context(tmp_path))
-    with pytest.raises(ProviderError, match="partition on Vagrant VMs is not implemented yet"):
-        provider.partition([["node-1"], ["node-2", "node-3"]])
-    with pytest.raises(ProviderError, match="not implemented yet"):
-        provider.heal()
+ADDRESSES = {"node-1": "10.77.9.11", "node-2": "10.77.9.12", "node-3": "10.77.9.13", "node-10": "10.77.9.20"}
+
+
+def test_partition_scripts_cut_each_group_off_from_the_others() -> None:
+    scripts = partition_scripts([["node-1"], ["node-2", "node-3"]], ADDRESSES)
+    assert set(scripts) == set(ADDRESSES)
+    one = scripts["node-1"]
+    # Replaces any earlier partition whole: declare, delete, define.
+    assert one.startswith("table inet lab_partition\ndelete table inet lab_partition\n")
+    assert "ip saddr { 10.77.9.12, 10.77.9.13 } drop;" in one
+    assert "ip daddr { 10.77.9.12, 10.77.9.13 } drop;" in one
+    assert "ip saddr { 10.77.9.11 } drop;" in scripts["node-2"] == scripts["node-3"]
+    # A node in no group keeps talking to everyone: its table is only removed.
+    assert scripts["node-10"] == "table inet lab_partition\ndelete table inet lab_partition\n"
+
+
+def test_partition_scripts_sort_addresses_numerically_and_skip_empty_sides() -> None:
+    scripts = partition_scripts([["node-10", "node-2"], []], ADDRESSES)
+    assert "drop" not in scripts["node-10"] and "drop" not in scripts["node-2"]
+    scripts = partition_scripts([["node-1"], ["node-10", "node-2"]], ADDRESSES)
+    assert "{ 10.77.9.12, 10.77.9.20 }" in scripts["node-1"]
+
+
+def test_adoption_script_and_its_output() -> None:
+    script = adoption_script("ssh-ed25519 AAAAC3 lab-x")
+    assert "grep -qxF 'ssh-ed25519 AAAAC3 lab-x' /root/.ssh/authorized_keys" in script
+    for command, package in (("python3", "python3"), ("nft", "nftables"), ("etcd", "etcd-server")):
+        assert f'command -v {command} >/dev/null 2>&1 || missing="$missing {package}"' in script
+    output = "lab-installed etcd-server\nlab-host-key ssh-ed25519 AAAAkey root@node-1\n"
+    assert parse_adoption_output(output, "node-1") == "ssh-ed25519 AAAAkey"
+    with pytest.raises(ProviderError, match="node-1: adoption printed no host key"):
+        parse_adoption_output("sudo: a password is required\n", "node-1")
+
+
+class FakeVagrantUps:
+    """Stands in for one `vagrant up NODE` each: records when each ran and how many ran at once."""
+
+    def __init__(self, fail: set[str] = frozenset(), seconds: float = 0.2) -> None:
+        import threading
+
+        self.fail, self.seconds = fail, seconds
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most_at_once = 0
+        self.spans: dict[str, tuple[float, float]] = {}
+
+    def __call__(self, node: str) -> None:
+        with self.lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        start = time.monotonic()
+        time.sleep(self.seconds)
+        with self.lock:
+            self.running -= 1
+            self.spans[node] = (start, time.monotonic())
+        if node in self.fail:
+            raise CommandError(f"vagrant up {node}", where="test", exit_status=1, output="VBoxManage: error")
+
+
+NODES = ["node-1", "node-2", "node-3", "node-4"]
+
+
+def test_up_concurrently_imports_with_the_first_then_clones_the_rest_at_once() -> None:
+    ups = FakeVagrantUps()
+    progress: list[str] = []
+    up_concurrently(NODES, ups, first_alone=True, progress=progress.append)
+    first_end = ups.spans["node-1"][1]
+    assert all(ups.spans[n][0] >= first_end for n in NODES[1:])  # the master clone exists before the rest
+    assert ups.most_at_once == 3
+    assert progress == ["vagrant up node-2 node-3 node-4: 3 at once"]
+
+
+def test_up_concurrently_without_linked_clones_starts_everything_at_once() -> None:
+    ups = FakeVagrantUps()
+    up_concurrently(NODES, ups, first_alone=False)
+    assert ups.most_at_once == 4
+
+
+def test_up_concurrently_reports_every_failed_node_and_waits_for_the_rest() -> None:
+    ups = FakeVagrantUps(fail={"node-2", "node-4"})
+    with pytest.raises(ProviderError) as caught:
+        up_concurrently(NODES, ups, first_alone=True)
+    message = caught.value.message
+    assert message.startswith("2 of 4 machines did not come up:")
+    assert "node-2: test: `vagrant up node-2` exited 1" in message and "node-4" in message
+    assert set(ups.spans) == set(NODES)  # node-3 was not abandoned half-way
+
+
+def test_up_concurrently_stops_after_the_master_clone_fails() -> None:
+    ups = FakeVagrantUps(fail={"node-1"})
+    with pytest.raises(ProviderError, match="1 of 4 machines did not come up"):
+        up_concurrently(NODES, ups, first_alone=True)
+    assert set(ups.spans) == {"node-1"}
+
+
+def test_virtualbox_up_runs_one_vagrant_up_per_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The provider's part of the orchestration: which vagrant call each node gets."""
+    provider = VirtualboxProvider(make_context(tmp_path, {"name": "vb", "nodes": {"count": 3}}))
+    calls: list[dict] = []
+
+    class RecordingVagrant:
+        def up(self, **kwargs):
+            calls.append(kwargs)
+
+    monkeypatch.setattr(provider, "_run", lambda call, progress=None: call(RecordingVagrant()))
+    provider._vagrant_up(["node-1", "node-2", "node-3"], lambda line: None)
+    assert calls[0] == {"vm_name": "node-1", "provider": "virtualbox", "provision": False}
+    assert sorted(c["vm_name"] for c in calls[1:]) == ["node-2", "node-3"]
 
 
 def test_faults_refuse_machines_vagrant_never_made(tmp_path: Path) -> None:
@@ -356,7 +463,11 @@ def test_real_vagrant_validate_failure_is_a_provider_error(tmp_path: Path) -> No
 @needs_vagrant
 def test_real_vagrant_ssh_endpoints_of_a_lab_not_running(tmp_path: Path) -> None:
     provider = LibvirtProvider(make_context(tmp_path))
-    assert provider.ssh_endpoints() == {}
+    assert provider.vagrant_ssh_endpoints() == {}
+    # lab's own endpoints need no vagrant: root on each node's private address.
+    endpoint = provider.ssh_endpoints()["node-1"]
+    assert (endpoint.user, endpoint.host, endpoint.port) == ("root", "10.77.9.11", 22)
+    assert endpoint.known_hosts == provider.context.known_hosts
 
 
 @needs_vagrant
