@@ -539,6 +539,10 @@ def _customize(recipe: Recipe, key: str, rootfs: Path, report: Progress) -> None
     if recipe.vm_overlay is not None:
         _copy_overlay(recipe.vm_overlay, rootfs)
         _vagrant_conventions(rootfs)
+        # The overlay may configure initramfs-tools (which modules): the
+        # initramfs the kernel package made during debootstrap predates it.
+        report("customize: regenerating the initramfs")
+        _chroot(rootfs, "update-initramfs", "-u", "-k", "all")
     report("customize: os-release, identity, ssh host keys")
     _write_os_release(recipe, key, rootfs)
     _reset_identity(rootfs)
