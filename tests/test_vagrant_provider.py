@@ -262,7 +262,9 @@ def test_libvirt_preflight_asks_for_qemu_without_kvm(tmp_path: Path) -> None:
 def test_preflight_names_a_missing_box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VAGRANT_HOME", str(tmp_path / "vagrant.d"))
     provider = LibvirtProvider(make_context(tmp_path))
-    assert provider.lab_problem()[0] == "Vagrant box 'lab-labos-1' for libvirt is not installed"
+    problem, hint = provider.lab_problem()
+    assert problem == "Vagrant box 'lab-labos-1' for libvirt is not installed"
+    assert hint.startswith("build it and add it to Vagrant: `lab box add --format libvirt`")
     (tmp_path / "vagrant.d" / "boxes" / "lab-labos-1" / "0" / "libvirt").mkdir(parents=True)
     assert provider.lab_problem() is None
 

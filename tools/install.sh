@@ -13,10 +13,15 @@ apt-get update -qq
 # systemd-container: systemd-nspawn (the embedded provider); debootstrap builds
 # the node OS image; iproute2/nftables: bridges and partitions; openssh-client:
 # `lab ssh` and testinfra; vagrant: the VM providers and `lab validate`;
-# etcd-client: etcdctl on the host.
+# etcd-client: etcdctl on the host. The libvirt provider: vagrant-libvirt,
+# libvirtd, QEMU, dnsmasq and iptables for its networks. VM boxes
+# (`lab box build --format libvirt|virtualbox`): qemu-utils, and what writes
+# a bootable disk from plain files: e2fsprogs, dosfstools, mtools, syslinux, fdisk.
 apt-get install -y -qq --no-install-recommends \
   systemd-container debootstrap debian-archive-keyring iproute2 nftables iputils-ping openssh-client ca-certificates \
-  python3 python3-venv python3-pip vagrant etcd-client >/dev/null
+  python3 python3-venv python3-pip vagrant etcd-client \
+  vagrant-libvirt libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils dnsmasq-base iptables \
+  e2fsprogs dosfstools mtools syslinux syslinux-common fdisk >/dev/null
 python3 -m venv "$root/.venv"
 "$root/.venv/bin/python" -m pip install -q --upgrade pip >/dev/null
 "$root/.venv/bin/python" -m pip install -q -e "$root[test]"

@@ -552,9 +552,15 @@ class VagrantProvider(Provider):
         box = vagrant_box_name(self.context.spec)
         if not self.box_installed(box):
             formats = " or ".join(self.box_formats)
-            return (f"Vagrant box {box!r} for {formats} is not installed",
-                    f"add it from a box file: `vagrant box add {box} PATH/TO/FILE.box` "
-                    f"(`vagrant box list` shows the boxes Vagrant has)")
+            spec_box = self.context.spec.box
+            version = f" --version {spec_box.version}" if spec_box.version != "1" else ""
+            if self.name in ("libvirt", "virtualbox"):
+                hint = (f"build it and add it to Vagrant: `lab box add --format {self.name}{version}` "
+                        f"(builds the box first if needed; on Linux only)")
+            else:
+                hint = (f"add a {formats} box named {box}: `vagrant box add {box} PATH/TO/FILE.box` "
+                        f"(`vagrant box list` shows the boxes Vagrant has)")
+            return f"Vagrant box {box!r} for {formats} is not installed", hint
         project_dir = self.context.lab_dir.parent.parent
         for index, folder in enumerate(self.context.spec.synced_folders):
             host = Path(folder.host).expanduser()
