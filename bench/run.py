@@ -7,6 +7,7 @@
     python bench/run.py scenarios  # scenario wall times, time to new leader over LAB_BENCH_RUNS=10 runs
     python bench/run.py update     # rolling update 1 -> 2: roll time, per-node downtime (LAB_BENCH_RUNS=3)
     python bench/run.py build      # cold image build into a throwaway cache (~1 min)
+    python bench/run.py vm         # libvirt VMs: 1 VM, then 3 in parallel; box build (~10 min)
 
 Each figure comes with the baseline measured in the same run where there is
 one, and the ratio to it.
@@ -366,9 +367,55 @@ def bench_build() -> None:
         show("warm build (cache hit, whole CLI)", warm)
 
 
+def bench_vm() -> None:
+    """libvirt (QEMU software emulation here): wall time to boot 1 VM and 3 VMs in parallel, box build time.
+
+    Boot = `lab up --no-bootstrap`: vagrant up until every machine answers SSH,
+    then lab's adoption. The 1-VM run is the baseline of the 3-VM run (goal:
+    3 VMs <= 1.5x one VM). LAB_BENCH_RUNS=N repeats each (default 1).
+    """
+    if os.geteuid() != 0:
+        print("vm: skipped (needs root)")
+        return
+    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(REPO / "tests"))
+    from hostdaemons import libvirt_problem, libvirtd_running
+
+    problem = libvirt_problem()
+    if problem:
+        print(f"vm: skipped ({problem})")
+        return
+    runs = int(os.environ.get("LAB_BENCH_RUNS", "1"))
+    print("libvirt box: build (VM image cached by recipe; disk, qcow2 and packing every time) and add")
+    build = timed([*LAB, "box", "build", "--format", "libvirt", "--force"], 1)[0]
+    warm = timed([*LAB, "box", "build", "--format", "libvirt"], 1)[0]
+    add = timed([*LAB, "box", "add", "--format", "libvirt"], 1)[0]
+    print(f"  cold build (debootstrap with a kernel, disk, box): {build:.1f} s; "
+          f"cached: {warm:.1f} s; vagrant box add: {add:.1f} s")
+    with libvirtd_running():
+        medians = {}
+        for nodes in (1, 3):
+            samples = []
+            for _ in range(runs):
+                with tempfile.TemporaryDirectory() as scratch:
+                    common = ["--provider", "libvirt", "--nodes", str(nodes), "--name", f"bench{nodes}",
+                              "--set", "providers.libvirt.driver=qemu", "-f", f"{scratch}/lab.yaml"]
+                    start = time.perf_counter()
+                    try:
+                        subprocess.run([*LAB, "up", "--no-bootstrap", *common], check=True, capture_output=True)
+                        samples.append(time.perf_counter() - start)
+                    finally:
+                        subprocess.run([*LAB, "destroy", "-f", f"{scratch}/lab.yaml", "--name", f"bench{nodes}"],
+                                       capture_output=True)
+            medians[nodes] = statistics.median(samples)
+            print(f"  {nodes} VM(s) to all adopted (lab up --no-bootstrap): median {medians[nodes]:.1f} s "
+                  f"n={len(samples)}" + (f"  ({medians[nodes] / medians[1]:.2f}x one VM; goal <= 1.5x)"
+                                         if nodes > 1 else "  (baseline)"))
+
+
 BENCHES = {"cli": bench_cli, "render": bench_render, "render-core": bench_render_in_process,
            "boot": bench_boot, "etcd": bench_etcd, "failover": bench_failover, "scenarios": bench_scenarios, "update": bench_update,
-           "build": bench_build}
+           "build": bench_build, "vm": bench_vm}
 
 if __name__ == "__main__":
     chosen = sys.argv[1:] or ["cli", "render", "render-core", "boot"]

@@ -283,4 +283,47 @@ def add_box(box: BoxFile, *, progress: Progress = lambda line: None) -> str:
     if result.returncode != 0:
         raise CommandError(" ".join(["vagrant", *argv[1:]]), where="vagrant box add",
                            exit_status=result.returncode, output=result.stdout + result.stderr)
+    if box.format == "libvirt":
+        for volume in remove_stale_libvirt_volumes(name):
+            progress(f"removed {volume}, the libvirt copy of the box it replaces")
     return name
+
+
+def remove_stale_libvirt_volumes(vagrant_name: str, uri: str = "qemu:///system") -> list[str]:
+    """Delete the storage-pool copies of earlier builds of a box that no domain uses.
+
+    vagrant-libvirt uploads a box into the `default` pool once, as
+    `NAME_vagrant_box_image_VERSION_box.img` (for a box without a version:
+    `0_MTIME`), and leaves it there; a box added again under the same name
+    gets a new copy at its first `vagrant up`. A copy still backing some
+    domain's disk is kept. Best effort: without virsh or libvirtd, nothing.
+    """
+    if shutil.which("virsh") is None:
+        return []
+
+    def virsh(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["virsh", "-q", "-c", uri, *args], capture_output=True, text=True,
+                              errors="replace", stdin=subprocess.DEVNULL, timeout=60)
+
+    listing = virsh("vol-list", "default")
+    if listing.returncode != 0:
+        return []
+    prefix = vagrant_name.replace("/", "-VAGRANTSLASH-") + "_vagrant_box_image_"
+    candidates = {words[0]: words[1] for words in (line.split() for line in listing.stdout.splitlines())
+                  if len(words) >= 2 and words[0].startswith(prefix)}
+    if not candidates:
+        return []
+    in_use = set()
+    for domain in virsh("list", "--all", "--name").stdout.split():
+        for line in virsh("domblklist", domain, "--details").stdout.splitlines():
+            words = line.split()
+            if len(words) >= 4 and words[1] == "disk" and words[3].startswith("/"):
+                info = subprocess.run(["qemu-img", "info", "-U", "--output=json", "--backing-chain", words[3]],
+                                      capture_output=True, text=True)
+                if info.returncode == 0:
+                    in_use.update(layer.get("filename", "") for layer in json.loads(info.stdout))
+    removed = []
+    for volume, path in sorted(candidates.items()):
+        if path not in in_use and virsh("vol-delete", "--pool", "default", volume).returncode == 0:
+            removed.append(volume)
+    return removed
