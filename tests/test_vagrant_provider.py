@@ -484,3 +484,14 @@ def test_real_vagrant_failure_carries_command_and_output(tmp_path: Path) -> None
     assert error.exit_status == 1
     assert "VirtualBox" in error.output and "VBoxManage" in str(error)
     assert any("VirtualBox" in line for line in progress)  # streamed as it came
+
+
+def test_auto_selection_sees_lab_boxes_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VAGRANT_HOME", str(tmp_path / "vagrant.d"))
+    assert not LibvirtProvider.lab_boxes_added()
+    (tmp_path / "vagrant.d" / "boxes" / "debian-VAGRANTSLASH-bookworm64" / "12" / "libvirt").mkdir(parents=True)
+    assert not LibvirtProvider.lab_boxes_added()  # somebody else's box: not a Lab OS box
+    (tmp_path / "vagrant.d" / "boxes" / "lab-labos-1" / "0" / "virtualbox").mkdir(parents=True)
+    assert not LibvirtProvider.lab_boxes_added() and VirtualboxProvider.lab_boxes_added()
+    (tmp_path / "vagrant.d" / "boxes" / "lab-labos-1" / "0" / "amd64" / "libvirt").mkdir(parents=True)
+    assert LibvirtProvider.lab_boxes_added()

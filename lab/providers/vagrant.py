@@ -538,6 +538,13 @@ class VagrantProvider(Provider):
             return Availability(False, problem[0])
         return Availability(True, f"vagrant with {cls.label} found")
 
+    @classmethod
+    def lab_boxes_added(cls) -> bool:
+        """Has any Lab OS box (lab-NAME-VERSION) of this provider's format been added to Vagrant?"""
+        boxes = vagrant_home() / "boxes"
+        return any(any(directory.glob(f"*/{fmt}")) or any(directory.glob(f"*/*/{fmt}"))
+                   for directory in boxes.glob("lab-*") for fmt in cls.box_formats)
+
     def preflight(self) -> None:
         problem = self.host_problem(daemon=self.uses_local_daemon()) or self.lab_problem()
         if problem:
@@ -926,6 +933,16 @@ class LibvirtProvider(VagrantProvider):
     def uses_local_daemon(self) -> bool:
         # Another URI (a session, a remote host) has its own daemon.
         return self.context.spec.providers.libvirt.uri == "qemu:///system"
+
+    @classmethod
+    def availability(cls) -> Availability:
+        # Auto-selection passes libvirt over until a Lab OS box was added: a
+        # host that runs libvirtd for other reasons (CI runners, this kind of
+        # machine) keeps the embedded default, and says why.
+        found = super().availability()
+        if found.usable and not cls.lab_boxes_added():
+            return Availability(False, "no Lab OS box for libvirt yet (lab box add --format libvirt)")
+        return found
 
     # What vagrant-libvirt makes on the host, by name: recorded before `vagrant
     # up` so destroy finds them even if lab or Vagrant died half-way.
