@@ -178,3 +178,34 @@ def test_three_vms_pass_raft_failover_and_partition(box, tmp_path):
     leftovers = [d for d in virsh("list", "--all", "--name").split() if d.startswith("lab-")]
     assert leftovers == [] and networks() - before == set()
     assert not (tmp_path / ".lab" / "lab").exists()
+
+
+@pytest.mark.slow
+def test_a_generic_debian_box_gets_what_lab_needs_installed(libvirtd, tmp_path):
+    """A plain Debian box (boxes/debian: no etcd, python3 or nftables) still becomes a node."""
+    from lab.vagrantbox import add_box, build_box
+
+    add_box(build_box("debian", "12", "libvirt"))
+    lab = Lab.open(tmp_path / "lab.yaml", [
+        Override(("nodes", "count"), 1, "--nodes"), Override(("provider",), "libvirt", "--provider"),
+        Override(("name",), "generic", "--name"), Override(("box", "name"), "debian", "--set box.name"),
+        Override(("box", "version"), "12", "--set box.version"),
+        Override(("providers", "libvirt", "driver"), "qemu", "--set providers.libvirt.driver")])
+    context = lab.context("libvirt")
+    from lab.render import libvirt_network_name, machine_prefix
+
+    before = networks()
+    progress: list[str] = []
+    try:
+        with lab.lock("up"):
+            lab.up(progress.append)
+        installed = [line for line in progress if "installed" in line and "generic box" in line]
+        assert installed and all(p in installed[0] for p in ("python3", "nftables", "etcd-server")), progress
+        assert ssh(lab, "node-1", ". /etc/os-release; echo $ID").stdout.strip() == "debian"
+        [row] = wait_healthy(lab)
+        assert row.leader
+        assert ssh(lab, "node-1", "systemctl is-active lab-agent").stdout.strip() == "active"
+    finally:
+        lab_dir = lab.lab_dir
+        lab.destroy()
+    assert libvirt_leftovers(machine_prefix(context), libvirt_network_name(context), before, lab_dir) == []
