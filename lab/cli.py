@@ -740,7 +740,10 @@ def box_build(version: Annotated[str, typer.Option(help="OS version to build.")]
     import time
 
     from .boxes import build_image
+    from .vagrantbox import BOX_FORMATS
 
+    if fmt not in ("container", *BOX_FORMATS):
+        raise UsageError(f"--format {fmt!r}: unknown format", hint=f"choose one of: container, {', '.join(BOX_FORMATS)}")
     start = time.monotonic()
     with _err().status(f"building {box} {version} ({fmt})") as spinner:
         def progress(line: str) -> None:
@@ -765,7 +768,10 @@ def box_add(version: Annotated[str, typer.Option(help="OS version of the box.")]
             fmt: Annotated[str, typer.Option("--format", help="libvirt or virtualbox.")] = "libvirt",
             build: Annotated[bool, typer.Option("--build/--no-build",
                                                 help="Build the box first if it is not built yet.")] = True) -> None:
-    """Register a built box with Vagrant, under the name lab's Vagrantfiles use (lab-NAME-VERSION)."""
+    """Register a built box with Vagrant under the name lab's Vagrantfiles use.
+
+    That name is lab-NAME-VERSION: lab-labos-1 for the default box.
+    """
     from .vagrantbox import add_box, build_box, find_box
 
     found = find_box(box, version, fmt)

@@ -299,3 +299,22 @@ def test_a_malicious_name_never_creates_anything(run_lab, tmp_path, monkeypatch,
     assert "name: must be a lowercase name" in result.stderr
     assert tree_of_files(tmp_path) == ["a", "a/b", "a/b/project", "a/b/project/lab.yaml"]
     assert not Path("/tmp/escape").exists()
+
+
+# ---------------------------------------------------------------- lab box
+
+
+def test_box_build_refuses_an_unknown_format(run_lab, project):
+    result = run_lab("box", "build", "--format", "ova")
+    assert_clean_failure(result)
+    assert "--format 'ova': unknown format" in result.stderr
+    assert "container, libvirt, virtualbox" in result.stderr
+
+
+def test_box_add_without_a_built_box_names_the_build_command(run_lab, project, tmp_path):
+    result = run_lab("box", "add", "--format", "virtualbox", "--version", "2", "--no-build",
+                     env={"XDG_CACHE_HOME": str(tmp_path / "empty-cache")})
+    assert_clean_failure(result)
+    assert "the virtualbox box of labos 2 is not built" in result.stderr
+    assert "lab box build --format virtualbox --version 2" in result.stderr
+    assert not (tmp_path / "empty-cache").exists() or not any((tmp_path / "empty-cache").rglob("*.box"))
