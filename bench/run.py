@@ -394,9 +394,11 @@ def bench_vm() -> None:
           f"cached: {warm:.1f} s; vagrant box add: {add:.1f} s")
     with libvirtd_running():
         medians = {}
-        for nodes in (1, 3):
+        # The first boot after `lab box add` also uploads the box into
+        # libvirt's pool (~700 MB): reported on its own, not in the baseline.
+        for nodes, label in ((1, "first"), (1, ""), (3, "")):
             samples = []
-            for _ in range(runs):
+            for _ in range(1 if label else runs):
                 with tempfile.TemporaryDirectory() as scratch:
                     common = ["--provider", "libvirt", "--nodes", str(nodes), "--name", f"bench{nodes}",
                               "--set", "providers.libvirt.driver=qemu", "-f", f"{scratch}/lab.yaml"]
@@ -407,6 +409,9 @@ def bench_vm() -> None:
                     finally:
                         subprocess.run([*LAB, "destroy", "-f", f"{scratch}/lab.yaml", "--name", f"bench{nodes}"],
                                        capture_output=True)
+            if label:
+                print(f"  1 VM, first boot after box add (includes the upload into the pool): {samples[0]:.1f} s")
+                continue
             medians[nodes] = statistics.median(samples)
             print(f"  {nodes} VM(s) to all adopted (lab up --no-bootstrap): median {medians[nodes]:.1f} s "
                   f"n={len(samples)}" + (f"  ({medians[nodes] / medians[1]:.2f}x one VM; goal <= 1.5x)"

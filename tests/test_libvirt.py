@@ -150,6 +150,38 @@ def test_one_vm_boots_bootstraps_takes_every_fault_and_leaves_nothing(box, tmp_p
     assert libvirt_leftovers(prefix, network, before, lab_dir) == []
 
 
+def test_kill_9_during_vagrant_up_then_destroy_leaves_nothing(box, tmp_path):
+    """lab and Vagrant die while the domain boots: destroy works from what the state recorded."""
+    import os
+    import signal
+
+    (tmp_path / "lab.yaml").write_text("name: crashvm\nprovider: libvirt\nnodes:\n  count: 1\n"
+                                       "providers:\n  libvirt:\n    driver: qemu\n")
+    lab = Lab.open(tmp_path / "lab.yaml")
+    from lab.render import libvirt_network_name, machine_prefix
+
+    context = lab.context("libvirt")
+    prefix, network = machine_prefix(context), libvirt_network_name(context)
+    before = networks()
+    up = subprocess.Popen([sys.executable, "-m", "lab.cli", "up", "--file", str(tmp_path / "lab.yaml")],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and virsh("domstate", prefix + "node-1").strip() != "running":
+            time.sleep(0.5)
+        assert virsh("domstate", prefix + "node-1").strip() == "running", "the domain never started"
+    finally:
+        os.killpg(up.pid, signal.SIGKILL)  # lab and the vagrant it runs, at once
+        up.wait()
+    lab = Lab.open(tmp_path / "lab.yaml")
+    assert lab.created, "the state must survive kill -9"
+    recorded = {r["kind"] for r in lab.state.resources}
+    assert {"libvirt-domain", "libvirt-volume", "libvirt-network"} <= recorded
+    with lab.lock("destroy", wait=10):
+        lab.destroy()
+    assert libvirt_leftovers(prefix, network, before, lab.lab_dir) == []
+
+
 def run_cli(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lab.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout)
