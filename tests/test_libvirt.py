@@ -190,8 +190,13 @@ def run_cli(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedP
 @pytest.mark.slow
 def test_three_vms_pass_raft_failover_and_partition(box, tmp_path):
     before = networks()
+    # Raft timings for software emulation: three emulated CPUs on two host
+    # cores delay heartbeats past etcd's 100/1000 ms defaults, and split votes
+    # then took 4.9 s to a new leader in a partition (bound 2.5 s). With
+    # 250/2500 ms the bound is 5.5 s. See README, "VMs".
     args = ["test", "raft-failover", "partition", "--provider", "libvirt", "--nodes", "3",
-            "--set", "providers.libvirt.driver=qemu"]
+            "--set", "providers.libvirt.driver=qemu",
+            "--set", "etcd.heartbeat_ms=250", "--set", "etcd.election_timeout_ms=2500"]
     result = run_cli(args, tmp_path, timeout=1800)
     failed_steps = [step for run in (tmp_path / ".lab" / "runs").glob("*/result.json")
                     for step in json.loads(run.read_text())["steps"] if not step["ok"]]

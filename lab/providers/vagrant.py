@@ -953,6 +953,11 @@ class LibvirtProvider(VagrantProvider):
         return machine_prefix(self.context) + node  # lv.default_prefix + the machine name
 
     def _vagrant_up(self, nodes: list[str], progress: Progress) -> None:
+        etcd = self.context.spec.etcd
+        if self.context.spec.providers.libvirt.driver == "qemu" and etcd.election_timeout_ms < 2500:
+            progress("note: software emulation (driver qemu) delays Raft heartbeats; with etcd's "
+                     f"{etcd.heartbeat_ms}/{etcd.election_timeout_ms} ms split votes are likely: consider "
+                     "--set etcd.heartbeat_ms=250 --set etcd.election_timeout_ms=2500")
         state = self.context.state
         if state is not None:
             if self.MANAGEMENT_NETWORK not in self._networks():
