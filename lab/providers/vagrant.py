@@ -215,7 +215,7 @@ if [ -n "$missing" ]; then
   apt-get update -qq >/dev/null
   apt-get install -y -qq --no-install-recommends $missing >/dev/null
   # Debian's etcd-server starts a default single-member etcd; lab configures its own.
-  systemctl disable --now etcd >/dev/null 2>&1 || true
+  case "$missing" in *etcd-server*) systemctl disable --now etcd >/dev/null 2>&1 || true ;; esac
   echo "lab-installed$missing"
 fi
 test -f /etc/ssh/ssh_host_ed25519_key.pub || ssh-keygen -A >/dev/null
