@@ -681,6 +681,9 @@ class VagrantProvider(Provider):
             reason = parse_vagrant_error(getattr(exc, "output", ""))[1] or exc.message
             detail = f"not created; vagrant status: {reason.splitlines()[0]}"
             return [self._status(node.name, NodeState.NOT_CREATED, detail) for node in nodes]
+        running = [node.name for node in nodes
+                   if (entry := found.get(node.name)) is not None and node_state(entry.state) is NodeState.RUNNING]
+        boot_ids = self._boot_ids(running)
         statuses = []
         for node in nodes:
             entry = found.get(node.name)
@@ -689,12 +692,31 @@ class VagrantProvider(Provider):
             elif entry.state == "not_created":
                 statuses.append(self._status(node.name, NodeState.NOT_CREATED, "not created"))
             else:
-                statuses.append(self._status(node.name, node_state(entry.state),
-                                             f"{entry.provider or self.vagrant_provider}: {entry.state}"))
+                statuses.append(replace(self._status(node.name, node_state(entry.state),
+                                                     f"{entry.provider or self.vagrant_provider}: {entry.state}"),
+                                        boot_id=boot_ids.get(node.name)))
         return statuses
 
     def _status(self, node: str, state: NodeState, detail: str) -> NodeStatus:
         return NodeStatus(name=node, state=state, ip=self.context.addresses.get(node), detail=detail)
+
+    def _boot_ids(self, nodes: list[str]) -> dict[str, str]:
+        """Each running, adopted node's boot id over SSH (none for a node not answering yet)."""
+        from ..ssh import run as ssh_run
+
+        if not nodes or not self.context.known_hosts.exists():
+            return {}
+        endpoints = self.ssh_endpoints()
+
+        def read(node: str) -> str | None:
+            try:
+                result = ssh_run(endpoints[node], f"cat {BOOT_ID_PATH}", timeout=5)
+            except ProviderError:
+                return None
+            return result.stdout.strip() if result.ok else None
+
+        with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
+            return {node: boot_id for node, boot_id in zip(nodes, pool.map(read, nodes)) if boot_id}
 
     def halt(self, progress: Progress = no_progress) -> None:
         if not self.machines_on_disk():
