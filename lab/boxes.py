@@ -606,12 +606,8 @@ def _reset_identity(rootfs: Path) -> None:
     (rootfs / "etc/machine-id").write_text("")
     (rootfs / "var/lib/dbus/machine-id").unlink(missing_ok=True)
     (rootfs / "etc/hostname").write_text("localhost\n")
-    # debootstrap copies the build host's resolv.conf; nspawn provides one per
-    # node. A symlink (to systemd-resolved's stub, from a recipe) is the
-    # image's own and stays.
-    resolv = rootfs / "etc/resolv.conf"
-    if not resolv.is_symlink():
-        resolv.unlink(missing_ok=True)
+    # debootstrap copies the build host's resolv.conf; nspawn provides one per node.
+    (rootfs / "etc/resolv.conf").unlink(missing_ok=True)
 
 
 def _write_preset(recipe: Recipe, rootfs: Path) -> None:
