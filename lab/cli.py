@@ -759,7 +759,8 @@ def box_build(version: Annotated[str, typer.Option(help="OS version to build.")]
     _out().print(f"{built.name} {built.version} {fmt} box ready at {built.path} "
                  f"({built.size_bytes / 2**20:.0f} MiB, {time.monotonic() - start:.1f} s)\n"
                  f"register it with Vagrant: lab box add --format {fmt}"
-                 + (f" --version {version}" if version != "1" else ""))
+                 + (f" --version {version}" if version != "1" else "")
+                 + (f" --name {box}" if box != "labos" else ""))
 
 
 @box_app.command("add")
@@ -777,7 +778,8 @@ def box_add(version: Annotated[str, typer.Option(help="OS version of the box.")]
     found = find_box(box, version, fmt)
     if found is None and not build:
         raise UsageError(f"the {fmt} box of {box} {version} is not built",
-                         hint=f"lab box build --format {fmt}" + (f" --version {version}" if version != "1" else ""))
+                         hint=f"lab box build --format {fmt}" + (f" --version {version}" if version != "1" else "")
+                         + (f" --name {box}" if box != "labos" else ""))
     with _err().status(f"adding {box} {version} ({fmt})") as spinner:
         def progress(line: str) -> None:
             spinner.update(f"{box} {version} ({fmt}): {line.strip()[:100]}")

@@ -124,8 +124,10 @@ def connect(endpoint: SSHEndpoint, timeout: float = 10.0):
 
     # paramiko logs a traceback from its transport thread for every refused
     # banner while a node boots; lab reports connection failures itself.
-    logging.getLogger("paramiko").addHandler(logging.NullHandler())
-    logging.getLogger("paramiko").propagate = False
+    paramiko_logger = logging.getLogger("paramiko")
+    if not paramiko_logger.handlers:
+        paramiko_logger.addHandler(logging.NullHandler())
+    paramiko_logger.propagate = False
     from fabric import Config, Connection
 
     config = Config(overrides={"load_ssh_configs": False, "run": {"warn": True, "hide": True}})

@@ -320,8 +320,9 @@ def remove_stale_libvirt_volumes(vagrant_name: str, uri: str = "qemu:///system")
             if len(words) >= 4 and words[1] == "disk" and words[3].startswith("/"):
                 info = subprocess.run(["qemu-img", "info", "-U", "--output=json", "--backing-chain", words[3]],
                                       capture_output=True, text=True)
-                if info.returncode == 0:
-                    in_use.update(layer.get("filename", "") for layer in json.loads(info.stdout))
+                if info.returncode != 0:
+                    return []  # a disk whose backing chain we cannot read might use any of them: keep all
+                in_use.update(layer.get("filename", "") for layer in json.loads(info.stdout))
     removed = []
     for volume, path in sorted(candidates.items()):
         if path not in in_use and virsh("vol-delete", "--pool", "default", volume).returncode == 0:

@@ -561,6 +561,7 @@ class VagrantProvider(Provider):
             formats = " or ".join(self.box_formats)
             spec_box = self.context.spec.box
             version = f" --version {spec_box.version}" if spec_box.version != "1" else ""
+            version += f" --name {spec_box.name}" if spec_box.name != "labos" else ""
             if self.name in ("libvirt", "virtualbox"):
                 hint = (f"build it and add it to Vagrant: `lab box add --format {self.name}{version}` "
                         f"(builds the box first if needed; on Linux only)")
@@ -807,6 +808,7 @@ class VagrantProvider(Provider):
             with contextlib.suppress(ProviderError):
                 new_boot = ssh_run(endpoint, f"cat {BOOT_ID_PATH}", timeout=10).stdout.strip()
                 if new_boot and new_boot != old_boot:
+                    self._reapply_partition(node)
                     progress(f"{node} rebooted")
                     return
             time.sleep(1)
@@ -821,6 +823,7 @@ class VagrantProvider(Provider):
         self.context.node(node)
         self._run(lambda v: v.up(vm_name=node, provider=self.vagrant_provider, provision=False), progress)
         self._wait_ssh(node)
+        self._reapply_partition(node)
 
     def pause(self, node: str) -> None:
         self._require_created(node, "pause")
@@ -829,6 +832,7 @@ class VagrantProvider(Provider):
     def resume(self, node: str) -> None:
         self._require_created(node, "resume")
         self._run(lambda v: v.resume(vm_name=node))
+        self._reapply_partition(node)
 
     def _wait_ssh(self, node: str) -> None:
         from ..ssh import wait_for_ssh
@@ -862,9 +866,35 @@ class VagrantProvider(Provider):
 
     def heal(self) -> None:
         self.context.state.set("partition", None)
-        # A node that is down or paused cannot be reached; its rules go with its next boot anyway.
-        self._run_on_guests({node.name: f"nft delete table inet {PARTITION_TABLE} 2>/dev/null; true"
-                             for node in self.context.nodes})
+        # A node that is down or paused cannot be reached now: a down one
+        # loses its rules with its next boot, a paused one is healed when it
+        # is resumed (`_reapply_partition`).
+        failures = self._run_on_guests({node.name: f"nft delete table inet {PARTITION_TABLE} 2>/dev/null; true"
+                                        for node in self.context.nodes})
+        self.context.state.set("partition_stale", sorted(f.split(":", 1)[0] for f in failures))
+
+    def _reapply_partition(self, node: str) -> None:
+        """A node back from a power cycle or a pause gets the lab's current partition again.
+
+        The rules live in the guest's kernel: a reboot or a kill drops them,
+        while the lab's state still says partitioned (nspawn's live on the
+        host and need none of this); a node that was paused during `heal`
+        still has the old ones.
+        """
+        state = self.context.state
+        if state is None:
+            return
+        groups = state.get("partition") or []
+        stale = list(state.get("partition_stale") or [])
+        if not groups and node not in stale:
+            return
+        script = partition_scripts(groups, self.context.addresses)[node]
+        failures = self._run_on_guests({node: f"nft -f - <<'LAB_EOF'\n{script}LAB_EOF"})
+        if failures:
+            raise ProviderError("partition not restored on " + "; ".join(failures),
+                                hint="`lab fault heal` or `lab fault partition ...` once the node answers")
+        if node in stale:
+            state.set("partition_stale", [n for n in stale if n != node])
 
     def _run_on_guests(self, commands: dict[str, str]) -> list[str]:
         """Run one command per node as root, in parallel; returns 'node: why' for each failure."""
@@ -916,8 +946,12 @@ class VirtualboxProvider(VagrantProvider):
         binary = _virtualbox_manage()
         if binary is None:
             raise PrerequisiteError("VBoxManage not found", hint="install VirtualBox from virtualbox.org")
-        result = subprocess.run([binary, *args], capture_output=True, text=True, errors="replace",
-                                stdin=subprocess.DEVNULL, timeout=60)
+        try:
+            result = subprocess.run([binary, *args], capture_output=True, text=True, errors="replace",
+                                    stdin=subprocess.DEVNULL, timeout=60)
+        except subprocess.TimeoutExpired as exc:
+            raise CommandError(shlex.join(["VBoxManage", *args]), where=f"{self.name} lab {self.context.spec.name}",
+                               exit_status=None, output=_text(exc.stdout) + _text(exc.stderr)) from None
         if result.returncode != 0:
             raise CommandError(shlex.join(["VBoxManage", *args]), where=f"{self.name} lab {self.context.spec.name}",
                                exit_status=result.returncode, output=result.stdout + result.stderr)
@@ -933,6 +967,7 @@ class VirtualboxProvider(VagrantProvider):
     def resume(self, node: str) -> None:
         self._require_created(node, "resume")
         self._vboxmanage("controlvm", self._vm(node), "resume")
+        self._reapply_partition(node)
 
 
 class LibvirtProvider(VagrantProvider):
@@ -982,8 +1017,9 @@ class LibvirtProvider(VagrantProvider):
                      "--set etcd.heartbeat_ms=250 --set etcd.election_timeout_ms=2500")
         state = self.context.state
         if state is not None:
-            if self.MANAGEMENT_NETWORK not in self._networks():
-                state.record("libvirt-network", self.MANAGEMENT_NETWORK, shared=True)
+            # Shared by every vagrant-libvirt machine: removed at destroy only
+            # when no domain at all is attached to it (as vagrant-libvirt does).
+            state.record("libvirt-network", self.MANAGEMENT_NETWORK, shared=True)
             state.record("libvirt-network", libvirt_network_name(self.context))
             for node in nodes:
                 state.record("libvirt-domain", self._domain(node))
@@ -995,8 +1031,13 @@ class LibvirtProvider(VagrantProvider):
         if _which("virsh") is None:
             raise PrerequisiteError("virsh not found", hint="apt-get install libvirt-clients")
         argv = ["virsh", "-q", "-c", self.context.spec.providers.libvirt.uri, *args]
-        result = subprocess.run(argv, capture_output=True, text=True, errors="replace",
-                                stdin=subprocess.DEVNULL, timeout=120)
+        try:
+            result = subprocess.run(argv, capture_output=True, text=True, errors="replace",
+                                    stdin=subprocess.DEVNULL, timeout=120)
+        except subprocess.TimeoutExpired as exc:
+            raise CommandError(shlex.join(argv), where=f"libvirt lab {self.context.spec.name}", exit_status=None,
+                               output=_text(exc.stdout) + _text(exc.stderr),
+                               hint="libvirtd is not answering: restart it and run the command again") from None
         if check and result.returncode != 0:
             raise CommandError(shlex.join(argv), where=f"libvirt lab {self.context.spec.name}",
                                exit_status=result.returncode, output=result.stdout + result.stderr)
@@ -1022,6 +1063,9 @@ class LibvirtProvider(VagrantProvider):
         """
         self._require_created(node, "kill")
         state = self._domain_state(node)
+        if state is None:
+            raise ProviderError(f"cannot kill {node}: libvirt does not know domain {self._domain(node)}",
+                                hint="check `virsh list --all` and that libvirtd is running")
         if state not in ("running", "paused"):
             return
         if state == "paused" or not self._sigkill_qemu(node):
@@ -1052,16 +1096,30 @@ class LibvirtProvider(VagrantProvider):
 
     def _qemu_gone(self, node: str) -> bool:
         """Is the domain's QEMU dead or dying (a zombie, or SIGKILL pending) while libvirt still says running?"""
+        if self.context.spec.providers.libvirt.uri != "qemu:///system" or os.geteuid() != 0:
+            return False  # lab never SIGKILLs there (see _sigkill_qemu): libvirt's word stands
         domain = self._domain(node)
         try:
             pid = int(Path(f"/run/libvirt/qemu/{domain}.pid").read_text().strip())
             fields = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
                           if ":\t" in line)
-        except (OSError, ValueError):
+        except FileNotFoundError:
             return True
+        except (OSError, ValueError):
+            return False
         sigkill = 1 << (signal.SIGKILL - 1)
         pending = int(fields.get("ShdPnd", "0"), 16) | int(fields.get("SigPnd", "0"), 16)
         return fields.get("State", "").startswith(("Z", "X")) or bool(pending & sigkill)
+
+    def pause(self, node: str) -> None:
+        self._require_created(node, "pause")
+        self._virsh("suspend", self._domain(node))
+
+    def resume(self, node: str) -> None:
+        self._require_created(node, "resume")
+        if self._settle(node) == "paused":
+            self._virsh("resume", self._domain(node))
+        self._reapply_partition(node)
 
     def start(self, node: str, progress: Progress = no_progress) -> None:
         # A killed domain keeps its definition and its guest its network
@@ -1070,6 +1128,7 @@ class LibvirtProvider(VagrantProvider):
         if self._settle(node) == "shut off":
             self._virsh("start", self._domain(node))
             self._wait_ssh(node)
+            self._reapply_partition(node)
             progress(f"{node} started")
             return
         super().start(node, progress)
@@ -1084,26 +1143,41 @@ class LibvirtProvider(VagrantProvider):
         state = self.context.state
         if state is None:
             return
+        left: list[str] = []
         for resource in state.find("libvirt-domain"):
             domain = resource["id"]
             if self._virsh("domstate", domain, check=False).returncode == 0:
                 progress(f"removing leftover domain {domain}")
                 self._virsh("destroy", domain, check=False)
                 self._virsh("undefine", domain, "--remove-all-storage", "--nvram", check=False)
-            state.forget("libvirt-domain", domain)
+            if self._virsh("domstate", domain, check=False).returncode == 0:
+                left.append(f"domain {domain}")
+            else:
+                state.forget("libvirt-domain", domain)
         for resource in state.find("libvirt-volume"):
             pool, volume = resource.get("pool", self.STORAGE_POOL), resource["id"]
             if self._virsh("vol-info", "--pool", pool, volume, check=False).returncode == 0:
                 progress(f"removing leftover volume {volume}")
                 self._virsh("vol-delete", "--pool", pool, volume, check=False)
-            state.forget("libvirt-volume", volume)
+            if self._virsh("vol-info", "--pool", pool, volume, check=False).returncode == 0:
+                left.append(f"volume {volume}")
+            else:
+                state.forget("libvirt-volume", volume)
         for resource in state.find("libvirt-network"):
             network = resource["id"]
             if network in self._networks() and not self._network_in_use(network):
                 progress(f"removing libvirt network {network}")
                 self._virsh("net-destroy", network, check=False)
                 self._virsh("net-undefine", network, check=False)
-            state.forget("libvirt-network", network)
+            if network in self._networks() and not resource.get("shared"):
+                left.append(f"network {network}")
+            else:
+                state.forget("libvirt-network", network)
+        if left:
+            # The state keeps them: `lab destroy` again retries.
+            raise ProviderError(f"could not remove {', '.join(left)}",
+                                hint="check libvirtd (`virsh list --all`, `virsh net-list --all`), "
+                                     "then run `lab destroy` again")
 
     def _network_in_use(self, network: str) -> bool:
         """Is any domain on the host (of any lab, or not lab's at all) attached to the network?"""
