@@ -143,11 +143,23 @@ def test_one_vm_boots_bootstraps_takes_every_fault_and_leaves_nothing(box, tmp_p
         new_boot = ssh(lab, "node-1", "cat /proc/sys/kernel/random/boot_id").stdout.strip()
         assert new_boot and new_boot != old_boot
         wait_healthy(lab)
-        assert ssh(lab, "node-1", "systemctl is-active lab-agent").stdout.strip() == "active"
+        wait_active(lab, "node-1", "lab-agent")
     finally:
         lab_dir = lab.lab_dir
         lab.destroy()
     assert libvirt_leftovers(prefix, network, before, lab_dir) == []
+
+
+def wait_active(lab: Lab, node: str, unit: str, timeout: float = 90) -> None:
+    """The unit runs (after a boot it waits for etcd's readiness, which /health may report first)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ssh(lab, node, f"systemctl is-active {unit}").stdout.strip() == "active":
+            return
+        time.sleep(1)
+    diagnosis = ssh(lab, node, f"systemctl status --no-pager {unit}; ls -l /etc/systemd/system/{unit}.service; "
+                               f"journalctl -b -u {unit} -n 20 --no-pager").stdout
+    raise AssertionError(f"{unit} not active on {node} after {timeout} s:\n{diagnosis}")
 
 
 def test_kill_9_during_vagrant_up_then_destroy_leaves_nothing(box, tmp_path):
@@ -241,7 +253,7 @@ def test_a_generic_debian_box_gets_what_lab_needs_installed(libvirtd, tmp_path):
         assert ssh(lab, "node-1", ". /etc/os-release; echo $ID").stdout.strip() == "debian"
         [row] = wait_healthy(lab)
         assert row.leader
-        assert ssh(lab, "node-1", "systemctl is-active lab-agent").stdout.strip() == "active"
+        wait_active(lab, "node-1", "lab-agent")
     finally:
         lab_dir = lab.lab_dir
         lab.destroy()
