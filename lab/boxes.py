@@ -140,11 +140,10 @@ def list_images() -> list[Image]:
     return images
 
 
-def remove_images(name: str, version: str | None = None, flavor: str | None = None) -> list[Image]:
-    """Delete every cached image of `name` (optionally one version or flavor); returns them."""
+def remove_images(name: str, version: str | None = None) -> list[Image]:
+    """Delete every cached image of `name`, both flavors (optionally one version); returns them."""
     doomed = [image for image in list_images()
-              if image.name == name and (version is None or image.version == version)
-              and (flavor is None or image.flavor == flavor)]
+              if image.name == name and (version is None or image.version == version)]
     for image in doomed:
         _refuse_if_in_use(image.path)
     for image in doomed:
@@ -495,7 +494,7 @@ def _debootstrap(recipe: Recipe, mirror: str, rootfs: Path, report: Progress) ->
         # console output often only says "see the log".
         log = rootfs / "debootstrap" / "debootstrap.log"
         log_tail = _tail(log.read_text(errors="replace")) if log.is_file() else ""
-        raise BoxError(_failure(argv, status, "\n".join(tail), log_tail),
+        raise BoxError(failure_message(argv, status, "\n".join(tail), log_tail),
                        hint="check that the mirror serves "
                             f"{recipe.suite} (pass another with --mirror URL)")
 
@@ -664,7 +663,7 @@ def _chroot(rootfs: Path, *command: str) -> None:
     result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True, errors="replace")
     if result.returncode != 0:
-        raise BoxError(_failure(argv, result.returncode, result.stdout))
+        raise BoxError(failure_message(argv, result.returncode, result.stdout))
 
 
 def _write_meta(temp: Path, recipe: Recipe, key: str, mirror: str) -> None:
@@ -702,7 +701,7 @@ def _disk_usage(path: Path) -> int:
     return total
 
 
-def _failure(argv: list[str], status: int, output: str, log_tail: str = "") -> str:
+def failure_message(argv: list[str], status: int, output: str, log_tail: str = "") -> str:
     message = f"`{shlex.join(argv)}` exited {status}"
     for title, text in (("output", output), ("debootstrap.log", log_tail)):
         text = _tail(text)

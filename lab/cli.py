@@ -740,7 +740,7 @@ def box_build(version: Annotated[str, typer.Option(help="OS version to build.")]
     import time
 
     from .boxes import build_image
-    from .vagrantbox import BOX_FORMATS
+    from .vagrantbox import BOX_FORMATS, box_options
 
     if fmt not in ("container", *BOX_FORMATS):
         raise UsageError(f"--format {fmt!r}: unknown format", hint=f"choose one of: container, {', '.join(BOX_FORMATS)}")
@@ -758,9 +758,7 @@ def box_build(version: Annotated[str, typer.Option(help="OS version to build.")]
         built = build_box(box, version, fmt, mirror=mirror, progress=progress, force=force)
     _out().print(f"{built.name} {built.version} {fmt} box ready at {built.path} "
                  f"({built.size_bytes / 2**20:.0f} MiB, {time.monotonic() - start:.1f} s)\n"
-                 f"register it with Vagrant: lab box add --format {fmt}"
-                 + (f" --version {version}" if version != "1" else "")
-                 + (f" --name {box}" if box != "labos" else ""))
+                 f"register it with Vagrant: lab box add --format {fmt}{box_options(box, version)}")
 
 
 @box_app.command("add")
@@ -773,13 +771,12 @@ def box_add(version: Annotated[str, typer.Option(help="OS version of the box.")]
 
     That name is lab-NAME-VERSION: lab-labos-1 for the default box.
     """
-    from .vagrantbox import add_box, build_box, find_box
+    from .vagrantbox import add_box, box_options, build_box, find_box
 
     found = find_box(box, version, fmt)
     if found is None and not build:
         raise UsageError(f"the {fmt} box of {box} {version} is not built",
-                         hint=f"lab box build --format {fmt}" + (f" --version {version}" if version != "1" else "")
-                         + (f" --name {box}" if box != "labos" else ""))
+                         hint=f"lab box build --format {fmt}{box_options(box, version)}")
     with _err().status(f"adding {box} {version} ({fmt})") as spinner:
         def progress(line: str) -> None:
             spinner.update(f"{box} {version} ({fmt}): {line.strip()[:100]}")

@@ -8,6 +8,7 @@ an ssh_config so `ssh -F`, `pytest --ssh-config` and testinfra see the same.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -20,6 +21,12 @@ from typing import Callable, Iterable, TextIO
 from .errors import CommandError, ProviderError
 from .providers.base import SSHEndpoint
 from .state import write_atomic
+
+# paramiko logs a traceback from its transport thread for every refused banner
+# while a node boots; lab reports connection failures itself. (Configuring a
+# logger imports nothing of paramiko.)
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+logging.getLogger("paramiko").propagate = False
 
 
 def ensure_keypair(private_key: Path, comment: str) -> Path:
@@ -118,16 +125,7 @@ def ssh_argv(endpoint: SSHEndpoint, ssh_config: Path, command: list[str] | None 
 
 def connect(endpoint: SSHEndpoint, timeout: float = 10.0):
     """A Fabric Connection that verifies the node's host key when the provider knows it."""
-    import logging
-
     import paramiko
-
-    # paramiko logs a traceback from its transport thread for every refused
-    # banner while a node boots; lab reports connection failures itself.
-    paramiko_logger = logging.getLogger("paramiko")
-    if not paramiko_logger.handlers:
-        paramiko_logger.addHandler(logging.NullHandler())
-    paramiko_logger.propagate = False
     from fabric import Config, Connection
 
     config = Config(overrides={"load_ssh_configs": False, "run": {"warn": True, "hide": True}})

@@ -75,6 +75,11 @@ class BoxFile:
         return vagrant_box_name_for(self.name, self.version)
 
 
+def box_options(name: str, version: str) -> str:
+    """The `lab box` options naming a box, as hints print them (defaults left out)."""
+    return (f" --version {version}" if version != "1" else "") + (f" --name {name}" if name != "labos" else "")
+
+
 def boxes_dir() -> Path:
     return cache_dir() / "boxes"
 

@@ -15,7 +15,6 @@ on the host if the build is interrupted but a file in a temporary directory.
 
 from __future__ import annotations
 
-import shlex
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -158,6 +157,7 @@ def _run(argv: list[str], *, input: str | None = None) -> subprocess.CompletedPr
     result = subprocess.run(argv, input=input, capture_output=True, text=True, errors="replace",
                             stdin=None if input is not None else subprocess.DEVNULL)
     if result.returncode != 0:
-        output = "\n".join("    " + line for line in (result.stdout + result.stderr).strip().splitlines()[-15:])
-        raise BoxError(f"`{shlex.join(argv)}` exited {result.returncode}" + (f":\n{output}" if output else ""))
+        from .boxes import failure_message
+
+        raise BoxError(failure_message(argv, result.returncode, result.stdout + result.stderr))
     return result

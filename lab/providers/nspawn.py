@@ -476,7 +476,7 @@ class NspawnProvider(Provider):
 
     def _write_node_files(self, node: str, upper: Path, rootfs: Path) -> None:
         """Per-node identity, written into the node's own layer before its first boot."""
-        from ..ssh import generate_ed25519
+        from ..ssh import generate_ed25519, record_host_key
 
         ip = self.context.addresses[node]
         prefix = self.context.subnet.split("/")[1]
@@ -502,12 +502,7 @@ class NspawnProvider(Provider):
             target.write_text(text)
             private_file = relative.endswith("_key") or "authorized_keys" in relative
             os.chmod(target, 0o600 if private_file else 0o644)
-        self._record_host_key(node, ip, public)
-
-    def _record_host_key(self, node: str, ip: str, public_line: str) -> None:
-        from ..ssh import record_host_key
-
-        record_host_key(self.context.known_hosts, node, ip, public_line)
+        record_host_key(self.context.known_hosts, node, ip, public)
 
     def _nspawn_argv(self, node: str) -> list[str]:
         return ["systemd-nspawn", "--boot", "--register=no", "--keep-unit", "--quiet",

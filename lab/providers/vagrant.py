@@ -559,11 +559,11 @@ class VagrantProvider(Provider):
         box = vagrant_box_name(self.context.spec)
         if not self.box_installed(box):
             formats = " or ".join(self.box_formats)
-            spec_box = self.context.spec.box
-            version = f" --version {spec_box.version}" if spec_box.version != "1" else ""
-            version += f" --name {spec_box.name}" if spec_box.name != "labos" else ""
+            from ..vagrantbox import box_options
+
             if self.name in ("libvirt", "virtualbox"):
-                hint = (f"build it and add it to Vagrant: `lab box add --format {self.name}{version}` "
+                options = box_options(self.context.spec.box.name, self.context.spec.box.version)
+                hint = (f"build it and add it to Vagrant: `lab box add --format {self.name}{options}` "
                         f"(builds the box first if needed; on Linux only)")
             else:
                 hint = (f"add a {formats} box named {box}: `vagrant box add {box} PATH/TO/FILE.box` "
@@ -585,6 +585,10 @@ class VagrantProvider(Provider):
                    for fmt in self.box_formats)
 
     # -- running vagrant
+
+    def machine_name(self, node: str) -> str:
+        """The node's name on the hypervisor: VirtualBox's vb.name, libvirt's default_prefix + node."""
+        return machine_prefix(self.context) + node
 
     @property
     def vagrantfile(self) -> Path:
@@ -643,17 +647,15 @@ class VagrantProvider(Provider):
         from ..ssh import record_host_key
         from ..ssh import run as ssh_run
 
-        text = self._run(lambda v: v.ssh_config())
-        entries = parse_ssh_config(text)
+        vagrant_endpoints = self.vagrant_ssh_endpoints()
         public_key = self.context.ssh_key.with_suffix(".pub").read_text().strip()
         script = adoption_script(public_key)
 
         def adopt(node: str) -> str:
-            entry = entries.get(node)
-            if entry is None:
+            endpoint = vagrant_endpoints.get(node)
+            if endpoint is None:
                 raise ProviderError(f"{node}: `vagrant ssh-config` does not list it",
                                     hint=f"run `vagrant status` in {self.context.lab_dir}")
-            endpoint = ssh_endpoint(node, entry)
             result = ssh_run(endpoint, f"sudo -n sh -c {shlex.quote(script)}", timeout=ADOPT_TIMEOUT, check=True)
             host_key = parse_adoption_output(result.stdout, node)
             installed = [line.split(None, 1)[1] for line in result.stdout.splitlines()
@@ -703,21 +705,13 @@ class VagrantProvider(Provider):
 
     def _boot_ids(self, nodes: list[str]) -> dict[str, str]:
         """Each running, adopted node's boot id over SSH (none for a node not answering yet)."""
-        from ..ssh import run as ssh_run
+        from ..ssh import run_many
 
         if not nodes or not self.context.known_hosts.exists():
             return {}
         endpoints = self.ssh_endpoints()
-
-        def read(node: str) -> str | None:
-            try:
-                result = ssh_run(endpoints[node], f"cat {BOOT_ID_PATH}", timeout=5)
-            except ProviderError:
-                return None
-            return result.stdout.strip() if result.ok else None
-
-        with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
-            return {node: boot_id for node, boot_id in zip(nodes, pool.map(read, nodes)) if boot_id}
+        results = run_many([endpoints[node] for node in nodes], f"cat {BOOT_ID_PATH}", timeout=5)
+        return {result.node: result.stdout.strip() for result in results if result.ok and result.stdout.strip()}
 
     def halt(self, progress: Progress = no_progress) -> None:
         if not self.machines_on_disk():
@@ -939,9 +933,6 @@ class VirtualboxProvider(VagrantProvider):
             lambda line, node=node: progress(f"{node}: {line}")),
             first_alone=self.context.spec.providers.virtualbox.linked_clone, progress=progress)
 
-    def _vm(self, node: str) -> str:
-        return machine_prefix(self.context) + node  # the Vagrantfile's vb.name
-
     def _vboxmanage(self, *args: str) -> None:
         binary = _virtualbox_manage()
         if binary is None:
@@ -958,15 +949,15 @@ class VirtualboxProvider(VagrantProvider):
 
     def kill(self, node: str) -> None:
         self._require_created(node, "kill")
-        self._vboxmanage("controlvm", self._vm(node), "poweroff")
+        self._vboxmanage("controlvm", self.machine_name(node), "poweroff")
 
     def pause(self, node: str) -> None:
         self._require_created(node, "pause")
-        self._vboxmanage("controlvm", self._vm(node), "pause")
+        self._vboxmanage("controlvm", self.machine_name(node), "pause")
 
     def resume(self, node: str) -> None:
         self._require_created(node, "resume")
-        self._vboxmanage("controlvm", self._vm(node), "resume")
+        self._vboxmanage("controlvm", self.machine_name(node), "resume")
         self._reapply_partition(node)
 
 
@@ -1006,9 +997,6 @@ class LibvirtProvider(VagrantProvider):
     MANAGEMENT_NETWORK = "vagrant-libvirt"  # vagrant-libvirt's default, shared by all its machines
     STORAGE_POOL = "default"
 
-    def _domain(self, node: str) -> str:
-        return machine_prefix(self.context) + node  # lv.default_prefix + the machine name
-
     def _vagrant_up(self, nodes: list[str], progress: Progress) -> None:
         etcd = self.context.spec.etcd
         if self.context.spec.providers.libvirt.driver == "qemu" and etcd.election_timeout_ms < 2500:
@@ -1022,9 +1010,9 @@ class LibvirtProvider(VagrantProvider):
             state.record("libvirt-network", self.MANAGEMENT_NETWORK, shared=True)
             state.record("libvirt-network", libvirt_network_name(self.context))
             for node in nodes:
-                state.record("libvirt-domain", self._domain(node))
+                state.record("libvirt-domain", self.machine_name(node))
                 # vagrant-libvirt names the domain's disk after it, in the default pool.
-                state.record("libvirt-volume", f"{self._domain(node)}.img", pool=self.STORAGE_POOL)
+                state.record("libvirt-volume", f"{self.machine_name(node)}.img", pool=self.STORAGE_POOL)
         super()._vagrant_up(nodes, progress)
 
     def _virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -1045,7 +1033,7 @@ class LibvirtProvider(VagrantProvider):
 
     def _domain_state(self, node: str) -> str | None:
         """virsh's state of the node's domain (running, paused, shut off), or None if there is none."""
-        result = self._virsh("domstate", self._domain(node), check=False)
+        result = self._virsh("domstate", self.machine_name(node), check=False)
         return result.stdout.strip() if result.returncode == 0 else None
 
     def _networks(self) -> set[str]:
@@ -1064,17 +1052,21 @@ class LibvirtProvider(VagrantProvider):
         self._require_created(node, "kill")
         state = self._domain_state(node)
         if state is None:
-            raise ProviderError(f"cannot kill {node}: libvirt does not know domain {self._domain(node)}",
+            raise ProviderError(f"cannot kill {node}: libvirt does not know domain {self.machine_name(node)}",
                                 hint="check `virsh list --all` and that libvirtd is running")
         if state not in ("running", "paused"):
             return
         if state == "paused" or not self._sigkill_qemu(node):
-            self._virsh("destroy", self._domain(node))
+            self._virsh("destroy", self.machine_name(node))
+
+    def _reaches_qemu_directly(self) -> bool:
+        """Can lab see and signal this lab's QEMU processes (local system daemon, as root)?"""
+        return self.context.spec.providers.libvirt.uri == "qemu:///system" and os.geteuid() == 0
 
     def _sigkill_qemu(self, node: str) -> bool:
-        if self.context.spec.providers.libvirt.uri != "qemu:///system" or os.geteuid() != 0:
+        if not self._reaches_qemu_directly():
             return False
-        domain = self._domain(node)
+        domain = self.machine_name(node)
         try:
             pid = int(Path(f"/run/libvirt/qemu/{domain}.pid").read_text().strip())
             # The pid file outlives a process now and then: kill only the right QEMU.
@@ -1096,9 +1088,9 @@ class LibvirtProvider(VagrantProvider):
 
     def _qemu_gone(self, node: str) -> bool:
         """Is the domain's QEMU dead or dying (a zombie, or SIGKILL pending) while libvirt still says running?"""
-        if self.context.spec.providers.libvirt.uri != "qemu:///system" or os.geteuid() != 0:
+        if not self._reaches_qemu_directly():
             return False  # lab never SIGKILLs there (see _sigkill_qemu): libvirt's word stands
-        domain = self._domain(node)
+        domain = self.machine_name(node)
         try:
             pid = int(Path(f"/run/libvirt/qemu/{domain}.pid").read_text().strip())
             fields = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
@@ -1113,12 +1105,12 @@ class LibvirtProvider(VagrantProvider):
 
     def pause(self, node: str) -> None:
         self._require_created(node, "pause")
-        self._virsh("suspend", self._domain(node))
+        self._virsh("suspend", self.machine_name(node))
 
     def resume(self, node: str) -> None:
         self._require_created(node, "resume")
         if self._settle(node) == "paused":
-            self._virsh("resume", self._domain(node))
+            self._virsh("resume", self.machine_name(node))
         self._reapply_partition(node)
 
     def start(self, node: str, progress: Progress = no_progress) -> None:
@@ -1126,7 +1118,7 @@ class LibvirtProvider(VagrantProvider):
         # settings: starting it is enough, and much faster than `vagrant up`.
         self.context.node(node)
         if self._settle(node) == "shut off":
-            self._virsh("start", self._domain(node))
+            self._virsh("start", self.machine_name(node))
             self._wait_ssh(node)
             self._reapply_partition(node)
             progress(f"{node} started")
@@ -1136,7 +1128,7 @@ class LibvirtProvider(VagrantProvider):
     def _thaw_all(self) -> None:
         for node in self.machines_on_disk():
             if self._settle(node) == "paused":
-                self._virsh("resume", self._domain(node), check=False)
+                self._virsh("resume", self.machine_name(node), check=False)
 
     def _cleanup_host(self, progress: Progress) -> None:
         """Whatever `vagrant destroy` left of what the state recorded: domains first, then networks."""
