@@ -30,6 +30,13 @@ LEADER_MARGIN_S = 0.5  # added to 2x the election timeout for `within: auto`
 KILL_ETCD_DROPIN = "/run/systemd/system/etcd.service.d/lab-fault.conf"
 
 
+def wait_timeout(timeout: float, bound: float | None) -> float:
+    """How long a wait-until step waits: its own timeout, but at least twice
+    its bound, so that a leader elected late (slow Raft timings under software
+    emulation) is measured and reported against the bound instead of missed."""
+    return max(timeout, 2 * bound) if bound is not None else timeout
+
+
 @dataclass
 class StepResult:
     index: int
@@ -393,8 +400,9 @@ class ScenarioRun:
         # it was in place, and never report less than zero.
         since = self.last_fault["requested"] if self.last_fault else 0.0
         in_place = self.last_fault["start"] if self.last_fault else 0.0
-        deadline = time.monotonic() + wait.timeout
         bound = self._bound(wait.within)
+        timeout = wait_timeout(wait.timeout, bound)
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             reached_at = self._condition(wait.condition, since)
             if reached_at is not None:
@@ -418,7 +426,7 @@ class ScenarioRun:
                         detail += f"; bound {bound:.2f} s"
                 return True, detail, measured
             time.sleep(SAMPLE_INTERVAL)
-        return False, f"not reached within {wait.timeout:g} s", {}
+        return False, f"not reached within {timeout:g} s", {}
 
     def _condition(self, condition: str, since: float):
         if condition in ("updated", "update-halted"):

@@ -87,7 +87,8 @@ class WaitUntil(_Strict):
     # old-leader-follows: the last fault's leader is back as a follower.
     condition: Literal["new-leader", "leader", "healthy", "converged", "old-leader-follows", "updated",
                        "update-halted"]
-    timeout: float = Field(30.0, gt=0, le=600, description="seconds before the step fails")
+    timeout: float = Field(30.0, gt=0, le=600, description="seconds before the step fails "
+                                                          "(at least twice `within`)")
     # "auto": 2x the election timeout plus a margin; a number: seconds. The
     # step fails (and the measurement is reported) when the condition took longer.
     within: float | Literal["auto"] | None = None

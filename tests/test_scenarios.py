@@ -37,6 +37,14 @@ def test_every_builtin_scenario_parses():
         assert spec.description
 
 
+def test_a_wait_lasts_at_least_twice_its_bound_so_a_late_leader_is_measured():
+    from lab.engine import wait_timeout
+
+    assert wait_timeout(10, 2.5) == 10      # etcd defaults: the scenario's own timeout
+    assert wait_timeout(10, 5.5) == 11      # 2500 ms elections: long enough to measure a miss
+    assert wait_timeout(30, None) == 30     # no bound, no change
+
+
 def test_shorthands_expand():
     spec = parse(REPO / "scenarios" / "raft-failover" / "scenario.yaml")
     kinds = [step.kind for step in spec.steps]

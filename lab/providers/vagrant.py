@@ -999,10 +999,15 @@ class LibvirtProvider(VagrantProvider):
 
     def _vagrant_up(self, nodes: list[str], progress: Progress) -> None:
         etcd = self.context.spec.etcd
-        if self.context.spec.providers.libvirt.driver == "qemu" and etcd.election_timeout_ms < 2500:
-            progress("note: software emulation (driver qemu) delays Raft heartbeats; with etcd's "
-                     f"{etcd.heartbeat_ms}/{etcd.election_timeout_ms} ms split votes are likely: consider "
-                     "--set etcd.heartbeat_ms=250 --set etcd.election_timeout_ms=2500")
+        if self.context.spec.providers.libvirt.driver == "qemu" and (
+                etcd.election_timeout_ms < 2500 or not etcd.pre_vote):
+            # Under emulation a follower's log lags by a few entries; without
+            # pre-vote it campaigns in vain, each time raising the term and
+            # restarting the timer of the one follower that could win.
+            progress("note: software emulation (driver qemu) slows Raft down; with etcd "
+                     f"{etcd.heartbeat_ms}/{etcd.election_timeout_ms} ms"
+                     f"{'' if etcd.pre_vote else ' and no pre-vote'} elections can take several rounds: consider "
+                     "--set etcd.heartbeat_ms=250 --set etcd.election_timeout_ms=2500 --set etcd.pre_vote=true")
         state = self.context.state
         if state is not None:
             # Shared by every vagrant-libvirt machine: removed at destroy only
