@@ -814,15 +814,24 @@ def box_list(as_json: JsonOpt = False) -> None:
 
 @box_app.command("rm")
 def box_rm(box: Annotated[str, typer.Argument(help="Image name, e.g. labos.")],
-           version: Annotated[Optional[str], typer.Option(help="Only this version.")] = None) -> None:
-    """Remove built images and box files (boxes added to Vagrant stay: `vagrant box remove` them)."""
+           version: Annotated[Optional[str], typer.Option(help="Only this version.")] = None,
+           vagrant: Annotated[bool, typer.Option(
+               "--vagrant", help="Also remove the boxes added to Vagrant (lab-NAME-VERSION) and the copies "
+                                 "libvirt keeps of them in its storage pool, unless a VM still uses one.")] = False,
+           ) -> None:
+    """Remove built images and box files; with --vagrant, what `lab box add` registered too."""
     from .boxes import remove_images
-    from .vagrantbox import remove_boxes
+    from .vagrantbox import remove_boxes, remove_from_vagrant
 
+    # Vagrant first: if it fails, the files it was added from are still there.
+    registered = remove_from_vagrant(box, version) if vagrant else []
     removed = remove_images(box, version)
     files = remove_boxes(box, version)
-    if not removed and not files:
-        raise UsageError(f"no built image {box}{' ' + version if version else ''}", hint="see `lab box list`")
+    if not removed and not files and not registered:
+        raise UsageError(f"no built image {box}{' ' + version if version else ''}",
+                         hint="see `lab box list`" + ("" if vagrant else "; `--vagrant` for boxes added to Vagrant"))
+    for what in registered:
+        _out().print(f"removed {what}")
     for image in removed:
         _out().print(f"removed {image.name} {image.version} {image.flavor} image ({image.key})")
     for built in files:

@@ -194,7 +194,6 @@ def _template_values(context: "LabContext", provider: str) -> dict[str, Any]:
                  for p in spec.forwarded_ports if (p.node or first) == node.name]
         nodes.append({
             "name": ruby_str(node.name),
-            "hostname": ruby_str(node.name),
             "ip": ruby_str(ip),
             "cpus": ruby_int(node.cpus),
             "memory": ruby_int(node.memory),

@@ -272,26 +272,61 @@ def ovf_descriptor(*, vm_name: str, disk_file: str, disk_bytes: int, capacity_by
 """
 
 
-def add_box(box: BoxFile, *, progress: Progress = lambda line: None) -> str:
-    """Register a built box with Vagrant (replacing an older build); returns its Vagrant name."""
+def _vagrant_box(*args: str) -> str:
+    """Run `vagrant box ARGS`; its output, or a CommandError naming the sub-command."""
     vagrant = shutil.which("vagrant")
     if vagrant is None:
         from .providers.vagrant import VAGRANT_HINT
 
         raise PrerequisiteError("vagrant not found", hint=VAGRANT_HINT)
-    name = box.vagrant_name
-    argv = [vagrant, "box", "add", "--force", "--name", name, str(box.path)]
-    progress(f"vagrant box add --name {name} {box.path.name}")
     env = dict(os.environ, VAGRANT_CHECKPOINT_DISABLE="1", VAGRANT_NO_COLOR="1")
-    result = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                            errors="replace")
+    result = subprocess.run([vagrant, "box", *args], env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                            text=True, errors="replace")
     if result.returncode != 0:
-        raise CommandError(" ".join(["vagrant", *argv[1:]]), where="vagrant box add",
+        raise CommandError(" ".join(["vagrant", "box", *args]), where=f"vagrant box {args[0]}",
                            exit_status=result.returncode, output=result.stdout + result.stderr)
+    return result.stdout
+
+
+def add_box(box: BoxFile, *, progress: Progress = lambda line: None) -> str:
+    """Register a built box with Vagrant (replacing an older build); returns its Vagrant name."""
+    name = box.vagrant_name
+    progress(f"vagrant box add --name {name} {box.path.name}")
+    _vagrant_box("add", "--force", "--name", name, str(box.path))
     if box.format == "libvirt":
         for volume in remove_stale_libvirt_volumes(name):
             progress(f"removed {volume}, the libvirt copy of the box it replaces")
     return name
+
+
+def added_boxes() -> list[tuple[str, str]]:
+    """(Vagrant name, provider) of every box added to Vagrant."""
+    found, name = [], None
+    for line in _vagrant_box("list", "--machine-readable").splitlines():
+        fields = line.split(",", 3)
+        if len(fields) == 4 and fields[2] == "box-name":
+            name = fields[3]
+        elif len(fields) == 4 and fields[2] == "box-provider" and name is not None:
+            found.append((name, fields[3]))
+    return found
+
+
+def remove_from_vagrant(name: str, version: str | None = None) -> list[str]:
+    """Remove lab's boxes of recipe `name` from Vagrant, and libvirt's copies of them no VM uses.
+
+    Returns what was removed, as "vagrant box NAME (PROVIDER)" and pool volume names.
+    """
+    from .render import vagrant_box_name_for
+
+    wanted = vagrant_box_name_for(name, version or "")
+    removed = []
+    for box, provider in added_boxes():
+        if box == wanted if version else box.startswith(wanted):
+            _vagrant_box("remove", "--force", "--all", "--provider", provider, box)
+            removed.append(f"vagrant box {box} ({provider})")
+            if provider == "libvirt":
+                removed += remove_stale_libvirt_volumes(box)
+    return removed
 
 
 def remove_stale_libvirt_volumes(vagrant_name: str, uri: str = "qemu:///system") -> list[str]:

@@ -199,6 +199,35 @@ def run_cli(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedP
                           timeout=timeout)
 
 
+def test_box_rm_vagrant_removes_the_registration_and_the_unused_pool_copy(box, tmp_path):
+    """Real `vagrant box add/remove` and a real pool volume, on a box of its own so others' boxes stay."""
+    import os
+
+    from lab.vagrantbox import BoxFile, add_box, added_boxes
+
+    copy = box.path.with_name(f"rmtest-1-{box.key}-libvirt.box")
+    copy.unlink(missing_ok=True)
+    os.link(box.path, copy)  # the labos box's bytes under another recipe's name, without copying 700 MiB
+    add_box(BoxFile(path=copy, format="libvirt", name="rmtest", version="1", key=box.key,
+                    size_bytes=box.size_bytes))
+    assert ("lab-rmtest-1", "libvirt") in added_boxes()
+    # What vagrant-libvirt's first `vagrant up` would leave in the pool.
+    volume = "lab-rmtest-1_vagrant_box_image_0_box.img"
+    subprocess.run(["virsh", "-q", "-c", URI, "vol-create-as", "default", volume, "1M", "--format", "qcow2"],
+                   check=True, capture_output=True)
+
+    result = run_cli(["box", "rm", "rmtest", "--vagrant"], tmp_path, timeout=300)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "removed vagrant box lab-rmtest-1 (libvirt)" in result.stdout
+    assert f"removed {volume}" in result.stdout and f"removed {copy}" in result.stdout
+    assert ("lab-rmtest-1", "libvirt") not in added_boxes()
+    assert volume not in virsh("vol-list", "default") and not copy.exists()
+    assert box.path.exists() and ("lab-labos-1", "libvirt") in added_boxes()  # the others stay
+    again = run_cli(["box", "rm", "rmtest", "--vagrant"], tmp_path, timeout=300)
+    assert again.returncode == 2 and "no built image rmtest" in again.stderr
+
+
 @pytest.mark.slow
 def test_three_vms_pass_raft_failover_and_partition(box, tmp_path):
     before = networks()

@@ -305,8 +305,9 @@ def test_partition_scripts_sort_addresses_numerically_and_skip_empty_sides() -> 
 
 
 def test_adoption_script_and_its_output() -> None:
-    script = adoption_script("ssh-ed25519 AAAAC3 lab-x")
+    script = adoption_script("ssh-ed25519 AAAAC3 lab-x", "node-1")
     assert "grep -qxF 'ssh-ed25519 AAAAC3 lab-x' /root/.ssh/authorized_keys" in script
+    assert "printf '%s\\n' node-1 > /etc/hostname\nhostname node-1\n" in script
     for command, package in (("python3", "python3"), ("nft", "nftables"), ("etcd", "etcd-server")):
         assert f'command -v {command} >/dev/null 2>&1 || missing="$missing {package}"' in script
     output = "lab-installed etcd-server\nlab-host-key ssh-ed25519 AAAAkey root@node-1\n"
