@@ -329,14 +329,34 @@ def remove_from_vagrant(name: str, version: str | None = None) -> list[str]:
     return removed
 
 
-def remove_stale_libvirt_volumes(vagrant_name: str, uri: str = "qemu:///system") -> list[str]:
+def _pool_volume_prefix(vagrant_name: str) -> str:
+    return vagrant_name.replace("/", "-VAGRANTSLASH-") + "_vagrant_box_image_"
+
+
+def current_libvirt_volume(vagrant_name: str) -> str | None:
+    """The pool volume vagrant-libvirt makes of the box now added as `vagrant_name`.
+
+    Lab's boxes are added without a version, and for those vagrant-libvirt
+    names the copy after the box image's mtime (handle_box_image.rb).
+    """
+    from .providers.vagrant import vagrant_home
+
+    image = vagrant_home() / "boxes" / vagrant_name.replace("/", "-VAGRANTSLASH-") / "0" / "libvirt" / "box.img"
+    try:
+        return f"{_pool_volume_prefix(vagrant_name)}0_{int(image.stat().st_mtime)}_box.img"
+    except OSError:
+        return None
+
+
+def remove_stale_libvirt_volumes(vagrant_name: str, uri: str = "qemu:///system", keep: str | None = None) -> list[str]:
     """Delete the storage-pool copies of earlier builds of a box that no domain uses.
 
     vagrant-libvirt uploads a box into the `default` pool once, as
     `NAME_vagrant_box_image_VERSION_box.img` (for a box without a version:
     `0_MTIME`), and leaves it there; a box added again under the same name
     gets a new copy at its first `vagrant up`. A copy still backing some
-    domain's disk is kept. Best effort: without virsh or libvirtd, nothing.
+    domain's disk is kept, and so is `keep` (the current build's copy).
+    Best effort: without virsh or libvirtd, nothing (`lab up` tries again).
     """
     if shutil.which("virsh") is None:
         return []
@@ -348,9 +368,9 @@ def remove_stale_libvirt_volumes(vagrant_name: str, uri: str = "qemu:///system")
     listing = virsh("vol-list", "default")
     if listing.returncode != 0:
         return []
-    prefix = vagrant_name.replace("/", "-VAGRANTSLASH-") + "_vagrant_box_image_"
+    prefix = _pool_volume_prefix(vagrant_name)
     candidates = {words[0]: words[1] for words in (line.split() for line in listing.stdout.splitlines())
-                  if len(words) >= 2 and words[0].startswith(prefix)}
+                  if len(words) >= 2 and words[0].startswith(prefix) and words[0] != keep}
     if not candidates:
         return []
     in_use = set()

@@ -99,11 +99,21 @@ def test_one_vm_boots_bootstraps_takes_every_fault_and_leaves_nothing(box, tmp_p
 
     prefix, network = machine_prefix(context), libvirt_network_name(context)
     domain = prefix + "node-1"
+    # A copy of an earlier build left in the pool (`lab box add` ran while
+    # libvirtd was down): `lab up` removes it and keeps the current one.
+    stale = "lab-labos-1_vagrant_box_image_0_1_box.img"
+    subprocess.run(["virsh", "-q", "-c", URI, "vol-create-as", "default", stale, "1M", "--format", "qcow2"],
+                   check=True, capture_output=True)
     progress: list[str] = []
     try:
         with lab.lock("up"):
             lab.up(progress.append)
         assert any("adopted node-1" in line for line in progress), progress
+        assert any(f"removed {stale}" in line for line in progress), progress
+        from lab.vagrantbox import current_libvirt_volume
+
+        pool = virsh("vol-list", "default")
+        assert stale not in pool and current_libvirt_volume("lab-labos-1") in pool
         ip = lab.context("libvirt").addresses["node-1"]
 
         # Reached as root on the private network, host key pinned by adoption.

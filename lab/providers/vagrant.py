@@ -1014,6 +1014,15 @@ class LibvirtProvider(VagrantProvider):
                      f"{etcd.heartbeat_ms}/{etcd.election_timeout_ms} ms"
                      f"{'' if etcd.pre_vote else ' and no pre-vote'} elections can take several rounds: consider "
                      "--set etcd.heartbeat_ms=250 --set etcd.election_timeout_ms=2500 --set etcd.pre_vote=true")
+        # Copies of earlier builds that `lab box add` could not remove (libvirtd
+        # was not running then): 700 MiB each in the pool.
+        from ..vagrantbox import current_libvirt_volume, remove_stale_libvirt_volumes
+
+        box = vagrant_box_name(self.context.spec)
+        current = current_libvirt_volume(box)
+        if current is not None:
+            for volume in remove_stale_libvirt_volumes(box, self.context.spec.providers.libvirt.uri, keep=current):
+                progress(f"removed {volume}, the libvirt copy of an earlier build of {box}")
         state = self.context.state
         if state is not None:
             # Shared by every vagrant-libvirt machine: removed at destroy only
