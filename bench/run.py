@@ -31,7 +31,10 @@ def timed(argv: list[str], runs: int, **kwargs) -> list[float]:
     samples = []
     for _ in range(runs):
         start = time.perf_counter()
-        subprocess.run(argv, check=True, capture_output=True, **kwargs)
+        result = subprocess.run(argv, capture_output=True, text=True, **kwargs)
+        if result.returncode != 0:
+            raise SystemExit(f"bench: `{' '.join(argv[2:] if argv[:2] == LAB[:2] else argv)}` failed "
+                             f"(exit {result.returncode}):\n{(result.stdout + result.stderr)[-2000:]}")
         samples.append(time.perf_counter() - start)
     return samples
 

@@ -53,7 +53,7 @@ _DEBIAN_SUITES = frozenset({
 })
 
 _PACKAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
-_UNIT_NAME = re.compile(r"^[A-Za-z0-9@_.:\\-]+\.(service|socket|timer|target|path|mount)$")
+_UNIT_NAME = re.compile(r"^[A-Za-z0-9@_.:\\-]+\.(service|socket|timer|target|path|mount|automount|swap|slice|device|scope)$")
 _UNIT_ACTIONS = ("enable", "disable", "mask")
 _RECIPE_KEYS = {"os_name", "suite", "packages", "units", "versions"}
 _OPTIONAL_RECIPE_KEYS = {"vm"}
