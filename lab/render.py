@@ -44,9 +44,11 @@ def vagrant_box_name(spec: "LabSpec") -> str:
     metadata and therefore no version of its own (Vagrant shows 0), so the
     version is part of the name. The name has no `/` on purpose: Vagrant takes
     `owner/name` for a Vagrant Cloud shorthand and, when the box is missing,
-    would try to reach the cloud instead of failing at once.
+    would try to reach the cloud instead of failing at once. A box the user
+    names with `box.vagrant` is taken as it is: lab checks it is added before
+    `vagrant up` (lab_problem), so a missing one fails at once there too.
     """
-    return vagrant_box_name_for(spec.box.name, spec.box.version)
+    return spec.box.vagrant or vagrant_box_name_for(spec.box.name, spec.box.version)
 
 
 def machine_prefix(context: "LabContext") -> str:

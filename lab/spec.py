@@ -87,6 +87,10 @@ class Nodes(_Strict):
 class Box(_Strict):
     name: Name = Field("labos", description="node OS image (see `lab box list`)")
     version: str = Field("1", pattern=r"^[0-9A-Za-z][0-9A-Za-z._-]{0,31}$")
+    vagrant: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$",
+        description="Vagrant providers: boot this box, already added to Vagrant (e.g. debian/bookworm64), "
+                    "instead of a Lab OS box; lab installs what it lacks (etcd, python3, nftables) over SSH")
 
     @field_validator("version", mode="before")
     @classmethod
@@ -500,6 +504,7 @@ provider: {provider}          # auto | nspawn | virtualbox | libvirt | hyperv | 
 box:
   name: labos
   version: "1"
+  # vagrant: debian/bookworm64   # VMs: a box you already have instead of a Lab OS box
 nodes:
   count: {nodes}
   prefix: node            # nodes are node-1, node-2, ...

@@ -356,6 +356,16 @@ def test_messages_say_what_was_expected(tmp_path, text, fragment):
     assert fragment in error_of(tmp_path, text)
 
 
+def test_box_vagrant_takes_a_vagrant_box_name_and_refuses_anything_else(tmp_path):
+    from lab.spec import LabSpec
+
+    assert LabSpec.model_validate({"box": {"vagrant": "debian/bookworm64"}}).box.vagrant == "debian/bookworm64"
+    assert LabSpec.model_validate({"box": {"vagrant": "my-box"}}).box.vagrant == "my-box"
+    for bad in ("debian/bookworm64 --force", "a/b/c", "/abs", ""):
+        with pytest.raises(ValueError):
+            LabSpec.model_validate({"box": {"vagrant": bad}})
+
+
 def test_box_version_given_as_a_whole_number_is_text(tmp_path):
     assert load(tmp_path, "box:\n  version: 2\n").box.version == "2"
     assert load(tmp_path, None, [parse_set_option("box.version=3")]).box.version == "3"

@@ -25,7 +25,7 @@ from lab.providers.vagrant import (LibvirtProvider, SSHConfigEntry, VagrantProvi
                                    adoption_script, libvirt_socket_problem, node_state, parse_adoption_output,
                                    parse_ssh_config, parse_vagrant_error, partition_scripts, plugin_installed,
                                    ssh_endpoint, up_concurrently, vagrant_environment)
-from lab.render import VAGRANT_PROVIDERS
+from lab.render import VAGRANT_PROVIDERS, render_vagrantfile
 from lab.spec import LabSpec
 
 HAVE_VAGRANT = shutil.which("vagrant") is not None
@@ -267,6 +267,19 @@ def test_preflight_names_a_missing_box(tmp_path: Path, monkeypatch: pytest.Monke
     assert hint.startswith("build it and add it to Vagrant: `lab box add --format libvirt`")
     (tmp_path / "vagrant.d" / "boxes" / "lab-labos-1" / "0" / "libvirt").mkdir(parents=True)
     assert provider.lab_problem() is None
+
+
+def test_a_box_of_the_users_own_is_named_as_it_is_and_checked_before_vagrant_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VAGRANT_HOME", str(tmp_path / "vagrant.d"))
+    context = make_context(tmp_path, {"box": {"vagrant": "debian/bookworm64"}})
+    assert 'config.vm.box = "debian/bookworm64"' in render_vagrantfile(context, "libvirt")
+    problem, hint = LibvirtProvider(context).lab_problem()
+    assert problem == "Vagrant box 'debian/bookworm64' for libvirt is not installed"
+    assert hint.startswith("add it to Vagrant first: `vagrant box add debian/bookworm64 --provider libvirt`")
+    (tmp_path / "vagrant.d" / "boxes" / "debian-VAGRANTSLASH-bookworm64" / "12.20240905.1" / "libvirt").mkdir(
+        parents=True)
+    assert LibvirtProvider(context).lab_problem() is None
 
 
 def test_preflight_names_a_missing_synced_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -276,6 +276,10 @@ class NspawnProvider(Provider):
     # -- lifecycle
 
     def up(self, progress: Progress = no_progress) -> None:
+        if self.context.spec.box.vagrant:
+            # One lab.yaml may serve laptops (VirtualBox) and CI (nspawn): not an error.
+            progress(f"note: box.vagrant ({self.context.spec.box.vagrant}) is for Vagrant providers; "
+                     f"nspawn boots the {self.context.spec.box.name} {self.context.spec.box.version} image")
         recorded = self.state.get("image")
         if recorded and Path(recorded["rootfs"]).is_dir():
             # The lower layer of existing nodes never changes; updates swap /usr slots.

@@ -567,7 +567,11 @@ class VagrantProvider(Provider):
             formats = " or ".join(self.box_formats)
             from ..vagrantbox import box_options
 
-            if self.name in ("libvirt", "virtualbox"):
+            if self.context.spec.box.vagrant:
+                hint = (f"add it to Vagrant first: `vagrant box add {box} --provider {self.box_formats[0]}` "
+                        f"(or a file: `vagrant box add --name {box} FILE.box`), or drop box.vagrant to use "
+                        f"a Lab OS box")
+            elif self.name in ("libvirt", "virtualbox"):
                 options = box_options(self.context.spec.box.name, self.context.spec.box.version)
                 hint = (f"build it and add it to Vagrant: `lab box add --format {self.name}{options}` "
                         f"(builds the box first if needed; on Linux only)")
