@@ -33,7 +33,8 @@ def timed(argv: list[str], runs: int, **kwargs) -> list[float]:
         start = time.perf_counter()
         result = subprocess.run(argv, capture_output=True, text=True, **kwargs)
         if result.returncode != 0:
-            raise SystemExit(f"bench: `{' '.join(argv[2:] if argv[:2] == LAB[:2] else argv)}` failed "
+            command = "lab " + " ".join(argv[3:]) if argv[:3] == LAB else " ".join(argv)
+            raise SystemExit(f"bench: `{command}` failed "
                              f"(exit {result.returncode}):\n{(result.stdout + result.stderr)[-2000:]}")
         samples.append(time.perf_counter() - start)
     return samples

@@ -318,15 +318,33 @@ def remove_from_vagrant(name: str, version: str | None = None) -> list[str]:
     """
     from .render import vagrant_box_name_for
 
-    wanted = vagrant_box_name_for(name, version or "")
+    # Exact names only: recipe names and versions may both hold dashes, so a
+    # prefix would also catch another recipe's boxes (labos-dev for labos).
+    wanted = {vagrant_box_name_for(name, v) for v in ([version] if version else _known_versions(name))}
     removed = []
     for box, provider in added_boxes():
-        if box == wanted if version else box.startswith(wanted):
+        if box in wanted:
             _vagrant_box("remove", "--force", "--all", "--provider", provider, box)
             removed.append(f"vagrant box {box} ({provider})")
             if provider == "libvirt":
                 removed += remove_stale_libvirt_volumes(box)
     return removed
+
+
+def _known_versions(name: str) -> set[str]:
+    """Versions of recipe `name`: in its recipe, and of images and box files built from it."""
+    import yaml
+
+    from .boxes import list_images, recipe_dir
+
+    versions = {b.version for b in list_boxes() if b.name == name}
+    versions |= {i.version for i in list_images() if i.name == name}
+    try:
+        recipe = yaml.safe_load((recipe_dir(name) / "recipe.yaml").read_text())
+        versions |= {str(v) for v in (recipe.get("versions") or {})}
+    except (BoxError, OSError, yaml.YAMLError, AttributeError):
+        pass  # a recipe removed or broken since: what was built from it still counts
+    return versions
 
 
 def _pool_volume_prefix(vagrant_name: str) -> str:
@@ -341,11 +359,14 @@ def current_libvirt_volume(vagrant_name: str) -> str | None:
     """
     from .providers.vagrant import vagrant_home
 
-    image = vagrant_home() / "boxes" / vagrant_name.replace("/", "-VAGRANTSLASH-") / "0" / "libvirt" / "box.img"
-    try:
-        return f"{_pool_volume_prefix(vagrant_name)}0_{int(image.stat().st_mtime)}_box.img"
-    except OSError:
-        return None
+    # ~/.vagrant.d/boxes/NAME/0/[ARCH/]libvirt/box.img (the ARCH level is Vagrant 2.4's)
+    version_dir = vagrant_home() / "boxes" / vagrant_name.replace("/", "-VAGRANTSLASH-") / "0"
+    for image in [version_dir / "libvirt" / "box.img", *sorted(version_dir.glob("*/libvirt/box.img"))]:
+        try:
+            return f"{_pool_volume_prefix(vagrant_name)}0_{int(image.stat().st_mtime)}_box.img"
+        except OSError:
+            continue
+    return None
 
 
 def remove_stale_libvirt_volumes(vagrant_name: str, uri: str = "qemu:///system", keep: str | None = None) -> list[str]:
@@ -365,6 +386,14 @@ def remove_stale_libvirt_volumes(vagrant_name: str, uri: str = "qemu:///system",
         return subprocess.run(["virsh", "-q", "-c", uri, *args], capture_output=True, text=True,
                               errors="replace", stdin=subprocess.DEVNULL, timeout=60)
 
+    try:
+        return _remove_unused_volumes(vagrant_name, keep, virsh)
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return []  # qemu-img missing, libvirtd hanging: best effort, as documented
+
+
+def _remove_unused_volumes(vagrant_name: str, keep: str | None,
+                           virsh: Callable[..., subprocess.CompletedProcess]) -> list[str]:
     listing = virsh("vol-list", "default")
     if listing.returncode != 0:
         return []

@@ -102,6 +102,7 @@ def test_one_vm_boots_bootstraps_takes_every_fault_and_leaves_nothing(box, tmp_p
     # A copy of an earlier build left in the pool (`lab box add` ran while
     # libvirtd was down): `lab up` removes it and keeps the current one.
     stale = "lab-labos-1_vagrant_box_image_0_1_box.img"
+    virsh("vol-delete", "--pool", "default", stale)  # a failed earlier run's
     subprocess.run(["virsh", "-q", "-c", URI, "vol-create-as", "default", stale, "1M", "--format", "qcow2"],
                    check=True, capture_output=True)
     progress: list[str] = []
@@ -157,6 +158,7 @@ def test_one_vm_boots_bootstraps_takes_every_fault_and_leaves_nothing(box, tmp_p
     finally:
         lab_dir = lab.lab_dir
         lab.destroy()
+        virsh("vol-delete", "--pool", "default", stale)  # when up failed before removing it
     assert libvirt_leftovers(prefix, network, before, lab_dir) == []
 
 
@@ -223,19 +225,24 @@ def test_box_rm_vagrant_removes_the_registration_and_the_unused_pool_copy(box, t
     assert ("lab-rmtest-1", "libvirt") in added_boxes()
     # What vagrant-libvirt's first `vagrant up` would leave in the pool.
     volume = "lab-rmtest-1_vagrant_box_image_0_box.img"
+    virsh("vol-delete", "--pool", "default", volume)  # a failed earlier run's
     subprocess.run(["virsh", "-q", "-c", URI, "vol-create-as", "default", volume, "1M", "--format", "qcow2"],
                    check=True, capture_output=True)
+    try:
+        result = run_cli(["box", "rm", "rmtest", "--vagrant"], tmp_path, timeout=300)
 
-    result = run_cli(["box", "rm", "rmtest", "--vagrant"], tmp_path, timeout=300)
-
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "removed vagrant box lab-rmtest-1 (libvirt)" in result.stdout
-    assert f"removed {volume}" in result.stdout and f"removed {copy}" in result.stdout
-    assert ("lab-rmtest-1", "libvirt") not in added_boxes()
-    assert volume not in virsh("vol-list", "default") and not copy.exists()
-    assert box.path.exists() and ("lab-labos-1", "libvirt") in added_boxes()  # the others stay
-    again = run_cli(["box", "rm", "rmtest", "--vagrant"], tmp_path, timeout=300)
-    assert again.returncode == 2 and "no built image rmtest" in again.stderr
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "removed vagrant box lab-rmtest-1 (libvirt)" in result.stdout
+        assert f"removed {volume}" in result.stdout and f"removed {copy}" in result.stdout
+        assert ("lab-rmtest-1", "libvirt") not in added_boxes()
+        assert volume not in virsh("vol-list", "default") and not copy.exists()
+        assert box.path.exists() and ("lab-labos-1", "libvirt") in added_boxes()  # the others stay
+        again = run_cli(["box", "rm", "rmtest", "--vagrant"], tmp_path, timeout=300)
+        assert again.returncode == 2 and "no built image rmtest" in again.stderr
+    finally:  # whatever failed, leave no 700 MiB hard link, box or volume behind
+        copy.unlink(missing_ok=True)
+        subprocess.run(["vagrant", "box", "remove", "--force", "--all", "lab-rmtest-1"], capture_output=True)
+        virsh("vol-delete", "--pool", "default", volume)
 
 
 @pytest.mark.slow

@@ -282,6 +282,21 @@ def test_a_box_of_the_users_own_is_named_as_it_is_and_checked_before_vagrant_up(
     assert LibvirtProvider(context).lab_problem() is None
 
 
+def test_the_pool_copy_of_the_added_box_is_named_as_vagrant_libvirt_names_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lab.vagrantbox import current_libvirt_volume
+
+    monkeypatch.setenv("VAGRANT_HOME", str(tmp_path))
+    assert current_libvirt_volume("lab-labos-1") is None
+    for layout in ("0/libvirt", "0/amd64/libvirt"):  # Vagrant 2.3, Vagrant 2.4 (an architecture level)
+        image = tmp_path / "boxes" / "lab-labos-1" / layout / "box.img"
+        image.parent.mkdir(parents=True)
+        image.touch()
+        os.utime(image, (1796084965, 1796084965))
+        assert current_libvirt_volume("lab-labos-1") == "lab-labos-1_vagrant_box_image_0_1796084965_box.img"
+        shutil.rmtree(tmp_path / "boxes")
+
+
 def test_preflight_names_a_missing_synced_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VAGRANT_HOME", str(tmp_path / "vagrant.d"))
     (tmp_path / "vagrant.d" / "boxes" / "lab-labos-1" / "0" / "amd64" / "libvirt").mkdir(parents=True)

@@ -213,7 +213,10 @@ chmod 0600 /root/.ssh/authorized_keys
 grep -qxF {key} /root/.ssh/authorized_keys || printf '%s\\n' {key} >> /root/.ssh/authorized_keys
 printf '%s\\n' {name} > /etc/hostname
 hostname {name}
-grep -qE "^127\\.0\\.1\\.1[[:space:]]+"{name}"\\$" /etc/hosts || printf '127.0.1.1\\t%s\\n' {name} >> /etc/hosts
+touch /etc/hosts
+sed -i '/^127\\.0\\.1\\.1[[:space:]]/d' /etc/hosts
+[ -z "$(tail -c 1 /etc/hosts)" ] || echo >> /etc/hosts
+printf '127.0.1.1\\t%s\\n' {name} >> /etc/hosts
 missing=""
 {checks}
 if [ -n "$missing" ]; then
@@ -568,9 +571,11 @@ class VagrantProvider(Provider):
             from ..vagrantbox import box_options
 
             if self.context.spec.box.vagrant:
-                hint = (f"add it to Vagrant first: `vagrant box add {box} --provider {self.box_formats[0]}` "
-                        f"(or a file: `vagrant box add --name {box} FILE.box`), or drop box.vagrant to use "
-                        f"a Lab OS box")
+                # Only an owner/name is a catalog name; anything else needs a file.
+                from_catalog = f"`vagrant box add {box} --provider {self.box_formats[0]}` (or a file: " \
+                    if "/" in box else "("
+                hint = (f"add it to Vagrant first: {from_catalog}`vagrant box add --name {box} FILE.box`), "
+                        f"or drop box.vagrant to use a Lab OS box")
             elif self.name in ("libvirt", "virtualbox"):
                 options = box_options(self.context.spec.box.name, self.context.spec.box.version)
                 hint = (f"build it and add it to Vagrant: `lab box add --format {self.name}{options}` "
