@@ -211,15 +211,27 @@ def image_key(name: str, version: str, flavor: str = "container") -> str:
     return digest.hexdigest()[:12]
 
 
-def load_recipe(name: str, version: str, flavor: str = "container") -> Recipe:
-    directory = recipe_dir(name)
-    path = directory / "recipe.yaml"
+def _recipe_data(name: str) -> tuple[Path, object]:
+    path = recipe_dir(name) / "recipe.yaml"
     try:
-        data = yaml.safe_load(path.read_text())
+        return path, yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise BoxError(f"{path}: not valid YAML: {error}") from None
-    return parse_recipe(data, name=name, version=version, overlay=directory / "rootfs",
+
+
+def load_recipe(name: str, version: str, flavor: str = "container") -> Recipe:
+    path, data = _recipe_data(name)
+    return parse_recipe(data, name=name, version=version, overlay=path.parent / "rootfs",
                         source=str(path), flavor=flavor)
+
+
+def recipe_versions(name: str) -> list[str]:
+    """The versions recipe `name` declares (as `lab box build --version` takes them)."""
+    path, data = _recipe_data(name)
+    versions = data.get("versions") if isinstance(data, dict) else None
+    if not isinstance(versions, dict):
+        raise BoxError(f"{path}: versions must be a non-empty mapping of version -> section")
+    return [str(key) for key in versions]
 
 
 def parse_recipe(data: object, *, name: str, version: str, overlay: Path,

@@ -333,16 +333,13 @@ def remove_from_vagrant(name: str, version: str | None = None) -> list[str]:
 
 def _known_versions(name: str) -> set[str]:
     """Versions of recipe `name`: in its recipe, and of images and box files built from it."""
-    import yaml
-
-    from .boxes import list_images, recipe_dir
+    from .boxes import list_images, recipe_versions
 
     versions = {b.version for b in list_boxes() if b.name == name}
     versions |= {i.version for i in list_images() if i.name == name}
     try:
-        recipe = yaml.safe_load((recipe_dir(name) / "recipe.yaml").read_text())
-        versions |= {str(v) for v in (recipe.get("versions") or {})}
-    except (BoxError, OSError, yaml.YAMLError, AttributeError):
+        versions |= set(recipe_versions(name))
+    except (BoxError, OSError):
         pass  # a recipe removed or broken since: what was built from it still counts
     return versions
 
@@ -357,13 +354,11 @@ def current_libvirt_volume(vagrant_name: str) -> str | None:
     Lab's boxes are added without a version, and for those vagrant-libvirt
     names the copy after the box image's mtime (handle_box_image.rb).
     """
-    from .providers.vagrant import vagrant_home
+    from .providers.vagrant import added_box_dirs
 
-    # ~/.vagrant.d/boxes/NAME/0/[ARCH/]libvirt/box.img (the ARCH level is Vagrant 2.4's)
-    version_dir = vagrant_home() / "boxes" / vagrant_name.replace("/", "-VAGRANTSLASH-") / "0"
-    for image in [version_dir / "libvirt" / "box.img", *sorted(version_dir.glob("*/libvirt/box.img"))]:
+    for directory in added_box_dirs(vagrant_name, "libvirt", version="0"):
         try:
-            return f"{_pool_volume_prefix(vagrant_name)}0_{int(image.stat().st_mtime)}_box.img"
+            return f"{_pool_volume_prefix(vagrant_name)}0_{int((directory / 'box.img').stat().st_mtime)}_box.img"
         except OSError:
             continue
     return None

@@ -337,6 +337,14 @@ def vagrant_home(environ: dict[str, str] | None = None) -> Path:
     return Path(value).expanduser() if value else Path.home() / ".vagrant.d"
 
 
+def added_box_dirs(box: str, provider: str, version: str = "*") -> list[Path]:
+    """Where Vagrant keeps an added box for a provider: ~/.vagrant.d/boxes/NAME/VERSION/[ARCH/]PROVIDER
+    (the ARCH level is Vagrant 2.4's); none when it is not added."""
+    directory = vagrant_home() / "boxes" / box.replace("/", "-VAGRANTSLASH-")
+    return [path for pattern in (f"{version}/{provider}", f"{version}/*/{provider}")
+            for path in sorted(directory.glob(pattern)) if path.is_dir()]
+
+
 def _plugin_files(environ: dict[str, str] | None = None) -> list[Path]:
     """Where Vagrant records installed plugins: the user's, then system ones."""
     environ = os.environ if environ is None else environ
@@ -550,9 +558,8 @@ class VagrantProvider(Provider):
     @classmethod
     def lab_boxes_added(cls) -> bool:
         """Has any Lab OS box (lab-NAME-VERSION) of this provider's format been added to Vagrant?"""
-        boxes = vagrant_home() / "boxes"
-        return any(any(directory.glob(f"*/{fmt}")) or any(directory.glob(f"*/*/{fmt}"))
-                   for directory in boxes.glob("lab-*") for fmt in cls.box_formats)
+        return any(added_box_dirs(directory.name, fmt)
+                   for directory in (vagrant_home() / "boxes").glob("lab-*") for fmt in cls.box_formats)
 
     def preflight(self) -> None:
         problem = self.host_problem(daemon=self.uses_local_daemon()) or self.lab_problem()
@@ -594,10 +601,7 @@ class VagrantProvider(Provider):
         return None
 
     def box_installed(self, box: str) -> bool:
-        # ~/.vagrant.d/boxes/NAME/VERSION/[ARCH/]PROVIDER/ (the ARCH level is Vagrant 2.4's)
-        directory = vagrant_home() / "boxes" / box.replace("/", "-VAGRANTSLASH-")
-        return any(any(directory.glob(f"*/{fmt}")) or any(directory.glob(f"*/*/{fmt}"))
-                   for fmt in self.box_formats)
+        return any(added_box_dirs(box, fmt) for fmt in self.box_formats)
 
     # -- running vagrant
 
@@ -1165,25 +1169,26 @@ class LibvirtProvider(VagrantProvider):
         if state is None:
             return
         left: list[str] = []
+
+        def remove(kind: str, name: str, exists: list[str], *removals: list[str]) -> None:
+            """Remove one recorded resource if virsh `exists` finds it; forget it once gone, else report it."""
+            what = f"{kind.removeprefix('libvirt-')} {name}"
+            if self._virsh(*exists, check=False).returncode == 0:
+                progress(f"removing leftover {what}")
+                for removal in removals:
+                    self._virsh(*removal, check=False)
+            if self._virsh(*exists, check=False).returncode == 0:
+                left.append(what)
+            else:
+                state.forget(kind, name)
+
         for resource in state.find("libvirt-domain"):
             domain = resource["id"]
-            if self._virsh("domstate", domain, check=False).returncode == 0:
-                progress(f"removing leftover domain {domain}")
-                self._virsh("destroy", domain, check=False)
-                self._virsh("undefine", domain, "--remove-all-storage", "--nvram", check=False)
-            if self._virsh("domstate", domain, check=False).returncode == 0:
-                left.append(f"domain {domain}")
-            else:
-                state.forget("libvirt-domain", domain)
+            remove("libvirt-domain", domain, ["domstate", domain],
+                   ["destroy", domain], ["undefine", domain, "--remove-all-storage", "--nvram"])
         for resource in state.find("libvirt-volume"):
             pool, volume = resource.get("pool", self.STORAGE_POOL), resource["id"]
-            if self._virsh("vol-info", "--pool", pool, volume, check=False).returncode == 0:
-                progress(f"removing leftover volume {volume}")
-                self._virsh("vol-delete", "--pool", pool, volume, check=False)
-            if self._virsh("vol-info", "--pool", pool, volume, check=False).returncode == 0:
-                left.append(f"volume {volume}")
-            else:
-                state.forget("libvirt-volume", volume)
+            remove("libvirt-volume", volume, ["vol-info", "--pool", pool, volume], ["vol-delete", "--pool", pool, volume])
         for resource in state.find("libvirt-network"):
             network = resource["id"]
             if network in self._networks() and not self._network_in_use(network):
