@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lab.checker import Op, check_linearizable, simulate_history  # noqa: E402
+from lab.scenarios.checker import Op, check_linearizable, simulate_history  # noqa: E402
 
 SEEDS = (1, 2, 3, 4, 5)
 

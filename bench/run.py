@@ -76,9 +76,9 @@ def bench_render() -> None:
 def bench_render_in_process() -> None:
     """Rendering alone, without interpreter start-up: the cost that grows with nodes."""
     sys.path.insert(0, str(REPO))
-    from lab.core import Lab
-    from lab.render import render_vagrantfile
-    from lab.spec import Override
+    from lab.core.lab import Lab
+    from lab.providers.vagrant.render import render_vagrantfile
+    from lab.model.spec import Override
 
     print("render_vagrantfile() in process (no start-up)")
     with tempfile.TemporaryDirectory() as scratch:
@@ -106,9 +106,9 @@ def bench_boot() -> None:
         print("boot: skipped (needs root)")
         return
     sys.path.insert(0, str(REPO))
-    from lab.boxes import build_image
-    from lab.core import Lab
-    from lab.spec import Override
+    from lab.images.boxes import build_image
+    from lab.core.lab import Lab
+    from lab.model.spec import Override
 
     build_image("labos", "1")
     print("lab up to every node answering SSH (warm image), nspawn")
@@ -154,9 +154,9 @@ def bench_etcd() -> None:
     import threading
 
     sys.path.insert(0, str(REPO))
-    from lab.boxes import build_image
-    from lab.core import Lab
-    from lab.spec import Override
+    from lab.images.boxes import build_image
+    from lab.core.lab import Lab
+    from lab.model.spec import Override
 
     build_image("labos", "1")
     print("etcd on a 3-node nspawn lab")
@@ -221,9 +221,9 @@ def _write_load(lab, threads: int, seconds: float) -> tuple[int, int]:
 
 def _lab(scratch: str, nodes: int = 3):
     sys.path.insert(0, str(REPO))
-    from lab.boxes import build_image
-    from lab.core import Lab
-    from lab.spec import Override
+    from lab.images.boxes import build_image
+    from lab.core.lab import Lab
+    from lab.model.spec import Override
 
     build_image("labos", "1")
     return Lab.open(Path(scratch) / "lab.yaml", [Override(("nodes", "count"), nodes, "--nodes"),
@@ -235,9 +235,9 @@ def bench_failover() -> None:
     if os.geteuid() != 0:
         print("failover: skipped (needs root)")
         return
-    from lab.bootstrap import AGENT_TTL
-    from lab.etcdclient import EtcdError
-    from lab.units import list_units, set_desired
+    from lab.cluster.bootstrap import AGENT_TTL
+    from lab.cluster.etcdclient import EtcdError
+    from lab.cluster.units import list_units, set_desired
 
     runs = int(os.environ.get("LAB_BENCH_RUNS", "5"))
     print(f"scheduler failover: kill the machine running a unit, time until it is active elsewhere "
@@ -266,8 +266,8 @@ def bench_failover() -> None:
 
 
 def _wait_unit(lab, name: str, avoid: str | None, timeout: float = 60) -> str:
-    from lab.etcdclient import EtcdError
-    from lab.units import list_units
+    from lab.cluster.etcdclient import EtcdError
+    from lab.cluster.units import list_units
 
     deadline = time.perf_counter() + timeout
     client = lab.etcd_client(timeout=1.0)
@@ -289,8 +289,8 @@ def bench_scenarios() -> None:
         return
     runs = int(os.environ.get("LAB_BENCH_RUNS", "10"))
     sys.path.insert(0, str(REPO))
-    from lab.engine import SAMPLE_INTERVAL, ScenarioRun
-    from lab.scenarios import find
+    from lab.scenarios.engine import SAMPLE_INTERVAL, ScenarioRun
+    from lab.scenarios.model import find
 
     print("scenarios on a 3-node nspawn lab (lab creation excluded)")
     with tempfile.TemporaryDirectory() as scratch:
@@ -331,9 +331,9 @@ def bench_update() -> None:
         return
     runs = int(os.environ.get("LAB_BENCH_RUNS", "3"))
     sys.path.insert(0, str(REPO))
-    from lab.boxes import build_image
-    from lab.engine import ScenarioRun
-    from lab.scenarios import find
+    from lab.images.boxes import build_image
+    from lab.scenarios.engine import ScenarioRun
+    from lab.scenarios.model import find
 
     build_image("labos", "2")
     print(f"rolling update 1 -> 2, 3 nodes, max 1 reboot at a time, under the workload ({runs} runs; "
@@ -382,8 +382,7 @@ def bench_vm() -> None:
         print("vm: skipped (needs root)")
         return
     sys.path.insert(0, str(REPO))
-    sys.path.insert(0, str(REPO / "tests"))
-    from hostdaemons import libvirt_problem, libvirtd_running
+    from lab.testing.hostdaemons import libvirt_problem, libvirtd_running
 
     problem = libvirt_problem()
     if problem:

@@ -11,17 +11,17 @@ import importlib
 import platform
 from dataclasses import dataclass
 
-from ..errors import PrerequisiteError, UsageError
-from .base import Availability, Provider
+from lab.errors import PrerequisiteError, UsageError
+from lab.providers.base import Availability, Provider
 
 # name -> "module:Class"; all Vagrant providers share one module.
 _REGISTRY = {
-    "nspawn": "lab.providers.nspawn:NspawnProvider",
-    "virtualbox": "lab.providers.vagrant:VirtualboxProvider",
-    "libvirt": "lab.providers.vagrant:LibvirtProvider",
-    "hyperv": "lab.providers.vagrant:HypervProvider",
-    "vmware_desktop": "lab.providers.vagrant:VmwareDesktopProvider",
-    "parallels": "lab.providers.vagrant:ParallelsProvider",
+    "nspawn": "lab.providers.nspawn.provider:NspawnProvider",
+    "virtualbox": "lab.providers.vagrant.provider:VirtualboxProvider",
+    "libvirt": "lab.providers.vagrant.provider:LibvirtProvider",
+    "hyperv": "lab.providers.vagrant.provider:HypervProvider",
+    "vmware_desktop": "lab.providers.vagrant.provider:VmwareDesktopProvider",
+    "parallels": "lab.providers.vagrant.provider:ParallelsProvider",
 }
 # The order auto-selection tries, as minikube does: a real hypervisor first.
 AUTO_ORDER = ("virtualbox", "libvirt", "nspawn")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-from ..spec import LabSpec, ResolvedNode
+from lab.model.spec import LabSpec, ResolvedNode
 
 Progress = Callable[[str], None]
 
@@ -83,7 +83,7 @@ class LabContext:
         for node in self.nodes:
             if node.name == name:
                 return node
-        from ..errors import UsageError
+        from lab.errors import UsageError
         raise UsageError(f"no node named {name!r} in lab {self.spec.name!r}",
                          hint=f"nodes are: {', '.join(n.name for n in self.nodes)}")
 

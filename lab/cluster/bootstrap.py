@@ -1,0 +1,475 @@
+"""Bootstrap services on the nodes over SSH: the etcd cluster.
+
+Provider-agnostic: it speaks only SSH (Fabric) to nodes and HTTP to etcd, so
+the same code configures nspawn nodes, Vagrant VMs and generic boxes.
+
+etcd is bootstrapped statically (every member knows the whole initial
+cluster; no discovery service, the lab is offline), configured through
+`/etc/default/etcd`, which Debian's etcd unit reads as its environment, and
+run as the node's systemd unit. Re-running changes nothing on a node whose
+configuration is already right.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import secrets
+import shlex
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from lab.errors import CommandError, LabError, ProviderError
+from lab.cluster.etcdclient import EtcdClient, EtcdError, TlsFiles
+from lab.host.pki import LabPki
+from lab.providers.base import LabContext, Progress, SSHEndpoint, no_progress
+
+CLIENT_PORT = 2379
+PEER_PORT = 2380
+ETCD_ENV_FILE = "/etc/default/etcd"
+# Named to sort before a fault's runtime drop-in (lab-fault.conf), which must win.
+ETCD_DROPIN = "/etc/systemd/system/etcd.service.d/10-lab.conf"
+ETCD_DROPIN_TEXT = """\
+# Written by lab. A member may start before its address is up (wait-online
+# is not reliable in containers on every host): try again instead of staying down.
+[Service]
+Restart=on-failure
+RestartSec=1
+"""
+NODE_PKI_DIR = "/etc/etcd/pki"
+DATA_DIR = "/var/lib/etcd/lab"
+HEALTH_TIMEOUT = 60.0
+
+
+class BootstrapError(LabError):
+    exit_code = 8
+
+
+@dataclass(frozen=True)
+class EtcdMember:
+    """Where a member's etcd listens, derived from the node's address."""
+
+    node: str
+    ip: str
+    tls: bool
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    @property
+    def client_url(self) -> str:
+        return f"{self.scheme}://{self.ip}:{CLIENT_PORT}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"{self.scheme}://{self.ip}:{PEER_PORT}"
+
+
+def members(context: LabContext) -> list[EtcdMember]:
+    return [EtcdMember(n.name, context.addresses[n.name], context.spec.etcd.tls) for n in context.nodes]
+
+
+def etcd_environment(member: EtcdMember, cluster: list[EtcdMember], token: str, heartbeat_ms: int,
+                     election_timeout_ms: int, cluster_state: str = "new", pre_vote: bool = False) -> str:
+    """The `/etc/default/etcd` of one member (pure: tested on fixed input)."""
+    lines = [
+        "# Written by lab: `lab up` rewrites it. etcd reads ETCD_* variables.",
+        f"ETCD_NAME={member.node}",
+        f"ETCD_DATA_DIR={DATA_DIR}",
+        f"ETCD_LISTEN_PEER_URLS={member.peer_url}",
+        f"ETCD_LISTEN_CLIENT_URLS={member.client_url},{member.scheme}://127.0.0.1:{CLIENT_PORT}",
+        f"ETCD_INITIAL_ADVERTISE_PEER_URLS={member.peer_url}",
+        f"ETCD_ADVERTISE_CLIENT_URLS={member.client_url}",
+        # Sorted: the file must not change when nothing but an order did.
+        "ETCD_INITIAL_CLUSTER=" + ",".join(f"{m.node}={m.peer_url}" for m in sorted(cluster, key=lambda m: m.node)),
+        f"ETCD_INITIAL_CLUSTER_TOKEN={token}",
+        f"ETCD_INITIAL_CLUSTER_STATE={cluster_state}",
+        f"ETCD_HEARTBEAT_INTERVAL={heartbeat_ms}",
+        f"ETCD_ELECTION_TIMEOUT={election_timeout_ms}",
+    ]
+    if pre_vote:
+        lines.append("ETCD_PRE_VOTE=true")
+    if member.tls:
+        lines += [
+            f"ETCD_TRUSTED_CA_FILE={NODE_PKI_DIR}/ca.crt",
+            f"ETCD_CERT_FILE={NODE_PKI_DIR}/node.crt",
+            f"ETCD_KEY_FILE={NODE_PKI_DIR}/node.key",
+            "ETCD_CLIENT_CERT_AUTH=true",
+            f"ETCD_PEER_TRUSTED_CA_FILE={NODE_PKI_DIR}/ca.crt",
+            f"ETCD_PEER_CERT_FILE={NODE_PKI_DIR}/node.crt",
+            f"ETCD_PEER_KEY_FILE={NODE_PKI_DIR}/node.key",
+            "ETCD_PEER_CLIENT_CERT_AUTH=true",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    path: str
+    content: bytes
+    mode: int
+    owner: str = "root"
+
+
+class EtcdBootstrap:
+    """Configure and start etcd on every node, then wait for a healthy cluster."""
+
+    def __init__(self, context: LabContext, endpoints: dict[str, SSHEndpoint]) -> None:
+        self.context = context
+        self.endpoints = endpoints
+        self.members = members(context)
+        self.pki = LabPki(context.lab_dir / "pki")
+
+    # -- the cluster's identity, kept in the lab state so re-runs agree
+
+    def token(self) -> str:
+        etcd_state = dict(self.context.state.get("etcd") or {})
+        if "token" not in etcd_state:
+            etcd_state["token"] = f"lab-{self.context.lab_id}-{secrets.token_hex(4)}"
+            self.context.state.set("etcd", etcd_state)
+        return etcd_state["token"]
+
+    def client(self, timeout: float = 2.0) -> EtcdClient:
+        return client_for(self.context, timeout=timeout)
+
+    def _joined(self) -> dict[str, dict]:
+        """Members added at run time: the initial cluster they were started with."""
+        return dict((self.context.state.get("etcd") or {}).get("joined") or {})
+
+    def _initial(self, member: EtcdMember) -> tuple[list[EtcdMember], str]:
+        """The initial cluster a member was (or is to be) started with: fixed once chosen,
+        so removing or adding other members later never rewrites its configuration."""
+        etcd_state = dict(self.context.state.get("etcd") or {})
+        joined = (etcd_state.get("joined") or {}).get(member.node)
+        if joined is not None:
+            return [EtcdMember(name, ip, member.tls) for name, ip in joined["cluster"].items()], "existing"
+        if "initial_cluster" not in etcd_state:
+            etcd_state["initial_cluster"] = {m.node: m.ip for m in self.members}
+            self.context.state.set("etcd", etcd_state)
+        return [EtcdMember(name, ip, member.tls) for name, ip in etcd_state["initial_cluster"].items()], "new"
+
+    # -- bootstrap
+
+    def run(self, progress: Progress = no_progress, timeout: float = HEALTH_TIMEOUT) -> None:
+        spec = self.context.spec.etcd
+        if spec.tls:
+            self.pki.ensure(self.context.spec.name, self.context.addresses)
+        token = self.token()
+        started = time.monotonic()
+        initial = {m.node: self._initial(m) for m in self.members}  # state writes stay on this thread
+        with ThreadPoolExecutor(max_workers=max(1, len(self.members))) as pool:
+            changed = list(pool.map(lambda m: self._configure(m, token, *initial[m.node]), self.members))
+        touched = [m.node for m, c in zip(self.members, changed) if c]
+        progress(f"etcd: configured {', '.join(touched)}" if touched else "etcd: configuration unchanged")
+        self.wait_healthy(progress, timeout)
+        progress(f"etcd: {len(self.members)}/{len(self.members)} members healthy "
+                 f"{time.monotonic() - started:.1f} s after the nodes were ready")
+
+    def _files(self, member: EtcdMember, token: str, cluster: list[EtcdMember], state: str) -> list[RemoteFile]:
+        spec = self.context.spec.etcd
+        env = etcd_environment(member, cluster, token, spec.heartbeat_ms, spec.election_timeout_ms, state,
+                               pre_vote=spec.pre_vote)
+        files = [RemoteFile(ETCD_ENV_FILE, env.encode(), 0o644), RemoteFile(ETCD_DROPIN, ETCD_DROPIN_TEXT.encode(), 0o644)]
+        if member.tls:
+            pair = self.pki.node(member.node)
+            files += [RemoteFile(f"{NODE_PKI_DIR}/ca.crt", self.pki.ca.read_bytes(), 0o644),
+                      RemoteFile(f"{NODE_PKI_DIR}/node.crt", pair.cert.read_bytes(), 0o644),
+                      RemoteFile(f"{NODE_PKI_DIR}/node.key", pair.key.read_bytes(), 0o600, owner="etcd")]
+        return files
+
+    def _configure(self, member: EtcdMember, token: str, cluster: list[EtcdMember] | None = None,
+                   state: str = "new") -> bool:
+        """Write the member's files and (re)start etcd if anything changed. Returns whether it did."""
+        from lab.host.ssh import connect
+
+        endpoint = self.endpoints[member.node]
+        files = self._files(member, token, cluster or self.members, state)
+        with connect(endpoint) as connection:
+            self._ensure_etcd_installed(connection, member.node)
+            changed = any([_put_if_changed(connection, f, member.node) for f in files])
+            active = connection.run("systemctl is-active --quiet etcd", warn=True, hide=True,
+                                    in_stream=False).exited == 0
+            if changed or not active:
+                # --no-block: a member only reports ready once a quorum is up,
+                # so starting them one by one would wait forever on the first.
+                verb = "restart" if active else "start"
+                _check(connection, "systemctl daemon-reload && systemctl enable --quiet etcd && "
+                                   f"systemctl {verb} --no-block etcd", member.node)
+            return changed or not active
+
+    def join(self, node: str, progress: Progress = no_progress) -> None:
+        """Add `node` as a new member through the member API, then start its etcd."""
+        member = next(m for m in self.members if m.node == node)
+        if self.context.spec.etcd.tls:
+            self.pki.ensure(self.context.spec.name, self.context.addresses)  # the new node's certificate
+        client = self.client()
+        try:
+            existing = client.members()
+            if not any(member.peer_url in m.get("peerURLs", []) for m in existing):
+                progress(f"etcd: adding member {node} ({member.peer_url})")
+                self._reconfigure(lambda: client.member_add(member.peer_url))
+                existing = client.members()
+        finally:
+            client.close()
+        # The initial cluster of a joining member is every current member, itself included.
+        ips = {m.node: m.ip for m in self.members}
+        cluster = {}
+        for entry in existing:
+            name = entry.get("name") or node  # a member added but not started has no name yet
+            peer = entry["peerURLs"][0]
+            cluster[name] = ips.get(name) or peer.split("//")[1].rsplit(":", 1)[0]
+        etcd_state = dict(self.context.state.get("etcd") or {})
+        etcd_state["joined"] = {**etcd_state.get("joined", {}), node: {"cluster": cluster}}
+        self.context.state.set("etcd", etcd_state)
+        self._configure(member, self.token(), *self._initial(member))
+        self.wait_healthy(progress)
+        progress(f"etcd: {node} joined; {len(self.members)} members healthy")
+
+    @staticmethod
+    def _reconfigure(call, timeout: float = 30.0):
+        # etcd refuses reconfiguration ("unhealthy cluster") until every member
+        # has been connected for a few seconds, e.g. right after bootstrap.
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return call()
+            except EtcdError as exc:
+                if "unhealthy cluster" not in exc.message or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def leave(self, node: str, progress: Progress = no_progress) -> None:
+        """Remove `node`'s member through the member API (the cluster stays available)."""
+        member = next(m for m in self.members if m.node == node)
+        client = self.client()
+        try:
+            for entry in client.members():
+                if entry.get("name") == node or member.peer_url in entry.get("peerURLs", []):
+                    progress(f"etcd: removing member {node} ({entry['ID']})")
+                    self._reconfigure(lambda entry=entry: client.member_remove(entry["ID"]))
+        finally:
+            client.close()
+        etcd_state = dict(self.context.state.get("etcd") or {})
+        etcd_state["joined"] = {k: v for k, v in etcd_state.get("joined", {}).items() if k != node}
+        self.context.state.set("etcd", etcd_state)
+
+    @staticmethod
+    def _ensure_etcd_installed(connection, node: str) -> None:
+        if connection.run("command -v etcd", warn=True, hide=True, in_stream=False).exited == 0:
+            return
+        # A generic Debian/Ubuntu box: install etcd from the node's own apt sources.
+        _check(connection, "DEBIAN_FRONTEND=noninteractive apt-get update -qq && "
+                           "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client", node)
+
+    def wait_healthy(self, progress: Progress = no_progress, timeout: float = HEALTH_TIMEOUT) -> None:
+        """Poll every member's /health; give up early on a member whose etcd unit has failed."""
+        client = self.client(timeout=1.0)
+        deadline = time.monotonic() + timeout
+        healthy: set[str] = set()
+        reported, next_unit_check = -1, time.monotonic() + 2.0
+        failed: list[str] = []
+        try:
+            while time.monotonic() < deadline:
+                for member in self.members:
+                    if member.node not in healthy and client.health(member.client_url):
+                        healthy.add(member.node)
+                if len(healthy) == len(self.members):
+                    return
+                if len(healthy) != reported:
+                    reported = len(healthy)
+                    progress(f"etcd: {reported}/{len(self.members)} members healthy")
+                if time.monotonic() >= next_unit_check:
+                    failed = self._failed_units([m.node for m in self.members if m.node not in healthy])
+                    if failed:
+                        break
+                    next_unit_check = time.monotonic() + 2.0
+                time.sleep(0.1)
+        finally:
+            client.close()
+        sick = failed or [m.node for m in self.members if m.node not in healthy]
+        why = "etcd failed to start" if failed else f"etcd did not become healthy within {timeout:.0f} s"
+        raise BootstrapError(f"{why} on {', '.join(sick)}:\n"
+                             + "\n".join(self._journal_tail(node) for node in sick),
+                             hint="see the journal lines above; `lab exec --node NODE -- journalctl -u etcd` "
+                                  "shows the whole log")
+
+    def _failed_units(self, nodes: list[str]) -> list[str]:
+        from lab.host.ssh import run
+
+        failed = []
+        for node in nodes:
+            try:
+                if run(self.endpoints[node], "systemctl is-failed --quiet etcd", timeout=5).exit_status == 0:
+                    failed.append(node)
+            except ProviderError:
+                continue
+        return failed
+
+    def _journal_tail(self, node: str) -> str:
+        return journal_tail(self.endpoints[node], "etcd")
+
+
+def journal_tail(endpoint: SSHEndpoint, unit: str, lines: int = 12) -> str:
+    """A unit's state and last journal lines on a node, indented and prefixed, for error messages."""
+    from lab.host.ssh import run
+
+    try:
+        text = run(endpoint, f"systemctl is-active {unit}; journalctl -u {unit} -n {lines} --no-pager -o cat",
+                   timeout=10).stdout
+    except ProviderError as exc:
+        text = exc.message
+    return "\n".join(f"    {endpoint.node}: {line}" for line in text.strip().splitlines()[-lines:])
+
+
+def _put_if_changed(connection, file: RemoteFile, node: str) -> bool:
+    """Upload through a temp file and swap it in only if the content differs."""
+    temporary = f"{file.path}.lab-new"
+    directory = str(Path(file.path).parent)
+    _check(connection, f"mkdir -p {shlex.quote(directory)}", node)
+    connection.put(io.BytesIO(file.content), remote=temporary)
+    quoted, quoted_tmp = shlex.quote(file.path), shlex.quote(temporary)
+    # fsync the file before the rename and the directory after it: a VM whose
+    # power is pulled (`lab fault kill`) seconds later otherwise comes back with
+    # the new name on an empty file (ext4 delayed allocation), e.g. a unit file
+    # systemd then reads as masked. Container nodes share the host's page cache
+    # and never showed it.
+    script = (f"chmod {file.mode:o} {quoted_tmp} && chown {file.owner} {quoted_tmp} && "
+              f"if cmp -s {quoted_tmp} {quoted}; then rm -f {quoted_tmp}; "
+              f"else sync {quoted_tmp} && mv -f {quoted_tmp} {quoted} && sync {shlex.quote(directory)} "
+              f"&& echo CHANGED; fi")
+    result = _check(connection, script, node)
+    return "CHANGED" in result.stdout
+
+
+def _check(connection, command: str, node: str):
+    result = connection.run(command, warn=True, hide=True, in_stream=False)
+    if result.exited != 0:
+        raise CommandError(command, where=node, exit_status=result.exited, output=result.stdout + result.stderr)
+    return result
+
+
+def client_for(context: LabContext, timeout: float = 2.0) -> EtcdClient:
+    """An etcd client for the lab, with its certificates when TLS is on."""
+    tls = None
+    if context.spec.etcd.tls:
+        pki = LabPki(context.lab_dir / "pki")
+        tls = TlsFiles(ca=str(pki.ca), cert=str(pki.client.cert), key=str(pki.client.key))
+    return EtcdClient([m.client_url for m in members(context)], tls=tls, timeout=timeout)
+
+
+# ---------------------------------------------------------------- the scheduler agent
+
+AGENT_DIR = "/var/lib/lab"
+AGENT_CONFIG = "/etc/lab/agent.json"
+AGENT_UNIT = "/etc/systemd/system/lab-agent.service"
+AGENT_TTL = 5  # seconds: a dead machine's units move after about this long
+UPDATE_CONFIG = "/etc/lab/update.json"
+UPDATE_UNIT = "/etc/systemd/system/lab-update.service"
+UPDATE_SERVICE = f"""\
+[Unit]
+Description=lab update agent: A/B slot updates under the etcd reboot lock
+After=etcd.service lab-agent.service
+StartLimitIntervalSec=0
+
+[Service]
+ExecStart=/usr/bin/python3 -u {AGENT_DIR}/updater.py {UPDATE_CONFIG}
+Restart=always
+RestartSec=1
+
+[Install]
+WantedBy=multi-user.target
+"""
+AGENT_SERVICE = f"""\
+[Unit]
+Description=lab scheduler agent (fleet, reborn): runs the units etcd assigns to this machine
+After=etcd.service network-online.target
+Wants=network-online.target
+# Restart forever: the agent is how this machine takes part in scheduling.
+StartLimitIntervalSec=0
+
+[Service]
+ExecStart=/usr/bin/python3 -u {AGENT_DIR}/agent.py {AGENT_CONFIG}
+Restart=always
+RestartSec=1
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+class SchedulerBootstrap:
+    """Install and start the scheduler and update agents on every node; wait until every machine registered."""
+
+    def __init__(self, context: LabContext, endpoints: dict[str, SSHEndpoint]) -> None:
+        self.context = context
+        self.endpoints = endpoints
+
+    def _files(self, node: str) -> list[RemoteFile]:
+        source = Path(__file__).resolve().parent.parent / "node"
+        cluster = members(self.context)
+        own = next(m for m in cluster if m.node == node)
+        config = {"name": node, "ip": self.context.addresses[node],
+                  "metadata": self.context.node(node).metadata,
+                  # Its own member first: the agent keeps working when only its side of a partition is up.
+                  "endpoints": [own.client_url] + [m.client_url for m in cluster if m.node != node],
+                  "tls": ({"ca": f"{NODE_PKI_DIR}/ca.crt", "cert": f"{NODE_PKI_DIR}/node.crt",
+                           "key": f"{NODE_PKI_DIR}/node.key"} if self.context.spec.etcd.tls else None),
+                  "ttl": AGENT_TTL, "interval": 0.5}
+        updates = self.context.spec.updates
+        update_config = {"name": node, "endpoints": config["endpoints"], "tls": config["tls"],
+                         "strategy": updates.strategy, "max_holders": updates.max_concurrent_reboots,
+                         "interval": 1.0}
+        return [RemoteFile(f"{AGENT_DIR}/agent.py", (source / "agent.py").read_bytes(), 0o644),
+                RemoteFile(f"{AGENT_DIR}/fleet.py", (source / "fleet.py").read_bytes(), 0o644),
+                RemoteFile(f"{AGENT_DIR}/updater.py", (source / "updater.py").read_bytes(), 0o644),
+                RemoteFile(AGENT_CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(), 0o644),
+                RemoteFile(UPDATE_CONFIG, (json.dumps(update_config, indent=2, sort_keys=True) + "\n").encode(),
+                           0o644),
+                RemoteFile(AGENT_UNIT, AGENT_SERVICE.encode(), 0o644),
+                RemoteFile(UPDATE_UNIT, UPDATE_SERVICE.encode(), 0o644)]
+
+    def install(self, node: str) -> bool:
+        from lab.host.ssh import connect
+
+        with connect(self.endpoints[node]) as connection:
+            changed = any([_put_if_changed(connection, f, node) for f in self._files(node)])
+            active = connection.run("systemctl is-active --quiet lab-agent lab-update", warn=True, hide=True,
+                                    in_stream=False).exited == 0
+            if changed or not active:
+                _check(connection, "systemctl daemon-reload && systemctl enable --quiet lab-agent lab-update && "
+                                   "systemctl restart lab-agent lab-update", node)
+            return changed or not active
+
+    def run(self, progress: Progress = no_progress, nodes: list[str] | None = None, timeout: float = 30.0) -> None:
+        nodes = nodes or [n.name for n in self.context.nodes]
+        with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
+            changed = list(pool.map(self.install, nodes))
+        touched = [n for n, c in zip(nodes, changed) if c]
+        progress(f"scheduler: agent installed on {', '.join(touched)}" if touched
+                 else "scheduler: agents unchanged")
+        self.wait_registered(progress, timeout)
+
+    def wait_registered(self, progress: Progress, timeout: float) -> None:
+        client = client_for(self.context)
+        expected = {n.name for n in self.context.nodes}
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                machines = {json.loads(v)["name"] for v in client.get_prefix("/lab/fleet/machines/").values()}
+                engine = client.get("/lab/fleet/engine")
+                if expected <= machines and engine:
+                    progress(f"scheduler: {len(machines)} machines registered, engine elected")
+                    return
+                time.sleep(0.2)
+        finally:
+            client.close()
+        missing = sorted(expected - machines)
+        raise BootstrapError(f"scheduler agents did not register in {timeout:.0f} s: missing {', '.join(missing)}:\n"
+                             + "\n".join(self._journal_tail(node) for node in missing),
+                             hint="see `lab exec --node NODE -- journalctl -u lab-agent`")
+
+    def _journal_tail(self, node: str) -> str:
+        return journal_tail(self.endpoints[node], "lab-agent")

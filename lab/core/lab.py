@@ -1,0 +1,393 @@
+"""The lab: one spec, its directory, its state, its provider.
+
+This is the core the CLI is a thin shell over. Functions here raise
+`LabError`s and report progress through a callback; they never print or exit.
+
+A lab lives in `<directory of lab.yaml>/.lab/<name>/`: the rendered
+Vagrantfile, `state.json`, the per-lab SSH key and known_hosts, node state
+and scenario runs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from lab.host import network
+from lab.errors import LabError, StateError, UsageError
+from lab.providers import Selection, select
+from lab.providers.base import LabContext, NodeState, NodeStatus, Progress, Provider, no_progress
+from lab.model.spec import LabSpec, LoadedSpec, Override, ResolvedNode, load_spec
+from lab.core.state import LabState, lab_lock
+
+LABS_DIR = ".lab"
+
+
+class Lab:
+    def __init__(self, loaded: LoadedSpec) -> None:
+        self.loaded = loaded
+        self.spec: LabSpec = loaded.spec
+        self.lab_dir = (loaded.project_dir / LABS_DIR / self.spec.name).absolute()
+        self.lab_id = network.lab_id(self.lab_dir)
+        self.state = LabState.load(self.lab_dir)
+
+    @classmethod
+    def open(cls, spec_path: Path | str = "lab.yaml", overrides: list[Override] | None = None) -> "Lab":
+        return cls(load_spec(spec_path, overrides))
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def created(self) -> bool:
+        return self.state is not None
+
+    def lock(self, command: str, wait: float = 0.0):
+        return lab_lock(self.lab_dir, command, wait)
+
+    # ------------------------------------------------------------ provider
+
+    def selection(self) -> Selection:
+        """The provider: the one the lab was created with, else what the spec asks for."""
+        if self.state is not None:
+            recorded = self.state.get("provider")
+            if self.spec.provider not in ("auto", recorded):
+                raise UsageError(
+                    f"lab {self.name!r} was created with provider {recorded!r}, the spec now asks for "
+                    f"{self.spec.provider!r}",
+                    hint=f"`lab destroy` first, or use --provider {recorded}")
+            return Selection(recorded, automatic=False, considered={}, origin="the one this lab was created with")
+        return select(self.spec.provider)
+
+    def _subnet(self, provider: str, claim: bool) -> ipaddress.IPv4Network:
+        if self.state is not None and self.state.get("subnet"):
+            return ipaddress.IPv4Network(self.state["subnet"])
+        pool = network.VIRTUALBOX_POOL if provider == "virtualbox" else network.DEFAULT_POOL
+        if claim:
+            return network.claim_subnet(self.lab_dir, self.name, self.spec.network.subnet, pool,
+                                        own_devices=set())
+        if self.spec.network.subnet is not None:
+            return self.spec.network.subnet
+        taken = [ipaddress.IPv4Network(c.subnet) for c in network.claims() if c.lab_id != self.lab_id]
+        return network.choose_subnet(self.lab_id, pool, taken)
+
+    def context(self, provider: str, *, claim: bool = False) -> LabContext:
+        nodes = self.spec.node_specs()
+        if self.state is not None and self.state.get("nodes"):
+            # The nodes the lab has (created, added, removed) win over a spec
+            # edited since; nodes added at run time inherit the spec's defaults.
+            known = {n.name: n for n in nodes}
+            defaults = self.spec.nodes
+            nodes = [known.get(name) or ResolvedNode(name=name, index=i, cpus=defaults.cpus, memory=defaults.memory,
+                                                     metadata=dict(defaults.metadata))
+                     for i, name in enumerate(self.state["nodes"], start=1)]
+        subnet = self._subnet(provider, claim)
+        # Addresses are kept in the state once given: removing node-2 must not move node-3.
+        recorded = dict(self.state.get("addresses") or {}) if self.state is not None else {}
+        addresses = network.assign_addresses(subnet, [n.name for n in nodes], recorded)
+        ssh_dir = self.lab_dir / "ssh"
+        return LabContext(spec=self.spec, lab_dir=self.lab_dir, lab_id=self.lab_id, nodes=nodes,
+                          addresses=addresses, subnet=str(subnet), ssh_key=ssh_dir / "id_ed25519",
+                          known_hosts=ssh_dir / "known_hosts", state=self.state)
+
+    def provider(self) -> Provider:
+        from lab.providers import provider_class
+
+        selection = self.selection()
+        return provider_class(selection.name)(self.context(selection.name))
+
+    # ------------------------------------------------------------ commands
+
+    def up(self, progress: Progress = no_progress, bootstrap: bool = True) -> "UpResult":
+        """Create (or start) every node; on a new lab, any failure removes what was made."""
+        from lab.providers import provider_class
+
+        selection = self.selection()
+        progress(selection.describe())
+        provider_cls = provider_class(selection.name)
+        new_lab = self.state is None
+        if new_lab:
+            # Check the host and claim a subnet before anything exists, so bad
+            # input or a busy subnet leaves nothing behind.
+            provider_cls(self.context(selection.name)).preflight()
+            subnet = self._subnet(selection.name, claim=True)
+            self.state = LabState(self.lab_dir, {
+                "version": 1, "name": self.name, "lab_id": self.lab_id, "provider": selection.name,
+                "created_at": _now(), "subnet": str(subnet), "resources": [],
+                "nodes": [n.name for n in self.spec.node_specs()],
+            })
+            try:
+                self.state.save()
+            except BaseException:
+                network.release_subnet(self.lab_dir)
+                raise
+        try:
+            context = self.context(selection.name)
+            if new_lab:
+                self.state.set("addresses", context.addresses)
+                from lab.host.ssh import ensure_keypair
+                ensure_keypair(context.ssh_key, comment=f"lab-{self.name}")
+            else:
+                network.ensure_claim_matches(self.lab_dir, context.subnet)
+            provider = provider_cls(context)
+            if not new_lab:
+                provider.preflight()
+            provider.up(progress)
+            self.write_ssh_config(provider)
+            if bootstrap:
+                from lab.cluster.bootstrap import EtcdBootstrap, SchedulerBootstrap
+
+                endpoints = provider.ssh_endpoints()
+                EtcdBootstrap(context, endpoints).run(progress)
+                SchedulerBootstrap(context, endpoints).run(progress)
+        except BaseException:
+            if new_lab:
+                progress("rolling back: removing what this `lab up` created")
+                self._destroy_quietly()
+            raise
+        return UpResult(selection=selection, nodes=provider.status(), ssh_config=self.ssh_config_path)
+
+    def node_add(self, progress: Progress = no_progress) -> str:
+        """Boot one more node and join it to etcd as a new member (runtime reconfiguration)."""
+        from lab.cluster.bootstrap import EtcdBootstrap
+
+        self._require_created("add a node to")
+        names = list(self.state["nodes"])
+        index = len(names) + 1
+        while f"{self.spec.nodes.prefix}-{index}" in names:
+            index += 1
+        new = f"{self.spec.nodes.prefix}-{index}"
+        self.state.set("nodes", names + [new])  # recorded before it exists
+        context = self.context(self.selection().name)
+        self.state.set("addresses", context.addresses)
+        provider = self.provider()
+        progress(f"adding {new} at {context.addresses[new]}")
+        try:
+            provider.up(progress)
+            self.write_ssh_config(provider)
+            endpoints = provider.ssh_endpoints()
+            EtcdBootstrap(provider.context, endpoints).join(new, progress)
+            from lab.cluster.bootstrap import SchedulerBootstrap
+
+            SchedulerBootstrap(provider.context, endpoints).run(progress, nodes=[new])
+        except BaseException:
+            progress(f"rolling back: removing {new}")
+            try:  # a member added but never started would cost the cluster its fault tolerance
+                EtcdBootstrap(provider.context, {}).leave(new, progress)
+            except LabError:
+                progress(f"could not remove {new}'s etcd member; `lab etcdctl -- member list` shows it")
+            self._forget_node(provider, new, progress)
+            raise
+        return new
+
+    def _forget_node(self, provider: Provider, node: str, progress: Progress) -> None:
+        provider.remove_node(node, progress)
+        self.state.set("nodes", [n for n in self.state["nodes"] if n != node])
+        self.state.set("addresses", {n: ip for n, ip in self.state["addresses"].items() if n != node})
+        self.write_ssh_config(self.provider())
+
+    def node_remove(self, node: str, progress: Progress = no_progress) -> None:
+        """Remove a node's etcd member cleanly, then destroy the node."""
+        from lab.cluster.bootstrap import EtcdBootstrap
+
+        self._require_created("remove a node from")
+        context = self.context(self.selection().name)
+        context.node(node)
+        if len(context.nodes) == 1:
+            raise UsageError(f"{node} is the lab's last node", hint="use `lab destroy` to remove the whole lab")
+        provider = self.provider()
+        EtcdBootstrap(context, provider.ssh_endpoints()).leave(node, progress)
+        self._forget_node(provider, node, progress)
+
+    def status(self) -> list[NodeStatus]:
+        if self.state is None:
+            return [NodeStatus(n.name, NodeState.NOT_CREATED) for n in self.spec.node_specs()]
+        return self.provider().status()
+
+    def halt(self, progress: Progress = no_progress) -> None:
+        from lab.host.ssh import close_masters
+
+        self._require_created("halt")
+        close_masters(self.ssh_config_path, self.state.get("nodes", []))
+        self.provider().halt(progress)
+
+    def destroy(self, progress: Progress = no_progress) -> bool:
+        """Remove everything of the lab. Returns False if there was nothing to remove."""
+        if self.state is None:
+            existed = self.lab_dir.exists()  # a rendered Vagrantfile, say
+            if existed:
+                shutil.rmtree(self.lab_dir)
+                self._remove_labs_dir_if_empty()
+            network.release_subnet(self.lab_dir)
+            return existed
+        from lab.host.ssh import close_masters
+
+        close_masters(self.ssh_config_path, self.state.get("nodes", []))
+        self.provider().destroy(progress)
+        network.release_subnet(self.lab_dir)
+        shutil.rmtree(self.lab_dir, ignore_errors=True)
+        self._remove_labs_dir_if_empty()
+        self.state = None
+        return True
+
+    def _remove_labs_dir_if_empty(self) -> None:
+        try:
+            self.lab_dir.parent.rmdir()
+        except OSError:
+            pass  # other labs live there
+
+    def _destroy_quietly(self) -> None:
+        try:
+            self.destroy()
+        except (LabError, OSError):
+            pass  # the state file survives; `lab destroy` retries from it
+
+    def _require_created(self, verb: str) -> None:
+        if self.state is None:
+            raise StateError(f"lab {self.name!r} does not exist yet, nothing to {verb}",
+                             hint="create it with `lab up`")
+
+    # ------------------------------------------------------------ etcd
+
+    def etcd_client(self, timeout: float = 2.0):
+        from lab.cluster.bootstrap import client_for
+
+        self._require_created("reach")
+        return client_for(self.context(self.selection().name), timeout=timeout)
+
+    def etcd_status(self) -> list["MemberRow"]:
+        """Each member's health, role and Raft position, as seen from the host."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from lab.cluster.bootstrap import members
+        from lab.cluster.etcdclient import EtcdError
+
+        context = self.context(self.selection().name)
+        client = self.etcd_client(timeout=1.0)
+
+        def probe(member) -> MemberRow:
+            try:
+                status = client.status(member.client_url)
+            except EtcdError as exc:
+                return MemberRow(member.node, member.client_url, healthy=False, error=exc.message)
+            return MemberRow(member.node, member.client_url, healthy=client.health(member.client_url),
+                             member_id=status.member_id, leader=status.is_leader, raft_term=status.raft_term,
+                             raft_index=status.raft_index, db_size=status.db_size, version=status.version)
+
+        cluster = members(context)
+        with ThreadPoolExecutor(max_workers=max(1, len(cluster))) as pool:
+            return list(pool.map(probe, cluster))
+
+    def etcdctl_env(self) -> dict[str, str]:
+        """Environment for the host's etcdctl: endpoints and, with TLS, the lab's certificates."""
+        from lab.cluster.bootstrap import members
+        from lab.host.pki import LabPki
+
+        self._require_created("reach")
+        context = self.context(self.selection().name)
+        env = {"ETCDCTL_API": "3", "ETCDCTL_ENDPOINTS": ",".join(m.client_url for m in members(context))}
+        if self.spec.etcd.tls:
+            pki = LabPki(self.lab_dir / "pki")
+            env.update(ETCDCTL_CACERT=str(pki.ca), ETCDCTL_CERT=str(pki.client.cert),
+                       ETCDCTL_KEY=str(pki.client.key))
+        return env
+
+    # ------------------------------------------------------------ Vagrantfile
+
+    def vagrant_provider(self) -> tuple[str, str | None]:
+        """The Vagrant provider to render for, and a note when it is not the lab's own."""
+        from lab.providers.vagrant.render import VAGRANT_PROVIDERS
+
+        name = self.selection().name
+        if name in VAGRANT_PROVIDERS:
+            return name, None
+        return "virtualbox", (f"the {name} provider needs no Vagrantfile; rendered the one for virtualbox, "
+                              "the laptop default (choose another with --provider)")
+
+    def render(self, write: bool = True) -> "RenderResult":
+        from lab.providers.vagrant.render import render_vagrantfile, write_vagrantfile
+
+        provider, note = self.vagrant_provider()
+        context = self.context(provider)
+        text = render_vagrantfile(context, provider)
+        path = write_vagrantfile(context, provider) if write else context.lab_dir / "Vagrantfile"
+        return RenderResult(path=path, provider=provider, text=text, note=note)
+
+    def validate(self) -> list[str]:
+        """Check the spec (already done on load) and the rendered Vagrantfile with real `vagrant validate`."""
+        import shutil as _shutil
+
+        report = [f"{self.loaded.path}: valid" if self.loaded.exists else "no lab.yaml: the defaults are valid"]
+        provider, note = self.vagrant_provider()
+        if note:
+            report.append(note)
+        if _shutil.which("vagrant") is None:
+            report.append("vagrant is not installed: skipped `vagrant validate` (apt-get install vagrant)")
+            return report
+        from lab.providers.vagrant.provider import validate
+
+        validate(self.context(provider), provider)
+        report.append(f"{self.lab_dir / 'Vagrantfile'}: vagrant validate passed ({provider})")
+        return report
+
+    # ------------------------------------------------------------ SSH
+
+    @property
+    def ssh_config_path(self) -> Path:
+        return self.lab_dir / "ssh_config"
+
+    def ssh_endpoints(self):
+        self._require_created("reach")
+        return self.provider().ssh_endpoints()
+
+    def write_ssh_config(self, provider: Provider) -> None:
+        from lab.core.state import write_atomic
+
+        write_atomic(self.ssh_config_path, self.ssh_config(provider))
+
+    def ssh_config(self, provider: Provider | None = None) -> str:
+        from lab.host.ssh import control_path, render_ssh_config
+
+        endpoints = (provider or self.provider()).ssh_endpoints() if self.created else {}
+        self._require_created("reach")
+        return render_ssh_config(endpoints.values(), control=control_path(self.lab_id))
+
+    def node_names(self) -> list[str]:
+        return [n.name for n in self.context(self.selection().name).nodes]
+
+
+@dataclass
+class MemberRow:
+    node: str
+    endpoint: str
+    healthy: bool
+    member_id: str = ""
+    leader: bool = False
+    raft_term: int = 0
+    raft_index: int = 0
+    db_size: int = 0
+    version: str = ""
+    error: str = ""
+
+
+@dataclass
+class RenderResult:
+    path: Path
+    provider: str
+    text: str
+    note: str | None
+
+
+@dataclass
+class UpResult:
+    selection: Selection
+    nodes: list[NodeStatus]
+    ssh_config: Path
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,263 @@
+"""Reaching nodes over SSH: keys, ssh_config, and commands on many nodes at once.
+
+Commands run through Fabric (paramiko), with host keys verified against the
+lab's own known_hosts where the provider records one. Interactive shells
+(`lab ssh`) use the system's `ssh` client with the same settings, written as
+an ssh_config so `ssh -F`, `pytest --ssh-config` and testinfra see the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, TextIO
+
+from lab.errors import CommandError, ProviderError
+from lab.providers.base import SSHEndpoint
+from lab.core.state import write_atomic
+
+# paramiko logs a traceback from its transport thread for every refused banner
+# while a node boots; lab reports connection failures itself. (Configuring a
+# logger imports nothing of paramiko.)
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+logging.getLogger("paramiko").propagate = False
+
+
+def ensure_keypair(private_key: Path, comment: str) -> Path:
+    """Create the lab's own ed25519 keypair once (never a shared insecure key)."""
+    if private_key.exists():
+        return private_key
+    private_text, public_text = generate_ed25519(comment)
+    private_key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_atomic(private_key, private_text, mode=0o600)
+    write_atomic(private_key.with_suffix(".pub"), public_text, mode=0o644)
+    return private_key
+
+
+def record_host_key(known_hosts: Path, node: str, ip: str, public_line: str) -> None:
+    """Pin a node's host key under its name and address, replacing what was pinned before."""
+    key_type, key_data = public_line.split()[:2]
+    lines = [line for line in (known_hosts.read_text().splitlines() if known_hosts.exists() else [])
+             if line.split(" ", 1)[0] != f"{node},{ip}"]
+    lines.append(f"{node},{ip} {key_type} {key_data}")
+    known_hosts.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_atomic(known_hosts, "\n".join(lines) + "\n", mode=0o644)
+
+
+def generate_ed25519(comment: str) -> tuple[str, str]:
+    """(OpenSSH private key, `ssh-ed25519 AAAA... comment` public line)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption()).decode()
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                           serialization.PublicFormat.OpenSSH).decode()
+    return private, f"{public} {comment}\n"
+
+
+def _quote(value: str) -> str:
+    return f'"{value}"' if any(c.isspace() for c in value) else value
+
+
+def control_path(lab_id: str) -> str:
+    """Where a multiplexing ssh master for a node listens (ssh expands %n to the node).
+
+    Short and outside the lab directory: unix socket paths are limited to
+    about 100 bytes. Inert unless a client asks for ControlMaster, as
+    testinfra's ssh backend does: one connection per node instead of one per
+    check. `close_masters` ends them.
+    """
+    return f"/tmp/lab-{lab_id}-%n.ssh"
+
+
+def render_ssh_config(endpoints: Iterable[SSHEndpoint], control: str | None = None) -> str:
+    blocks = []
+    for ep in endpoints:
+        lines = [f"Host {ep.node}", f"  HostName {ep.host}", f"  Port {ep.port}", f"  User {ep.user}",
+                 f"  IdentityFile {_quote(str(ep.identity_file))}", "  IdentitiesOnly yes",
+                 "  LogLevel ERROR", "  ServerAliveInterval 5", "  ServerAliveCountMax 3"]
+        if control:
+            lines.append(f"  ControlPath {control}")
+        if ep.known_hosts is not None:
+            lines += [f"  UserKnownHostsFile {_quote(str(ep.known_hosts))}", "  StrictHostKeyChecking yes",
+                      f"  HostKeyAlias {ep.node}"]
+        else:
+            lines += ["  UserKnownHostsFile /dev/null", "  StrictHostKeyChecking no"]
+        lines += [f"  {key} {value}" for key, value in ep.extra_options.items()]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
+def close_masters(ssh_config: Path, nodes: Iterable[str]) -> None:
+    """End multiplexing ssh masters left by testinfra, so nothing outlives a command."""
+    import shutil
+    import subprocess
+
+    if not ssh_config.exists() or shutil.which("ssh") is None:
+        return
+    for node in nodes:
+        try:
+            subprocess.run(["ssh", "-F", str(ssh_config), "-O", "exit", node], capture_output=True,
+                           check=False, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            pass  # best effort: a master left behind exits when its node goes
+
+
+def ssh_argv(endpoint: SSHEndpoint, ssh_config: Path, command: list[str] | None = None) -> list[str]:
+    argv = ["ssh", "-F", str(ssh_config)]
+    if command:
+        argv += [endpoint.node, "--", *command]
+    else:
+        argv += ["-t", endpoint.node]
+    return argv
+
+
+# ---------------------------------------------------------------- Fabric
+
+
+def connect(endpoint: SSHEndpoint, timeout: float = 10.0):
+    """A Fabric Connection that verifies the node's host key when the provider knows it."""
+    import paramiko
+    from fabric import Config, Connection
+
+    config = Config(overrides={"load_ssh_configs": False, "run": {"warn": True, "hide": True}})
+    connection = Connection(endpoint.host, user=endpoint.user, port=endpoint.port, config=config,
+                            connect_timeout=timeout,
+                            connect_kwargs={"key_filename": [str(endpoint.identity_file)],
+                                            "look_for_keys": False, "allow_agent": False,
+                                            "banner_timeout": timeout, "auth_timeout": timeout})
+    client = connection.client
+    if endpoint.known_hosts is not None:
+        # known_hosts entries are written under the node name and its IP; an
+        # unknown or changed key is refused, never silently accepted.
+        client._host_keys = paramiko.HostKeys()
+        client.load_host_keys(str(endpoint.known_hosts))
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    else:
+        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+    return connection
+
+
+@dataclass
+class NodeResult:
+    node: str
+    command: str
+    exit_status: int | None
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == 0
+
+
+class _PrefixedWriter:
+    """A stream Fabric writes to: each complete line goes out prefixed by the node name."""
+
+    def __init__(self, prefix: str, target: TextIO, lock: threading.Lock) -> None:
+        self.prefix, self.target, self.lock, self.buffer = prefix, target, lock, ""
+
+    def write(self, data: str) -> None:
+        self.buffer += data
+        *lines, self.buffer = self.buffer.split("\n")
+        if lines:
+            with self.lock:
+                for line in lines:
+                    self.target.write(f"{self.prefix}{line}\n")
+                self.target.flush()
+
+    def flush(self) -> None:
+        pass  # invoke flushes after every chunk; a partial line waits for its end
+
+    def close(self) -> None:
+        if self.buffer:
+            self.write("\n")
+
+
+def run(endpoint: SSHEndpoint, command: str, *, timeout: float | None = None,
+        echo_prefix: str | None = None, check: bool = False, lock: threading.Lock | None = None) -> NodeResult:
+    """Run one command on one node. Connection failures raise ProviderError."""
+    import paramiko
+
+    streams = {}
+    if echo_prefix is not None:
+        lock = lock or threading.Lock()
+        streams = {"out_stream": _PrefixedWriter(echo_prefix, sys.stdout, lock),
+                   "err_stream": _PrefixedWriter(echo_prefix, sys.stderr, lock)}
+    try:
+        with connect(endpoint) as connection:
+            result = connection.run(command, timeout=timeout, in_stream=False, **streams)
+            status: int | None = result.exited
+            out, err = result.stdout, result.stderr
+    except (paramiko.SSHException, OSError, EOFError) as exc:
+        raise ProviderError(f"{endpoint.node}: cannot reach {endpoint.user}@{endpoint.host}:{endpoint.port} "
+                            f"over SSH: {exc or type(exc).__name__}",
+                            hint="check the node is running (`lab status`)") from None
+    except Exception as exc:  # invoke's CommandTimedOut carries the partial result
+        if type(exc).__name__ != "CommandTimedOut":
+            raise
+        status, out, err = None, exc.result.stdout, exc.result.stderr
+    finally:
+        for stream in streams.values():
+            stream.close()
+    node_result = NodeResult(endpoint.node, command, status, out, err)
+    if check and not node_result.ok:
+        raise CommandError(command, where=endpoint.node, exit_status=status, output=out + err)
+    return node_result
+
+
+def run_many(endpoints: list[SSHEndpoint], command: str, *, timeout: float | None = None,
+             echo: bool = False) -> list[NodeResult]:
+    """Run a command on several nodes in parallel; output prefixed by node name when echoed."""
+    if not endpoints:
+        return []
+    lock = threading.Lock()
+    width = max(len(ep.node) for ep in endpoints)
+    with ThreadPoolExecutor(max_workers=min(32, len(endpoints))) as pool:
+        futures = [pool.submit(run, ep, command, timeout=timeout, lock=lock,
+                               echo_prefix=f"{ep.node:<{width}} | " if echo else None)
+                   for ep in endpoints]
+        results = []
+        for ep, future in zip(endpoints, futures):
+            try:
+                results.append(future.result())
+            except ProviderError as exc:
+                results.append(NodeResult(ep.node, command, None, "", exc.message))
+    return results
+
+
+def wait_for_ssh(endpoint: SSHEndpoint, deadline: float, is_alive: Callable[[], bool] = lambda: True,
+                 poll: float = 0.2) -> None:
+    """Wait until the node runs a command over SSH, or the deadline passes."""
+    import paramiko
+
+    last_error = "no answer"
+    while time.monotonic() < deadline:
+        if not is_alive():
+            raise ProviderError(f"{endpoint.node}: stopped while booting",
+                                hint="look at the node's console log in the lab directory")
+        try:
+            with connect(endpoint, timeout=2.0) as connection:
+                if connection.run("true", timeout=5, in_stream=False).exited == 0:
+                    return
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            last_error = str(exc) or type(exc).__name__
+            if isinstance(exc, paramiko.BadHostKeyException):
+                raise ProviderError(f"{endpoint.node}: host key does not match the lab's known_hosts",
+                                    hint="the node was replaced behind lab's back: `lab destroy` and `lab up`") from None
+        time.sleep(poll)
+    raise ProviderError(f"{endpoint.node}: did not answer SSH on {endpoint.host}:{endpoint.port} in time "
+                        f"(last error: {last_error})", hint="look at the node's console log in the lab directory")
+
+
+def exec_interactive(argv: list[str]) -> None:
+    """Replace this process with ssh, so the terminal belongs to it entirely."""
+    os.execvp(argv[0], argv)

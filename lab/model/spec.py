@@ -1,0 +1,533 @@
+"""The lab spec: what `lab.yaml` may say, its defaults, and how it is validated.
+
+Precedence, lowest to highest (documented in the README):
+  1. built-in defaults (every key is optional),
+  2. `lab.yaml`,
+  3. `LAB_*` environment variables,
+  4. command-line flags (`--nodes`, `--provider`, `--set key.path=value`, ...).
+
+Every validation error names where the bad value came from (file and line,
+variable or flag), the key path, and what was expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Mapping
+
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
+from pydantic_core import PydanticCustomError
+
+from lab.model import yamlsafe
+from lab.errors import SpecError
+
+SPEC_FILE = "lab.yaml"
+PROVIDER_NAMES = ("auto", "nspawn", "virtualbox", "libvirt", "hyperv", "vmware_desktop", "parallels")
+ProviderName = Literal["auto", "nspawn", "virtualbox", "libvirt", "hyperv", "vmware_desktop", "parallels"]
+
+# Names become directory names, bridge and machine names and hostnames:
+# a strict DNS label keeps them from escaping the lab directory ("../x"),
+# and from breaking any of those uses.
+_NAME_RE = r"^[a-z][a-z0-9-]{0,23}$"
+Name = Annotated[str, Field(pattern=_NAME_RE)]
+_NAME_HINT = "a lowercase name of 1-24 letters, digits and '-', starting with a letter (it becomes a directory and host name)"
+
+
+def _no_bool(value: Any) -> Any:
+    # pydantic reads true as 1: `count: yes` would silently mean one node.
+    if isinstance(value, bool):
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_no_bool)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
+
+
+class NodeSpec(_Strict):
+    """One node of an explicit `nodes.list`; unset fields inherit from `nodes`."""
+
+    name: Name
+    cpus: Int | None = Field(None, ge=1, le=64)
+    memory: Int | None = Field(None, ge=256, le=262144, description="MiB")
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class Nodes(_Strict):
+    count: Int = Field(3, ge=1, le=64, description="number of nodes (ignored when `list` is given)")
+    prefix: Name = Field("node", description="nodes are named PREFIX-1 .. PREFIX-N")
+    cpus: Int = Field(1, ge=1, le=64)
+    memory: Int = Field(1024, ge=256, le=262144, description="MiB per node")
+    metadata: dict[str, str] = Field(default_factory=dict, description="scheduler metadata of every node, e.g. role: worker")
+    members: list[NodeSpec] | None = Field(None, alias="list", description="explicit nodes with per-node overrides")
+
+    @field_validator("members")
+    @classmethod
+    def _unique_names(cls, members: list[NodeSpec] | None) -> list[NodeSpec] | None:
+        if members is not None:
+            if not members:
+                raise ValueError("must list at least one node")
+            seen: set[str] = set()
+            for member in members:
+                if member.name in seen:
+                    raise ValueError(f"node name {member.name!r} appears twice")
+                seen.add(member.name)
+        return members
+
+
+class Box(_Strict):
+    name: Name = Field("labos", description="node OS image (see `lab box list`)")
+    version: str = Field("1", pattern=r"^[0-9A-Za-z][0-9A-Za-z._-]{0,31}$")
+    vagrant: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$",
+        description="Vagrant providers: boot this box, already added to Vagrant (e.g. debian/bookworm64), "
+                    "instead of a Lab OS box; lab installs what it lacks (etcd, python3, nftables) over SSH")
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _whole_number_as_text(cls, value: Any) -> Any:
+        # LAB_BOX_VERSION=2 and `--set box.version=2` are read as YAML, so they
+        # arrive as the number 2. A float (1.10) is left to fail: it lost digits.
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class Network(_Strict):
+    subnet: ipaddress.IPv4Network | None = Field(
+        None, description="IPv4 subnet of the lab; default: a free /24 chosen per lab so labs never collide")
+
+    @field_validator("subnet", mode="before")
+    @classmethod
+    def _parse_subnet(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return ipaddress.IPv4Network(value, strict=True)
+            except ValueError as exc:
+                raise ValueError(f"must be an IPv4 network like 10.77.3.0/24 ({exc})") from None
+        return value
+
+    @field_validator("subnet")
+    @classmethod
+    def _private_and_sized(cls, value: ipaddress.IPv4Network | None) -> ipaddress.IPv4Network | None:
+        if value is None:
+            return value
+        if not value.is_private:
+            raise ValueError(f"must be a private network (10/8, 172.16/12, 192.168/16), got {value}")
+        if value.prefixlen > 26:
+            raise ValueError(f"must be /26 or larger to hold the nodes, got /{value.prefixlen}")
+        return value
+
+
+class Etcd(_Strict):
+    heartbeat_ms: Int = Field(100, ge=10, le=5000, description="Raft heartbeat interval")
+    election_timeout_ms: Int = Field(1000, ge=50, le=50000, description="Raft election timeout")
+    tls: bool = Field(False, description="per-lab CA, TLS and client-certificate auth for peers and clients")
+    pre_vote: bool = Field(False, description="Raft pre-vote: a member rejoining after a partition does not "
+                                              "force an election (off by default in etcd 3.4)")
+
+    @model_validator(mode="after")
+    def _election_vs_heartbeat(self) -> "Etcd":
+        # etcd itself refuses to start below 5x; say so before booting anything.
+        if self.election_timeout_ms < 5 * self.heartbeat_ms:
+            raise _KeyedValueError(("election_timeout_ms",),
+                                   f"must be at least 5x heartbeat_ms ({5 * self.heartbeat_ms}), "
+                                   f"got {self.election_timeout_ms}", related=(("heartbeat_ms",),))
+        return self
+
+
+class Updates(_Strict):
+    strategy: Literal["etcd-lock", "reboot", "off"] = Field(
+        "etcd-lock", description="etcd-lock: reboot holding a lock in etcd; reboot: right away; off: never")
+    max_concurrent_reboots: Int = Field(1, ge=1, le=64)
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _off_is_not_false(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as false: `strategy: off` means "off".
+        return "off" if value is False else value
+
+
+class ForwardedPort(_Strict):
+    guest: Int = Field(ge=1, le=65535)
+    host: Int = Field(ge=1, le=65535)
+    node: Name | None = Field(None, description="node to forward to; default: the first node")
+    protocol: Literal["tcp", "udp"] = "tcp"
+
+
+class SyncedFolder(_Strict):
+    host: str = Field(min_length=1, description="directory on the host, relative to lab.yaml")
+    guest: str = Field(pattern=r"^/", description="absolute path on the node")
+    disabled: bool = False
+
+
+class LibvirtOptions(_Strict):
+    driver: Literal["kvm", "qemu"] = Field(
+        "kvm", description="qemu (software emulation) where KVM is missing or unusable")
+    uri: str = "qemu:///system"
+
+
+class VirtualboxOptions(_Strict):
+    linked_clone: bool = True
+    gui: bool = False
+
+
+class ProviderOptions(_Strict):
+    libvirt: LibvirtOptions = Field(default_factory=LibvirtOptions)
+    virtualbox: VirtualboxOptions = Field(default_factory=VirtualboxOptions)
+
+
+class LabSpec(_Strict):
+    """Everything `lab.yaml` may say. Every key is optional."""
+
+    name: Name = Field("lab", description="name of the lab; two labs with different names never collide")
+    provider: ProviderName = Field("auto", description="auto picks virtualbox, then libvirt, then nspawn")
+    box: Box = Field(default_factory=Box)
+    nodes: Nodes = Field(default_factory=Nodes)
+    network: Network = Field(default_factory=Network)
+    etcd: Etcd = Field(default_factory=Etcd)
+    updates: Updates = Field(default_factory=Updates)
+    forwarded_ports: list[ForwardedPort] = Field(default_factory=list)
+    synced_folders: list[SyncedFolder] = Field(default_factory=list)
+    providers: ProviderOptions = Field(default_factory=ProviderOptions)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "LabSpec":
+        names = {node.name for node in self.node_specs()}
+        for index, port in enumerate(self.forwarded_ports):
+            if port.node is not None and port.node not in names:
+                raise _KeyedValueError(("forwarded_ports", index, "node"),
+                                       f"no node named {port.node!r}; nodes are {', '.join(sorted(names))}",
+                                       related=(("nodes",),))
+        hosts = [(p.host, p.protocol) for p in self.forwarded_ports]
+        for index, key in enumerate(hosts):
+            if key in hosts[:index]:
+                raise _KeyedValueError(("forwarded_ports", index, "host"),
+                                       f"host port {key[0]}/{key[1]} is forwarded twice",
+                                       related=(("forwarded_ports", hosts.index(key)),))
+        return self
+
+    def node_specs(self) -> list["ResolvedNode"]:
+        """Every node with inherited values filled in, in a stable order."""
+        n = self.nodes
+        members = n.members or [NodeSpec(name=f"{n.prefix}-{i}") for i in range(1, n.count + 1)]
+        return [ResolvedNode(name=m.name, index=i, cpus=m.cpus or n.cpus, memory=m.memory or n.memory,
+                             metadata={**n.metadata, **m.metadata})
+                for i, m in enumerate(members, start=1)]
+
+
+@dataclass(frozen=True)
+class ResolvedNode:
+    name: str
+    index: int
+    cpus: int
+    memory: int
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+class _KeyedValueError(ValueError):
+    """A cross-field error that knows which key it is about."""
+
+    def __init__(self, path: tuple[str | int, ...], message: str,
+                 related: tuple[tuple[str | int, ...], ...] = ()) -> None:
+        super().__init__(message)
+        self.path = path
+        self.message = message
+        self.related = related  # other keys the check read, relative to the same model
+
+
+# ---------------------------------------------------------------- loading
+
+@dataclass
+class Override:
+    """One value from outside lab.yaml, with the name of where it came from."""
+
+    path: tuple[str, ...]
+    value: Any
+    origin: str  # "LAB_NODES", "--nodes", "--set nodes.count=3"
+
+
+@dataclass
+class LoadedSpec:
+    spec: LabSpec
+    path: Path  # lab.yaml (it need not exist: defaults then apply)
+    exists: bool
+
+    @property
+    def project_dir(self) -> Path:
+        return self.path.parent
+
+
+# Shortcuts for the most used keys; any key can be set as LAB_SECTION__KEY.
+ENV_SHORTCUTS = {
+    "LAB_NAME": ("name",),
+    "LAB_PROVIDER": ("provider",),
+    "LAB_NODES": ("nodes", "count"),
+    "LAB_SUBNET": ("network", "subnet"),
+    "LAB_BOX_VERSION": ("box", "version"),
+}
+ENV_GENERIC_PREFIX = "LAB_SPEC__"
+
+
+def env_overrides(environ: Mapping[str, str] | None = None) -> list[Override]:
+    environ = os.environ if environ is None else environ
+    overrides = []
+    for var, path in ENV_SHORTCUTS.items():
+        if var in environ:
+            overrides.append(Override(path, parse_scalar(environ[var]), var))
+    for var in sorted(environ):
+        if var.startswith(ENV_GENERIC_PREFIX):
+            path = tuple(part.lower() for part in var[len(ENV_GENERIC_PREFIX):].split("__") if part)
+            overrides.append(Override(path, parse_scalar(environ[var]), var))
+    return overrides
+
+
+def parse_set_option(text: str) -> Override:
+    """`--set nodes.count=5` -> Override(("nodes", "count"), 5)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise SpecError(f"--set {text!r}: expected KEY.PATH=VALUE, e.g. --set etcd.tls=true")
+    path = tuple(part for part in key.strip().split(".") if part)
+    return Override(path, parse_scalar(value), f"--set {text}")
+
+
+def parse_scalar(text: str) -> Any:
+    """Read a flag or variable value as YAML would (`true`, `3`, `[a, b]`), safely."""
+    try:
+        return yamlsafe.load(text).data if text.strip() else text
+    except yamlsafe.YamlError:
+        return text
+
+
+def load_spec(path: Path | str = SPEC_FILE, overrides: list[Override] | None = None,
+              *, environ: Mapping[str, str] | None = None) -> LoadedSpec:
+    """Read lab.yaml (if present), apply env and flag overrides, validate.
+
+    Raises SpecError with every problem found, each naming file/line or the
+    variable/flag it came from, and the key path.
+    """
+    path = Path(path)
+    label = path.name if path.parent == Path(".") else str(path)
+    loaded = yamlsafe.LoadedYaml(data={})
+    exists = path.is_file()
+    if path.exists() and not exists:
+        raise SpecError(f"{label}: is not a file", hint="point --file at a lab.yaml")
+    if exists:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SpecError(f"{label}: cannot be read: {exc}") from None
+        try:
+            loaded = yamlsafe.load(text)
+        except yamlsafe.YamlError as exc:
+            where = f"{label}:{exc.line}" if exc.line else label
+            raise SpecError(f"{where}: {exc.message}", hint="fix the YAML syntax at that line") from None
+        if loaded.data is None:
+            loaded.data = {}
+        if not isinstance(loaded.data, dict):
+            raise SpecError(f"{label}:{loaded.line_of(()) or 1}: the top level must be a mapping of keys "
+                            f"(name:, nodes:, ...), got {_type_name(loaded.data)}")
+    data = loaded.data
+    origins: dict[tuple, str] = {}
+    for override in [*env_overrides(environ), *(overrides or [])]:
+        _apply_override(data, override, origins)
+    try:
+        spec = LabSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = [_describe(error, label, loaded, origins) for error in exc.errors()]
+        raise SpecError(_join(label, problems)) from None
+    except _KeyedValueError as exc:  # pragma: no cover - pydantic wraps it; kept for clarity
+        raise SpecError(f"{label}: {_dotted(exc.path)}: {exc.message}") from None
+    return LoadedSpec(spec=spec, path=path, exists=exists)
+
+
+def _apply_override(data: dict, override: Override, origins: dict[tuple, str]) -> None:
+    if not override.path:
+        raise SpecError(f"{override.origin}: names no key")
+    target = data
+    for depth, key in enumerate(override.path[:-1]):
+        child = target.get(key)
+        if child is None:
+            child = target[key] = {}
+        if not isinstance(child, dict):
+            raise SpecError(f"{override.origin}: {_dotted(override.path[:depth + 1])} is not a section")
+        target = child
+    target[override.path[-1]] = override.value
+    origins[override.path] = override.origin
+
+
+def _join(label: str, problems: list[str]) -> str:
+    if len(problems) == 1:
+        return problems[0]
+    return f"{label} has {len(problems)} problems:\n" + "\n".join(f"  {p}" for p in problems)
+
+
+def validation_message(exc: ValidationError, label: str, loaded: yamlsafe.LoadedYaml, root: Any,
+                       origins: dict[tuple, str] | None = None) -> str:
+    """One message for every problem pydantic found in a YAML file validated against `root`."""
+    return _join(label, [_describe(error, label, loaded, origins or {}, root) for error in exc.errors()])
+
+
+def _describe(error: Mapping[str, Any], label: str, loaded: yamlsafe.LoadedYaml,
+              origins: dict[tuple, str], root: Any = None) -> str:
+    loc = tuple(error["loc"])
+    ctx = error.get("ctx") or {}
+    original = ctx.get("error")
+    related: list[tuple] = []
+    if isinstance(original, _KeyedValueError):
+        model_loc = loc if loc and loc[-1] != original.path[0] else ()
+        loc = model_loc + original.path
+        related = [model_loc + path for path in original.related]
+        message = original.message
+    else:
+        message = _explain(error, loc, root or LabSpec)
+    origin = next((origins[loc[:end]] for end in range(len(loc), 0, -1) if loc[:end] in origins), None)
+    # A cross-field error is also caused by the other keys the check read:
+    # name the variables and flags that set them, or the message would blame
+    # only lab.yaml (which may not even exist).
+    involved = sorted({o for path, o in origins.items() if o != origin
+                       and any(path[:len(r)] == r or r[:len(path)] == path for r in related)})
+    if involved:
+        message += f" (with {', '.join(involved)})"
+    if origin:
+        return f"{origin}: {_dotted(loc)}: {message}"
+    line = loaded.line_of(loc)
+    where = f"{label}:{line}" if line else label
+    return f"{where}: {_dotted(loc) or 'top level'}: {message}"
+
+
+def _explain(error: Mapping[str, Any], loc: tuple, root: Any = None) -> str:
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    value = error.get("input")
+    if kind == "extra_forbidden":
+        return f"unknown key{_suggest(loc, root or LabSpec)}"
+    if kind == "missing":
+        return "is required"
+    if kind in ("greater_than_equal", "greater_than"):
+        bound = ctx.get("ge", ctx.get("gt"))
+        return f"must be at least {bound}, got {value!r}"
+    if kind in ("less_than_equal", "less_than"):
+        bound = ctx.get("le", ctx.get("lt"))
+        return f"must be at most {bound}, got {value!r}"
+    if kind in ("int_parsing", "int_type", "int_from_float", "finite_number"):
+        return f"must be a whole number, got {value!r}"
+    if kind in ("bool_parsing", "bool_type"):
+        return f"must be true or false, got {value!r}"
+    if kind in ("string_type",):
+        return f"must be text, got {_type_name(value)}"
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return f"must be a mapping of keys, got {_type_name(value)}"
+    if kind == "list_type":
+        return f"must be a list, got {_type_name(value)}"
+    if kind == "literal_error":
+        expected = ctx.get("expected", "")
+        choices = re.findall(r"'([^']*)'", expected)
+        return f"must be one of {expected}, got {value!r}{_closest(value, choices)}"
+    if kind == "string_pattern_mismatch":
+        if loc and loc[-1] in ("name", "prefix", "node"):
+            return f"must be {_NAME_HINT}, got {value!r}"
+        if loc and loc[-1] == "guest":
+            return f"must be an absolute path, got {value!r}"
+        return f"has an invalid format, got {value!r} (expected to match {ctx.get('pattern')})"
+    if kind == "string_too_short":
+        return "must not be empty"
+    if kind == "invalid_key":
+        return f"keys must be text, got {value!r}"
+    if kind == "value_error":
+        return str(error["msg"]).removeprefix("Value error, ")
+    return f"{error['msg']}, got {value!r}"
+
+
+def _suggest(loc: tuple, root: Any = None) -> str:
+    model: Any = root or LabSpec
+    for key in loc[:-1]:
+        if isinstance(key, int):
+            continue
+        info = model.model_fields.get(key) or next(
+            (f for f in model.model_fields.values() if f.alias == key), None)
+        if info is None:
+            return ""
+        model = _inner_model(info.annotation)
+        if model is None:
+            return ""
+    valid = [f.alias or name for name, f in model.model_fields.items()]
+    close = _closest(loc[-1], valid)
+    return close if close else f" (valid keys: {', '.join(valid)})"
+
+
+def _inner_model(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _closest(value: Any, choices: list[str]) -> str:
+    match = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+_dotted = yamlsafe.dotted
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "text", bool: "true/false", int: "a number",
+            float: "a number", type(None): "nothing"}.get(type(value), type(value).__name__)
+
+
+def json_schema() -> dict[str, Any]:
+    schema = LabSpec.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "lab.yaml"
+    return schema
+
+
+def default_yaml(name: str = "lab", nodes: int = 3, provider: str = "auto") -> str:
+    """The commented lab.yaml that `lab init` writes."""
+    return f"""\
+# lab.yaml: the lab spec. Every key is optional; these are the defaults.
+# Flags (--nodes, --provider, --set key.path=value) and LAB_* variables
+# override this file. Editors complete it from `lab spec schema`.
+name: {name}
+provider: {provider}          # auto | nspawn | virtualbox | libvirt | hyperv | vmware_desktop | parallels
+box:
+  name: labos
+  version: "1"
+  # vagrant: debian/bookworm64   # VMs: a box you already have instead of a Lab OS box
+nodes:
+  count: {nodes}
+  prefix: node            # nodes are node-1, node-2, ...
+  cpus: 1
+  memory: 1024            # MiB
+  # metadata: {{role: worker}}
+  # list:                 # explicit nodes instead of count/prefix
+  #   - name: node-1
+  #     memory: 2048
+network: {{}}
+  # subnet: 10.77.3.0/24  # default: a free /24 chosen for this lab
+etcd:
+  heartbeat_ms: 100
+  election_timeout_ms: 1000
+  tls: false
+updates:
+  strategy: etcd-lock     # etcd-lock | reboot | off
+  max_concurrent_reboots: 1
+forwarded_ports: []
+  # - {{guest: 2379, host: 12379, node: node-1}}
+synced_folders: []
+  # - {{host: ./src, guest: /src}}
+providers:
+  libvirt:
+    driver: kvm           # qemu where KVM is missing or unusable
+"""

@@ -1,0 +1,310 @@
+"""Scenarios: what a scenario file may say, and where scenarios are found.
+
+A scenario is a directory with a `scenario.yaml` and `test_*.py` files
+written with testinfra's standard `host` fixture (one host per node).
+Built-ins ship in `scenarios/`; a project's own live in `./scenarios/` and
+shadow built-ins of the same name. `lab.engine` runs them.
+
+    description: Kill the etcd leader; a new one must be elected in time.
+    nodes: 3
+    lab:                      # lab.yaml overrides for a lab the scenario creates
+      etcd: {election_timeout_ms: 1000}
+    steps:
+      - workload: start
+      - sleep: 2
+      - fault: kill-etcd leader          # ACTION [TARGET]
+      - wait-until: {condition: new-leader, timeout: 10, within: auto}
+      - fault: start-etcd all
+      - wait-until: healthy
+      - probe: {write-via: leader, expect: ok}
+      - workload: stop
+      - check: [test_cluster.py]
+    expect:
+      linearizable: true
+      no_lost_writes: true
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lab.model import yamlsafe
+from lab.errors import LabError, UsageError
+from lab.host.paths import resource
+
+SCENARIO_FILE = "scenario.yaml"
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
+
+FAULT_ACTIONS = ("kill", "start", "pause", "resume", "reboot", "partition", "heal", "kill-etcd", "start-etcd")
+# Targets resolved at run time: the leader as observed just before the fault,
+# its followers, every node, or a node by name. Partition also takes groups:
+# "partition node-1|node-2,node-3".
+SPECIAL_TARGETS = ("leader", "followers", "all", "old-leader")
+CONDITIONS = ("new-leader", "leader", "healthy", "converged", "old-leader-follows", "updated", "update-halted")
+
+
+class ScenarioFailed(LabError):
+    exit_code = 1
+
+
+class ScenarioError(UsageError):
+    """A scenario file is malformed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Fault(_Strict):
+    action: Literal["kill", "start", "pause", "resume", "reboot", "partition", "heal", "kill-etcd", "start-etcd"]
+    target: str = "all"
+
+    @model_validator(mode="after")
+    def _target_shape(self) -> "Fault":
+        if self.action == "heal":
+            return self
+        if self.action == "partition" and "|" in self.target:
+            groups = [g for g in self.target.split("|")]
+            if any(not g for g in groups):
+                raise ValueError(f"partition groups must not be empty: {self.target!r}")
+            return self
+        if self.target not in SPECIAL_TARGETS and not NAME_RE.match(self.target):
+            raise ValueError(f"target must be leader, followers, all, old-leader or a node name, got {self.target!r}")
+        return self
+
+
+class WaitUntil(_Strict):
+    # updated: every node reports the version of the last `update` step;
+    # update-halted: a node rolled back and the roll stopped;
+    # new-leader: a member other than the last fault's leader leads a later term;
+    # leader: a majority agrees on a leader; healthy: every member answers /health;
+    # converged: every member agrees on leader and term, indexes within 5;
+    # old-leader-follows: the last fault's leader is back as a follower.
+    condition: Literal["new-leader", "leader", "healthy", "converged", "old-leader-follows", "updated",
+                       "update-halted"]
+    timeout: float = Field(30.0, gt=0, le=600, description="seconds before the step fails "
+                                                          "(at least twice `within`)")
+    # "auto": 2x the election timeout plus a margin; a number: seconds. The
+    # step fails (and the measurement is reported) when the condition took longer.
+    within: float | Literal["auto"] | None = None
+
+
+class Probe(_Strict):
+    write_via: str = Field(alias="write-via", description="leader, old-leader or a node: write through that member only")
+    expect: Literal["ok", "fail"]
+    timeout: float = Field(2.0, gt=0, le=60)
+
+
+class UnitStep(_Strict):
+    start: str = Field(description="unit file in the scenario directory, started on the cluster")
+
+
+class UpdateStep(_Strict):
+    to: str = Field(pattern=r"^[0-9A-Za-z][0-9A-Za-z._-]{0,31}$", description="OS version to roll to")
+
+
+class Step(_Strict):
+    workload: Literal["start", "stop"] | None = None
+    unit: UnitStep | None = None
+    update: UpdateStep | None = None
+    sleep: float | None = Field(None, ge=0, le=600)
+    fault: Fault | None = None
+    wait_until: WaitUntil | None = Field(None, alias="wait-until")
+    probe: Probe | None = None
+    check: list[str] | None = None
+
+    @field_validator("fault", mode="before")
+    @classmethod
+    def _fault_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, str):  # "kill-etcd leader"
+            action, _, target = value.strip().partition(" ")
+            return {"action": action, "target": target.strip() or ("all" if action != "heal" else "all")}
+        return value
+
+    @field_validator("wait_until", mode="before")
+    @classmethod
+    def _wait_shorthand(cls, value: Any) -> Any:
+        return {"condition": value} if isinstance(value, str) else value
+
+    @field_validator("check", mode="before")
+    @classmethod
+    def _check_shorthand(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Step":
+        given = [name for name in STEP_KINDS if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("each step is exactly one of: workload, unit, update, sleep, fault, wait-until, "
+                             "probe, check"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in STEP_KINDS if getattr(self, name) is not None)
+
+    def describe(self) -> str:
+        if self.fault is not None:
+            return f"fault: {self.fault.action}" + ("" if self.fault.action == "heal" else f" {self.fault.target}")
+        if self.wait_until is not None:
+            return f"wait until {self.wait_until.condition}"
+        if self.probe is not None:
+            return f"probe: a write via {self.probe.write_via} must {'succeed' if self.probe.expect == 'ok' else 'fail'}"
+        if self.check is not None:
+            return f"check: {', '.join(self.check)}"
+        if self.sleep is not None:
+            return f"sleep {self.sleep:g} s"
+        if self.unit is not None:
+            return f"unit: start {self.unit.start}"
+        if self.update is not None:
+            return f"update: roll to {self.update.to}"
+        return f"workload: {self.workload}"
+
+
+STEP_KINDS = ("workload", "unit", "update", "sleep", "fault", "wait_until", "probe", "check")
+
+
+class Expect(_Strict):
+    linearizable: bool = True
+    no_lost_writes: bool = True
+    # Sampled all through the run from outside the nodes (every 50 ms):
+    max_down: int | Literal["auto"] | None = Field(
+        None, description="never more etcd members down at once; auto: updates.max_concurrent_reboots")
+    quorum: bool = Field(False, description="a majority of members answered at every sample")
+    # Checked at the end:
+    final_version: str | None = Field(None, description="every node runs this OS version")
+    rebooted: int | Literal["all"] | None = Field(None, description="how many nodes' boot ids changed")
+    rolled_back: int | None = Field(None, description="how many nodes reported a rollback")
+    units_running: list[str] = Field(default_factory=list, description="units active at the end")
+    units_moved: bool = Field(False, description="some unit changed machine during the run")
+
+
+class WorkloadOptions(_Strict):
+    register_clients: int = Field(4, ge=0, le=32)
+    unique_writers: int = Field(2, ge=0, le=32)
+    registers: int = Field(3, ge=1, le=100)
+    pause_ms: float = Field(10, ge=0, le=10000)
+
+
+class ScenarioSpec(_Strict):
+    description: str = ""
+    nodes: int | None = Field(None, ge=1, le=64)
+    lab: dict[str, Any] = Field(default_factory=dict, description="lab.yaml overrides for a lab it creates")
+    workload: WorkloadOptions = Field(default_factory=WorkloadOptions)
+    steps: list[Step] = Field(default_factory=list)
+    expect: Expect = Field(default_factory=Expect)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    source: str  # "built-in" or "local"
+    description: str
+    path: str
+    nodes: int | None = None  # node count for a lab the scenario creates
+
+    def load(self) -> ScenarioSpec:
+        return parse(Path(self.path) / SCENARIO_FILE)
+
+
+def parse(spec_file: Path) -> ScenarioSpec:
+    """Read and validate a scenario.yaml; errors name the file, line and key path."""
+    from lab.model.spec import validation_message
+
+    label = str(spec_file)
+    try:
+        loaded = yamlsafe.load(spec_file.read_text(encoding="utf-8"))
+    except yamlsafe.YamlError as exc:
+        raise ScenarioError(f"{label}:{exc.line}: {exc.message}") from None
+    except OSError as exc:
+        raise ScenarioError(f"{label}: cannot be read ({exc})") from None
+    data = loaded.data if loaded.data is not None else {}
+    if not isinstance(data, dict):
+        raise ScenarioError(f"{label}:1: must be a mapping (description:, steps:, ...)")
+    try:
+        spec = ScenarioSpec.model_validate(data)
+    except ValidationError as exc:
+        raise ScenarioError(validation_message(exc, label, loaded, ScenarioSpec),
+                            hint="see the scenario format in `lab scenario new --help`") from None
+    for index, step in enumerate(spec.steps):
+        for name in (step.check or []) + ([step.unit.start] if step.unit else []):
+            if not (spec_file.parent / name).is_file():
+                line = loaded.line_of(("steps", index, "check"))
+                raise ScenarioError(f"{label}:{line}: steps[{index}].check: no file {name!r} in {spec_file.parent}")
+    return spec
+
+
+def _summary(directory: Path, source: str) -> Scenario:
+    spec = parse(directory / SCENARIO_FILE)
+    return Scenario(directory.name, source, spec.description.strip(), str(directory), spec.nodes)
+
+
+def discover(project_dir: Path) -> list[Scenario]:
+    found: dict[str, Scenario] = {}
+    for root, source in ((resource("scenarios"), "built-in"), (project_dir / "scenarios", "local")):
+        if root.is_dir():
+            for directory in sorted(p for p in root.iterdir() if (p / SCENARIO_FILE).is_file()):
+                found[directory.name] = _summary(directory, source)
+    return sorted(found.values(), key=lambda s: s.name)
+
+
+def find(name: str, project_dir: Path) -> Scenario:
+    scenarios = {s.name: s for s in discover(project_dir)}
+    if name not in scenarios:
+        raise UsageError(f"no scenario named {name!r}",
+                         hint=f"known scenarios: {', '.join(scenarios) or 'none'} (see `lab scenario list`)")
+    return scenarios[name]
+
+
+TEMPLATE_YAML = """\
+description: {description}
+nodes: 3
+# lab:                      # lab.yaml overrides for a lab this scenario creates
+#   etcd: {{election_timeout_ms: 1000}}
+steps:
+  - workload: start         # background writes, reads and CAS, recorded to history.jsonl
+  - sleep: 2
+  - fault: kill-etcd leader # kill | start | pause | resume | reboot | partition | heal | kill-etcd | start-etcd
+  - wait-until: {{condition: new-leader, timeout: 10, within: auto}}
+  - fault: start-etcd all
+  - wait-until: healthy
+  - workload: stop
+  - check: [test_{module}.py]
+expect:
+  linearizable: true        # the register history passes the linearizability checker
+  no_lost_writes: true      # every acknowledged write is still there
+"""
+
+TEMPLATE_TEST = '''\
+"""Checks run on every node after the steps, with testinfra's `host` fixture."""
+
+
+def test_etcd_is_running(host):
+    assert host.service("etcd").is_running
+
+
+def test_member_is_healthy(host):
+    out = host.check_output("ETCDCTL_API=3 etcdctl --endpoints=http://127.0.0.1:2379 endpoint health")
+    assert "is healthy" in out
+'''
+
+
+def scaffold(name: str, directory: Path) -> Path:
+    """Write a new scenario directory with a commented scenario.yaml and a testinfra file."""
+    if not NAME_RE.match(name):
+        raise UsageError(f"scenario name {name!r} must be lowercase letters, digits and '-', starting with a letter")
+    target = directory / name
+    if target.exists():
+        raise UsageError(f"{target} already exists", hint="pick another name or edit that scenario")
+    target.mkdir(parents=True)
+    module = name.replace("-", "_")
+    (target / SCENARIO_FILE).write_text(TEMPLATE_YAML.format(description=f"What {name} shows.", module=module))
+    (target / f"test_{module}.py").write_text(TEMPLATE_TEST)
+    parse(target / SCENARIO_FILE)  # what we write must be valid
+    return target

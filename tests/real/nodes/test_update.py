@@ -1,0 +1,124 @@
+"""Rolling updates: the reboot semaphore (pure and against a real etcd), versions, and the roll itself."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+
+import pytest
+
+from lab.node.updater import Semaphore, new_semaphore, release, try_acquire
+
+needs_nodes = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("systemd-nspawn") is None,
+                                 reason="needs root and systemd-nspawn")
+
+
+# ---------------------------------------------------------------- pure
+
+
+def test_semaphore_admits_up_to_max_holders():
+    s = new_semaphore(2)
+    s = try_acquire(s, "node-1")
+    s = try_acquire(s, "node-2")
+    assert s["holders"] == ["node-1", "node-2"]
+    assert try_acquire(s, "node-3") is None
+    assert try_acquire(s, "node-1") is s, "holding already counts as acquired"
+    s = release(s, "node-1")
+    assert try_acquire(s, "node-3")["holders"] == ["node-2", "node-3"]
+
+
+def test_release_of_a_non_holder_changes_nothing():
+    s = try_acquire(new_semaphore(1), "node-1")
+    assert release(s, "node-9") == s
+
+
+# ---------------------------------------------------------------- against a real etcd
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory):
+    if os.geteuid() != 0 or shutil.which("systemd-nspawn") is None:
+        pytest.skip("needs root and systemd-nspawn")
+    from lab.node.agent import Etcd
+    from lab.images.boxes import build_image
+    from lab.core.lab import Lab
+    from lab.model.spec import Override
+
+    build_image("labos", "1")
+    lab = Lab.open(tmp_path_factory.mktemp("sem") / "lab.yaml",
+                   [Override(("nodes", "count"), 1, "--nodes"), Override(("provider",), "nspawn", "--provider")])
+    lab.up()
+    try:
+        yield lambda: Etcd([row.endpoint for row in lab.etcd_status()], None)
+    finally:
+        lab.destroy()
+
+
+def contend(etcd, key: str, max_holders: int, contenders: int) -> list[str]:
+    """`contenders` threads try to acquire at once, each with its own client; returns who got it."""
+    barrier = threading.Barrier(contenders)
+    won: list[str] = []
+    lock = threading.Lock()
+
+    def attempt(name: str) -> None:
+        semaphore = Semaphore(etcd(), key)
+        barrier.wait()
+        if semaphore.acquire(name, max_holders):
+            with lock:
+                won.append(name)
+
+    threads = [threading.Thread(target=attempt, args=(f"node-{i}",)) for i in range(contenders)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return won
+
+
+@needs_nodes
+@pytest.mark.parametrize("max_holders", [1, 2])
+def test_concurrent_acquirers_never_exceed_max_holders(etcd, max_holders):
+    key = f"/test/semaphore-{max_holders}"
+    won = contend(etcd, key, max_holders, contenders=8)
+    assert len(won) == max_holders
+    current, _ = Semaphore(etcd(), key).read(max_holders)
+    assert sorted(current["holders"]) == sorted(won)
+
+
+@needs_nodes
+def test_a_dead_holder_blocks_until_unlocked_then_the_next_gets_in(etcd):
+    key = "/test/semaphore-dead"
+    dead = Semaphore(etcd(), key)
+    assert dead.acquire("node-dead", 1)
+    # node-dead never releases (its machine died holding the lock).
+    waiting = Semaphore(etcd(), key)
+    assert not waiting.acquire("node-2", 1)
+    # What `lab update unlock node-dead` does:
+    Semaphore(etcd(), key).release("node-dead", 1)
+    assert waiting.acquire("node-2", 1)
+    assert waiting.holds("node-2", 1) and not waiting.holds("node-dead", 1)
+
+
+@needs_nodes
+def test_stale_compare_and_swap_is_refused(etcd):
+    key = "/test/semaphore-cas"
+    semaphore = Semaphore(etcd(), key)
+    current, revision = semaphore.read(1)
+    assert semaphore._swap(revision, try_acquire(current, "node-1"))
+    # A second writer that read the old revision must lose.
+    assert not semaphore._swap(revision, try_acquire(current, "node-2"))
+    assert semaphore.read(1)[0]["holders"] == ["node-1"]
+
+
+# ---------------------------------------------------------------- versions
+
+
+def test_versions_differ_visibly():
+    from lab.images.boxes import load_recipe
+
+    one, two, broken = (load_recipe("labos", v) for v in ("1", "2", "2-broken"))
+    assert "jq" in two.packages and "jq" not in one.packages
+    assert two.version_overlay is not None and (two.version_overlay / "usr/lib/labos/release-notes").exists()
+    assert broken.version_overlay is not None
+    assert os.access(broken.version_overlay / "usr/bin/etcd", os.X_OK)

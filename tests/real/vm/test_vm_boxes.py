@@ -1,0 +1,206 @@
+"""Vagrant boxes of Lab OS: the disk layout on fixed numbers, then real builds.
+
+The real part builds the VM image (debootstrap with a kernel, ~1.5 min cold,
+cached afterwards), the libvirt and VirtualBox boxes from it, reads them back
+with the same tools a hypervisor would (sfdisk, mtools, qemu-img, blkid),
+boots the libvirt disk under QEMU to its login prompt and has the real
+`vagrant box add` accept both boxes into a private VAGRANT_HOME.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from lab.images import vmdisk
+from lab.errors import BoxError
+from lab.images.vagrantbox import VIRTUALBOX_BASE_MAC, build_box, ovf_descriptor
+
+# ---------------------------------------------------------------- pure: layout and descriptors
+
+
+def test_layout_is_aligned_and_fills_the_disk():
+    plan = vmdisk.layout(8)
+    assert plan.disk_bytes == 8 * 2**30
+    assert plan.boot_offset == 2**20 and plan.boot_bytes == vmdisk.BOOT_PARTITION_MIB * 2**20
+    assert plan.root_offset == plan.boot_offset + plan.boot_bytes
+    assert plan.root_offset + plan.root_bytes == plan.disk_bytes
+    assert plan.sfdisk_script() == ("label: dos\n"
+                                    "start=2048, size=393216, type=6, bootable\n"
+                                    "start=395264, size=16381952, type=83\n")
+    with pytest.raises(BoxError, match="at least 1 GiB"):
+        vmdisk.layout(0)
+
+
+def test_syslinux_config_boots_the_labelled_root():
+    text = vmdisk.syslinux_config()
+    assert "DEFAULT labos" in text and "TIMEOUT 0" in text
+    assert "LINUX /vmlinuz" in text and "INITRD /initrd.img" in text
+    assert "APPEND root=LABEL=labos-root rw console=tty0 console=ttyS0,115200 net.ifnames=0" in text
+
+
+def test_find_kernel_names_what_is_missing(tmp_path):
+    (tmp_path / "boot").mkdir()
+    with pytest.raises(BoxError, match="has no kernel"):
+        vmdisk.find_kernel(tmp_path)
+    (tmp_path / "boot/vmlinuz-6.1.0-9-amd64").write_text("k")
+    with pytest.raises(BoxError, match="has no initramfs beside it"):
+        vmdisk.find_kernel(tmp_path)
+    (tmp_path / "boot/initrd.img-6.1.0-9-amd64").write_text("i")
+    assert [p.name for p in vmdisk.find_kernel(tmp_path)] == ["vmlinuz-6.1.0-9-amd64", "initrd.img-6.1.0-9-amd64"]
+
+
+OVF = "{http://schemas.dmtf.org/ovf/envelope/1}"
+RASD = "{http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData}"
+
+
+def check_ovf(text: str, files: dict[str, int]) -> ET.Element:
+    """The OVF parses, names only files that exist with their sizes, and wires a disk to a SATA controller."""
+    root = ET.fromstring(text)
+    references = {f.get(f"{OVF}href"): int(f.get(f"{OVF}size")) for f in root.iter(f"{OVF}File")}
+    assert references == {name: size for name, size in files.items() if name.endswith(".vmdk")}
+    disk = root.find(f"{OVF}DiskSection/{OVF}Disk")
+    assert disk.get(f"{OVF}fileRef") == "file1" and disk.get(f"{OVF}diskId") == "vmdisk1"
+    items = {item.findtext(f"{RASD}InstanceID"): item for item in root.iter(f"{OVF}Item")}
+    by_type = {item.findtext(f"{RASD}ResourceType"): item for item in items.values()}
+    controller, hard_disk, nic = by_type["20"], by_type["17"], by_type["10"]
+    assert controller.findtext(f"{RASD}ResourceSubType") == "AHCI"
+    assert hard_disk.findtext(f"{RASD}Parent") == controller.findtext(f"{RASD}InstanceID")
+    assert hard_disk.findtext(f"{RASD}HostResource") == "/disk/vmdisk1"
+    assert nic.findtext(f"{RASD}Connection") == "NAT"
+    return root
+
+
+def test_ovf_descriptor_is_consistent():
+    root = check_ovf(ovf_descriptor(vm_name="labos-1 <&>", disk_file="box-disk001.vmdk", disk_bytes=123,
+                                    capacity_bytes=8 * 2**30), {"box-disk001.vmdk": 123})
+    assert root.find(f"{OVF}DiskSection/{OVF}Disk").get(f"{OVF}capacity") == str(8 * 2**30)
+    assert root.find(f"{OVF}VirtualSystem").get(f"{OVF}id") == "labos-1 <&>"  # escaped, then parsed back
+
+
+# ---------------------------------------------------------------- real builds
+
+needs_build = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("debootstrap") is None or shutil.which("qemu-img") is None,
+    reason="building a VM box needs root, debootstrap and qemu-img")
+
+
+def members(box: Path) -> dict[str, int]:
+    with tarfile.open(box) as archive:
+        return {m.name: m.size for m in archive.getmembers()}
+
+
+def extract(box: Path, directory: Path) -> Path:
+    with tarfile.open(box) as archive:
+        archive.extractall(directory, filter="data")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def libvirt_box():
+    return build_box("labos", "1", "libvirt")
+
+
+@pytest.fixture(scope="module")
+def virtualbox_box():
+    return build_box("labos", "1", "virtualbox")
+
+
+@needs_build
+def test_libvirt_box_is_what_vagrant_libvirt_reads(libvirt_box, tmp_path):
+    assert set(members(libvirt_box.path)) == {"metadata.json", "Vagrantfile", "box.img"}
+    content = extract(libvirt_box.path, tmp_path)
+    metadata = json.loads((content / "metadata.json").read_text())
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(content / "box.img")],
+                                     check=True, capture_output=True, text=True).stdout)
+    assert info["format"] == "qcow2"
+    assert metadata == {"provider": "libvirt", "format": "qcow2", "virtual_size": info["virtual-size"] // 2**30}
+    assert 'config.vm.guest = :debian' in (content / "Vagrantfile").read_text()
+
+
+@needs_build
+def test_libvirt_disk_layout_read_back(libvirt_box, tmp_path):
+    content = extract(libvirt_box.path, tmp_path)
+    raw = tmp_path / "disk.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(content / "box.img"), str(raw)], check=True)
+    table = json.loads(subprocess.run(["sfdisk", "--json", str(raw)], check=True, capture_output=True,
+                                      text=True).stdout)["partitiontable"]
+    boot, root = table["partitions"]
+    assert table["label"] == "dos" and boot.get("bootable") and boot["type"] == "6" and root["type"] == "83"
+    plan = vmdisk.layout()
+    assert boot["start"] * 512 == plan.boot_offset and root["start"] * 512 == plan.root_offset
+    # The MBR carries SYSLINUX's boot code, the partition table stays intact.
+    assert raw.read_bytes()[:440] == vmdisk.SYSLINUX_MBR.read_bytes()[:440]
+    listing = subprocess.run(["mdir", "-a", "-b", "-i", f"{raw}@@{plan.boot_offset}", "::/"], check=True,
+                             capture_output=True, text=True).stdout
+    for name in ("VMLINUZ", "INITRD.IMG", "SYSLINUX.CFG", "LDLINUX.SYS", "LDLINUX.C32"):
+        assert name.lower() in listing.lower()
+    probe = subprocess.run(["blkid", "-p", "-O", str(plan.root_offset), "-o", "export", str(raw)],
+                           capture_output=True, text=True).stdout
+    assert "TYPE=ext4" in probe and f"LABEL={vmdisk.ROOT_LABEL}" in probe
+
+
+@needs_build
+@pytest.mark.slow
+def test_libvirt_disk_boots_to_a_login_prompt_under_qemu(libvirt_box, tmp_path):
+    """No libvirt, no Vagrant: the disk alone, under software emulation, reaches getty on the serial console."""
+    content = extract(libvirt_box.path, tmp_path)
+    overlay = tmp_path / "overlay.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(content / "box.img"),
+                    str(overlay)], check=True)
+    console = tmp_path / "console.log"
+    process = subprocess.Popen(["qemu-system-x86_64", "-accel", "tcg", "-m", "1024", "-nographic",
+                                "-drive", f"file={overlay},if=virtio", "-nic", "user,model=virtio",
+                                "-serial", f"file:{console}", "-monitor", "none"],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        text = ""
+        while time.monotonic() < deadline and process.poll() is None:
+            text = console.read_text(errors="replace") if console.exists() else ""
+            if "login:" in text:
+                break
+            time.sleep(1)
+        assert "login:" in text, f"no login prompt; console tail:\n{text[-2000:]}"
+        assert "Kernel panic" not in text
+    finally:
+        process.kill()
+        process.wait()
+
+
+@needs_build
+def test_virtualbox_box_is_a_consistent_ovf_package(virtualbox_box, tmp_path):
+    files = members(virtualbox_box.path)
+    assert set(files) == {"metadata.json", "Vagrantfile", "box.ovf", "box-disk001.vmdk"}
+    content = extract(virtualbox_box.path, tmp_path)
+    assert json.loads((content / "metadata.json").read_text()) == {"provider": "virtualbox"}
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(content / "box-disk001.vmdk")],
+                                     check=True, capture_output=True, text=True).stdout)
+    assert info["format"] == "vmdk" and info["format-specific"]["data"]["create-type"] == "streamOptimized"
+    root = check_ovf((content / "box.ovf").read_text(), files)
+    assert root.find(f"{OVF}DiskSection/{OVF}Disk").get(f"{OVF}capacity") == str(info["virtual-size"])
+    assert f'config.vm.base_mac = "{VIRTUALBOX_BASE_MAC}"' in (content / "Vagrantfile").read_text()
+
+
+@needs_build
+@pytest.mark.skipif(shutil.which("vagrant") is None, reason="vagrant not installed")
+def test_vagrant_box_add_accepts_both_boxes(libvirt_box, virtualbox_box, tmp_path, monkeypatch):
+    from lab.images.vagrantbox import add_box
+
+    monkeypatch.setenv("VAGRANT_HOME", str(tmp_path / "vagrant.d"))
+    assert add_box(libvirt_box) == "lab-labos-1"
+    assert add_box(virtualbox_box) == "lab-labos-1"
+    listing = subprocess.run(["vagrant", "box", "list", "--machine-readable"], capture_output=True, text=True,
+                             env={**os.environ, "VAGRANT_CHECKPOINT_DISABLE": "1"}).stdout
+    providers = sorted(line.split(",")[3] for line in listing.splitlines() if ",box-provider," in line)
+    assert providers == ["libvirt", "virtualbox"]
+    boxes = tmp_path / "vagrant.d" / "boxes" / "lab-labos-1" / "0"
+    assert (boxes / "virtualbox" / "box.ovf").is_file() and (boxes / "libvirt" / "box.img").is_file()
