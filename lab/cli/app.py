@@ -178,7 +178,7 @@ def init(file: FileOpt = DEFAULT_FILE, name: NameOpt = None, nodes: NodesOpt = N
          force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False) -> None:
     """Write a commented lab.yaml with every default spelled out."""
     from lab.model.spec import Override, default_yaml, load_spec
-    from lab.core.state import write_atomic
+    from lab.host.files import write_atomic
 
     if file.exists() and not force:
         raise UsageError(f"{file} already exists", hint="edit it, or pass --force to overwrite it")

@@ -345,7 +345,7 @@ class Lab:
         return self.provider().ssh_endpoints()
 
     def write_ssh_config(self, provider: Provider) -> None:
-        from lab.core.state import write_atomic
+        from lab.host.files import write_atomic
 
         write_atomic(self.ssh_config_path, self.ssh_config(provider))
 

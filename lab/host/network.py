@@ -22,7 +22,7 @@ from typing import Iterator
 
 from lab.errors import PrerequisiteError, StateError
 from lab.host.paths import state_home
-from lab.core.state import write_atomic
+from lab.host.files import write_atomic
 
 # 10.77.0.0/16 keeps clear of the usual Docker, libvirt and home ranges.
 DEFAULT_POOL = ipaddress.IPv4Network("10.77.0.0/16")

@@ -13,7 +13,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab.core.state import write_atomic
+from lab.host.files import write_atomic
 
 VALIDITY = datetime.timedelta(days=3650)
 

@@ -14,19 +14,32 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, TextIO
 
 from lab.errors import CommandError, ProviderError
-from lab.providers.base import SSHEndpoint
-from lab.core.state import write_atomic
+from lab.host.files import write_atomic
 
 # paramiko logs a traceback from its transport thread for every refused banner
 # while a node boots; lab reports connection failures itself. (Configuring a
 # logger imports nothing of paramiko.)
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 logging.getLogger("paramiko").propagate = False
+
+
+@dataclass(frozen=True)
+class SSHEndpoint:
+    """Everything needed to reach one node over SSH, for ssh, Fabric and testinfra alike."""
+
+    node: str
+    host: str
+    port: int
+    user: str
+    identity_file: Path
+    # None means the provider cannot vouch for host keys (Vagrant's own boxes).
+    known_hosts: Path | None = None
+    extra_options: dict[str, str] = field(default_factory=dict)
 
 
 def ensure_keypair(private_key: Path, comment: str) -> Path:

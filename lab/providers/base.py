@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+from lab.host.ssh import SSHEndpoint
 from lab.model.spec import LabSpec, ResolvedNode
 
 Progress = Callable[[str], None]
@@ -41,20 +42,6 @@ class NodeStatus:
     def to_json(self) -> dict:
         return {"name": self.name, "state": self.state.value, "ip": self.ip,
                 "boot_id": self.boot_id, "detail": self.detail}
-
-
-@dataclass(frozen=True)
-class SSHEndpoint:
-    """Everything needed to reach one node over SSH, for ssh, Fabric and testinfra alike."""
-
-    node: str
-    host: str
-    port: int
-    user: str
-    identity_file: Path
-    # None means the provider cannot vouch for host keys (Vagrant's own boxes).
-    known_hosts: Path | None = None
-    extra_options: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from lab.errors import ProviderError
 from lab.host.paths import resource
-from lab.core.state import write_atomic
+from lab.host.files import write_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     from lab.providers.base import LabContext
