@@ -75,7 +75,7 @@ def start_roll(lab, version: str, progress: Progress = no_progress) -> None:
 def _start_roll(lab, version: str, progress: Progress) -> None:
     from lab.images.boxes import find_image
 
-    lab._require_created("update")
+    lab.require_created("update")
     box = lab.spec.box
     image = find_image(box.name, version)
     if image is None:
@@ -102,7 +102,7 @@ def _start_roll(lab, version: str, progress: Progress) -> None:
 
 
 def status(lab) -> UpdateStatus:
-    lab._require_created("show updates of")
+    lab.require_created("show updates of")
     client = lab.etcd_client()
     reported = {}
     for value in client.get_prefix(f"{PREFIX}/nodes/").values():

@@ -10,7 +10,6 @@ and scenario runs.
 
 from __future__ import annotations
 
-import datetime
 import ipaddress
 import shutil
 from dataclasses import dataclass
@@ -63,7 +62,7 @@ class Lab:
             return Selection(recorded, automatic=False, considered={}, origin="the one this lab was created with")
         return select(self.spec.provider)
 
-    def _subnet(self, provider: str, claim: bool) -> ipaddress.IPv4Network:
+    def subnet_for(self, provider: str, claim: bool) -> ipaddress.IPv4Network:
         if self.state is not None and self.state.get("subnet"):
             return ipaddress.IPv4Network(self.state["subnet"])
         pool = network.VIRTUALBOX_POOL if provider == "virtualbox" else network.DEFAULT_POOL
@@ -85,7 +84,7 @@ class Lab:
             nodes = [known.get(name) or ResolvedNode(name=name, index=i, cpus=defaults.cpus, memory=defaults.memory,
                                                      metadata=dict(defaults.metadata))
                      for i, name in enumerate(self.state["nodes"], start=1)]
-        subnet = self._subnet(provider, claim)
+        subnet = self.subnet_for(provider, claim)
         # Addresses are kept in the state once given: removing node-2 must not move node-3.
         recorded = dict(self.state.get("addresses") or {}) if self.state is not None else {}
         addresses = network.assign_addresses(subnet, [n.name for n in nodes], recorded)
@@ -103,59 +102,18 @@ class Lab:
     # ------------------------------------------------------------ commands
 
     def up(self, progress: Progress = no_progress, bootstrap: bool = True) -> "UpResult":
-        """Create (or start) every node; on a new lab, any failure removes what was made."""
-        from lab.providers import provider_class
+        """Create (or start) every node; on a new lab, any failure removes what was made (see lab.core.up)."""
+        from lab.core.up import UpRun, run_steps, up_steps
 
-        selection = self.selection()
-        progress(selection.describe())
-        provider_cls = provider_class(selection.name)
-        new_lab = self.state is None
-        if new_lab:
-            # Check the host and claim a subnet before anything exists, so bad
-            # input or a busy subnet leaves nothing behind.
-            provider_cls(self.context(selection.name)).preflight()
-            subnet = self._subnet(selection.name, claim=True)
-            self.state = LabState(self.lab_dir, {
-                "version": 1, "name": self.name, "lab_id": self.lab_id, "provider": selection.name,
-                "created_at": _now(), "subnet": str(subnet), "resources": [],
-                "nodes": [n.name for n in self.spec.node_specs()],
-            })
-            try:
-                self.state.save()
-            except BaseException:
-                network.release_subnet(self.lab_dir)
-                raise
-        try:
-            context = self.context(selection.name)
-            if new_lab:
-                self.state.set("addresses", context.addresses)
-                from lab.host.ssh import ensure_keypair
-                ensure_keypair(context.ssh_key, comment=f"lab-{self.name}")
-            else:
-                network.ensure_claim_matches(self.lab_dir, context.subnet)
-            provider = provider_cls(context)
-            if not new_lab:
-                provider.preflight()
-            provider.up(progress)
-            self.write_ssh_config(provider)
-            if bootstrap:
-                from lab.cluster.bootstrap import EtcdBootstrap, SchedulerBootstrap
-
-                endpoints = provider.ssh_endpoints()
-                EtcdBootstrap(context, endpoints).run(progress)
-                SchedulerBootstrap(context, endpoints).run(progress)
-        except BaseException:
-            if new_lab:
-                progress("rolling back: removing what this `lab up` created")
-                self._destroy_quietly()
-            raise
-        return UpResult(selection=selection, nodes=provider.status(), ssh_config=self.ssh_config_path)
+        run = UpRun(lab=self, progress=progress, new_lab=self.state is None)
+        run_steps(run, up_steps(bootstrap))
+        return UpResult(selection=run.selection, nodes=run.provider.status(), ssh_config=self.ssh_config_path)
 
     def node_add(self, progress: Progress = no_progress) -> str:
         """Boot one more node and join it to etcd as a new member (runtime reconfiguration)."""
         from lab.cluster.bootstrap import EtcdBootstrap
 
-        self._require_created("add a node to")
+        self.require_created("add a node to")
         names = list(self.state["nodes"])
         index = len(names) + 1
         while f"{self.spec.nodes.prefix}-{index}" in names:
@@ -194,7 +152,7 @@ class Lab:
         """Remove a node's etcd member cleanly, then destroy the node."""
         from lab.cluster.bootstrap import EtcdBootstrap
 
-        self._require_created("remove a node from")
+        self.require_created("remove a node from")
         context = self.context(self.selection().name)
         context.node(node)
         if len(context.nodes) == 1:
@@ -211,7 +169,7 @@ class Lab:
     def halt(self, progress: Progress = no_progress) -> None:
         from lab.host.ssh import close_masters
 
-        self._require_created("halt")
+        self.require_created("halt")
         close_masters(self.ssh_config_path, self.state.get("nodes", []))
         self.provider().halt(progress)
 
@@ -240,13 +198,14 @@ class Lab:
         except OSError:
             pass  # other labs live there
 
-    def _destroy_quietly(self) -> None:
+    def destroy_quietly(self) -> None:
+        """Destroy for a rollback: never raises a LabError, whose state file `lab destroy` would retry from."""
         try:
             self.destroy()
         except (LabError, OSError):
             pass  # the state file survives; `lab destroy` retries from it
 
-    def _require_created(self, verb: str) -> None:
+    def require_created(self, verb: str) -> None:
         if self.state is None:
             raise StateError(f"lab {self.name!r} does not exist yet, nothing to {verb}",
                              hint="create it with `lab up`")
@@ -256,7 +215,7 @@ class Lab:
     def etcd_client(self, timeout: float = 2.0):
         from lab.cluster.bootstrap import client_for
 
-        self._require_created("reach")
+        self.require_created("reach")
         return client_for(self.context(self.selection().name), timeout=timeout)
 
     def etcd_status(self) -> list["MemberRow"]:
@@ -287,7 +246,7 @@ class Lab:
         from lab.cluster.bootstrap import members
         from lab.host.pki import LabPki
 
-        self._require_created("reach")
+        self.require_created("reach")
         context = self.context(self.selection().name)
         env = {"ETCDCTL_API": "3", "ETCDCTL_ENDPOINTS": ",".join(m.client_url for m in members(context))}
         if self.spec.etcd.tls:
@@ -341,7 +300,7 @@ class Lab:
         return self.lab_dir / "ssh_config"
 
     def ssh_endpoints(self):
-        self._require_created("reach")
+        self.require_created("reach")
         return self.provider().ssh_endpoints()
 
     def write_ssh_config(self, provider: Provider) -> None:
@@ -353,7 +312,7 @@ class Lab:
         from lab.host.ssh import control_path, render_ssh_config
 
         endpoints = (provider or self.provider()).ssh_endpoints() if self.created else {}
-        self._require_created("reach")
+        self.require_created("reach")
         return render_ssh_config(endpoints.values(), control=control_path(self.lab_id))
 
     def node_names(self) -> list[str]:
@@ -387,7 +346,3 @@ class UpResult:
     selection: Selection
     nodes: list[NodeStatus]
     ssh_config: Path
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

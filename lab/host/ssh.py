@@ -151,7 +151,7 @@ def connect(endpoint: SSHEndpoint, timeout: float = 10.0):
     if endpoint.known_hosts is not None:
         # known_hosts entries are written under the node name and its IP; an
         # unknown or changed key is refused, never silently accepted.
-        client._host_keys = paramiko.HostKeys()
+        client.get_host_keys().clear()
         client.load_host_keys(str(endpoint.known_hosts))
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
     else:

@@ -8,8 +8,10 @@ valid ones.
 from __future__ import annotations
 
 import importlib
+from contextlib import contextmanager
 import platform
 from dataclasses import dataclass
+from typing import Iterator
 
 from lab.errors import PrerequisiteError, UsageError
 from lab.providers.base import Availability, Provider
@@ -70,3 +72,15 @@ def select(requested: str) -> Selection:
             "run as root with systemd-nspawn installed (apt-get install systemd-container), "
             "or install VirtualBox / vagrant-libvirt")
     raise PrerequisiteError(f"no provider can run on this host:\n{reasons}", hint=hint)
+
+
+@contextmanager
+def substituted(name: str, target: str) -> Iterator[None]:
+    """Make `name` resolve to another "module:Class" for a while: how tests put
+    lab.testing's fake provider under the core, the engine and the CLI."""
+    previous = _REGISTRY[name]
+    _REGISTRY[name] = target
+    try:
+        yield
+    finally:
+        _REGISTRY[name] = previous

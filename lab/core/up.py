@@ -1,0 +1,166 @@
+"""`lab up` as a list of named steps with one rollback, as kind creates a cluster.
+
+Each step is a small function of an `UpRun` (the lab, its provider, what was
+made so far). A step that creates something host-wide registers how to undo
+it *before* going on, so a failure or Ctrl-C at any step of a new lab runs the
+undos newest first and leaves nothing behind. On an existing lab nothing is
+undone: its nodes and state were there before this `lab up` and stay.
+
+The list is data: `up_steps()` is what `lab up` runs, and tests run it
+against the fake provider in `lab.testing` with a failure injected at each
+step in turn.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from lab.core.state import LabState
+from lab.errors import LabError
+from lab.host import network
+from lab.providers import Selection, provider_class
+from lab.providers.base import Progress, Provider
+
+if TYPE_CHECKING:
+    from lab.core.lab import Lab
+
+
+@dataclass
+class UpRun:
+    """What one `lab up` has learnt and made so far; steps read and fill it in."""
+
+    lab: "Lab"
+    progress: Progress
+    new_lab: bool
+    selection: Selection | None = None
+    provider: Provider | None = None
+    subnet: str | None = None
+    undo: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)
+
+    def on_failure(self, what: str, action: Callable[[], None]) -> None:
+        self.undo.append((what, action))
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    run: Callable[[UpRun], None]
+    # Steps that only a lab being created needs (claims, keys); skipped on a re-run.
+    new_lab_only: bool = False
+    existing_lab_only: bool = False
+
+
+def select_provider(run: UpRun) -> None:
+    run.selection = run.lab.selection()
+    run.progress(run.selection.describe())
+
+
+def preflight(run: UpRun) -> None:
+    # A new lab is checked before anything exists, so bad input or a missing
+    # tool leaves nothing behind; an existing one is checked with its own context.
+    cls = provider_class(run.selection.name)
+    cls(run.lab.context(run.selection.name)).preflight()
+
+
+def claim_subnet(run: UpRun) -> None:
+    # Claimed in the per-user registry under its lock: two `lab up` at once never share a subnet.
+    run.on_failure("subnet claim", lambda: network.release_subnet(run.lab.lab_dir))
+    run.subnet = str(run.lab.subnet_for(run.selection.name, claim=True))
+
+
+def record_state(run: UpRun) -> None:
+    lab = run.lab
+    state = LabState(lab.lab_dir, {
+        "version": 1, "name": lab.name, "lab_id": lab.lab_id, "provider": run.selection.name,
+        "created_at": now(), "subnet": run.subnet, "resources": [],
+        "nodes": [n.name for n in lab.spec.node_specs()],
+    })
+    state.save()
+    lab.state = state
+    # From here on, destroy (which reads this state) is the one undo: it removes
+    # every resource the provider records before creating it, and the subnet claim.
+    run.on_failure("everything recorded in state.json", lab.destroy_quietly)
+
+
+def assign_addresses(run: UpRun) -> None:
+    run.lab.state.set("addresses", run.lab.context(run.selection.name).addresses)
+
+
+def ssh_keypair(run: UpRun) -> None:
+    from lab.host.ssh import ensure_keypair
+
+    context = run.lab.context(run.selection.name)
+    ensure_keypair(context.ssh_key, comment=f"lab-{run.lab.name}")
+
+
+def check_subnet_claim(run: UpRun) -> None:
+    network.ensure_claim_matches(run.lab.lab_dir, run.lab.context(run.selection.name).subnet)
+
+
+def boot_nodes(run: UpRun) -> None:
+    run.provider = provider_class(run.selection.name)(run.lab.context(run.selection.name))
+    run.provider.up(run.progress)
+
+
+def ssh_config(run: UpRun) -> None:
+    run.lab.write_ssh_config(run.provider)
+
+
+def etcd(run: UpRun) -> None:
+    from lab.cluster.bootstrap import EtcdBootstrap
+
+    EtcdBootstrap(run.provider.context, run.provider.ssh_endpoints()).run(run.progress)
+
+
+def scheduler(run: UpRun) -> None:
+    from lab.cluster.bootstrap import SchedulerBootstrap
+
+    SchedulerBootstrap(run.provider.context, run.provider.ssh_endpoints()).run(run.progress)
+
+
+def up_steps(bootstrap: bool = True) -> list[Step]:
+    steps = [
+        Step("select provider", select_provider),
+        Step("preflight", preflight),
+        Step("claim subnet", claim_subnet, new_lab_only=True),
+        Step("record state", record_state, new_lab_only=True),
+        Step("assign addresses", assign_addresses, new_lab_only=True),
+        Step("ssh keypair", ssh_keypair, new_lab_only=True),
+        Step("check subnet claim", check_subnet_claim, existing_lab_only=True),
+        Step("boot nodes", boot_nodes),
+        Step("ssh config", ssh_config),
+    ]
+    if bootstrap:
+        steps += [Step("etcd", etcd), Step("scheduler", scheduler)]
+    return steps
+
+
+def run_steps(run: UpRun, steps: list[Step]) -> None:
+    """Run the steps in order; on any failure (Ctrl-C included) of a new lab, undo newest first."""
+    try:
+        for step in steps:
+            if (step.new_lab_only and not run.new_lab) or (step.existing_lab_only and run.new_lab):
+                continue
+            step.run(run)
+            run.done.append(step.name)
+    except BaseException:
+        if run.new_lab and run.undo:
+            run.progress("rolling back: removing what this `lab up` created")
+            rollback(run)
+        raise
+
+
+def rollback(run: UpRun) -> None:
+    for what, action in reversed(run.undo):
+        try:
+            action()
+        except (LabError, OSError) as exc:  # keep undoing the rest; state.json lets `lab destroy` retry
+            run.progress(f"could not undo the {what}: {exc}")
+    run.undo.clear()
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
