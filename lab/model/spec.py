@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import ntpath
 import os
+import posixpath
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +121,13 @@ class Network(_Strict):
     def _private_and_sized(cls, value: ipaddress.IPv4Network | None) -> ipaddress.IPv4Network | None:
         if value is None:
             return value
+        # Python counts loopback, link-local, 0/8 and 240/4 as "private": none of
+        # them can carry a lab (the host would route it to itself or nowhere).
+        special = ("loopback" if value.is_loopback else "link-local" if value.is_link_local
+                   else "multicast" if value.is_multicast
+                   else "reserved" if value.is_reserved or value.subnet_of(ipaddress.IPv4Network("0.0.0.0/8")) else None)
+        if special:
+            raise ValueError(f"{value} is a {special} range; use a private network (10/8, 172.16/12, 192.168/16)")
         if not value.is_private:
             raise ValueError(f"must be a private network (10/8, 172.16/12, 192.168/16), got {value}")
         if value.prefixlen > 26:
@@ -166,12 +175,41 @@ class SyncedFolder(_Strict):
     host: str = Field(min_length=1, description="directory on the host, relative to lab.yaml")
     guest: str = Field(pattern=r"^/", description="absolute path on the node")
     disabled: bool = False
+    outside_project: bool = Field(False, description="allow a host directory outside the project "
+                                                     "(a checkout must not share /etc or ~ by itself)")
+
+    @model_validator(mode="after")
+    def _inside_the_project(self) -> "SyncedFolder":
+        # A path is judged as written; symlinks are resolved against the real
+        # project directory where the Vagrantfile is rendered.
+        if not self.outside_project and leaves_directory(self.host):
+            raise _KeyedValueError(("host",), f"{self.host!r} is outside the project directory; "
+                                              "set outside_project: true to share it anyway")
+        return self
+
+
+def leaves_directory(path: str) -> bool:
+    """Whether a path (relative to some directory) can name something outside it."""
+    normal = posixpath.normpath(path.replace("\\", "/"))
+    return (posixpath.isabs(normal) or ntpath.isabs(path) or normal == ".." or normal.startswith("../")
+            or path.startswith("~"))
 
 
 class LibvirtOptions(_Strict):
     driver: Literal["kvm", "qemu"] = Field(
         "kvm", description="qemu (software emulation) where KVM is missing or unusable")
-    uri: str = "qemu:///system"
+    uri: str = Field("qemu:///system", description="libvirt connection: qemu:///system, qemu:///session, "
+                                                  "qemu+ssh://... or qemu+tls://...")
+
+    @field_validator("uri")
+    @classmethod
+    def _known_transport(cls, value: str) -> str:
+        # Other transports (qemu+ext, qemu+unix with a socket path, ...) run
+        # programs or open sockets a checkout names: not from a lab.yaml.
+        if value in ("qemu:///system", "qemu:///session") or re.fullmatch(r"qemu\+(ssh|tls)://[^\s?#]+/system", value):
+            return value
+        raise ValueError(f"{value!r} is not a libvirt URI lab accepts: use qemu:///system, qemu:///session, "
+                         "qemu+ssh://[user@]host/system or qemu+tls://host/system")
 
 
 class VirtualboxOptions(_Strict):
