@@ -11,6 +11,7 @@ and scenario runs.
 from __future__ import annotations
 
 import ipaddress
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +26,31 @@ from lab.core.state import LabState, lab_lock
 LABS_DIR = ".lab"
 
 
+def check_lab_dir(lab_dir: Path) -> None:
+    """Refuse a `.lab` or lab directory a checkout or another user could point elsewhere.
+
+    lab runs as root and removes its lab directory on destroy: a `.lab` that is
+    a symlink (to /, say) or a directory another user owns (who could swap its
+    contents for symlinks) must never be acted on.
+    """
+    euid = os.geteuid() if hasattr(os, "geteuid") else None
+    for path in (lab_dir.parent, lab_dir):
+        if path.is_symlink():
+            raise StateError(f"{path} is a symlink (to {os.readlink(path)}); lab keeps its labs only in a real "
+                             "directory of the project", hint=f"remove the symlink {path}, then retry")
+        if euid is not None and path.exists():
+            owner = path.lstat().st_uid
+            if owner not in (euid, 0):
+                raise StateError(f"{path} belongs to user id {owner}, not to you ({euid}) or root",
+                                 hint=f"check who made {path}; remove it, or run lab as its owner")
+
+
 class Lab:
     def __init__(self, loaded: LoadedSpec) -> None:
         self.loaded = loaded
         self.spec: LabSpec = loaded.spec
         self.lab_dir = (loaded.project_dir / LABS_DIR / self.spec.name).absolute()
+        check_lab_dir(self.lab_dir)
         self.lab_id = network.lab_id(self.lab_dir)
         self.state = LabState.load(self.lab_dir)
 
@@ -111,7 +132,7 @@ class Lab:
 
     def node_add(self, progress: Progress = no_progress) -> str:
         """Boot one more node and join it to etcd as a new member (runtime reconfiguration)."""
-        from lab.cluster.bootstrap import EtcdBootstrap
+        from lab.cluster.etcd_bootstrap import EtcdBootstrap
 
         self.require_created("add a node to")
         names = list(self.state["nodes"])
@@ -129,7 +150,7 @@ class Lab:
             self.write_ssh_config(provider)
             endpoints = provider.ssh_endpoints()
             EtcdBootstrap(provider.context, endpoints).join(new, progress)
-            from lab.cluster.bootstrap import SchedulerBootstrap
+            from lab.cluster.agents import SchedulerBootstrap
 
             SchedulerBootstrap(provider.context, endpoints).run(progress, nodes=[new])
         except BaseException:
@@ -150,7 +171,7 @@ class Lab:
 
     def node_remove(self, node: str, progress: Progress = no_progress) -> None:
         """Remove a node's etcd member cleanly, then destroy the node."""
-        from lab.cluster.bootstrap import EtcdBootstrap
+        from lab.cluster.etcd_bootstrap import EtcdBootstrap
 
         self.require_created("remove a node from")
         context = self.context(self.selection().name)
@@ -213,7 +234,7 @@ class Lab:
     # ------------------------------------------------------------ etcd
 
     def etcd_client(self, timeout: float = 2.0):
-        from lab.cluster.bootstrap import client_for
+        from lab.cluster.etcd_bootstrap import client_for
 
         self.require_created("reach")
         return client_for(self.context(self.selection().name), timeout=timeout)
@@ -222,7 +243,7 @@ class Lab:
         """Each member's health, role and Raft position, as seen from the host."""
         from concurrent.futures import ThreadPoolExecutor
 
-        from lab.cluster.bootstrap import members
+        from lab.cluster.etcd_bootstrap import members
         from lab.cluster.etcdclient import EtcdError
 
         context = self.context(self.selection().name)
@@ -243,7 +264,7 @@ class Lab:
 
     def etcdctl_env(self) -> dict[str, str]:
         """Environment for the host's etcdctl: endpoints and, with TLS, the lab's certificates."""
-        from lab.cluster.bootstrap import members
+        from lab.cluster.etcd_bootstrap import members
         from lab.host.pki import LabPki
 
         self.require_created("reach")

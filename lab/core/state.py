@@ -14,10 +14,11 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from lab.errors import StateError
 from lab.host.files import write_atomic
@@ -52,9 +53,19 @@ class LabState:
         except (OSError, ValueError) as exc:
             raise StateError(f"{path}: cannot be read ({exc})",
                              hint=f"remove {lab_dir} by hand after checking nothing of it runs") from None
+        if not isinstance(data, dict):
+            raise StateError(f"{path}: not a JSON object", hint=f"remove {lab_dir} by hand after checking nothing "
+                                                                 "of it runs")
         if data.get("version") != SCHEMA_VERSION:
             raise StateError(f"{path}: state version {data.get('version')} is not {SCHEMA_VERSION}",
                              hint="destroy the lab with the lab version that created it")
+        problems = resource_problems(data.get("resources"), lab_dir)
+        if problems:
+            # A checkout can carry a forged state.json: never act on one that
+            # names anything outside this lab.
+            raise StateError(f"{path}: refusing to act on resources that are not this lab's:\n  "
+                             + "\n  ".join(problems),
+                             hint=f"check who wrote {path}; remove the lab's resources by hand, then the file")
         return cls(lab_dir, data)
 
     def save(self) -> None:
@@ -94,6 +105,101 @@ class LabState:
     def forget(self, kind: str, ident: str) -> None:
         self.data["resources"] = [r for r in self.resources if not (r["kind"] == kind and r["id"] == ident)]
         self.save()
+
+
+# ---------------------------------------------------------------- what a state file may name
+
+# vagrant-libvirt's management network, shared by every Vagrant lab on the host.
+SHARED_LIBVIRT_NETWORK = "vagrant-libvirt"
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+ResourceRule = Callable[[dict[str, Any], Path, str], "str | None"]
+
+
+def inside(path: str, root: Path) -> bool:
+    """Whether path, with every symlink resolved, lies inside root (itself resolved)."""
+    real, base = os.path.realpath(path), os.path.realpath(root)
+    return os.path.isabs(path) and os.path.commonpath([real, base]) == base
+
+
+def _path_inside_lab(key: str) -> ResourceRule:
+    def rule(res: dict[str, Any], lab_dir: Path, lab_id: str) -> str | None:
+        value = res.get(key)
+        return None if isinstance(value, str) and inside(value, lab_dir) else f"{key} {value!r} is outside {lab_dir}"
+    return rule
+
+
+def _named(*patterns: str, key: str = "id") -> ResourceRule:
+    def rule(res: dict[str, Any], lab_dir: Path, lab_id: str) -> str | None:
+        value = res.get(key)
+        wanted = [p.format(id=re.escape(lab_id)) for p in patterns]
+        ok = isinstance(value, str) and any(re.fullmatch(w, value) for w in wanted)
+        return None if ok else f"{key} {value!r} is not one of this lab's names (lab id {lab_id})"
+    return rule
+
+
+def _node(res: dict[str, Any], lab_dir: Path, lab_id: str) -> str | None:
+    if not (isinstance(res.get("id"), str) and NAME.fullmatch(res["id"])):
+        return f"node name {res.get('id')!r} is not a node name"
+    if "dir" in res and not (isinstance(res["dir"], str) and inside(res["dir"], lab_dir)):
+        return f"dir {res['dir']!r} is outside {lab_dir}"
+    pid = res.get("supervisor_pid")
+    if pid is not None and not (isinstance(pid, int) and not isinstance(pid, bool) and pid > 1):
+        return f"supervisor_pid {pid!r} is not a process id"
+    return None
+
+
+def _cgroup(res: dict[str, Any], lab_dir: Path, lab_id: str) -> str | None:
+    value = res.get("id")
+    if not isinstance(value, str) or os.path.normpath(value) != value or not value.startswith("/sys/fs/cgroup/") \
+            or not Path(value).name.startswith(f"lab-{lab_id}-"):
+        return f"cgroup {value!r} is not one of this lab's cgroups (/sys/fs/cgroup/.../lab-{lab_id}-*)"
+    return None
+
+
+def _libvirt_network(res: dict[str, Any], lab_dir: Path, lab_id: str) -> str | None:
+    if res.get("shared") is True and res.get("id") == SHARED_LIBVIRT_NETWORK:
+        return None
+    return _named("lab-{id}")(res, lab_dir, lab_id)
+
+
+# kind -> rule; a kind nobody registered is refused. Providers' kinds are
+# listed here (not in the providers) so a state file is checked before any
+# provider is even imported.
+RESOURCE_RULES: dict[str, ResourceRule] = {
+    "node": _node,
+    "mount": _path_inside_lab("id"),
+    "cgroup": _cgroup,
+    "bridge": _named("lab-{id}"),
+    "nftables": _named("lab_{id}"),
+    "libvirt-network": _libvirt_network,
+    "libvirt-domain": _named(r"[a-z0-9][a-z0-9-]*-{id}-[A-Za-z0-9_.-]+"),
+    "libvirt-volume": _named(r"[a-z0-9][a-z0-9-]*-{id}-[A-Za-z0-9_.-]+"),
+}
+
+
+def register_resource_kind(kind: str, rule: ResourceRule) -> None:
+    """Let a provider outside this list (lab.testing's fake) record resources of its own kind."""
+    RESOURCE_RULES[kind] = rule
+
+
+def resource_problems(resources: Any, lab_dir: Path) -> list[str]:
+    from lab.host.network import lab_id as id_of
+
+    if resources is None:
+        return []
+    if not isinstance(resources, list):
+        return ["resources is not a list"]
+    lab_id = id_of(lab_dir)
+    problems = []
+    for index, res in enumerate(resources):
+        if not isinstance(res, dict) or not isinstance(res.get("kind"), str):
+            problems.append(f"resources[{index}]: not a resource record")
+            continue
+        rule = RESOURCE_RULES.get(res["kind"])
+        problem = f"unknown kind {res['kind']!r}" if rule is None else rule(res, lab_dir, lab_id)
+        if problem:
+            problems.append(f"resources[{index}] ({res['kind']} {res.get('id')!r}): {problem}")
+    return problems
 
 
 @contextmanager

@@ -182,7 +182,7 @@ class SyncedFolder(_Strict):
     def _inside_the_project(self) -> "SyncedFolder":
         # A path is judged as written; symlinks are resolved against the real
         # project directory where the Vagrantfile is rendered.
-        if not self.outside_project and leaves_directory(self.host):
+        if not self.outside_project and not self.disabled and leaves_directory(self.host):
             raise _KeyedValueError(("host",), f"{self.host!r} is outside the project directory; "
                                               "set outside_project: true to share it anyway")
         return self
@@ -206,7 +206,7 @@ class LibvirtOptions(_Strict):
     def _known_transport(cls, value: str) -> str:
         # Other transports (qemu+ext, qemu+unix with a socket path, ...) run
         # programs or open sockets a checkout names: not from a lab.yaml.
-        if value in ("qemu:///system", "qemu:///session") or re.fullmatch(r"qemu\+(ssh|tls)://[^\s?#]+/system", value):
+        if value in ("qemu:///system", "qemu:///session") or re.fullmatch(r"qemu\+(ssh|tls)://[A-Za-z0-9_.@:\[\]-]+/system", value):
             return value
         raise ValueError(f"{value!r} is not a libvirt URI lab accepts: use qemu:///system, qemu:///session, "
                          "qemu+ssh://[user@]host/system or qemu+tls://host/system")

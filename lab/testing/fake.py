@@ -19,9 +19,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar, Iterator
 
+from lab.core.state import NAME, register_resource_kind
 from lab.host.ssh import SSHEndpoint
 from lab.providers import substituted
 from lab.providers.base import Availability, NodeState, NodeStatus, Progress, Provider, no_progress
+
+
+register_resource_kind("fake-node", lambda res, lab_dir, lab_id: None if isinstance(res.get("id"), str)
+                       and NAME.fullmatch(res["id"]) else "not a node name")
 
 
 class FakeProvider(Provider):

@@ -31,7 +31,13 @@ def imports_of(path: Path) -> list[tuple[str, list[str], int]]:
     here = module_name(path).split(".")
     package = here if path.name == "__init__.py" else here[:-1]
     found = []
+    # Imports under `if TYPE_CHECKING:` are for annotations only: they never run.
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and getattr(block.test, "id", getattr(block.test, "attr", None)) == "TYPE_CHECKING"
+                   for stmt in block.body for n in ast.walk(stmt)}
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             found += [(alias.name, [], node.lineno) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):

@@ -1,7 +1,7 @@
 """Vagrantfile rendering: golden files, Ruby quoting, strict templates.
 
 Golden files live in tests/golden/Vagrantfile.<provider>; regenerate them with
-`LAB_UPDATE_GOLDEN=1 python -m pytest tests/test_render.py` and review the diff.
+`LAB_UPDATE_GOLDEN=1 python -m pytest tests/unit/test_render.py` and review the diff.
 """
 
 from __future__ import annotations
@@ -234,9 +234,12 @@ def test_ruby_reads_back_exactly_the_value(tmp_path: Path) -> None:
 def test_spec_values_cannot_inject_ruby(tmp_path: Path) -> None:
     data = {
         "synced_folders": [{"host": 'x", "/y"); system("touch pwned"); ("', "guest": "/#{`touch pwned`}"}],
-        "providers": {"libvirt": {"uri": 'qemu:///system"; system("touch pwned"); "'}},
     }
-    text = render_vagrantfile(make_context(tmp_path, data), "libvirt")
+    context = make_context(tmp_path, data)
+    # The spec refuses such a URI (and paths outside the project) since it checks transports; the
+    # renderer must still quote whatever reaches it.
+    context.spec.providers.libvirt.uri = 'qemu:///system"; system("touch pwned"); "'
+    text = render_vagrantfile(context, "libvirt")
     assert r'"/\#{`touch pwned`}"' in text
     assert r'lv.uri = "qemu:///system\"; system(\"touch pwned\"); \""' in text
     ruby_syntax_ok(text, tmp_path)
@@ -276,7 +279,8 @@ def test_template_settings() -> None:
 
 
 def test_importing_lab_does_not_load_jinja2_or_vagrant() -> None:
-    code = ("import sys, lab.providers.vagrant.render, lab.providers.vagrant.provider; "
+    code = ("import sys, lab.providers.vagrant.render, lab.providers.vagrant.provider, lab.providers.vagrant.libvirt, "
+            "lab.providers.vagrant.virtualbox, lab.providers.vagrant.others, lab.host.vagrant; "
             "assert 'jinja2' not in sys.modules, 'jinja2'; assert 'vagrant' not in sys.modules, 'vagrant'")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO)
