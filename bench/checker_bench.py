@@ -3,7 +3,7 @@
     python bench/checker_bench.py          # all cases (~1 min)
     python bench/checker_bench.py main     # only the 10,000-op target case, linearizable and not
 
-Histories come from `lab.checker.simulate_history`: a real register store
+Histories come from `lab.scenarios.history.simulate_history`: a real register store
 applied at a random instant inside each operation's interval, so they are
 linearizable by construction; the non-linearizable variants change one read
 at 90% of the history (to a value never written, or to a stale one), which
@@ -22,7 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lab.scenarios.checker import Op, check_linearizable, simulate_history  # noqa: E402
+from lab.scenarios.history import Op, simulate_history  # noqa: E402
+from lab.scenarios.linearizable import check_linearizable  # noqa: E402
 
 SEEDS = (1, 2, 3, 4, 5)
 

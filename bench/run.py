@@ -106,7 +106,7 @@ def bench_boot() -> None:
         print("boot: skipped (needs root)")
         return
     sys.path.insert(0, str(REPO))
-    from lab.images.boxes import build_image
+    from lab.images.build import build_image
     from lab.core.lab import Lab
     from lab.model.spec import Override
 
@@ -154,7 +154,7 @@ def bench_etcd() -> None:
     import threading
 
     sys.path.insert(0, str(REPO))
-    from lab.images.boxes import build_image
+    from lab.images.build import build_image
     from lab.core.lab import Lab
     from lab.model.spec import Override
 
@@ -221,7 +221,7 @@ def _write_load(lab, threads: int, seconds: float) -> tuple[int, int]:
 
 def _lab(scratch: str, nodes: int = 3):
     sys.path.insert(0, str(REPO))
-    from lab.images.boxes import build_image
+    from lab.images.build import build_image
     from lab.core.lab import Lab
     from lab.model.spec import Override
 
@@ -235,7 +235,7 @@ def bench_failover() -> None:
     if os.geteuid() != 0:
         print("failover: skipped (needs root)")
         return
-    from lab.cluster.bootstrap import AGENT_TTL
+    from lab.cluster.agents import AGENT_TTL
     from lab.cluster.etcdclient import EtcdError
     from lab.cluster.units import list_units, set_desired
 
@@ -289,7 +289,8 @@ def bench_scenarios() -> None:
         return
     runs = int(os.environ.get("LAB_BENCH_RUNS", "10"))
     sys.path.insert(0, str(REPO))
-    from lab.scenarios.engine import SAMPLE_INTERVAL, ScenarioRun
+    from lab.scenarios.engine import ScenarioRun
+    from lab.scenarios.monitor import SAMPLE_INTERVAL
     from lab.scenarios.model import find
 
     print("scenarios on a 3-node nspawn lab (lab creation excluded)")
@@ -331,7 +332,7 @@ def bench_update() -> None:
         return
     runs = int(os.environ.get("LAB_BENCH_RUNS", "3"))
     sys.path.insert(0, str(REPO))
-    from lab.images.boxes import build_image
+    from lab.images.build import build_image
     from lab.scenarios.engine import ScenarioRun
     from lab.scenarios.model import find
 

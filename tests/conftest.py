@@ -42,7 +42,7 @@ def run_lab(no_lab_env: None) -> Callable[..., "Result"]:
     """
     from typer.testing import CliRunner
 
-    from lab.cli.app import app
+    from lab.cli import app
 
     runner = CliRunner()
 

@@ -1,5 +1,5 @@
 """The `lab` command line: typer verbs only (see ARCHITECTURE.md)."""
 
-from lab.cli.app import app, main
+from lab.cli.main import app, main
 
 __all__ = ["app", "main"]

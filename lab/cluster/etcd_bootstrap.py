@@ -1,4 +1,4 @@
-"""Bootstrap services on the nodes over SSH: the etcd cluster.
+"""Bootstrap the etcd cluster on the nodes over SSH, and change its membership.
 
 Provider-agnostic: it speaks only SSH (Fabric) to nodes and HTTP to etcd, so
 the same code configures nspawn nodes, Vagrant VMs and generic boxes.
@@ -12,19 +12,17 @@ configuration is already right.
 
 from __future__ import annotations
 
-import io
-import json
 import secrets
-import shlex
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
-from lab.errors import CommandError, LabError, ProviderError
 from lab.cluster.etcdclient import EtcdClient, EtcdError, TlsFiles
+from lab.cluster.remote import BootstrapError, RemoteFile, check, journal_tail, put_files, units_active
+from lab.errors import ProviderError
 from lab.host.pki import LabPki
-from lab.providers.base import LabContext, Progress, SSHEndpoint, no_progress
+from lab.host.ssh import SSHEndpoint, connect, run
+from lab.providers.base import LabContext, Progress, no_progress
 
 CLIENT_PORT = 2379
 PEER_PORT = 2380
@@ -41,10 +39,6 @@ RestartSec=1
 NODE_PKI_DIR = "/etc/etcd/pki"
 DATA_DIR = "/var/lib/etcd/lab"
 HEALTH_TIMEOUT = 60.0
-
-
-class BootstrapError(LabError):
-    exit_code = 8
 
 
 @dataclass(frozen=True)
@@ -106,14 +100,6 @@ def etcd_environment(member: EtcdMember, cluster: list[EtcdMember], token: str, 
     return "\n".join(lines) + "\n"
 
 
-@dataclass(frozen=True)
-class RemoteFile:
-    path: str
-    content: bytes
-    mode: int
-    owner: str = "root"
-
-
 class EtcdBootstrap:
     """Configure and start etcd on every node, then wait for a healthy cluster."""
 
@@ -172,7 +158,8 @@ class EtcdBootstrap:
         spec = self.context.spec.etcd
         env = etcd_environment(member, cluster, token, spec.heartbeat_ms, spec.election_timeout_ms, state,
                                pre_vote=spec.pre_vote)
-        files = [RemoteFile(ETCD_ENV_FILE, env.encode(), 0o644), RemoteFile(ETCD_DROPIN, ETCD_DROPIN_TEXT.encode(), 0o644)]
+        files = [RemoteFile(ETCD_ENV_FILE, env.encode(), 0o644),
+                 RemoteFile(ETCD_DROPIN, ETCD_DROPIN_TEXT.encode(), 0o644)]
         if member.tls:
             pair = self.pki.node(member.node)
             files += [RemoteFile(f"{NODE_PKI_DIR}/ca.crt", self.pki.ca.read_bytes(), 0o644),
@@ -183,21 +170,18 @@ class EtcdBootstrap:
     def _configure(self, member: EtcdMember, token: str, cluster: list[EtcdMember] | None = None,
                    state: str = "new") -> bool:
         """Write the member's files and (re)start etcd if anything changed. Returns whether it did."""
-        from lab.host.ssh import connect
-
         endpoint = self.endpoints[member.node]
         files = self._files(member, token, cluster or self.members, state)
         with connect(endpoint) as connection:
             self._ensure_etcd_installed(connection, member.node)
-            changed = any([_put_if_changed(connection, f, member.node) for f in files])
-            active = connection.run("systemctl is-active --quiet etcd", warn=True, hide=True,
-                                    in_stream=False).exited == 0
+            changed = put_files(connection, files, member.node)
+            active = units_active(connection, "etcd")
             if changed or not active:
                 # --no-block: a member only reports ready once a quorum is up,
                 # so starting them one by one would wait forever on the first.
                 verb = "restart" if active else "start"
-                _check(connection, "systemctl daemon-reload && systemctl enable --quiet etcd && "
-                                   f"systemctl {verb} --no-block etcd", member.node)
+                check(connection, "systemctl daemon-reload && systemctl enable --quiet etcd && "
+                                  f"systemctl {verb} --no-block etcd", member.node)
             return changed or not active
 
     def join(self, node: str, progress: Progress = no_progress) -> None:
@@ -261,8 +245,8 @@ class EtcdBootstrap:
         if connection.run("command -v etcd", warn=True, hide=True, in_stream=False).exited == 0:
             return
         # A generic Debian/Ubuntu box: install etcd from the node's own apt sources.
-        _check(connection, "DEBIAN_FRONTEND=noninteractive apt-get update -qq && "
-                           "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client", node)
+        check(connection, "DEBIAN_FRONTEND=noninteractive apt-get update -qq && "
+                          "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client", node)
 
     def wait_healthy(self, progress: Progress = no_progress, timeout: float = HEALTH_TIMEOUT) -> None:
         """Poll every member's /health; give up early on a member whose etcd unit has failed."""
@@ -292,13 +276,11 @@ class EtcdBootstrap:
         sick = failed or [m.node for m in self.members if m.node not in healthy]
         why = "etcd failed to start" if failed else f"etcd did not become healthy within {timeout:.0f} s"
         raise BootstrapError(f"{why} on {', '.join(sick)}:\n"
-                             + "\n".join(self._journal_tail(node) for node in sick),
+                             + "\n".join(journal_tail(self.endpoints[node], "etcd") for node in sick),
                              hint="see the journal lines above; `lab exec --node NODE -- journalctl -u etcd` "
                                   "shows the whole log")
 
     def _failed_units(self, nodes: list[str]) -> list[str]:
-        from lab.host.ssh import run
-
         failed = []
         for node in nodes:
             try:
@@ -308,48 +290,6 @@ class EtcdBootstrap:
                 continue
         return failed
 
-    def _journal_tail(self, node: str) -> str:
-        return journal_tail(self.endpoints[node], "etcd")
-
-
-def journal_tail(endpoint: SSHEndpoint, unit: str, lines: int = 12) -> str:
-    """A unit's state and last journal lines on a node, indented and prefixed, for error messages."""
-    from lab.host.ssh import run
-
-    try:
-        text = run(endpoint, f"systemctl is-active {unit}; journalctl -u {unit} -n {lines} --no-pager -o cat",
-                   timeout=10).stdout
-    except ProviderError as exc:
-        text = exc.message
-    return "\n".join(f"    {endpoint.node}: {line}" for line in text.strip().splitlines()[-lines:])
-
-
-def _put_if_changed(connection, file: RemoteFile, node: str) -> bool:
-    """Upload through a temp file and swap it in only if the content differs."""
-    temporary = f"{file.path}.lab-new"
-    directory = str(Path(file.path).parent)
-    _check(connection, f"mkdir -p {shlex.quote(directory)}", node)
-    connection.put(io.BytesIO(file.content), remote=temporary)
-    quoted, quoted_tmp = shlex.quote(file.path), shlex.quote(temporary)
-    # fsync the file before the rename and the directory after it: a VM whose
-    # power is pulled (`lab fault kill`) seconds later otherwise comes back with
-    # the new name on an empty file (ext4 delayed allocation), e.g. a unit file
-    # systemd then reads as masked. Container nodes share the host's page cache
-    # and never showed it.
-    script = (f"chmod {file.mode:o} {quoted_tmp} && chown {file.owner} {quoted_tmp} && "
-              f"if cmp -s {quoted_tmp} {quoted}; then rm -f {quoted_tmp}; "
-              f"else sync {quoted_tmp} && mv -f {quoted_tmp} {quoted} && sync {shlex.quote(directory)} "
-              f"&& echo CHANGED; fi")
-    result = _check(connection, script, node)
-    return "CHANGED" in result.stdout
-
-
-def _check(connection, command: str, node: str):
-    result = connection.run(command, warn=True, hide=True, in_stream=False)
-    if result.exited != 0:
-        raise CommandError(command, where=node, exit_status=result.exited, output=result.stdout + result.stderr)
-    return result
-
 
 def client_for(context: LabContext, timeout: float = 2.0) -> EtcdClient:
     """An etcd client for the lab, with its certificates when TLS is on."""
@@ -358,118 +298,3 @@ def client_for(context: LabContext, timeout: float = 2.0) -> EtcdClient:
         pki = LabPki(context.lab_dir / "pki")
         tls = TlsFiles(ca=str(pki.ca), cert=str(pki.client.cert), key=str(pki.client.key))
     return EtcdClient([m.client_url for m in members(context)], tls=tls, timeout=timeout)
-
-
-# ---------------------------------------------------------------- the scheduler agent
-
-AGENT_DIR = "/var/lib/lab"
-AGENT_CONFIG = "/etc/lab/agent.json"
-AGENT_UNIT = "/etc/systemd/system/lab-agent.service"
-AGENT_TTL = 5  # seconds: a dead machine's units move after about this long
-UPDATE_CONFIG = "/etc/lab/update.json"
-UPDATE_UNIT = "/etc/systemd/system/lab-update.service"
-UPDATE_SERVICE = f"""\
-[Unit]
-Description=lab update agent: A/B slot updates under the etcd reboot lock
-After=etcd.service lab-agent.service
-StartLimitIntervalSec=0
-
-[Service]
-ExecStart=/usr/bin/python3 -u {AGENT_DIR}/updater.py {UPDATE_CONFIG}
-Restart=always
-RestartSec=1
-
-[Install]
-WantedBy=multi-user.target
-"""
-AGENT_SERVICE = f"""\
-[Unit]
-Description=lab scheduler agent (fleet, reborn): runs the units etcd assigns to this machine
-After=etcd.service network-online.target
-Wants=network-online.target
-# Restart forever: the agent is how this machine takes part in scheduling.
-StartLimitIntervalSec=0
-
-[Service]
-ExecStart=/usr/bin/python3 -u {AGENT_DIR}/agent.py {AGENT_CONFIG}
-Restart=always
-RestartSec=1
-
-[Install]
-WantedBy=multi-user.target
-"""
-
-
-class SchedulerBootstrap:
-    """Install and start the scheduler and update agents on every node; wait until every machine registered."""
-
-    def __init__(self, context: LabContext, endpoints: dict[str, SSHEndpoint]) -> None:
-        self.context = context
-        self.endpoints = endpoints
-
-    def _files(self, node: str) -> list[RemoteFile]:
-        source = Path(__file__).resolve().parent.parent / "node"
-        cluster = members(self.context)
-        own = next(m for m in cluster if m.node == node)
-        config = {"name": node, "ip": self.context.addresses[node],
-                  "metadata": self.context.node(node).metadata,
-                  # Its own member first: the agent keeps working when only its side of a partition is up.
-                  "endpoints": [own.client_url] + [m.client_url for m in cluster if m.node != node],
-                  "tls": ({"ca": f"{NODE_PKI_DIR}/ca.crt", "cert": f"{NODE_PKI_DIR}/node.crt",
-                           "key": f"{NODE_PKI_DIR}/node.key"} if self.context.spec.etcd.tls else None),
-                  "ttl": AGENT_TTL, "interval": 0.5}
-        updates = self.context.spec.updates
-        update_config = {"name": node, "endpoints": config["endpoints"], "tls": config["tls"],
-                         "strategy": updates.strategy, "max_holders": updates.max_concurrent_reboots,
-                         "interval": 1.0}
-        return [RemoteFile(f"{AGENT_DIR}/agent.py", (source / "agent.py").read_bytes(), 0o644),
-                RemoteFile(f"{AGENT_DIR}/fleet.py", (source / "fleet.py").read_bytes(), 0o644),
-                RemoteFile(f"{AGENT_DIR}/updater.py", (source / "updater.py").read_bytes(), 0o644),
-                RemoteFile(AGENT_CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(), 0o644),
-                RemoteFile(UPDATE_CONFIG, (json.dumps(update_config, indent=2, sort_keys=True) + "\n").encode(),
-                           0o644),
-                RemoteFile(AGENT_UNIT, AGENT_SERVICE.encode(), 0o644),
-                RemoteFile(UPDATE_UNIT, UPDATE_SERVICE.encode(), 0o644)]
-
-    def install(self, node: str) -> bool:
-        from lab.host.ssh import connect
-
-        with connect(self.endpoints[node]) as connection:
-            changed = any([_put_if_changed(connection, f, node) for f in self._files(node)])
-            active = connection.run("systemctl is-active --quiet lab-agent lab-update", warn=True, hide=True,
-                                    in_stream=False).exited == 0
-            if changed or not active:
-                _check(connection, "systemctl daemon-reload && systemctl enable --quiet lab-agent lab-update && "
-                                   "systemctl restart lab-agent lab-update", node)
-            return changed or not active
-
-    def run(self, progress: Progress = no_progress, nodes: list[str] | None = None, timeout: float = 30.0) -> None:
-        nodes = nodes or [n.name for n in self.context.nodes]
-        with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
-            changed = list(pool.map(self.install, nodes))
-        touched = [n for n, c in zip(nodes, changed) if c]
-        progress(f"scheduler: agent installed on {', '.join(touched)}" if touched
-                 else "scheduler: agents unchanged")
-        self.wait_registered(progress, timeout)
-
-    def wait_registered(self, progress: Progress, timeout: float) -> None:
-        client = client_for(self.context)
-        expected = {n.name for n in self.context.nodes}
-        deadline = time.monotonic() + timeout
-        try:
-            while time.monotonic() < deadline:
-                machines = {json.loads(v)["name"] for v in client.get_prefix("/lab/fleet/machines/").values()}
-                engine = client.get("/lab/fleet/engine")
-                if expected <= machines and engine:
-                    progress(f"scheduler: {len(machines)} machines registered, engine elected")
-                    return
-                time.sleep(0.2)
-        finally:
-            client.close()
-        missing = sorted(expected - machines)
-        raise BootstrapError(f"scheduler agents did not register in {timeout:.0f} s: missing {', '.join(missing)}:\n"
-                             + "\n".join(self._journal_tail(node) for node in missing),
-                             hint="see `lab exec --node NODE -- journalctl -u lab-agent`")
-
-    def _journal_tail(self, node: str) -> str:
-        return journal_tail(self.endpoints[node], "lab-agent")

@@ -10,7 +10,8 @@ Why this and not a gRPC library (evaluated for workloads, agents, scenarios):
     client port, stable in 3.4+), and httpx is a well-kept HTTP client with
     keep-alive pools and client-certificate TLS. Every call is one POST that
     a test can read in a packet capture or reproduce with curl.
-Keys and values travel base64-encoded, as the gateway requires.
+Keys and values travel base64-encoded, as the gateway requires (the encoding
+is lab/node/etcd.py's, shared with the nodes' own client).
 
 Failover: each call goes to the current endpoint; on a connection error or
 timeout the client moves on to the next endpoint and retries once per
@@ -21,12 +22,12 @@ it as possibly applied.
 
 from __future__ import annotations
 
-import base64
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 from lab.errors import LabError
+from lab.node.etcd import b64, prefix_end, unb64
 
 
 class EtcdError(LabError):
@@ -39,14 +40,6 @@ class EtcdUnavailable(EtcdError):
 
 class EtcdUnknown(EtcdError):
     """The request was sent but no answer came: it may or may not have applied."""
-
-
-def _b64(value: str | bytes) -> str:
-    return base64.b64encode(value.encode() if isinstance(value, str) else value).decode()
-
-
-def _unb64(value: str | None) -> str:
-    return base64.b64decode(value or "").decode()
 
 
 @dataclass(frozen=True)
@@ -167,30 +160,30 @@ class EtcdClient:
 
     def put(self, key: str, value: str, lease: int | None = None) -> int:
         """Store a value; returns the revision of the write."""
-        body: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+        body: dict[str, Any] = {"key": b64(key), "value": b64(value)}
         if lease:
             body["lease"] = str(lease)
         return int(self.call("kv/put", body)["header"]["revision"])
 
     def get(self, key: str) -> str | None:
-        kvs = self.call("kv/range", {"key": _b64(key)}).get("kvs") or []
-        return _unb64(kvs[0].get("value")) if kvs else None
+        kvs = self.call("kv/range", {"key": b64(key)}).get("kvs") or []
+        return unb64(kvs[0].get("value")) if kvs else None
 
     def get_prefix(self, prefix: str) -> dict[str, str]:
-        data = self.call("kv/range", {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix))})
-        return {_unb64(kv["key"]): _unb64(kv.get("value")) for kv in data.get("kvs") or []}
+        data = self.call("kv/range", {"key": b64(prefix), "range_end": b64(prefix_end(prefix))})
+        return {unb64(kv["key"]): unb64(kv.get("value")) for kv in data.get("kvs") or []}
 
     def delete(self, key: str) -> int:
-        return int(self.call("kv/deleterange", {"key": _b64(key)}).get("deleted", 0))
+        return int(self.call("kv/deleterange", {"key": b64(key)}).get("deleted", 0))
 
     def compare_and_set(self, key: str, expected: str | None, value: str) -> bool:
         """Set `key` to `value` only if it currently holds `expected` (None: absent)."""
         if expected is None:
-            compare = {"key": _b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
+            compare = {"key": b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
         else:
-            compare = {"key": _b64(key), "target": "VALUE", "result": "EQUAL", "value": _b64(expected)}
+            compare = {"key": b64(key), "target": "VALUE", "result": "EQUAL", "value": b64(expected)}
         data = self.call("kv/txn", {"compare": [compare],
-                                    "success": [{"request_put": {"key": _b64(key), "value": _b64(value)}}]})
+                                    "success": [{"request_put": {"key": b64(key), "value": b64(value)}}]})
         return bool(data.get("succeeded", False))
 
     # ------------------------------------------------------------ leases
@@ -231,15 +224,6 @@ class EtcdClient:
 
     def member_remove(self, member_id: str) -> None:
         self.call("cluster/member/remove", {"ID": member_id})
-
-
-def _prefix_end(prefix: str) -> bytes:
-    raw = bytearray(prefix.encode())
-    for i in range(len(raw) - 1, -1, -1):
-        if raw[i] < 0xFF:
-            raw[i] += 1
-            return bytes(raw[: i + 1])
-    return b"\0"
 
 
 # Calls that change nothing: safe to send to the next endpoint after a timeout.

@@ -1,6 +1,6 @@
 """`lab unit` and `lab machines`: the host's side of the scheduler, like fleetctl.
 
-Units are stored in etcd (see `lab/agent.py` for the layout); the engine on
+Units are stored in etcd (see `lab/node/agent.py` for the layout); the engine on
 the nodes places them and the agents run them. These functions read and
 write that state through lab's etcd client, and reach a unit's machine over
 SSH for its status and journal.
@@ -12,10 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab.node import fleet
 from lab.errors import UsageError
-
-PREFIX = "/lab/fleet"
+from lab.node import fleet, layout
 
 
 class UnitUsageError(UsageError):
@@ -56,7 +54,7 @@ def submit(client, paths: list[Path], desired: str = "loaded") -> list[str]:
     """Store unit files in etcd (validated first: nothing is stored if one is bad)."""
     units = [_read_unit_file(path) for path in paths]
     for unit in units:
-        client.put(f"{PREFIX}/units/{unit.name}",
+        client.put(f"{layout.UNITS}{unit.name}",
                    json.dumps({"name": unit.name, "text": unit.text, "desired": desired}, sort_keys=True))
     return [unit.name for unit in units]
 
@@ -71,7 +69,7 @@ def set_desired(client, targets: list[str], desired: str) -> list[str]:
             continue
         record = _unit_record(client, target)
         record["desired"] = desired
-        client.put(f"{PREFIX}/units/{record['name']}", json.dumps(record, sort_keys=True))
+        client.put(f"{layout.UNITS}{record['name']}", json.dumps(record, sort_keys=True))
         names.append(record["name"])
     return names
 
@@ -80,14 +78,14 @@ def destroy(client, names: list[str]) -> list[str]:
     for name in names:
         _unit_record(client, Path(name).name)
     for name in names:
-        client.delete(f"{PREFIX}/units/{Path(name).name}")
+        client.delete(f"{layout.UNITS}{Path(name).name}")
     return names
 
 
 def _unit_record(client, name: str) -> dict:
-    value = client.get(f"{PREFIX}/units/{name}")
+    value = client.get(f"{layout.UNITS}{name}")
     if value is None:
-        known = sorted(k.rsplit("/", 1)[1] for k in client.get_prefix(f"{PREFIX}/units/"))
+        known = sorted(k.rsplit("/", 1)[1] for k in client.get_prefix(layout.UNITS))
         raise UnitUsageError(f"no unit named {name!r}",
                              hint=f"submitted units: {', '.join(known) or 'none'}; submit one with "
                                   "`lab unit submit FILE` or `lab unit start FILE`")
@@ -95,20 +93,20 @@ def _unit_record(client, name: str) -> dict:
 
 
 def machines(client) -> list[MachineRow]:
-    engine = client.get(f"{PREFIX}/engine")
-    rows = [json.loads(v) for v in client.get_prefix(f"{PREFIX}/machines/").values()]
+    engine = client.get(layout.ENGINE)
+    rows = [json.loads(v) for v in client.get_prefix(layout.MACHINES).values()]
     return sorted((MachineRow(m["id"], m["name"], m["ip"], m.get("metadata", {}), m["id"] == engine) for m in rows),
                   key=lambda m: m.name)
 
 
 def list_units(client) -> list[UnitRow]:
-    units = {json.loads(v)["name"]: json.loads(v) for v in client.get_prefix(f"{PREFIX}/units/").values()}
+    units = {json.loads(v)["name"]: json.loads(v) for v in client.get_prefix(layout.UNITS).values()}
     names = {m.id: m.name for m in machines(client)}
-    schedule = {k.rsplit("/", 1)[1]: v for k, v in client.get_prefix(f"{PREFIX}/schedule/").items()}
-    pending = {k.rsplit("/", 1)[1]: v for k, v in client.get_prefix(f"{PREFIX}/pending/").items()}
+    schedule = {k.rsplit("/", 1)[1]: v for k, v in client.get_prefix(layout.SCHEDULE).items()}
+    pending = {k.rsplit("/", 1)[1]: v for k, v in client.get_prefix(layout.PENDING).items()}
     states: dict[str, dict[str, dict]] = {}
-    for key, value in client.get_prefix(f"{PREFIX}/states/").items():
-        _, _, rest = key.partition(f"{PREFIX}/states/")
+    for key, value in client.get_prefix(layout.STATES).items():
+        _, _, rest = key.partition(layout.STATES)
         unit, _, machine = rest.rpartition("/")
         states.setdefault(unit, {})[machine] = json.loads(value)
     rows = []
@@ -129,13 +127,13 @@ def list_units(client) -> list[UnitRow]:
 def machine_of(client, name: str) -> list[MachineRow]:
     """The machines running a unit (one, or several for a global unit)."""
     _unit_record(client, name)
-    states = client.get_prefix(f"{PREFIX}/states/{name}/")
+    states = client.get_prefix(f"{layout.STATES}{name}/")
     ids = {key.rsplit("/", 1)[1] for key in states}
-    schedule = client.get(f"{PREFIX}/schedule/{name}")
+    schedule = client.get(f"{layout.SCHEDULE}{name}")
     if not ids and schedule:
         ids = {schedule}
     found = [m for m in machines(client) if m.id in ids]
     if not found:
-        reason = client.get(f"{PREFIX}/pending/{name}") or "it is not scheduled yet"
+        reason = client.get(f"{layout.PENDING}{name}") or "it is not scheduled yet"
         raise UnitUsageError(f"{name} runs on no machine: {reason}", hint="see `lab unit list`")
     return found

@@ -2,7 +2,7 @@
 
 The host's part is small on purpose: it stages the new image in every node's
 passive slot (through the provider) and publishes what it staged in etcd.
-Each node's update agent (`lab/updater.py`) then takes the reboot lock,
+Each node's update agent (`lab/node/updater.py`) then takes the reboot lock,
 reboots into the new slot, checks its health and confirms or rolls back, so
 the roll goes on even if the `lab` command that started it is gone.
 """
@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
+from lab.cluster.etcdclient import EtcdError
 from lab.errors import LabError, PrerequisiteError, UsageError
+from lab.images.cache import find_image
+from lab.node.layout import HALTED, NODE_UPDATES, STAGED
+from lab.node.semaphore import Semaphore
 from lab.providers.base import Progress, no_progress
-from lab.node.updater import HALTED, PREFIX, Semaphore
 
 
 class UpdateError(LabError):
@@ -43,38 +45,8 @@ class UpdateStatus:
     halted: dict | None
 
 
-def _semaphore(lab) -> Semaphore:
-    """The reboot semaphore, through the same stdlib client the nodes use."""
-    from lab.node.agent import Etcd
-    from lab.cluster.bootstrap import members
-    from lab.host.pki import LabPki
-
-    context = lab.context(lab.selection().name)
-    tls = None
-    if lab.spec.etcd.tls:
-        pki = LabPki(lab.lab_dir / "pki")
-        tls = {"ca": str(pki.ca), "cert": str(pki.client.cert), "key": str(pki.client.key)}
-    return Semaphore(Etcd([m.client_url for m in members(context)], tls))
-
-
-def _etcd_errors(call):
-    """The stdlib client raises ConnectionError: turn it into lab's own error."""
-    from lab.cluster.etcdclient import EtcdError
-
-    try:
-        return call()
-    except ConnectionError as exc:
-        raise EtcdError(str(exc), hint="check the cluster with `lab status`") from None
-
-
 def start_roll(lab, version: str, progress: Progress = no_progress) -> None:
     """Stage `version` on every node and let the update agents roll."""
-    return _etcd_errors(lambda: _start_roll(lab, version, progress))
-
-
-def _start_roll(lab, version: str, progress: Progress) -> None:
-    from lab.images.boxes import find_image
-
     lab.require_created("update")
     box = lab.spec.box
     image = find_image(box.name, version)
@@ -86,17 +58,13 @@ def _start_roll(lab, version: str, progress: Progress) -> None:
                          hint="set updates.strategy to etcd-lock (or reboot) in lab.yaml and run `lab up`")
     provider = lab.provider()
     client = lab.etcd_client()
-    semaphore = _semaphore(lab)
-    current, revision = semaphore.read(lab.spec.updates.max_concurrent_reboots)
-    wanted = {**current, "max": lab.spec.updates.max_concurrent_reboots}
-    if revision == "0" or current.get("max") != wanted["max"]:
-        semaphore._swap(revision, wanted)
+    Semaphore(client).resize(lab.spec.updates.max_concurrent_reboots)
     if client.get(HALTED):
         progress("clearing the halt left by an earlier failed roll")
         client.delete(HALTED)
     for node in lab.node_names():
         slot = provider.stage_update(node, image.rootfs)
-        client.put(f"{PREFIX}/staged/{node}", json.dumps({"version": version, "slot": slot, "at": time.time()}))
+        client.put(f"{STAGED}{node}", json.dumps({"version": version, "slot": slot, "at": time.time()}))
         progress(f"{node}: {box.name} {version} staged in slot {slot}")
     lab.state.set("update", {"target": version, "started_at": time.time()})
 
@@ -105,7 +73,7 @@ def status(lab) -> UpdateStatus:
     lab.require_created("show updates of")
     client = lab.etcd_client()
     reported = {}
-    for value in client.get_prefix(f"{PREFIX}/nodes/").values():
+    for value in client.get_prefix(NODE_UPDATES).values():
         record = json.loads(value)
         reported[record["node"]] = record
     rows = []
@@ -116,7 +84,7 @@ def status(lab) -> UpdateStatus:
             detail = f"rolled back from {record.get('failed_version')}: {record.get('reason')}"
         rows.append(NodeUpdate(node, record.get("version", "?"), record.get("slot", "?"),
                                record.get("state", "unknown"), record.get("boot_id", ""), detail))
-    semaphore, _ = _etcd_errors(lambda: _semaphore(lab).read(lab.spec.updates.max_concurrent_reboots))
+    semaphore, _ = Semaphore(client).read(lab.spec.updates.max_concurrent_reboots)
     halted = client.get(HALTED)
     return UpdateStatus(target=(lab.state.get("update") or {}).get("target"), nodes=rows,
                         holders=semaphore["holders"], max_holders=semaphore["max"],
@@ -125,12 +93,8 @@ def status(lab) -> UpdateStatus:
 
 def unlock(lab, node: str) -> bool:
     """Free the reboot lock a (dead) node holds. Returns whether it held one."""
-    return _etcd_errors(lambda: _unlock(lab, node))
-
-
-def _unlock(lab, node: str) -> bool:
     lab.context(lab.selection().name).node(node)
-    semaphore = _semaphore(lab)
+    semaphore = Semaphore(lab.etcd_client())
     held = semaphore.holds(node, lab.spec.updates.max_concurrent_reboots)
     if held:
         semaphore.release(node, lab.spec.updates.max_concurrent_reboots)
@@ -139,8 +103,6 @@ def _unlock(lab, node: str) -> bool:
 
 def wait(lab, version: str, progress: Progress = no_progress, timeout: float = 600.0) -> UpdateStatus:
     """Until every node runs `version`, or the roll halted."""
-    from lab.cluster.etcdclient import EtcdError
-
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:

@@ -110,13 +110,13 @@ def ssh_config(run: UpRun) -> None:
 
 
 def etcd(run: UpRun) -> None:
-    from lab.cluster.bootstrap import EtcdBootstrap
+    from lab.cluster.etcd_bootstrap import EtcdBootstrap
 
     EtcdBootstrap(run.provider.context, run.provider.ssh_endpoints()).run(run.progress)
 
 
 def scheduler(run: UpRun) -> None:
-    from lab.cluster.bootstrap import SchedulerBootstrap
+    from lab.cluster.agents import SchedulerBootstrap
 
     SchedulerBootstrap(run.provider.context, run.provider.ssh_endpoints()).run(run.progress)
 

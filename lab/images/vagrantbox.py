@@ -1,10 +1,10 @@
 """Vagrant boxes of the node OS: one VM image, packaged per hypervisor.
 
 `lab box build --format libvirt|virtualbox` builds the VM flavor of a node OS
-image (lab.boxes), turns it into a disk that boots by itself (lab.vmdisk) and
-packs what Vagrant expects of a box of that provider into a `.box` file (a
-tar archive; Vagrant also takes gzip, but the disk inside is already as
-small as it gets and packing stays fast):
+image (lab.images.build), turns it into a disk that boots by itself
+(lab.images.vmdisk) and packs what Vagrant expects of a box of that provider
+into a `.box` file (a tar archive; Vagrant also takes gzip, but the disk
+inside is already as small as it gets and packing stays fast):
 
 - libvirt: `metadata.json` (provider, format qcow2, virtual size in GiB),
   `box.img` (qcow2), a `Vagrantfile` (vagrant-libvirt's box format v1).
@@ -14,7 +14,8 @@ small as it gets and packing stays fast):
 
 Box files are cached beside the images, keyed by the image key: a recipe
 change makes the next build a miss. `lab box add` registers one with Vagrant
-under the name lab's Vagrantfiles use (`lab-NAME-VERSION`).
+under the name lab's Vagrantfiles use (`lab-NAME-VERSION`), and removes the
+copies vagrant-libvirt made of earlier builds in libvirt's storage pool.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from pathlib import Path
 from typing import Callable
 from xml.sax.saxutils import escape
 
-from lab.errors import BoxError, CommandError, PrerequisiteError
+from lab.errors import BoxError
 from lab.host.paths import cache_dir
+from lab.host.vagrant import added_box_dirs, vagrant_box, vagrant_home
 
 Progress = Callable[[str], None]
 
@@ -70,9 +72,23 @@ class BoxFile:
 
     @property
     def vagrant_name(self) -> str:
-        from lab.providers.vagrant.render import vagrant_box_name_for
-
         return vagrant_box_name_for(self.name, self.version)
+
+
+def vagrant_box_name_for(name: str, version: str) -> str:
+    """The name a Lab OS box of recipe `name`, version `version`, is added to Vagrant under.
+
+    Added from a file, a box has no version of its own (Vagrant shows 0), so
+    the version is part of the name; no `/` in it, which Vagrant would take
+    for a catalog's owner/name (lab.providers.vagrant.render.vagrant_box_name).
+    """
+    return f"lab-{name}-{version}"
+
+
+def lab_boxes_added(formats: tuple[str, ...]) -> bool:
+    """Has any Lab OS box (lab-NAME-VERSION) of one of these formats been added to Vagrant?"""
+    return any(added_box_dirs(directory.name, fmt)
+               for directory in (vagrant_home() / "boxes").glob(vagrant_box_name_for("*", "*")) for fmt in formats)
 
 
 def box_options(name: str, version: str) -> str:
@@ -95,7 +111,7 @@ def _check_format(fmt: str) -> None:
 
 def find_box(name: str, version: str, fmt: str) -> BoxFile | None:
     """The box file built from the current recipe, or None."""
-    from lab.images.boxes import image_key
+    from lab.images.cache import image_key
 
     _check_format(fmt)
     key = image_key(name, version, "vm")
@@ -131,7 +147,7 @@ def build_box(name: str, version: str, fmt: str, *, mirror: str | None = None,
               disk_gib: int | None = None) -> BoxFile:
     """Build (or find cached) the `fmt` box of `name`/`version`."""
     from lab.images import vmdisk
-    from lab.images.boxes import build_image
+    from lab.images.build import build_image
 
     _check_format(fmt)
     vmdisk.check_tools()
@@ -272,27 +288,11 @@ def ovf_descriptor(*, vm_name: str, disk_file: str, disk_bytes: int, capacity_by
 """
 
 
-def _vagrant_box(*args: str) -> str:
-    """Run `vagrant box ARGS`; its output, or a CommandError naming the sub-command."""
-    vagrant = shutil.which("vagrant")
-    if vagrant is None:
-        from lab.providers.vagrant.provider import VAGRANT_HINT
-
-        raise PrerequisiteError("vagrant not found", hint=VAGRANT_HINT)
-    env = dict(os.environ, VAGRANT_CHECKPOINT_DISABLE="1", VAGRANT_NO_COLOR="1")
-    result = subprocess.run([vagrant, "box", *args], env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                            text=True, errors="replace")
-    if result.returncode != 0:
-        raise CommandError(" ".join(["vagrant", "box", *args]), where=f"vagrant box {args[0]}",
-                           exit_status=result.returncode, output=result.stdout + result.stderr)
-    return result.stdout
-
-
 def add_box(box: BoxFile, *, progress: Progress = lambda line: None) -> str:
     """Register a built box with Vagrant (replacing an older build); returns its Vagrant name."""
     name = box.vagrant_name
     progress(f"vagrant box add --name {name} {box.path.name}")
-    _vagrant_box("add", "--force", "--name", name, str(box.path))
+    vagrant_box("add", "--force", "--name", name, str(box.path))
     if box.format == "libvirt":
         for volume in remove_stale_libvirt_volumes(name):
             progress(f"removed {volume}, the libvirt copy of the box it replaces")
@@ -302,7 +302,7 @@ def add_box(box: BoxFile, *, progress: Progress = lambda line: None) -> str:
 def added_boxes() -> list[tuple[str, str]]:
     """(Vagrant name, provider) of every box added to Vagrant."""
     found, name = [], None
-    for line in _vagrant_box("list", "--machine-readable").splitlines():
+    for line in vagrant_box("list", "--machine-readable").splitlines():
         fields = line.split(",", 3)
         if len(fields) == 4 and fields[2] == "box-name":
             name = fields[3]
@@ -316,15 +316,13 @@ def remove_from_vagrant(name: str, version: str | None = None) -> list[str]:
 
     Returns what was removed, as "vagrant box NAME (PROVIDER)" and pool volume names.
     """
-    from lab.providers.vagrant.render import vagrant_box_name_for
-
     # Exact names only: recipe names and versions may both hold dashes, so a
     # prefix would also catch another recipe's boxes (labos-dev for labos).
     wanted = {vagrant_box_name_for(name, v) for v in ([version] if version else _known_versions(name))}
     removed = []
     for box, provider in added_boxes():
         if box in wanted:
-            _vagrant_box("remove", "--force", "--all", "--provider", provider, box)
+            vagrant_box("remove", "--force", "--all", "--provider", provider, box)
             removed.append(f"vagrant box {box} ({provider})")
             if provider == "libvirt":
                 removed += remove_stale_libvirt_volumes(box)
@@ -333,7 +331,8 @@ def remove_from_vagrant(name: str, version: str | None = None) -> list[str]:
 
 def _known_versions(name: str) -> set[str]:
     """Versions of recipe `name`: in its recipe, and of images and box files built from it."""
-    from lab.images.boxes import list_images, recipe_versions
+    from lab.images.cache import list_images
+    from lab.images.recipes import recipe_versions
 
     versions = {b.version for b in list_boxes() if b.name == name}
     versions |= {i.version for i in list_images() if i.name == name}
@@ -354,8 +353,6 @@ def current_libvirt_volume(vagrant_name: str) -> str | None:
     Lab's boxes are added without a version, and for those vagrant-libvirt
     names the copy after the box image's mtime (handle_box_image.rb).
     """
-    from lab.providers.vagrant.provider import added_box_dirs
-
     for directory in added_box_dirs(vagrant_name, "libvirt", version="0"):
         try:
             return f"{_pool_volume_prefix(vagrant_name)}0_{int((directory / 'box.img').stat().st_mtime)}_box.img"

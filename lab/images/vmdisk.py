@@ -157,7 +157,7 @@ def _run(argv: list[str], *, input: str | None = None) -> subprocess.CompletedPr
     result = subprocess.run(argv, input=input, capture_output=True, text=True, errors="replace",
                             stdin=None if input is not None else subprocess.DEVNULL)
     if result.returncode != 0:
-        from lab.images.boxes import failure_message
+        from lab.images.build import failure_message
 
         raise BoxError(failure_message(argv, result.returncode, result.stdout + result.stderr))
     return result

@@ -1,7 +1,7 @@
 """The scheduler agent that runs on every node (fleet, reborn), standard library only.
 
-Copied with `fleet.py` to /var/lib/lab/ on each node and run by the
-`lab-agent` systemd unit. Each agent, every second:
+Copied with its siblings (fleet.py, etcd.py, layout.py) to /var/lib/lab/
+on each node and run by the `lab-agent` systemd unit. Each agent, every second:
   * keeps its machine registered in etcd under a lease (id, name, IP,
     metadata); if the lease cannot be renewed for most of its TTL it stops
     its units, so a cut-off machine never runs a unit someone else now runs;
@@ -11,7 +11,7 @@ Copied with `fleet.py` to /var/lib/lab/ on each node and run by the
   * runs the units assigned to it through the node's systemd (unit files in
     /etc/systemd/system, `systemctl start/stop`) and reports their states.
 
-etcd layout, under /lab/fleet:
+etcd layout, under /lab/fleet (the keys are in layout.py):
   machines/ID          machine JSON, under the machine's lease
   units/NAME           {"name", "text", "desired": "loaded" | "launched"}
   schedule/NAME        machine id (written by the engine)
@@ -22,99 +22,20 @@ etcd layout, under /lab/fleet:
 
 from __future__ import annotations
 
-import base64
-import http.client
 import json
 import os
-import ssl
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 try:  # in the lab package on the host; beside this file on a node
-    from . import fleet
+    from . import fleet, layout
+    from .etcd import Etcd
 except ImportError:  # pragma: no cover - the node's way
     import fleet  # type: ignore[no-redef]
-
-PREFIX = "/lab/fleet"
-UNIT_DIR = Path("/etc/systemd/system")
-MANAGED = Path("/var/lib/lab/agent-units.json")
-# Set by the update agent before a reboot: stop our units and leave the
-# cluster so the engine moves them now, not when our lease runs out.
-DRAIN_FLAG = Path("/run/lab/draining")
-
-
-def _b64(text: str) -> str:
-    return base64.b64encode(text.encode()).decode()
-
-
-def _unb64(text: str | None) -> str:
-    return base64.b64decode(text or "").decode()
-
-
-def _prefix_end(prefix: str) -> str:
-    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
-
-
-class Etcd:
-    """The few etcd v3 calls the agent needs, over the JSON gateway, with failover."""
-
-    def __init__(self, endpoints: list[str], tls: dict | None, timeout: float = 2.0) -> None:
-        self.endpoints = endpoints
-        self.timeout = timeout
-        self.context = None
-        if tls:
-            self.context = ssl.create_default_context(cafile=tls["ca"])
-            self.context.load_cert_chain(tls["cert"], tls["key"])
-
-    def call(self, path: str, body: dict) -> dict:
-        last: Exception | None = None
-        for index, endpoint in enumerate(self.endpoints):
-            request = urllib.request.Request(f"{endpoint}/v3/{path}", data=json.dumps(body).encode(),
-                                             headers={"Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout, context=self.context) as response:
-                    data = json.loads(response.read() or b"{}")
-                if index:  # remember the endpoint that answered
-                    self.endpoints = self.endpoints[index:] + self.endpoints[:index]
-                return data
-            except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
-                # HTTPException (IncompleteRead, BadStatusLine...) is not an
-                # OSError: a member dying mid-answer must not kill the agent.
-                last = exc
-        raise ConnectionError(f"no etcd endpoint answered {path}: {last}")
-
-    def get_prefix(self, prefix: str) -> dict[str, str]:
-        data = self.call("kv/range", {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix))})
-        return {_unb64(kv["key"]): _unb64(kv.get("value")) for kv in data.get("kvs") or []}
-
-    def get(self, key: str) -> str | None:
-        kvs = self.call("kv/range", {"key": _b64(key)}).get("kvs") or []
-        return _unb64(kvs[0].get("value")) if kvs else None
-
-    def put(self, key: str, value: str, lease: str | None = None) -> None:
-        body = {"key": _b64(key), "value": _b64(value)}
-        if lease:
-            body["lease"] = lease
-        self.call("kv/put", body)
-
-    def delete(self, key: str) -> None:
-        self.call("kv/deleterange", {"key": _b64(key)})
-
-    def create_if_absent(self, key: str, value: str, lease: str) -> bool:
-        data = self.call("kv/txn", {
-            "compare": [{"key": _b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"}],
-            "success": [{"request_put": {"key": _b64(key), "value": _b64(value), "lease": lease}}]})
-        return bool(data.get("succeeded"))
-
-    def grant(self, ttl: int) -> str:
-        return str(self.call("lease/grant", {"TTL": str(ttl)})["ID"])
-
-    def keepalive(self, lease: str) -> int:
-        return int((self.call("lease/keepalive", {"ID": lease}).get("result") or {}).get("TTL", 0))
+    import layout  # type: ignore[no-redef]
+    from etcd import Etcd  # type: ignore[no-redef]
 
 
 def systemctl(*args: str) -> subprocess.CompletedProcess:
@@ -157,13 +78,13 @@ class Agent:
 
     def tick(self) -> None:
         self.fence_if_expired()
-        if DRAIN_FLAG.exists():
+        if layout.DRAIN_FLAG.exists():
             self.drain()
             return
         self.renew()
-        if self.etcd.create_if_absent(f"{PREFIX}/engine", self.id, self.lease):
+        if self.etcd.create_if_absent(layout.ENGINE, self.id, self.lease):
             self.log("became the engine")
-        if self.etcd.get(f"{PREFIX}/engine") == self.id:
+        if self.etcd.get(layout.ENGINE) == self.id:
             self.reconcile()
         self.apply()
 
@@ -175,7 +96,7 @@ class Agent:
             self.lease = self.etcd.grant(self.ttl)
         machine = {"id": self.id, "name": self.config["name"], "ip": self.config["ip"],
                    "metadata": self.config.get("metadata", {})}
-        self.etcd.put(f"{PREFIX}/machines/{self.id}", json.dumps(machine, sort_keys=True), self.lease)
+        self.etcd.put(f"{layout.MACHINES}{self.id}", json.dumps(machine, sort_keys=True), self.lease)
         self.last_renewal = time.monotonic()
         self.fenced = False
 
@@ -188,7 +109,7 @@ class Agent:
         self.save_managed(set())
         # Revoking the lease removes our machine key, our unit states and the
         # engine key if we held it, all at once.
-        self.etcd.call("lease/revoke", {"ID": self.lease})
+        self.etcd.revoke(self.lease)
         self.lease = None
         self.log("drained: deregistered from the scheduler")
 
@@ -206,7 +127,7 @@ class Agent:
 
     def units(self) -> dict[str, tuple[fleet.Unit, str]]:
         found = {}
-        for key, value in self.etcd.get_prefix(f"{PREFIX}/units/").items():
+        for key, value in self.etcd.get_prefix(layout.UNITS).items():
             record = json.loads(value)
             try:
                 found[record["name"]] = (fleet.parse_unit(record["name"], record["text"]), record["desired"])
@@ -216,12 +137,12 @@ class Agent:
 
     def machines(self) -> list[fleet.Machine]:
         return [fleet.Machine(id=m["id"], name=m["name"], ip=m["ip"], metadata=m.get("metadata", {}))
-                for m in (json.loads(v) for v in self.etcd.get_prefix(f"{PREFIX}/machines/").values())]
+                for m in (json.loads(v) for v in self.etcd.get_prefix(layout.MACHINES).values())]
 
     def reconcile(self) -> None:
         units = self.units()
         machines = self.machines()
-        schedule = {k.rsplit("/", 1)[1]: v for k, v in self.etcd.get_prefix(f"{PREFIX}/schedule/").items()}
+        schedule = {k.rsplit("/", 1)[1]: v for k, v in self.etcd.get_prefix(layout.SCHEDULE).items()}
         schedulable = [unit for unit, desired in units.values() if desired in ("loaded", "launched")]
         plan = fleet.place(schedulable, machines, schedule)
         names = {m.id: m.name for m in machines}
@@ -229,35 +150,35 @@ class Agent:
             if schedule.get(name) != machine:
                 self.log(f"engine: {name} -> {names.get(machine, machine)}"
                          + (f" (was {names.get(schedule[name], schedule[name])})" if name in schedule else ""))
-                self.etcd.put(f"{PREFIX}/schedule/{name}", machine)
+                self.etcd.put(f"{layout.SCHEDULE}{name}", machine)
         for name in schedule:
             if name not in plan.assignments:
-                self.etcd.delete(f"{PREFIX}/schedule/{name}")
-        pending = {k.rsplit("/", 1)[1]: v for k, v in self.etcd.get_prefix(f"{PREFIX}/pending/").items()}
+                self.etcd.delete(f"{layout.SCHEDULE}{name}")
+        pending = {k.rsplit("/", 1)[1]: v for k, v in self.etcd.get_prefix(layout.PENDING).items()}
         for name, reason in plan.pending.items():
             if pending.get(name) != reason:
-                self.etcd.put(f"{PREFIX}/pending/{name}", reason)
+                self.etcd.put(f"{layout.PENDING}{name}", reason)
         for name in pending:
             if name not in plan.pending:
-                self.etcd.delete(f"{PREFIX}/pending/{name}")
+                self.etcd.delete(f"{layout.PENDING}{name}")
 
     # ------------------------------------------------------------ agent
 
     def managed(self) -> set[str]:
         try:
-            return set(json.loads(MANAGED.read_text()))
+            return set(json.loads(layout.MANAGED.read_text()))
         except (OSError, ValueError):
             return set()
 
     def save_managed(self, names: set[str]) -> None:
-        MANAGED.parent.mkdir(parents=True, exist_ok=True)
-        tmp = MANAGED.with_suffix(".tmp")
+        layout.MANAGED.parent.mkdir(parents=True, exist_ok=True)
+        tmp = layout.MANAGED.with_suffix(".tmp")
         tmp.write_text(json.dumps(sorted(names)))
-        os.replace(tmp, MANAGED)
+        os.replace(tmp, layout.MANAGED)
 
     def apply(self) -> None:
         units = self.units()
-        schedule = {k.rsplit("/", 1)[1]: v for k, v in self.etcd.get_prefix(f"{PREFIX}/schedule/").items()}
+        schedule = {k.rsplit("/", 1)[1]: v for k, v in self.etcd.get_prefix(layout.SCHEDULE).items()}
         mine = {name for name, machine in schedule.items() if machine == self.id and name in units}
         global_units = [unit for unit, desired in units.values()
                         if unit.options.global_ and desired in ("loaded", "launched")]
@@ -267,7 +188,7 @@ class Agent:
         managed = self.managed()
         reload = False
         for name in sorted(mine):
-            path = UNIT_DIR / name
+            path = layout.UNIT_DIR / name
             text = units[name][0].text
             if not path.exists() or path.read_text() != text:
                 path.write_text(text)
@@ -275,8 +196,8 @@ class Agent:
         for name in sorted(managed - mine):
             self.log(f"agent: {name} is no longer ours: stopping it")
             systemctl("stop", name)
-            (UNIT_DIR / name).unlink(missing_ok=True)
-            self.etcd.delete(f"{PREFIX}/states/{name}/{self.id}")
+            (layout.UNIT_DIR / name).unlink(missing_ok=True)
+            self.etcd.delete(f"{layout.STATES}{name}/{self.id}")
             reload = True
         if reload:
             systemctl("daemon-reload")
@@ -297,14 +218,11 @@ class Agent:
         fields = dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
         state = {"active": fields.get("ActiveState", "unknown"), "sub": fields.get("SubState", "unknown"),
                  "load": fields.get("LoadState", "unknown"), "machine": self.id, "updated": time.time()}
-        self.etcd.put(f"{PREFIX}/states/{name}/{self.id}", json.dumps(state, sort_keys=True), self.lease)
+        self.etcd.put(f"{layout.STATES}{name}/{self.id}", json.dumps(state, sort_keys=True), self.lease)
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: agent.py CONFIG.json", file=sys.stderr)
-        return 2
-    Agent(json.loads(Path(argv[1]).read_text())).run_forever()
+    Agent(layout.read_config(argv)).run_forever()
     return 0
 
 

@@ -2,8 +2,8 @@
 
 Two places use this module: the engine (the elected agent on a node) to
 decide where units run, and the `lab` CLI on the host to validate unit files
-and explain why a unit is pending. On the nodes it is copied alone next to
-agent.py, so it imports nothing but the Python standard library.
+and explain why a unit is pending. On the nodes it is copied next to agent.py;
+it imports nothing, not even its siblings, but the Python standard library.
 
 Semantics follow CoreOS fleet's [X-Fleet] section (MachineID, MachineOf,
 MachineMetadata, Conflicts, Global, with %n %N %p %i specifiers), with

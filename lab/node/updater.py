@@ -1,6 +1,6 @@
 """The update agent on every node: A/B slots and an etcd reboot lock, standard library only.
 
-Copied with agent.py to /var/lib/lab/ and run by `lab-update.service`. It
+Copied with its siblings to /var/lib/lab/ and run by `lab-update.service`. It
 does on each node what CoreOS's update_engine and locksmith did together:
 
   * lab stages a new OS version in the node's *passive* slot (the provider's
@@ -8,7 +8,7 @@ does on each node what CoreOS's update_engine and locksmith did together:
     /lab/update/staged/NODE;
   * the agent takes the reboot lock: a semaphore in etcd with at most
     `max_holders` holders, changed only by compare-and-swap on its revision
-    (locksmith's design); with strategy `reboot` it takes no lock, with `off`
+    (locksmith's design, in semaphore.py); with strategy `reboot` it takes no lock, with `off`
     it does nothing;
   * before rebooting it reads the semaphore again and acts only if it still
     holds it: etcd locks alone cannot guarantee mutual exclusion when a
@@ -35,79 +35,15 @@ import time
 from pathlib import Path
 
 try:  # in the lab package on the host; beside this file on a node
-    from .agent import PREFIX as FLEET_PREFIX
-    from .agent import Etcd, _b64, _unb64
+    from . import layout
+    from .etcd import Etcd
+    from .semaphore import Semaphore
 except ImportError:  # pragma: no cover - the node's way
-    from agent import PREFIX as FLEET_PREFIX  # type: ignore[no-redef]
-    from agent import Etcd, _b64, _unb64  # type: ignore[no-redef]
+    import layout  # type: ignore[no-redef]
+    from etcd import Etcd  # type: ignore[no-redef]
+    from semaphore import Semaphore  # type: ignore[no-redef]
 
-PREFIX = "/lab/update"
-SEMAPHORE = f"{PREFIX}/semaphore"
-HALTED = f"{PREFIX}/halted"
-BOOT_FILE = Path("/etc/lab/boot.json")
-DRAIN_FLAG = Path("/run/lab/draining")
 HEALTH_TIMEOUT = 60.0
-
-
-# ---------------------------------------------------------------- the semaphore (pure + CAS)
-
-
-def new_semaphore(max_holders: int) -> dict:
-    return {"max": max_holders, "holders": []}
-
-
-def try_acquire(semaphore: dict, holder: str) -> dict | None:
-    """The semaphore with `holder` added, or None if it is full (holding already counts as acquired)."""
-    if holder in semaphore["holders"]:
-        return semaphore
-    if len(semaphore["holders"]) >= semaphore["max"]:
-        return None
-    return {**semaphore, "holders": [*semaphore["holders"], holder]}
-
-
-def release(semaphore: dict, holder: str) -> dict:
-    return {**semaphore, "holders": [h for h in semaphore["holders"] if h != holder]}
-
-
-class Semaphore:
-    """locksmith's semaphore: one JSON key, changed only by compare-and-swap on its mod revision."""
-
-    def __init__(self, etcd: Etcd, key: str = SEMAPHORE) -> None:
-        self.etcd = etcd
-        self.key = key
-
-    def read(self, default_max: int) -> tuple[dict, str]:
-        kvs = self.etcd.call("kv/range", {"key": _b64(self.key)}).get("kvs") or []
-        if not kvs:
-            return new_semaphore(default_max), "0"
-        return json.loads(_unb64(kvs[0]["value"])), kvs[0]["mod_revision"]
-
-    def _swap(self, revision: str, value: dict) -> bool:
-        if revision == "0":
-            compare = {"key": _b64(self.key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
-        else:
-            compare = {"key": _b64(self.key), "target": "MOD", "result": "EQUAL", "mod_revision": revision}
-        data = self.etcd.call("kv/txn", {"compare": [compare], "success": [
-            {"request_put": {"key": _b64(self.key), "value": _b64(json.dumps(value, sort_keys=True))}}]})
-        return bool(data.get("succeeded"))
-
-    def acquire(self, holder: str, default_max: int) -> bool:
-        while True:
-            current, revision = self.read(default_max)
-            wanted = try_acquire(current, holder)
-            if wanted is None:
-                return False
-            if wanted is current or self._swap(revision, wanted):
-                return True
-
-    def release(self, holder: str, default_max: int) -> None:
-        while True:
-            current, revision = self.read(default_max)
-            if holder not in current["holders"] or self._swap(revision, release(current, holder)):
-                return
-
-    def holds(self, holder: str, default_max: int) -> bool:
-        return holder in self.read(default_max)[0]["holders"]
 
 
 # ---------------------------------------------------------------- the node's side
@@ -115,18 +51,18 @@ class Semaphore:
 
 def read_boot() -> dict:
     try:
-        return json.loads(BOOT_FILE.read_text())
+        return json.loads(layout.BOOT_FILE.read_text())
     except (OSError, ValueError):
         return {"slot": "a"}
 
 
 def write_boot(boot: dict) -> None:
-    BOOT_FILE.parent.mkdir(parents=True, exist_ok=True)
-    tmp = BOOT_FILE.with_suffix(".tmp")
+    layout.BOOT_FILE.parent.mkdir(parents=True, exist_ok=True)
+    tmp = layout.BOOT_FILE.with_suffix(".tmp")
     tmp.write_text(json.dumps(boot, sort_keys=True) + "\n")
     with open(tmp) as handle:
         os.fsync(handle.fileno())
-    os.replace(tmp, BOOT_FILE)
+    os.replace(tmp, layout.BOOT_FILE)
 
 
 def os_version() -> str:
@@ -153,7 +89,7 @@ class Updater:
         record = {"node": self.node, "state": state, "version": os_version(), "slot": boot.get("slot", "a"),
                   "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(), "at": time.time(),
                   **extra}
-        self.etcd.put(f"{PREFIX}/nodes/{self.node}", json.dumps(record, sort_keys=True))
+        self.etcd.put(f"{layout.NODE_UPDATES}{self.node}", json.dumps(record, sort_keys=True))
 
     # -- after boot
 
@@ -176,7 +112,7 @@ class Updater:
         self.log(f"health check failed ({reason}): rolling back to slot {boot['previous']}")
         write_boot({"slot": boot["previous"], "rolled_back_from": failed_version, "reason": reason,
                     "rolled_back_staging": boot.get("staging")})
-        self.etcd.put(HALTED, json.dumps({"node": self.node, "version": failed_version, "reason": reason,
+        self.etcd.put(layout.HALTED, json.dumps({"node": self.node, "version": failed_version, "reason": reason,
                                           "at": time.time()}, sort_keys=True))
         self.publish("rolling-back", failed_version=failed_version, reason=reason)
         self.reboot()
@@ -186,8 +122,8 @@ class Updater:
         reason = "not checked"
         while time.monotonic() < deadline:
             etcd_ok = subprocess.run(["systemctl", "is-active", "--quiet", "etcd"]).returncode == 0
-            agent_ok = subprocess.run(["systemctl", "is-active", "--quiet", "lab-agent"]).returncode == 0
-            member_ok = etcd_ok and self._member_healthy()
+            agent_ok = subprocess.run(["systemctl", "is-active", "--quiet", layout.AGENT_SERVICE]).returncode == 0
+            member_ok = etcd_ok and self.etcd.healthy(self.config["endpoints"][0])  # its own member: listed first
             registered = agent_ok and self._registered()
             if member_ok and registered:
                 return True, "etcd member healthy, scheduler agent registered"
@@ -199,21 +135,10 @@ class Updater:
             time.sleep(1)
         return False, reason
 
-    def _member_healthy(self) -> bool:
-        own = Etcd(self.config["endpoints"][:1], self.config.get("tls"), timeout=2)
-        try:
-            import urllib.request
-
-            request = urllib.request.Request(f"{own.endpoints[0]}/health")
-            with urllib.request.urlopen(request, timeout=2, context=own.context) as response:
-                return json.loads(response.read()).get("health") == "true"
-        except Exception:  # noqa: BLE001 - any failure means "not healthy yet"
-            return False
-
     def _registered(self) -> bool:
         machine = Path("/etc/machine-id").read_text().strip()
         try:
-            return self.etcd.get(f"{FLEET_PREFIX}/machines/{machine}") is not None
+            return self.etcd.get(f"{layout.MACHINES}{machine}") is not None
         except ConnectionError:
             return False
 
@@ -224,7 +149,7 @@ class Updater:
     # -- rolling forward
 
     def staged(self) -> dict | None:
-        value = self.etcd.get(f"{PREFIX}/staged/{self.node}")
+        value = self.etcd.get(f"{layout.STAGED}{self.node}")
         return json.loads(value) if value else None
 
     def step(self) -> None:
@@ -234,7 +159,7 @@ class Updater:
             return
         if boot.get("rolled_back_staging") == staged.get("at"):
             return  # this node already failed this very staging (a new `lab update` stages anew)
-        halted = self.etcd.get(HALTED)
+        halted = self.etcd.get(layout.HALTED)
         if halted:
             return
         if self.strategy == "etcd-lock":
@@ -242,7 +167,7 @@ class Updater:
                 return
             # Check the lock again right before acting: a pause between
             # acquiring and rebooting must not let two holders too many reboot.
-            if not self.semaphore.holds(self.node, self.max_holders) or self.etcd.get(HALTED):
+            if not self.semaphore.holds(self.node, self.max_holders) or self.etcd.get(layout.HALTED):
                 return
         self.log(f"rebooting into slot {staged['slot']} (version {staged['version']})")
         self.publish("rebooting", target=staged["version"])
@@ -253,12 +178,12 @@ class Updater:
 
     def drain(self) -> None:
         """Ask the scheduler agent to stop its units and deregister, so they move before we go."""
-        DRAIN_FLAG.parent.mkdir(parents=True, exist_ok=True)
-        DRAIN_FLAG.write_text(str(time.time()))
+        layout.DRAIN_FLAG.parent.mkdir(parents=True, exist_ok=True)
+        layout.DRAIN_FLAG.write_text(str(time.time()))
         machine = Path("/etc/machine-id").read_text().strip()
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            if self.etcd.get(f"{FLEET_PREFIX}/machines/{machine}") is None:
+            if self.etcd.get(f"{layout.MACHINES}{machine}") is None:
                 return
             time.sleep(0.2)
         self.log("drain: the scheduler agent did not deregister in 15 s; rebooting anyway")
@@ -292,10 +217,7 @@ class Updater:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: updater.py CONFIG.json", file=sys.stderr)
-        return 2
-    Updater(json.loads(Path(argv[1]).read_text())).run_forever()
+    Updater(layout.read_config(argv)).run_forever()
     return 0
 
 

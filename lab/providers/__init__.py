@@ -16,14 +16,14 @@ from typing import Iterator
 from lab.errors import PrerequisiteError, UsageError
 from lab.providers.base import Availability, Provider
 
-# name -> "module:Class"; all Vagrant providers share one module.
+# name -> "module:Class"; the Vagrant ones share VagrantProvider (lab.providers.vagrant.provider).
 _REGISTRY = {
     "nspawn": "lab.providers.nspawn.provider:NspawnProvider",
-    "virtualbox": "lab.providers.vagrant.provider:VirtualboxProvider",
-    "libvirt": "lab.providers.vagrant.provider:LibvirtProvider",
-    "hyperv": "lab.providers.vagrant.provider:HypervProvider",
-    "vmware_desktop": "lab.providers.vagrant.provider:VmwareDesktopProvider",
-    "parallels": "lab.providers.vagrant.provider:ParallelsProvider",
+    "virtualbox": "lab.providers.vagrant.virtualbox:VirtualboxProvider",
+    "libvirt": "lab.providers.vagrant.libvirt:LibvirtProvider",
+    "hyperv": "lab.providers.vagrant.others:HypervProvider",
+    "vmware_desktop": "lab.providers.vagrant.others:VmwareDesktopProvider",
+    "parallels": "lab.providers.vagrant.others:ParallelsProvider",
 }
 # The order auto-selection tries, as minikube does: a real hypervisor first.
 AUTO_ORDER = ("virtualbox", "libvirt", "nspawn")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+from lab.errors import UsageError
 from lab.host.ssh import SSHEndpoint
 from lab.model.spec import LabSpec, ResolvedNode
 
@@ -70,7 +71,6 @@ class LabContext:
         for node in self.nodes:
             if node.name == name:
                 return node
-        from lab.errors import UsageError
         raise UsageError(f"no node named {name!r} in lab {self.spec.name!r}",
                          hint=f"nodes are: {', '.join(n.name for n in self.nodes)}")
 
@@ -141,6 +141,14 @@ class Provider(ABC):
     @abstractmethod
     def resume(self, node: str) -> None:
         """Thaw a paused node."""
+
+    def check_partition_groups(self, groups: list[list[str]]) -> None:
+        """Every name is a node of this lab, and none is in two groups."""
+        names = [n for group in groups for n in group]
+        for name in names:
+            self.context.node(name)
+        if len(set(names)) != len(names):
+            raise UsageError("a node appears in two partition groups", hint="list every node at most once")
 
     @abstractmethod
     def partition(self, groups: list[list[str]]) -> None:

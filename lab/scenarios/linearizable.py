@@ -1,13 +1,9 @@
-"""The history checker: lost acknowledged writes, and linearizable registers.
+"""The linearizability checker: do a history's registers behave like single registers?
 
-A workload records every operation it issues into a JSONL history (one `Op`
-per line, see `lab.workload`). After a fault scenario this module answers two
-questions, with no I/O beyond reading that file:
-
-* `check_lost_writes`: is every acknowledged `unique` write still present?
-* `check_linearizable`: is there one total order of the read/write/cas
-  operations, consistent with real time, in which each key behaves like a
-  single register?
+`check_linearizable` answers, for the read/write/cas operations of a
+workload's history (lab.scenarios.history): is there one total order of
+them, consistent with real time, in which each key behaves like a single
+register? No I/O: the history is a list of `Op`.
 
 How the linearizability search works
 ------------------------------------
@@ -65,61 +61,33 @@ configurations are cached, so each is explored at most once.
   only when something needs them.
 
 These rules are checked against a brute-force search over every order on
-thousands of small random histories (tests/test_checker.py).
+thousands of small random histories (tests/unit/test_checker.py).
 
 When the search fails it reports the deepest point it reached: the return
 event R that no configuration got past, though some got past every earlier
 one. So every operation that completed before R fits some linearization,
 and the history up to R (operations still pending then may or may not have
 taken effect) fits none: it is the smallest failing prefix.
-The explanation lists the operation of R, the values the register could hold
-when it had to take effect, the operations that wrote those values, and what
-ran around it.
+The explanation (lab.scenarios.explain) lists the operation of R, the
+values the register could hold when it had to take effect, the operations
+that wrote those values, and what ran around it.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-from lab.errors import LabError
+from lab.scenarios.explain import explain
+from lab.scenarios.history import REGISTER_KINDS, HistoryError, Op, problem_of
 
-KINDS = ("read", "write", "cas", "unique")
-STATUSES = ("ok", "fail", "unknown")
-REGISTER_KINDS = ("read", "write", "cas")
 
 # A search that has stored this many configurations is stopped as
 # inconclusive, like a timeout: memory is the other budget (~0.13 kB each,
 # so about 1 GB).
 MAX_CONFIGURATIONS = 8_000_000
-
-
-class HistoryError(LabError, ValueError):
-    """A history file or list of operations is malformed (also a ValueError)."""
-
-
-@dataclass(frozen=True)
-class Op:
-    id: int
-    process: int
-    kind: str  # read | write | cas | unique
-    key: str
-    value: str | None  # written value (write, cas, unique)
-    expected: str | None  # cas: the value it compares with; None means "key absent"
-    invoke: float
-    complete: float | None  # None when status is unknown
-    status: str  # ok | fail | unknown
-    output: Any  # read: value read (None: absent); cas: True/False applied
-
-
-FIELDS = tuple(f.name for f in fields(Op))
-_OPTIONAL_FIELDS = ("value", "expected", "complete", "output")  # may be left out of a line: null
 
 
 @dataclass
@@ -138,123 +106,6 @@ class LinearizabilityReport:
     timed_out: bool
 
 
-@dataclass
-class LostWriteReport:
-    ok: bool
-    acknowledged: int
-    lost: list[Op]
-    unacknowledged_present: int
-
-
-# ---------------------------------------------------------------- reading and writing histories
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _problem(op: Op) -> str | None:
-    """What is wrong with one operation, or None."""
-    if not isinstance(op.id, int) or isinstance(op.id, bool):
-        return f"id must be an integer, got {op.id!r}"
-    if not isinstance(op.process, int) or isinstance(op.process, bool):
-        return f"process must be an integer, got {op.process!r}"
-    if op.kind not in KINDS:
-        return f"kind must be one of {', '.join(KINDS)}, got {op.kind!r}"
-    if op.status not in STATUSES:
-        return f"status must be one of {', '.join(STATUSES)}, got {op.status!r}"
-    if not isinstance(op.key, str):
-        return f"key must be a string, got {op.key!r}"
-    if not _is_number(op.invoke):
-        return f"invoke must be a number of seconds, got {op.invoke!r}"
-    if op.complete is not None:
-        if not _is_number(op.complete):
-            return f"complete must be a number of seconds or null, got {op.complete!r}"
-        if op.complete < op.invoke:
-            return f"complete ({op.complete}) is before invoke ({op.invoke})"
-    elif op.status == "ok":
-        return "status is ok but complete is null (an operation without an answer is unknown)"
-    for name in ("value", "expected"):
-        if isinstance(getattr(op, name), (list, dict)):
-            return f"{name} must be a plain value, got {getattr(op, name)!r}"
-    if op.status == "ok":
-        if op.kind == "cas" and not isinstance(op.output, bool):
-            return f"an ok cas needs output true or false, got {op.output!r}"
-        if op.kind == "read" and isinstance(op.output, (list, dict)):
-            return f"a read's output must be a plain value, got {op.output!r}"
-    return None
-
-
-def load_history(path: str | os.PathLike) -> list[Op]:
-    """Read a JSONL history; a malformed line raises HistoryError (a ValueError) naming it."""
-    path = Path(path)
-    ops: list[Op] = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise HistoryError(f"{where}: not valid JSON ({exc.msg}, column {exc.colno})",
-                                   hint="each line must be one JSON object as lab.workload writes it") from None
-            if not isinstance(obj, dict):
-                raise HistoryError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            missing = [name for name in FIELDS if name not in obj and name not in _OPTIONAL_FIELDS]
-            if missing:
-                raise HistoryError(f"{where}: missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}",
-                                   hint=f"an operation has the fields {', '.join(FIELDS)}")
-            op = Op(**{name: obj.get(name) for name in FIELDS})
-            problem = _problem(op)
-            if problem:
-                raise HistoryError(f"{where}: {problem}")
-            ops.append(op)
-    return ops
-
-
-def dump_history(ops: list[Op], path: str | os.PathLike) -> None:
-    """Write a JSONL history atomically (a reader never sees half a file)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for op in ops:
-                handle.write(json.dumps(asdict(op)) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-# ---------------------------------------------------------------- lost writes
-
-
-def check_lost_writes(ops: list[Op], final: dict[str, str]) -> LostWriteReport:
-    """Every acknowledged `unique` write must be in `final` with its value.
-
-    Unknown ones may or may not be there; those present are counted. A key
-    present with another value counts as lost: unique keys are never
-    overwritten.
-    """
-    acknowledged = 0
-    lost: list[Op] = []
-    present = 0
-    for op in ops:
-        if op.kind != "unique":
-            continue
-        if op.status == "ok":
-            acknowledged += 1
-            if op.key not in final or final[op.key] != op.value:
-                lost.append(op)
-        elif op.status == "unknown" and op.key in final and final[op.key] == op.value:
-            present += 1
-    return LostWriteReport(not lost, acknowledged, lost, present)
-
-
-# ---------------------------------------------------------------- linearizability
-
-
 def check_linearizable(ops: list[Op], initial: dict[str, Any] | None = None,
                        timeout_s: float = 60.0) -> LinearizabilityReport:
     """Check every key's read/write/cas operations as an independent register.
@@ -269,7 +120,7 @@ def check_linearizable(ops: list[Op], initial: dict[str, Any] | None = None,
     by_key: dict[str, list[Op]] = {}
     seen: set[int] = set()
     for op in ops:
-        problem = _problem(op)
+        problem = problem_of(op)
         if problem:
             raise HistoryError(f"op {op.id}: {problem}")
         if op.id in seen:
@@ -323,7 +174,7 @@ def _check_register(key: str, ops: list[Op], init: Any, deadline: float) -> tupl
     if found:
         return RegisterResult(key, True, len(ops), f"key {key!r}: linearizable ({len(ops)} operations)"), False
     return RegisterResult(key, False, len(ops),
-                          _explain(key, known, unknown, init, search.deepest_op, search.deepest_states)), False
+                          explain(key, known, unknown, init, search.deepest_op, search.deepest_states)), False
 
 
 class _RegisterSearch:
@@ -656,170 +507,3 @@ class _RegisterSearch:
                 continue
             (helpers if u_value[j] == needed else others).append(-1 - j)
         return first + helpers + rest + others
-
-
-# ---------------------------------------------------------------- explanations
-
-
-def _v(value: Any) -> str:
-    return json.dumps(value)
-
-
-def describe(op: Op) -> str:
-    """One line for an operation: id, process, what it did, when, status."""
-    if op.kind == "read":
-        what = f"read -> {_v(op.output) if op.status == 'ok' else '?'}"
-    elif op.kind == "cas":
-        result = _v(op.output) if op.status == "ok" else "?"
-        what = f"cas {_v(op.expected)} -> {_v(op.value)}: {result}"
-    else:
-        what = f"{op.kind} {_v(op.value)}"
-    end = "?" if op.complete is None else f"{op.complete:.6f}"
-    return f"op {op.id} (process {op.process}) {what:<28} [{op.invoke:.6f}, {end}] {op.status}"
-
-
-def _sets(op: Op, value: Any) -> bool:
-    """Whether op may leave `value` in the register."""
-    if op.value != value or op.kind not in ("write", "cas"):
-        return False
-    return op.status == "unknown" or op.kind == "write" or op.output is True
-
-
-def _explain(key: str, known: list[Op], unknown: list[Op], init: Any, blocking: Op | None,
-             states: set) -> str:
-    if blocking is None:  # pragma: no cover - the search always records a frontier
-        return f"key {key!r}: not linearizable"
-    end = blocking.complete
-    everything = known + unknown
-    invoked = sum(1 for op in everything if op.invoke <= end)
-    lines = [f"key {key!r}: not linearizable. The history up to op {blocking.id}'s completion at "
-             f"{end:.6f} ({invoked} of its {len(everything)} operations invoked by then) has no valid "
-             f"order; every operation that completed before it does fit one."]
-
-    if blocking.kind == "read":
-        needs = f"the register to hold {_v(blocking.output)}"
-        needed = [blocking.output]
-    elif blocking.output:
-        needs = f"the register to hold {_v(blocking.expected)}"
-        needed = [blocking.expected]
-    else:
-        needs = f"the register to hold anything but {_v(blocking.expected)}"
-        needed = []
-    held = ", ".join(sorted(_v(s) for s in states))
-    if needed and needed[0] in states or not needed and states - {blocking.expected}:
-        # it could take effect there, but every such order fails further on
-        lines.append(f"  op {blocking.id} ({_describe_short(blocking)}) needs {needs}; the register could "
-                     f"hold {held} when it had to take effect, but no order of the operations around it fits.")
-    else:
-        lines.append(f"  op {blocking.id} ({_describe_short(blocking)}) needs {needs}, but when it had to "
-                     f"take effect the register could only hold: {held}.")
-
-    # Who set the values involved: the last op invoked before `end` that may have.
-    marks: dict[int, str] = {blocking.id: "<- cannot be linearized"}
-    chosen: list[Op] = [blocking]
-    for value in list(dict.fromkeys([*needed, *sorted(states, key=_v)])):
-        writers = [op for op in everything if op.invoke <= end and _sets(op, value)]
-        later = sorted((op for op in everything if op.invoke > end and _sets(op, value)), key=lambda op: op.invoke)
-        if writers:
-            writer = max(writers, key=lambda op: op.invoke)
-            marks.setdefault(writer.id, f"(last to set {_v(value)})")
-            chosen.append(writer)
-        elif value == init:
-            lines.append(f"  {_v(value)} is the register's initial value.")
-        elif later:
-            lines.append(f"  no operation invoked by then sets {_v(value)}; the first that does, op {later[0].id}, "
-                         f"was invoked at {later[0].invoke:.6f}, after op {blocking.id} completed.")
-            marks.setdefault(later[0].id, f"(sets {_v(value)}, too late)")
-            chosen.append(later[0])
-        else:
-            lines.append(f"  no operation on this key ever sets {_v(value)}.")
-
-    # What ran around it: from the earliest of those writers to the blocking op.
-    start = min(op.invoke for op in chosen)
-    around = [op for op in everything
-              if op.invoke <= end and (op.complete is None or op.complete >= start) and op.id not in marks
-              and (op.status == "ok" or op.invoke >= start)]
-    around.sort(key=lambda op: abs(op.invoke - blocking.invoke))
-    limit = max(0, 14 - len(chosen))
-    shown = {op.id: op for op in chosen}
-    for op in around[:limit]:
-        shown[op.id] = op
-    lines.append("  operations involved (by invoke time):")
-    for op in sorted(shown.values(), key=lambda op: (op.invoke, op.id)):
-        lines.append(f"    {describe(op)} {marks.get(op.id, '')}".rstrip())
-    if len(around) > limit:
-        lines.append(f"    ... and {len(around) - limit} more operations in that window")
-    return "\n".join(lines)
-
-
-def _describe_short(op: Op) -> str:
-    if op.kind == "read":
-        return f"process {op.process}, read -> {_v(op.output)}"
-    if op.kind == "cas":
-        return f"process {op.process}, cas {_v(op.expected)} -> {_v(op.value)}: {_v(op.output)}"
-    return f"process {op.process}, {op.kind} {_v(op.value)}"
-
-
-# ---------------------------------------------------------------- simulated histories (tests, benchmarks)
-
-
-def simulate_history(rng: random.Random, n_ops: int, *, keys: int = 5, processes: int = 10,
-                     read_ratio: float = 0.5, cas_ratio: float = 0.2, unknown_ratio: float = 0.0,
-                     fail_ratio: float = 0.0, slow_ratio: float = 0.01) -> list[Op]:
-    """A history of a real linearizable register store with random concurrency.
-
-    Each process issues one operation at a time (latency ~ exponential, 5 ms
-    mean; `slow_ratio` of them take 0.2-1 s). Every operation takes effect at
-    a random instant inside its interval, and the outputs come from applying
-    them in that order, so the history is linearizable by construction.
-    Unknown writes/CAS take effect half of the time, at any instant after
-    their invoke (possibly after the client gave up).
-    """
-    ops_plan = []  # (id, process, kind, key, value, expected, invoke, complete, status)
-    clock = [rng.uniform(0, 0.002) for _ in range(processes)]
-    last_seen: dict[tuple[int, str], Any] = {}
-    for op_id in range(n_ops):
-        process = min(range(processes), key=clock.__getitem__)
-        invoke = clock[process]
-        latency = rng.uniform(0.2, 1.0) if rng.random() < slow_ratio else rng.expovariate(1 / 0.005)
-        complete = invoke + latency
-        clock[process] = complete + rng.expovariate(1 / 0.001)
-        key = f"r{rng.randrange(keys)}"
-        roll = rng.random()
-        kind = "read" if roll < read_ratio else "cas" if roll < read_ratio + cas_ratio else "write"
-        value = None if kind == "read" else f"{process}-{op_id}"
-        expected = last_seen.get((process, key)) if kind == "cas" else None
-        roll = rng.random()
-        status = "unknown" if roll < unknown_ratio else "fail" if roll < unknown_ratio + fail_ratio else "ok"
-        ops_plan.append([op_id, process, kind, key, value, expected, invoke, complete, status])
-        if kind != "read":
-            last_seen[(process, key)] = value
-
-    effects = []  # (instant, plan index)
-    for index, plan in enumerate(ops_plan):
-        invoke, complete, status = plan[6], plan[7], plan[8]
-        if status == "ok":
-            effects.append((rng.uniform(invoke, complete), index))
-        elif status == "unknown" and plan[2] != "read" and rng.random() < 0.5:
-            effects.append((invoke + rng.uniform(0, 2 * (complete - invoke)), index))
-    effects.sort()
-    registers: dict[str, Any] = {}
-    outputs: dict[int, Any] = {}
-    for _, index in effects:
-        _, _, kind, key, value, expected, *_ = ops_plan[index]
-        if kind == "read":
-            outputs[index] = registers.get(key)
-        elif kind == "write":
-            registers[key] = value
-        else:
-            applied = registers.get(key) == expected
-            if applied:
-                registers[key] = value
-            outputs[index] = applied
-
-    history = []
-    for index, (op_id, process, kind, key, value, expected, invoke, complete, status) in enumerate(ops_plan):
-        history.append(Op(op_id, process, kind, key, value, expected, round(invoke, 6),
-                          None if status == "unknown" else round(complete, 6), status,
-                          outputs.get(index) if status == "ok" else None))
-    return history

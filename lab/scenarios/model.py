@@ -3,7 +3,7 @@
 A scenario is a directory with a `scenario.yaml` and `test_*.py` files
 written with testinfra's standard `host` fixture (one host per node).
 Built-ins ship in `scenarios/`; a project's own live in `./scenarios/` and
-shadow built-ins of the same name. `lab.engine` runs them.
+shadow built-ins of the same name. `lab.scenarios.engine` runs them.
 
     description: Kill the etcd leader; a new one must be elected in time.
     nodes: 3
@@ -29,23 +29,22 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Callable, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lab.model import yamlsafe
 from lab.errors import LabError, UsageError
 from lab.host.paths import resource
+from lab.scenarios.faults import FAULTS
 
 SCENARIO_FILE = "scenario.yaml"
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
 
-FAULT_ACTIONS = ("kill", "start", "pause", "resume", "reboot", "partition", "heal", "kill-etcd", "start-etcd")
 # Targets resolved at run time: the leader as observed just before the fault,
 # its followers, every node, or a node by name. Partition also takes groups:
 # "partition node-1|node-2,node-3".
 SPECIAL_TARGETS = ("leader", "followers", "all", "old-leader")
-CONDITIONS = ("new-leader", "leader", "healthy", "converged", "old-leader-follows", "updated", "update-halted")
 
 
 class ScenarioFailed(LabError):
@@ -61,7 +60,7 @@ class _Strict(BaseModel):
 
 
 class Fault(_Strict):
-    action: Literal["kill", "start", "pause", "resume", "reboot", "partition", "heal", "kill-etcd", "start-etcd"]
+    action: Literal[tuple(FAULTS)]  # type: ignore[valid-type] - the registry's names, in its order
     target: str = "all"
 
     @model_validator(mode="after")
@@ -140,8 +139,7 @@ class Step(_Strict):
     def _exactly_one(self) -> "Step":
         given = [name for name in STEP_KINDS if getattr(self, name) is not None]
         if len(given) != 1:
-            raise ValueError("each step is exactly one of: workload, unit, update, sleep, fault, wait-until, "
-                             "probe, check"
+            raise ValueError(f"each step is exactly one of: {', '.join(k.replace('_', '-') for k in STEP_KINDS)}"
                              + (f" (got {', '.join(given)})" if given else ""))
         return self
 
@@ -150,24 +148,21 @@ class Step(_Strict):
         return next(name for name in STEP_KINDS if getattr(self, name) is not None)
 
     def describe(self) -> str:
-        if self.fault is not None:
-            return f"fault: {self.fault.action}" + ("" if self.fault.action == "heal" else f" {self.fault.target}")
-        if self.wait_until is not None:
-            return f"wait until {self.wait_until.condition}"
-        if self.probe is not None:
-            return f"probe: a write via {self.probe.write_via} must {'succeed' if self.probe.expect == 'ok' else 'fail'}"
-        if self.check is not None:
-            return f"check: {', '.join(self.check)}"
-        if self.sleep is not None:
-            return f"sleep {self.sleep:g} s"
-        if self.unit is not None:
-            return f"unit: start {self.unit.start}"
-        if self.update is not None:
-            return f"update: roll to {self.update.to}"
-        return f"workload: {self.workload}"
+        return STEP_DESCRIPTIONS[self.kind](getattr(self, self.kind))
 
 
-STEP_KINDS = ("workload", "unit", "update", "sleep", "fault", "wait_until", "probe", "check")
+# Every kind of step (a field of Step), in the order errors list them, and how it is shown.
+STEP_DESCRIPTIONS: dict[str, Callable[[Any], str]] = {
+    "workload": lambda action: f"workload: {action}",
+    "unit": lambda unit: f"unit: start {unit.start}",
+    "update": lambda update: f"update: roll to {update.to}",
+    "sleep": lambda seconds: f"sleep {seconds:g} s",
+    "fault": lambda fault: f"fault: {fault.action}" + ("" if fault.action == "heal" else f" {fault.target}"),
+    "wait_until": lambda wait: f"wait until {wait.condition}",
+    "probe": lambda probe: f"probe: a write via {probe.write_via} must {'succeed' if probe.expect == 'ok' else 'fail'}",
+    "check": lambda files: f"check: {', '.join(files)}",
+}
+STEP_KINDS = tuple(STEP_DESCRIPTIONS)
 
 
 class Expect(_Strict):
@@ -270,7 +265,7 @@ nodes: 3
 steps:
   - workload: start         # background writes, reads and CAS, recorded to history.jsonl
   - sleep: 2
-  - fault: kill-etcd leader # kill | start | pause | resume | reboot | partition | heal | kill-etcd | start-etcd
+  - fault: kill-etcd leader # {actions}
   - wait-until: {{condition: new-leader, timeout: 10, within: auto}}
   - fault: start-etcd all
   - wait-until: healthy
@@ -304,7 +299,8 @@ def scaffold(name: str, directory: Path) -> Path:
         raise UsageError(f"{target} already exists", hint="pick another name or edit that scenario")
     target.mkdir(parents=True)
     module = name.replace("-", "_")
-    (target / SCENARIO_FILE).write_text(TEMPLATE_YAML.format(description=f"What {name} shows.", module=module))
+    (target / SCENARIO_FILE).write_text(TEMPLATE_YAML.format(description=f"What {name} shows.", module=module,
+                                                                actions=" | ".join(FAULTS)))
     (target / f"test_{module}.py").write_text(TEMPLATE_TEST)
     parse(target / SCENARIO_FILE)  # what we write must be valid
     return target

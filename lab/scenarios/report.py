@@ -13,15 +13,14 @@ import json
 import xml.etree.ElementTree as ET
 from html import escape
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from lab.scenarios.engine import RunResult
+from lab.scenarios.results import RunResult
 
 BUCKET_S = 0.25
 
 
-def write_report(result: "RunResult") -> None:
+def write_report(result: RunResult) -> None:
     ops = _load_ops(result.run_dir / "history.jsonl")
     (result.run_dir / "timeline.svg").write_text(timeline_svg(ops, result.faults, result.leader_changes))
     write_junit(result, result.run_dir / "junit.xml")
@@ -35,7 +34,7 @@ def _load_ops(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def result_json(result: "RunResult") -> dict[str, Any]:
+def result_json(result: RunResult) -> dict[str, Any]:
     return {"scenario": result.scenario, "ok": result.ok, "run_dir": str(result.run_dir),
             "measurements": result.measurements, "faults": result.faults,
             "leader_changes": result.leader_changes,
@@ -47,7 +46,7 @@ def result_json(result: "RunResult") -> dict[str, Any]:
 # ---------------------------------------------------------------- JUnit
 
 
-def write_junit(result: "RunResult", path: Path) -> None:
+def write_junit(result: RunResult, path: Path) -> None:
     """One testsuite for the scenario's steps and checkers, plus the testinfra cases of its check steps."""
     suites = ET.Element("testsuites")
     suite = ET.SubElement(suites, "testsuite", name=f"scenario.{result.scenario}")
@@ -79,7 +78,7 @@ def write_junit(result: "RunResult", path: Path) -> None:
 # ---------------------------------------------------------------- summary
 
 
-def summary_markdown(result: "RunResult") -> str:
+def summary_markdown(result: RunResult) -> str:
     m = result.measurements
     lines = [f"# Scenario `{result.scenario}`: {'PASSED' if result.ok else 'FAILED'}", ""]
     leader_times = m.get("time_to_new_leader_s") or []

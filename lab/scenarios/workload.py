@@ -9,7 +9,7 @@ endpoint failover) run while faults happen:
 Every operation is recorded with its invoke and completion time (one
 monotonic clock) and outcome: ok, fail (surely not applied: no endpoint took
 the connection) or unknown (sent, no answer: maybe applied). The history is
-written as JSONL in the format `lab.checker` reads.
+written as JSONL in the format `lab.scenarios.history` reads.
 """
 
 from __future__ import annotations
@@ -70,10 +70,10 @@ class Workload:
         rng = random.Random(self.config.seed)
         process = 0
         for _ in range(self.config.register_clients):
-            self._spawn(self._register_client, process, random.Random(rng.random()))
+            self._spawn(self._register_op, process, random.Random(rng.random()))
             process += 1
         for _ in range(self.config.unique_writers):
-            self._spawn(self._unique_writer, process, random.Random(rng.random()))
+            self._spawn(self._unique_op, process, random.Random(rng.random()))
             process += 1
 
     def stop(self) -> WorkloadStats:
@@ -85,48 +85,44 @@ class Workload:
             self._file = None
         return self.stats
 
-    def _spawn(self, target, process: int, rng: random.Random) -> None:
-        thread = threading.Thread(target=target, args=(process, rng), name=f"workload-{process}", daemon=True)
+    def _spawn(self, one_op, process: int, rng: random.Random) -> None:
+        thread = threading.Thread(target=self._client, args=(one_op, process, rng), name=f"workload-{process}",
+                                  daemon=True)
         self._threads.append(thread)
         thread.start()
 
     # ------------------------------------------------------------ clients
 
-    def _register_client(self, process: int, rng: random.Random) -> None:
+    def _client(self, one_op, process: int, rng: random.Random) -> None:
+        """One client process: its own connection, one operation at a time (the n-th) until stopped."""
         client = self.client_factory(self.config.op_timeout_s)
         n = 0
         try:
             while not self._stop.is_set():
-                key = f"r{rng.randrange(self.config.registers)}"
-                path = f"{self.prefix}/register/{key}"
-                choice = rng.random()
-                if choice < 0.4:
-                    self._record(process, "read", key, None, None, lambda: client.get(path))
-                elif choice < 0.7:
-                    value = f"{process}-{n}"
-                    self._record(process, "write", key, value, None, lambda: (client.put(path, value), None)[1])
-                else:
-                    expected = f"{rng.randrange(self.config.register_clients)}-{max(0, n - rng.randrange(3))}"
-                    value = f"{process}-{n}"
-                    self._record(process, "cas", key, value, expected,
-                                 lambda: client.compare_and_set(path, expected, value))
+                one_op(client, process, rng, n)
                 n += 1
                 self._stop.wait(self.config.pause_s)
         finally:
             client.close()
 
-    def _unique_writer(self, process: int, rng: random.Random) -> None:
-        client = self.client_factory(self.config.op_timeout_s)
-        n = 0
-        try:
-            while not self._stop.is_set():
-                key = f"{self.prefix}/unique/{process}/{n}"
-                value = f"{process}-{n}"
-                self._record(process, "unique", key, value, None, lambda: (client.put(key, value), None)[1])
-                n += 1
-                self._stop.wait(self.config.pause_s)
-        finally:
-            client.close()
+    def _register_op(self, client: EtcdClient, process: int, rng: random.Random, n: int) -> None:
+        key = f"r{rng.randrange(self.config.registers)}"
+        path = f"{self.prefix}/register/{key}"
+        choice = rng.random()
+        if choice < 0.4:
+            self._record(process, "read", key, None, None, lambda: client.get(path))
+        elif choice < 0.7:
+            value = f"{process}-{n}"
+            self._record(process, "write", key, value, None, lambda: (client.put(path, value), None)[1])
+        else:
+            expected = f"{rng.randrange(self.config.register_clients)}-{max(0, n - rng.randrange(3))}"
+            value = f"{process}-{n}"
+            self._record(process, "cas", key, value, expected, lambda: client.compare_and_set(path, expected, value))
+
+    def _unique_op(self, client: EtcdClient, process: int, rng: random.Random, n: int) -> None:
+        key = f"{self.prefix}/unique/{process}/{n}"
+        value = f"{process}-{n}"
+        self._record(process, "unique", key, value, None, lambda: (client.put(key, value), None)[1])
 
     # ------------------------------------------------------------ recording
 

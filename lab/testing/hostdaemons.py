@@ -28,7 +28,7 @@ def libvirt_problem() -> str | None:
     for tool in ("libvirtd", "virtlogd", "virsh", "vagrant", "qemu-system-x86_64", "qemu-img"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed (tools/install.sh installs it)"
-    from lab.providers.vagrant.provider import plugin_installed
+    from lab.host.vagrant import plugin_installed
 
     if not plugin_installed("vagrant-libvirt"):
         return "the vagrant-libvirt plugin is not installed (apt-get install vagrant-libvirt)"
@@ -36,7 +36,7 @@ def libvirt_problem() -> str | None:
 
 
 def _answering() -> bool:
-    from lab.providers.vagrant.provider import libvirt_socket_problem
+    from lab.providers.vagrant.libvirt import libvirt_socket_problem
 
     return libvirt_socket_problem() is None
 

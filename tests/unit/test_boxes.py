@@ -1,4 +1,4 @@
-"""Fast, pure tests of lab.boxes: apt sources, image keys, recipes. No root, no network."""
+"""Fast, pure tests of lab.images: apt sources, image keys, recipes, the cache. No root, no network."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lab.images import boxes
-from lab.errors import BoxError
+import lab.images.cache as image_cache
+from lab.errors import BoxError, PrerequisiteError
+from lab.host.mounts import Mount
+from lab.images import build, recipes
 
 MIRROR = "http://mirror.example/debian"
 
@@ -62,7 +64,7 @@ Components: main
 
 
 def test_one_line_sources_parse_options_comments_and_types():
-    assert boxes.parse_apt_sources(ONE_LINE, deb822=False) == [
+    assert recipes.parse_apt_sources(ONE_LINE, deb822=False) == [
         (MIRROR, ["bookworm"]),
         ("http://security.example/debian-security", ["bookworm-security"]),
         ("https://vendor.example/apt", ["cloud-sdk-bookworm"]),
@@ -70,7 +72,7 @@ def test_one_line_sources_parse_options_comments_and_types():
 
 
 def test_deb822_sources_parse_stanzas_continuations_and_enabled():
-    assert boxes.parse_apt_sources(DEB822, deb822=True) == [
+    assert recipes.parse_apt_sources(DEB822, deb822=True) == [
         (MIRROR, ["bookworm", "bookworm-updates"]),
         ("http://security.example/debian-security", ["bookworm-security"]),
         ("https://vendor.example/node_20.x", ["nodistro"]),
@@ -79,7 +81,7 @@ def test_deb822_sources_parse_stanzas_continuations_and_enabled():
 
 def test_entries_without_main_are_not_mirrors():
     text = "deb http://firmware.example/debian bookworm non-free-firmware\n"
-    assert boxes.parse_apt_sources(text, deb822=False) == []
+    assert recipes.parse_apt_sources(text, deb822=False) == []
 
 
 def _apt_dir(tmp_path: Path, files: dict[str, str]) -> Path:
@@ -97,7 +99,7 @@ def test_host_mirror_skips_security_and_third_party(tmp_path):
         "sources.list.d/b-node.sources": DEB822.split("\n\n")[2],
         "sources.list.d/debian.sources": DEB822,
     })
-    assert boxes.host_debian_mirror(apt) == MIRROR
+    assert recipes.host_debian_mirror(apt) == MIRROR
 
 
 def test_host_mirror_ignores_files_apt_ignores(tmp_path):
@@ -105,7 +107,7 @@ def test_host_mirror_ignores_files_apt_ignores(tmp_path):
         "sources.list.d/old.list.disabled": f"deb {MIRROR} bookworm main\n",
         "sources.list.d/z.list": "deb http://other.example/debian stable main\n",
     })
-    assert boxes.host_debian_mirror(apt) == "http://other.example/debian"
+    assert recipes.host_debian_mirror(apt) == "http://other.example/debian"
 
 
 def test_host_mirror_reads_sources_list_first(tmp_path):
@@ -113,17 +115,17 @@ def test_host_mirror_reads_sources_list_first(tmp_path):
         "sources.list": "deb http://first.example/debian trixie main\n",
         "sources.list.d/debian.sources": DEB822,
     })
-    assert boxes.host_debian_mirror(apt) == "http://first.example/debian"
+    assert recipes.host_debian_mirror(apt) == "http://first.example/debian"
 
 
 def test_no_mirror_is_a_box_error_with_a_hint(tmp_path):
     apt = _apt_dir(tmp_path, {"sources.list.d/vendor.list":
                               "deb https://vendor.example/apt cloud-sdk-bookworm main\n"})
     with pytest.raises(BoxError) as error:
-        boxes.host_debian_mirror(apt)
+        recipes.host_debian_mirror(apt)
     assert "--mirror" in error.value.hint
     with pytest.raises(BoxError):
-        boxes.host_debian_mirror(tmp_path / "missing")
+        recipes.host_debian_mirror(tmp_path / "missing")
 
 
 # --------------------------------------------------------------------------- #
@@ -134,13 +136,13 @@ def test_no_mirror_is_a_box_error_with_a_hint(tmp_path):
 def recipe_copy(tmp_path, monkeypatch) -> Path:
     """A private copy of boxes/labos that recipe_dir("labos") points to."""
     copy = tmp_path / "boxes" / "labos"
-    shutil.copytree(boxes.recipe_dir("labos"), copy)
-    monkeypatch.setattr(boxes, "recipe_dir", lambda name: copy)
+    shutil.copytree(recipes.recipe_dir("labos"), copy)
+    monkeypatch.setattr(recipes, "recipe_dir", lambda name: copy)
     return copy
 
 
 def test_shipped_recipe_is_valid():
-    recipe = boxes.load_recipe("labos", "1")
+    recipe = recipes.load_recipe("labos", "1")
     assert recipe.suite == "bookworm"
     for package in ("systemd", "systemd-sysv", "openssh-server", "etcd-server", "python3"):
         assert package in recipe.packages
@@ -151,44 +153,44 @@ def test_shipped_recipe_is_valid():
 
 def test_unknown_box_lists_known_boxes():
     with pytest.raises(BoxError) as error:
-        boxes.recipe_dir("nope")
+        recipes.recipe_dir("nope")
     assert "labos" in error.value.hint
 
 
 def test_unknown_version_lists_known_versions():
     with pytest.raises(BoxError) as error:
-        boxes.load_recipe("labos", "99")
+        recipes.load_recipe("labos", "99")
     assert "99" in error.value.message and "1" in error.value.hint
 
 
 def test_image_key_is_stable_and_12_hex(recipe_copy):
-    key = boxes.image_key("labos", "1")
-    assert key == boxes.image_key("labos", "1")
+    key = image_cache.image_key("labos", "1")
+    assert key == image_cache.image_key("labos", "1")
     assert len(key) == 12 and int(key, 16) >= 0
 
 
 def test_image_key_follows_version_and_recipe_files(recipe_copy):
-    key = boxes.image_key("labos", "1")
-    assert boxes.image_key("labos", "2") != key
+    key = image_cache.image_key("labos", "1")
+    assert image_cache.image_key("labos", "2") != key
 
     sshd = recipe_copy / "rootfs/etc/ssh/sshd_config.d/10-labos.conf"
     sshd.write_text(sshd.read_text() + "# changed\n")
-    changed = boxes.image_key("labos", "1")
+    changed = image_cache.image_key("labos", "1")
     assert changed != key
 
     (recipe_copy / "rootfs/etc/motd").write_text("hello\n")
-    assert boxes.image_key("labos", "1") not in (key, changed)
+    assert image_cache.image_key("labos", "1") not in (key, changed)
 
 
 def test_image_key_sees_renames(recipe_copy):
-    key = boxes.image_key("labos", "1")
+    key = image_cache.image_key("labos", "1")
     conf = recipe_copy / "rootfs/etc/ssh/sshd_config.d/10-labos.conf"
     conf.rename(conf.with_name("20-labos.conf"))
-    assert boxes.image_key("labos", "1") != key
+    assert image_cache.image_key("labos", "1") != key
 
 
 def _parse(data, version="1"):
-    return boxes.parse_recipe(data, name="labos", version=version, overlay=Path("/nowhere"))
+    return recipes.parse_recipe(data, name="labos", version=version, overlay=Path("/nowhere"))
 
 
 def _minimal() -> dict:
@@ -257,55 +259,55 @@ def _fake_image(cache: Path, name: str, version: str, key: str) -> Path:
 
 
 def test_find_list_and_remove_images(cache, recipe_copy):
-    key = boxes.image_key("labos", "1")
+    key = image_cache.image_key("labos", "1")
     _fake_image(cache, "labos", "1", key)
     _fake_image(cache, "labos", "2", "0123456789ab")
     _fake_image(cache, "other", "1", "ba9876543210")
     (cache / f"labos-1-{key}.tmp-42").mkdir()       # an interrupted build
     (cache / "labos-1-deadbeefdead").mkdir()        # no meta.json: not an image
 
-    found = boxes.find_image("labos", "1")
+    found = image_cache.find_image("labos", "1")
     assert found is not None and found.key == key and found.mirror == MIRROR
     assert found.os_release == {"NAME": "Lab OS", "ID": "labos", "VERSION": "1 (bookworm)"}
-    assert [(i.name, i.version) for i in boxes.list_images()] == \
+    assert [(i.name, i.version) for i in image_cache.list_images()] == \
         [("labos", "1"), ("labos", "2"), ("other", "1")]
 
-    removed = boxes.remove_images("labos", "2")
+    removed = image_cache.remove_images("labos", "2")
     assert [i.version for i in removed] == ["2"] and not removed[0].path.exists()
-    assert [i.name for i in boxes.remove_images("labos")] == ["labos"]
-    assert [i.name for i in boxes.list_images()] == ["other"]
+    assert [i.name for i in image_cache.remove_images("labos")] == ["labos"]
+    assert [i.name for i in image_cache.list_images()] == ["other"]
 
 
 def test_find_image_misses_when_recipe_changes(cache, recipe_copy):
-    _fake_image(cache, "labos", "1", boxes.image_key("labos", "1"))
-    assert boxes.find_image("labos", "1") is not None
+    _fake_image(cache, "labos", "1", image_cache.image_key("labos", "1"))
+    assert image_cache.find_image("labos", "1") is not None
     (recipe_copy / "recipe.yaml").write_text((recipe_copy / "recipe.yaml").read_text() + "\n#\n")
-    assert boxes.find_image("labos", "1") is None
+    assert image_cache.find_image("labos", "1") is None
 
 
 def test_build_returns_a_cache_hit_without_prerequisites(cache, recipe_copy, monkeypatch):
-    _fake_image(cache, "labos", "1", boxes.image_key("labos", "1"))
-    monkeypatch.setattr(boxes.shutil, "which", lambda tool: None)   # no debootstrap
-    assert boxes.build_image("labos", "1").version == "1"
+    _fake_image(cache, "labos", "1", image_cache.image_key("labos", "1"))
+    monkeypatch.setattr(build.shutil, "which", lambda tool: None)   # no debootstrap
+    assert build.build_image("labos", "1").version == "1"
 
 
 def test_build_needs_debootstrap(cache, recipe_copy, monkeypatch):
-    monkeypatch.setattr(boxes.os, "geteuid", lambda: 0)
-    monkeypatch.setattr(boxes.shutil, "which", lambda tool: None)
-    with pytest.raises(boxes.PrerequisiteError) as error:
-        boxes.build_image("labos", "1", mirror=MIRROR)
+    monkeypatch.setattr(build.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(build.shutil, "which", lambda tool: None)
+    with pytest.raises(PrerequisiteError) as error:
+        build.build_image("labos", "1", mirror=MIRROR)
     assert "debootstrap" in error.value.hint
 
 
 def test_build_needs_root(cache, recipe_copy, monkeypatch):
-    monkeypatch.setattr(boxes.os, "geteuid", lambda: 1000)
-    with pytest.raises(boxes.PrerequisiteError, match="root"):
-        boxes.build_image("labos", "1", mirror=MIRROR)
+    monkeypatch.setattr(build.os, "geteuid", lambda: 1000)
+    with pytest.raises(PrerequisiteError, match="root"):
+        build.build_image("labos", "1", mirror=MIRROR)
 
 
 def test_failed_build_leaves_nothing_behind(cache, recipe_copy, monkeypatch):
     """A failing debootstrap: BoxError with the command and output tail, no temp dir."""
-    monkeypatch.setattr(boxes.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(build.os, "geteuid", lambda: 0)
     fake = recipe_copy.parent / "bin" / "debootstrap"
     fake.parent.mkdir()
     fake.write_text("#!/bin/sh\necho 'I: Retrieving InRelease'\n"
@@ -315,7 +317,7 @@ def test_failed_build_leaves_nothing_behind(cache, recipe_copy, monkeypatch):
     monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
     lines: list[str] = []
     with pytest.raises(BoxError) as error:
-        boxes.build_image("labos", "1", mirror=MIRROR, progress=lines.append)
+        build.build_image("labos", "1", mirror=MIRROR, progress=lines.append)
     message = error.value.message
     assert "debootstrap --variant=minbase" in message and MIRROR in message
     assert "E: no such suite" in message and "404 Not Found" in message
@@ -324,14 +326,22 @@ def test_failed_build_leaves_nothing_behind(cache, recipe_copy, monkeypatch):
 
 
 def test_images_in_use_by_a_node_overlay_are_not_removed(cache, recipe_copy, monkeypatch):
-    path = _fake_image(cache, "labos", "1", boxes.image_key("labos", "1"))
-    node = boxes._Mount(Path("/run/lab/node1/merged"), "overlay",
+    path = _fake_image(cache, "labos", "1", image_cache.image_key("labos", "1"))
+    node = Mount(Path("/run/lab/node1/merged"), "overlay",
                         f"rw,lowerdir={path}/rootfs,upperdir=/u,workdir=/w")
-    monkeypatch.setattr(boxes, "_mounts", lambda: [node])
+    monkeypatch.setattr(image_cache, "mounted", lambda: [node])
     with pytest.raises(BoxError, match="in use") as error:
-        boxes.remove_images("labos")
-    assert "lab down" in error.value.hint and path.exists()
+        image_cache.remove_images("labos")
+    assert "`lab halt` or `lab destroy`" in error.value.hint and path.exists()
 
 
-def test_mountinfo_escapes_are_decoded():
-    assert boxes._unescape_mountinfo(r"/tmp/a\040b\011c\134d") == "/tmp/a b\tc\\d"
+# --------------------------------------------------------------------------- #
+# Versions of the shipped recipe
+# --------------------------------------------------------------------------- #
+
+def test_versions_differ_visibly():
+    one, two, broken = (recipes.load_recipe("labos", v) for v in ("1", "2", "2-broken"))
+    assert "jq" in two.packages and "jq" not in one.packages
+    assert two.version_overlay is not None and (two.version_overlay / "usr/lib/labos/release-notes").exists()
+    assert broken.version_overlay is not None
+    assert os.access(broken.version_overlay / "usr/bin/etcd", os.X_OK)

@@ -1,4 +1,5 @@
-"""lab.checker: lost writes and linearizable registers, on fixed histories and generated ones."""
+"""lab.scenarios.history and .linearizable: lost writes and linearizable registers, on fixed and generated
+histories."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lab.scenarios.checker import (HistoryError, Op, check_linearizable, check_lost_writes, dump_history, load_history,
-                         simulate_history)
+from lab.scenarios.history import HistoryError, Op, check_lost_writes, dump_history, load_history, simulate_history
+from lab.scenarios.linearizable import check_linearizable
 
 HISTORIES = Path(__file__).parent / "histories"
 

@@ -41,7 +41,7 @@ def tree_of_files(root: Path) -> list[str]:
 def _command_paths():
     import typer.main
 
-    from lab.cli.app import app
+    from lab.cli import app
 
     def walk(command, path):
         yield path, command
@@ -318,3 +318,203 @@ def test_box_add_without_a_built_box_names_the_build_command(run_lab, project, t
     assert "the virtualbox box of labos 2 is not built" in result.stderr
     assert "lab box build --format virtualbox --version 2" in result.stderr
     assert not (tmp_path / "empty-cache").exists() or not any((tmp_path / "empty-cache").rglob("*.box"))
+
+
+# ---------------------------------------------------------------- the lifecycle of `lab test` / `lab scenario run`
+
+DEMO = """\
+description: A demo.
+nodes: 2
+lab:
+  etcd: {election_timeout_ms: 1000}
+steps:
+  - sleep: 1
+"""
+
+
+@pytest.fixture
+def fake_lab(project, monkeypatch):
+    """Labs on lab.testing's fake provider (under the name nspawn), booted without etcd; a
+    scenario `demo` whose run is a stub that passes, fails or raises as `fake_lab.outcome` says."""
+    from types import SimpleNamespace
+
+    from lab.core.lab import Lab
+    from lab.scenarios import engine
+    from lab.testing.fake import fake_provider
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(project.parent / "state"))
+    (project / "scenarios" / "demo").mkdir(parents=True)
+    (project / "scenarios" / "demo" / "scenario.yaml").write_text(DEMO)
+    real_up = Lab.up
+    monkeypatch.setattr(Lab, "up", lambda self, progress, bootstrap=True: real_up(self, progress, bootstrap=False))
+
+    class StubRun:
+        def __init__(self, lab, found, spec, progress) -> None:
+            self.found = found
+
+        def run(self):
+            if provider.outcome.get("raise"):
+                raise provider.outcome["raise"]
+            ok = provider.outcome.get("ok", True)
+            run_dir = project.parent / "runs" / self.found.name
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "junit.xml").write_text("<testsuite/>\n")
+            return SimpleNamespace(scenario=self.found.name, ok=ok, run_dir=run_dir, measurements={"ops": 5},
+                                   failures=[] if ok else [SimpleNamespace(description="step 1 failed")])
+
+    monkeypatch.setattr(engine, "ScenarioRun", StubRun)
+    with fake_provider("nspawn") as provider:
+        provider.outcome = {}
+        yield provider
+
+
+FAKE = ["--provider", "nspawn"]
+
+
+def lab_exists(project: Path, name: str = "lab") -> bool:
+    return (project / ".lab" / name / "state.json").is_file()
+
+
+def test_the_sequences_are_named_phases():
+    from lab.core.lifecycle import PHASES, SEQUENCES
+
+    assert SEQUENCES["test"] == ("check", "load", "create", "verify", "destroy")
+    assert SEQUENCES["scenario"] == ("load", "create", "verify", "destroy")
+    assert [name for name, phase in PHASES.items() if phase.always] == ["destroy"]
+
+
+def test_lab_test_creates_a_lab_runs_and_destroys_it(run_lab, fake_lab, project):
+    result = run_lab("test", "demo", *FAKE, "--junit", "out.xml")
+    assert result.exit_code == 0, result.output
+    assert "scenario demo passed: 5 ops, 0 not acknowledged" in result.stdout
+    assert "removing the lab this run created" in result.stderr
+    # the scenario's nodes: 2, as no --nodes was given
+    assert fake_lab.calls == ["preflight", "up node-1", "up node-2", "destroy"]
+    assert not lab_exists(project)
+    assert (project / "out.xml").read_text() == "<testsuite/>\n"
+
+
+def test_flags_win_over_the_scenarios_nodes(run_lab, fake_lab, project):
+    result = run_lab("test", "demo", *FAKE, "--nodes", "1")
+    assert result.exit_code == 0, result.output
+    assert fake_lab.calls == ["preflight", "up node-1", "destroy"]
+
+
+@pytest.mark.parametrize("policy, ok, kept", [("always", False, False), ("passing", True, False),
+                                              ("passing", False, True), ("never", True, True)])
+def test_lab_test_destroys_by_policy(run_lab, fake_lab, project, policy, ok, kept):
+    fake_lab.outcome["ok"] = ok
+    result = run_lab("test", "demo", *FAKE, "--destroy", policy)
+    assert result.exit_code == (0 if ok else 1), result.output
+    assert lab_exists(project) == kept
+    if not ok:
+        assert "scenario failed:\n  demo: step 1 failed" in result.stderr
+        assert "scenario demo FAILED" in result.stdout
+
+
+@pytest.mark.parametrize("error, code", [(KeyboardInterrupt(), 130), (RuntimeError("boom"), None)],
+                         ids=["ctrl-c", "crash"])
+def test_an_interrupted_run_still_destroys_the_lab_it_created(run_lab, fake_lab, project, error, code):
+    fake_lab.outcome["raise"] = error
+    result = run_lab("test", "demo", *FAKE)
+    if code is None:
+        assert result.exception is error
+    else:
+        assert_clean_failure(result, code)
+        assert "interrupted" in result.stderr
+    assert fake_lab.calls[-1] == "destroy"
+    assert not lab_exists(project)
+
+
+def test_lab_test_refuses_an_existing_lab_and_leaves_it(run_lab, fake_lab, project):
+    assert run_lab("test", "demo", *FAKE, "--destroy", "never").exit_code == 0
+    fake_lab.calls.clear()
+    result = run_lab("test", "demo", *FAKE)
+    assert_clean_failure(result)
+    assert "lab 'lab' already exists; `lab test` creates its own" in result.stderr
+    assert fake_lab.calls == []
+    assert lab_exists(project)
+
+
+def test_a_bad_destroy_policy_is_refused_before_anything(run_lab, fake_lab, project):
+    result = run_lab("test", "demo", *FAKE, "--destroy", "sometimes")
+    assert_clean_failure(result)
+    assert "--destroy 'sometimes': must be always, never or passing" in result.stderr
+    assert fake_lab.calls == [] and not (project / ".lab").exists()
+
+
+def test_scenario_run_keeps_a_lab_it_did_not_create(run_lab, fake_lab, project):
+    assert run_lab("test", "demo", *FAKE, "--destroy", "never").exit_code == 0
+    fake_lab.calls.clear()
+    fake_lab.outcome["ok"] = False
+    result = run_lab("scenario", "run", "demo")
+    assert result.exit_code == 1, result.output
+    assert fake_lab.calls == []  # no `up` (nothing to change), no destroy
+    assert lab_exists(project)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_scenario_run_removes_a_lab_it_created_unless_kept(run_lab, fake_lab, project, keep):
+    result = run_lab("scenario", "run", "demo", *FAKE, *(["--keep"] if keep else []))
+    assert result.exit_code == 0, result.output
+    assert lab_exists(project) == keep
+
+
+def test_an_unknown_scenario_creates_nothing(run_lab, fake_lab, project):
+    result = run_lab("scenario", "run", "nope", *FAKE)
+    assert_clean_failure(result)
+    assert "no scenario named 'nope'" in result.stderr
+    assert fake_lab.calls == [] and not (project / ".lab").exists()
+
+
+def test_a_failing_clean_up_raises_its_own_error_chained_to_the_first():
+    from lab.core.lifecycle import Phase, ScenarioRuns, run_sequence
+
+    ran = []
+
+    def fail(name):
+        def run(_runs):
+            ran.append(name)
+            raise RuntimeError(name)
+        return run
+
+    runs = ScenarioRuns([], Path("lab.yaml"), None, "always", None, lambda _m: None)
+    with pytest.raises(RuntimeError, match="clean-up") as caught:
+        run_sequence([Phase("a", fail("first")), Phase("b", fail("skipped")), Phase("c", fail("clean-up"), always=True)],
+                     runs)
+    assert ran == ["first", "clean-up"]
+    assert str(caught.value.__context__) == "first"
+
+
+# ---------------------------------------------------------------- fault verbs and destroy, on the fake provider
+
+
+def test_fault_verbs_call_the_provider_node_by_node(run_lab, fake_lab, project):
+    assert run_lab("test", "demo", *FAKE, "--destroy", "never").exit_code == 0
+    fake_lab.calls.clear()
+    assert run_lab("fault", "kill", "node-1", "node-2").stdout == "kill: node-1\nkill: node-2\n"
+    assert run_lab("fault", "start", "node-2").stdout == "start: node-2\n"
+    assert run_lab("fault", "partition", "node-1").stdout == "partitioned: node-1 | node-2\n"
+    assert run_lab("fault", "heal").stdout == "healed\n"
+    assert fake_lab.calls == ["kill node-1", "kill node-2", "start node-2", "partition node-1|node-2", "heal"]
+
+
+@pytest.mark.parametrize("args", [["fault", "pause", "node-1", "node-9"], ["fault", "partition", "node-1,node-9"]])
+def test_an_unknown_node_fails_before_any_fault(run_lab, fake_lab, project, args):
+    assert run_lab("test", "demo", *FAKE, "--destroy", "never").exit_code == 0
+    fake_lab.calls.clear()
+    result = run_lab(*args)
+    assert_clean_failure(result)
+    assert "no node named 'node-9' in lab 'lab'" in result.stderr
+    assert fake_lab.calls == []
+
+
+def test_destroy_works_from_the_recorded_state_when_lab_yaml_is_broken(run_lab, fake_lab, project):
+    assert run_lab("test", "demo", *FAKE, "--destroy", "never").exit_code == 0
+    (project / "lab.yaml").write_text("nodes: {count: many}\n")
+    result = run_lab("destroy")
+    assert result.exit_code == 0, result.output
+    assert "destroying lab 'lab' from its recorded state" in result.stderr
+    assert result.stdout == "lab lab destroyed\n"
+    assert not lab_exists(project)
+    assert run_lab("destroy").exit_code == 2  # nothing recorded now: the broken file is the error

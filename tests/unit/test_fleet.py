@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -414,16 +413,7 @@ def test_machine_is_hashable_and_keeps_its_own_metadata():
 
 
 # ---------------------------------------------------------------- runs alone on the nodes
-
-
-def test_imports_only_the_standard_library():
-    tree = ast.parse(FLEET_PY.read_text())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
-                 if isinstance(node, ast.ImportFrom) and node.level == 0}
-    assert not any(isinstance(node, ast.ImportFrom) and node.level for node in ast.walk(tree))
-    assert imported <= set(sys.stdlib_module_names) | {"__future__"}
+# (standard library only: tests/unit/test_layers.py checks every file of lab/node/)
 
 
 def test_runs_as_a_lone_file_in_an_isolated_interpreter(tmp_path):

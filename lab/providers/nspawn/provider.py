@@ -1,13 +1,15 @@
 """The embedded default: every node is a `systemd-nspawn --boot` container.
 
-The only module that knows about nspawn. Per lab:
+The only package that knows about nspawn; this module is the Provider, the
+others its parts (supervisor, cgroups, bridge, overlay, processes). Per lab:
   * one host bridge `lab-<id>` carrying the lab subnet (host side is .1);
   * per node an overlayfs (lower: the read-only OS image, upper: the node's
     own state) booted by systemd-nspawn, with `/usr` bound read-only from the
     image as on CoreOS;
-  * per node a small supervisor process (detached, so nodes outlive the
-    `lab` command) that restarts nspawn when the node reboots (exit 133, what
-    systemd-nspawn@.service does on a systemd host, which this may not be);
+  * per node a small supervisor process (supervisor.py, detached, so nodes
+    outlive the `lab` command) that restarts nspawn when the node reboots
+    (exit 133, what systemd-nspawn@.service does on a systemd host, which
+    this may not be);
   * per node a freezer and a memory cgroup holding the supervisor and so the
     whole container: pause/resume freeze it, destroy kills whatever is in it,
     even processes that a crash left unrecorded;
@@ -19,176 +21,28 @@ is idempotent, so `destroy` works after Ctrl-C or kill -9 at any point.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from lab.errors import CommandError, PrerequisiteError, ProviderError, StateError, UsageError
-from lab.providers.base import Availability, NodeState, NodeStatus, Progress, Provider, SSHEndpoint, no_progress
+from lab.errors import PrerequisiteError, ProviderError, StateError, UsageError
+from lab.host.mounts import unmount_below
+from lab.host.ssh import SSHEndpoint
+from lab.node import layout
+from lab.providers.base import Availability, NodeState, NodeStatus, Progress, Provider, no_progress
+from lab.providers.nspawn import bridge, cgroups, overlay, supervisor
+from lab.providers.nspawn.processes import alive, boot_id, container_init, read_value, start_time, wait_gone
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-CGROUP_CONTROLLERS = ("freezer", "memory")
 BOOT_TIMEOUT = 90.0  # seconds until a node must answer SSH; nodes boot in ~1 s warm
 STOP_TIMEOUT = 30.0
-REBOOT_EXIT_STATUS = 133  # systemd-nspawn's exit status when the container asked to reboot
-
-# Run as `python -I -S -c SUPERVISOR CONFIG`: no lab import, so it stays tiny
-# (a few MB) and keeps working even if lab is upgraded under a running lab.
-SUPERVISOR = r"""
-import json, os, signal, subprocess, sys
-config = json.loads(sys.argv[1])
-for procs in config["cgroups"]:
-    with open(procs, "w") as f:
-        f.write(str(os.getpid()))
-stopping = False
-child = None
-def stop(signum, frame):
-    global stopping
-    stopping = True
-    if child is not None and child.poll() is None:
-        child.send_signal(signal.SIGTERM)
-signal.signal(signal.SIGTERM, stop)
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-signal.signal(signal.SIGHUP, signal.SIG_IGN)
-def boot_usr():
-    # The node chooses its boot slot itself, as a machine writes its
-    # bootloader's config: /etc/lab/boot.json in its own layer.
-    try:
-        with open(config["boot_file"]) as f:
-            slot = json.load(f).get("slot", "a")
-    except (OSError, ValueError, AttributeError):
-        slot = "a"
-    path = os.path.join(config["slots_dir"], "slot-" + str(slot))
-    if not os.path.isdir(path):
-        path = os.path.join(config["slots_dir"], "slot-a")
-    return os.path.join(path, "usr")
-while True:
-    usr = boot_usr()
-    child = subprocess.Popen([a.replace("{usr}", usr) for a in config["argv"]], stdin=subprocess.DEVNULL)
-    with open(config["pidfile"] + ".tmp", "w") as f:
-        f.write(str(child.pid))
-    os.replace(config["pidfile"] + ".tmp", config["pidfile"])
-    while True:
-        try:
-            status = child.wait()
-            break
-        except InterruptedError:
-            continue
-    if status == 133 and not stopping:
-        continue
-    sys.exit(status if status >= 0 else 128 - status)
-"""
-
-
-def _run(argv: list[str], *, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run(argv, capture_output=True, text=True, input=input, check=False)
-    if check and result.returncode != 0:
-        raise CommandError(" ".join(argv), where="host", exit_status=result.returncode,
-                           output=result.stdout + result.stderr)
-    return result
-
-
-# ---------------------------------------------------------------- processes
-
-
-def _start_time(pid: int) -> str | None:
-    """Process start time in clock ticks: with the pid, a unique process identity."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _alive(pid: int | None, started: str | None) -> bool:
-    if not pid:
-        return False
-    now = _start_time(pid)
-    if now is None or (started is not None and now != started):
-        return False
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(p) for p in text.split()]
-
-
-def _container_init(nspawn_pid: int) -> int | None:
-    """The container's PID 1 as seen from the host: nspawn's child in a new pid namespace."""
-    try:
-        own_ns = os.readlink(f"/proc/{nspawn_pid}/ns/pid")
-    except OSError:
-        return None  # gone meanwhile (or not ours to read: status checks root first)
-    for child in _children(nspawn_pid):
-        try:
-            if os.readlink(f"/proc/{child}/ns/pid") != own_ns:
-                return child
-        except OSError:
-            continue
-    return None
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return None
-
-
-def _mounts_below(directory: Path) -> list[str]:
-    """Mount points at or below a directory, deepest first (so they unmount in order)."""
-    prefix = str(directory.resolve())
-    found = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        # mountinfo escapes space, tab, newline and backslash as \ooo octal;
-        # other characters (UTF-8 names) are written as they are.
-        mount_point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
-        if mount_point == prefix or mount_point.startswith(prefix + "/"):
-            found.append(mount_point)
-    return sorted(found, key=len, reverse=True)
-
-
-def _unmount(mount_point: str) -> None:
-    result = _run(["umount", mount_point], check=False)
-    if result.returncode != 0 and os.path.ismount(mount_point):
-        _run(["umount", "--lazy", mount_point], check=False)
-
-
-def _link_exists(name: str) -> bool:
-    return Path(f"/sys/class/net/{name}").exists()
-
-
-def _delete_link(name: str) -> None:
-    """Delete a network link by name or altname, if it exists."""
-    _run(["ip", "link", "delete", name], check=False)
-
-
-def _remove_empty_dir(path: Path) -> None:
-    try:
-        path.rmdir()
-    except OSError:
-        pass
-
-
-# ---------------------------------------------------------------- the provider
+SUPERVISOR = Path(supervisor.__file__)  # run as a plain file: `python -I -S supervisor.py CONFIG`
 
 
 class NspawnProvider(Provider):
@@ -221,8 +75,12 @@ class NspawnProvider(Provider):
     def node_dir(self, node: str) -> Path:
         return self.context.lab_dir / "nodes" / node
 
+    def boot_file(self, node: str) -> Path:
+        """The node's own /etc/lab/boot.json, in its upper layer: read by the supervisor at every boot."""
+        return self.node_dir(node) / "upper" / layout.BOOT_FILE.relative_to("/")
+
     def cgroups(self, node: str) -> list[Path]:
-        return [_cgroup_base(c) / self.machine(node) for c in CGROUP_CONTROLLERS]
+        return cgroups.node_cgroups(self.machine(node))
 
     @property
     def state(self):
@@ -253,17 +111,17 @@ class NspawnProvider(Provider):
                 raise PrerequisiteError(f"`{binary}` not found", hint=f"apt-get install {package}")
         if "overlay" not in Path("/proc/filesystems").read_text():
             raise PrerequisiteError("the kernel has no overlayfs", hint="modprobe overlay")
-        for controller in CGROUP_CONTROLLERS:
-            if not (CGROUP_ROOT / controller).is_dir():
-                raise PrerequisiteError(f"cgroup v1 controller {controller!r} is not mounted at "
-                                        f"{CGROUP_ROOT / controller}",
-                                        hint="the nspawn provider needs the freezer and memory controllers")
+        controller = cgroups.missing_controller()
+        if controller is not None:
+            raise PrerequisiteError(f"cgroup v1 controller {controller!r} is not mounted at "
+                                    f"{cgroups.CGROUP_ROOT / controller}",
+                                    hint="the nspawn provider needs the freezer and memory controllers")
         recorded = (self.context.state.get("image") if self.context.state is not None else None) or {}
         if not Path(recorded.get("rootfs", "/nonexistent")).is_dir():
             self.image()
 
     def image(self):
-        from lab.images.boxes import find_image
+        from lab.images.cache import find_image
 
         box = self.context.spec.box
         image = find_image(box.name, box.version)
@@ -330,10 +188,9 @@ class NspawnProvider(Provider):
             if init is None:
                 statuses.append(NodeStatus(node.name, NodeState.STOPPED, ip))
                 continue
-            boot_id = _read(Path(f"/proc/{init}/root/proc/sys/kernel/random/boot_id"))
-            frozen = _read(self.cgroups(node.name)[0] / "freezer.state") == "FROZEN"
+            frozen = cgroups.is_frozen(self.cgroups(node.name)[0])
             statuses.append(NodeStatus(node.name, NodeState.PAUSED if frozen else NodeState.RUNNING, ip,
-                                       boot_id=boot_id, detail=f"init pid {init}"))
+                                       boot_id=boot_id(init), detail=f"init pid {init}"))
         return statuses
 
     def halt(self, progress: Progress = no_progress) -> None:
@@ -357,13 +214,12 @@ class NspawnProvider(Provider):
         progress(f"removing node {node}")
         self._kill_everything(node)
         merged = str(self.node_dir(node) / "merged")
-        for mount_point in _mounts_below(self.node_dir(node)):
-            _unmount(mount_point)
+        unmount_below(self.node_dir(node))
         self.state.forget("mount", merged)
         for cgroup in self.cgroups(node):
-            _remove_cgroup(cgroup)
+            cgroups.remove_cgroup(cgroup)
             self.state.forget("cgroup", str(cgroup))
-        _delete_link(self.veth(node))
+        bridge.delete_link(self.veth(node))
         _remove_empty_dir(self.propagate_dir(node))
         shutil.rmtree(self.node_dir(node), ignore_errors=True)
         self.state.forget("node", node)
@@ -383,7 +239,7 @@ class NspawnProvider(Provider):
     def boot_slot(self, node: str) -> str:
         """The slot the node boots next (what its own /etc/lab/boot.json says)."""
         try:
-            return json.loads((self.node_dir(node) / "upper/etc/lab/boot.json").read_text()).get("slot", "a")
+            return json.loads(self.boot_file(node).read_text()).get("slot", "a")
         except (OSError, ValueError):
             return "a"
 
@@ -397,7 +253,7 @@ class NspawnProvider(Provider):
 
     def reboot(self, node: str, progress: Progress = no_progress) -> None:
         init = self._require_running(node)
-        old_boot = _read(Path(f"/proc/{init}/root/proc/sys/kernel/random/boot_id"))
+        old_boot = boot_id(init)
         # SIGRTMIN+5 asks systemd (PID 1) for a clean reboot; nspawn then exits
         # 133 and the supervisor boots the node again on the same overlay.
         os.kill(init, signal.SIGRTMIN + 5)
@@ -405,7 +261,7 @@ class NspawnProvider(Provider):
         while time.monotonic() < deadline:
             new_init = self._init_pid(node)
             if new_init and new_init != init:
-                new_boot = _read(Path(f"/proc/{new_init}/root/proc/sys/kernel/random/boot_id"))
+                new_boot = boot_id(new_init)
                 if new_boot and new_boot != old_boot:
                     break
             if not self._supervisor_alive(node):
@@ -423,7 +279,7 @@ class NspawnProvider(Provider):
         os.kill(init, signal.SIGKILL)
         # A frozen task gets no signal, SIGKILL included: thaw a paused node.
         self._freezer(node, "THAWED")
-        if not self._wait_gone(self._supervisor(node), timeout=10):
+        if not wait_gone(self._supervisor(node), timeout=10):
             raise ProviderError(f"{node}: still running 10 s after SIGKILL", hint="`lab destroy` removes it")
 
     def pause(self, node: str) -> None:
@@ -435,31 +291,19 @@ class NspawnProvider(Provider):
         self._freezer(node, "THAWED")
 
     def partition(self, groups: list[list[str]]) -> None:
-        names = [n for group in groups for n in group]
-        for name in names:
-            self.context.node(name)
-        if len(set(names)) != len(names):
-            raise UsageError("a node appears in two partition groups", hint="list every node at most once")
+        self.check_partition_groups(groups)
         self.state.set("partition", groups)
         self._apply_partition(groups)
 
     def heal(self) -> None:
         self.state.set("partition", None)
-        _run(["nft", "delete", "table", "bridge", self.nft_table], check=False)
+        bridge.delete_table(self.nft_table)
 
     # ---------------------------------------------------------------- internals
 
     def _ensure_bridge(self, progress: Progress) -> None:
         self.state.record("bridge", self.bridge)
-        if not _link_exists(self.bridge):
-            progress(f"creating bridge {self.bridge} for {self.context.subnet}")
-            _run(["ip", "link", "add", "name", self.bridge, "type", "bridge"])
-        prefix = self.context.subnet.split("/")[1]
-        host_ip = str(ipaddress.IPv4Network(self.context.subnet).network_address + 1)
-        addresses = _run(["ip", "-4", "-o", "addr", "show", "dev", self.bridge]).stdout
-        if f" {host_ip}/{prefix} " not in addresses:
-            _run(["ip", "addr", "add", f"{host_ip}/{prefix}", "dev", self.bridge])
-        _run(["ip", "link", "set", self.bridge, "up"])
+        bridge.ensure_bridge(self.bridge, self.context.subnet, progress)
 
     def _prepare_node(self, node: str, rootfs: Path) -> None:
         directory = self.node_dir(node)
@@ -474,68 +318,44 @@ class NspawnProvider(Provider):
             self._write_node_files(node, upper, rootfs)
             (directory / "provisioned").write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
         self.state.record("mount", str(merged))
-        if not os.path.ismount(merged):
-            _run(["mount", "-t", "overlay", "overlay", "-o",
-                  f"lowerdir={rootfs},upperdir={upper},workdir={work}", str(merged)])
+        overlay.mount_overlay(rootfs, upper, work, merged)
 
     def _write_node_files(self, node: str, upper: Path, rootfs: Path) -> None:
         """Per-node identity, written into the node's own layer before its first boot."""
         from lab.host.ssh import generate_ed25519, record_host_key
 
-        ip = self.context.addresses[node]
-        prefix = self.context.subnet.split("/")[1]
-        hosts = "\n".join(f"{self.context.addresses[n.name]}\t{n.name}" for n in self.context.nodes)
         private, public = generate_ed25519(f"root@{node}")
-        files = {
-            "etc/hostname": f"{node}\n",
-            "etc/hosts": f"127.0.0.1\tlocalhost\n127.0.1.1\t{node}\n{hosts}\n",
-            "etc/machine-id": uuid.uuid4().hex + "\n",
-            "etc/systemd/network/10-host0.network":
-                f"[Match]\nName=host0\n\n[Network]\nAddress={ip}/{prefix}\nLinkLocalAddressing=no\n"
-                "IPv6AcceptRA=no\n",
-            "etc/ssh/ssh_host_ed25519_key": private,
-            "etc/ssh/ssh_host_ed25519_key.pub": public,
-            "root/.ssh/authorized_keys": self.context.ssh_key.with_suffix(".pub").read_text(),
-            "etc/lab/node.json": json.dumps({"lab": self.context.spec.name, "lab_id": self.context.lab_id,
-                                             "node": node, "ip": ip, "peers": self.context.addresses,
-                                             "metadata": self.context.node(node).metadata}) + "\n",
-        }
-        for relative, text in files.items():
-            target = upper / relative
-            _mkdirs_like(upper, Path(relative).parent, rootfs)
-            target.write_text(text)
-            private_file = relative.endswith("_key") or "authorized_keys" in relative
-            os.chmod(target, 0o600 if private_file else 0o644)
-        record_host_key(self.context.known_hosts, node, ip, public)
+        overlay.write_into_layer(upper, rootfs, overlay.identity_files(self.context, node, (private, public)))
+        record_host_key(self.context.known_hosts, node, self.context.addresses[node], public)
 
     def _nspawn_argv(self, node: str) -> list[str]:
         return ["systemd-nspawn", "--boot", "--register=no", "--keep-unit", "--quiet",
                 f"--machine={self.machine(node)}", f"--directory={self.node_dir(node) / 'merged'}",
-                "--bind-ro={usr}:/usr",  # /usr read-only, from the slot the node boots (see SUPERVISOR)
+                "--bind-ro={usr}:/usr",  # /usr read-only, from the slot the node boots (see supervisor.py)
                 f"--network-bridge={self.bridge}", "--console=read-only",
                 "--resolv-conf=off", "--timezone=off", "--link-journal=no"]
 
     def _spawn(self, node: str, rootfs: Path) -> None:
         directory = self.node_dir(node)
-        cgroups = self.cgroups(node)
-        for cgroup in cgroups:
+        node_cgroups = self.cgroups(node)
+        for cgroup in node_cgroups:
             self.state.record("cgroup", str(cgroup))
             cgroup.mkdir(parents=True, exist_ok=True)
         self._freezer(node, "THAWED")
         config = {"argv": self._nspawn_argv(node), "pidfile": str(directory / "nspawn.pid"),
-                  "cgroups": [str(c / "cgroup.procs") for c in cgroups],
-                  "slots_dir": str(directory), "boot_file": str(directory / "upper" / "etc" / "lab" / "boot.json")}
+                  "cgroups": [str(c / "cgroup.procs") for c in node_cgroups],
+                  "slots_dir": str(directory), "boot_file": str(self.boot_file(node))}
         (directory / "nspawn.pid").unlink(missing_ok=True)
         # A killed node's old veth lives on while orphaned TCP sockets keep its
         # network namespace alive (up to minutes); nspawn would then fail with
         # "File exists". Deleting one end deletes the pair.
-        _delete_link(self.veth(node))
+        bridge.delete_link(self.veth(node))
         with open(directory / "console.log", "ab") as log:
-            process = subprocess.Popen([sys.executable, "-I", "-S", "-c", SUPERVISOR, json.dumps(config)],
+            process = subprocess.Popen([sys.executable, "-I", "-S", str(SUPERVISOR), json.dumps(config)],
                                        stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                        start_new_session=True, close_fds=True)
         self.state.record("node", node, dir=str(directory), supervisor_pid=process.pid,
-                          supervisor_start=_start_time(process.pid))
+                          supervisor_start=start_time(process.pid))
 
     def _wait_ssh(self, nodes: list[str]) -> None:
         import threading
@@ -589,15 +409,15 @@ class NspawnProvider(Provider):
         return None, None
 
     def _supervisor_alive(self, node: str) -> bool:
-        return _alive(*self._supervisor(node))
+        return alive(*self._supervisor(node))
 
     def _init_pid(self, node: str) -> int | None:
         if not self._supervisor_alive(node):
             return None
-        nspawn = _read(self.node_dir(node) / "nspawn.pid")
+        nspawn = read_value(self.node_dir(node) / "nspawn.pid")
         if not nspawn or not nspawn.isdigit():
             return None
-        return _container_init(int(nspawn))
+        return container_init(int(nspawn))
 
     def _require_running(self, node: str) -> int:
         _require_root()
@@ -608,23 +428,15 @@ class NspawnProvider(Provider):
         return init
 
     def _freezer(self, node: str, value: str) -> None:
-        state_file = self.cgroups(node)[0] / "freezer.state"
-        if not state_file.exists():
-            if value == "THAWED":
-                return
-            raise ProviderError(f"{node}: no freezer cgroup", hint="restart the node with `lab up`")
-        state_file.write_text(value)
-        deadline = time.monotonic() + 10
-        while _read(state_file) != value and time.monotonic() < deadline:
-            time.sleep(0.02)
+        cgroups.set_freezer(self.cgroups(node)[0], value, node)
 
     def _stop_cleanly(self, node: str) -> None:
         """SIGTERM to the supervisor: nspawn asks the node's systemd to power off."""
         pid, started = self._supervisor(node)
         self._freezer(node, "THAWED")  # a frozen node cannot shut down
-        if _alive(pid, started):
+        if alive(pid, started):
             os.kill(pid, signal.SIGTERM)
-            if not self._wait_gone((pid, started), timeout=STOP_TIMEOUT):
+            if not wait_gone((pid, started), timeout=STOP_TIMEOUT):
                 self._kill_everything(node)
 
     def _kill_everything(self, node: str) -> None:
@@ -639,8 +451,8 @@ class NspawnProvider(Provider):
                 pass
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            pids = self._cgroup_pids(node)
-            if _alive(pid, started):
+            pids = cgroups.pids_in(self.cgroups(node))
+            if alive(pid, started):
                 pids.add(pid)
             if not pids:
                 return
@@ -650,82 +462,40 @@ class NspawnProvider(Provider):
                 except ProcessLookupError:
                     pass
             time.sleep(0.05)
-        raise ProviderError(f"{node}: processes survive SIGKILL: {sorted(self._cgroup_pids(node))}")
-
-    def _cgroup_pids(self, node: str) -> set[int]:
-        pids: set[int] = set()
-        for cgroup in self.cgroups(node):
-            if cgroup.is_dir():
-                for procs in cgroup.rglob("cgroup.procs"):
-                    pids.update(int(p) for p in (_read(procs) or "").split())
-        return pids
-
-    @staticmethod
-    def _wait_gone(process: tuple[int | None, str | None], timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while _alive(*process):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-        return True
+        raise ProviderError(f"{node}: processes survive SIGKILL: {sorted(cgroups.pids_in(self.cgroups(node)))}")
 
     def _teardown_host(self, progress: Progress, keep_files: bool) -> None:
         """Undo host-side resources in reverse order of creation."""
         for res in reversed(list(self.state.resources)):
             kind, ident = res["kind"], res["id"]
             if kind == "mount":
-                for mount_point in _mounts_below(Path(ident)):
-                    _unmount(mount_point)
+                unmount_below(Path(ident))
                 self.state.forget(kind, ident)
             elif kind == "cgroup":
-                _remove_cgroup(Path(ident))
+                cgroups.remove_cgroup(Path(ident))
                 self.state.forget(kind, ident)
             elif kind == "nftables":
-                _run(["nft", "delete", "table", "bridge", ident], check=False)
+                bridge.delete_table(ident)
                 self.state.forget(kind, ident)
             elif kind == "bridge":
-                if _link_exists(ident):
-                    _run(["ip", "link", "delete", ident, "type", "bridge"], check=False)
+                bridge.delete_bridge(ident)
                 self.state.forget(kind, ident)
             elif kind == "node":
-                _delete_link(self.veth(ident))
+                bridge.delete_link(self.veth(ident))
                 _remove_empty_dir(self.propagate_dir(ident))
                 if not keep_files:
-                    for mount_point in _mounts_below(Path(res.get("dir", self.node_dir(ident)))):
-                        _unmount(mount_point)
+                    unmount_below(Path(res.get("dir", self.node_dir(ident))))
                     shutil.rmtree(res.get("dir", self.node_dir(ident)), ignore_errors=True)
                     self.state.forget(kind, ident)
         # Anything mounted below the lab directory that the state missed.
-        for mount_point in _mounts_below(self.context.lab_dir):
-            _unmount(mount_point)
-        for controller in CGROUP_CONTROLLERS:
-            base = _cgroup_base(controller)
-            for stale in base.glob(f"lab-{self.context.lab_id}-*"):
-                _remove_cgroup(stale)
-            try:
-                base.rmdir()  # shared by all labs: goes when the last one does
-            except OSError:
-                pass
+        unmount_below(self.context.lab_dir)
+        cgroups.remove_stale(f"lab-{self.context.lab_id}-*")
 
     def _apply_partition(self, groups: list[list[str]]) -> None:
         """One bridge-family table on the host: traffic between groups is dropped on the lab bridge."""
-        addresses = self.context.addresses
-        rules = []
-        for i, group in enumerate(groups):
-            for other in groups[i + 1:]:
-                if not group or not other:
-                    continue
-                a = ", ".join(addresses[n] for n in group)
-                b = ", ".join(addresses[n] for n in other)
-                rules.append(f"ip saddr {{ {a} }} ip daddr {{ {b} }} drop")
-                rules.append(f"ip saddr {{ {b} }} ip daddr {{ {a} }} drop")
-                # ARP keeps working; only IP is cut, as with a firewall between racks.
+        script = bridge.partition_script(self.nft_table, groups, self.context.addresses)
         self.state.record("nftables", self.nft_table)
-        script = (f"table bridge {self.nft_table}\ndelete table bridge {self.nft_table}\n"
-                  f"table bridge {self.nft_table} {{\n  chain forward {{\n"
-                  f"    type filter hook forward priority 0; policy accept;\n"
-                  + "".join(f"    {rule}\n" for rule in rules) + "  }\n}\n")
-        _run(["nft", "-f", "-"], input=script)
+        bridge.load_ruleset(script)
 
 
 def _require_root() -> None:
@@ -734,36 +504,7 @@ def _require_root() -> None:
                                 hint="run lab as root (sudo)")
 
 
-def _mkdirs_like(upper: Path, relative: Path, lower: Path) -> None:
-    """Create parents in the upper layer with the lower layer's mode, so /root stays 0700."""
-    current_upper, current_lower = upper, lower
-    for part in relative.parts:
-        current_upper, current_lower = current_upper / part, current_lower / part
-        if not current_upper.exists():
-            current_upper.mkdir()
-            mode = current_lower.stat().st_mode & 0o7777 if current_lower.exists() else 0o755
-            os.chmod(current_upper, mode)
-
-
-def _cgroup_base(controller: str) -> Path:
-    """`lab/` below this process's own cgroup, so nodes stay inside whatever
-    limits the caller runs under (a CI job's memory cgroup, say)."""
-    own = "/"
-    for line in _read(Path("/proc/self/cgroup")).splitlines():
-        _, controllers, path = line.split(":", 2)
-        if controller in controllers.split(","):
-            own = path
-    return CGROUP_ROOT / controller / own.lstrip("/") / "lab"
-
-
-def _remove_cgroup(path: Path) -> None:
-    if not path.is_dir():
-        return
-    for child in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-        try:
-            child.rmdir()
-        except OSError:
-            pass
+def _remove_empty_dir(path: Path) -> None:
     try:
         path.rmdir()
     except OSError:

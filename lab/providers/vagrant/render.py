@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from lab.errors import ProviderError
 from lab.host.paths import resource
 from lab.host.files import write_atomic
+from lab.images.vagrantbox import vagrant_box_name_for
 
 if TYPE_CHECKING:  # pragma: no cover
     from lab.providers.base import LabContext
@@ -58,10 +59,6 @@ def machine_prefix(context: "LabContext") -> str:
 
 def libvirt_network_name(context: "LabContext") -> str:
     return f"lab-{context.lab_id}"
-
-
-def vagrant_box_name_for(name: str, version: str) -> str:
-    return f"lab-{name}-{version}"
 
 
 # ---------------------------------------------------------------- Ruby literals

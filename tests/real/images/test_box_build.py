@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from lab.images import boxes
+from lab.images.build import build_image
+from lab.images.cache import Image, list_images
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("debootstrap") is None,
@@ -26,8 +27,8 @@ BOOT_TIMEOUT = 90
 
 
 @pytest.fixture(scope="session")
-def image() -> boxes.Image:
-    return boxes.build_image("labos", "1")
+def image() -> Image:
+    return build_image("labos", "1")
 
 
 def test_os_release(image):
@@ -74,13 +75,13 @@ def test_apt_caches_are_cleaned(image):
 
 def test_second_build_is_a_cache_hit(image):
     started = time.monotonic()
-    again = boxes.build_image("labos", "1")
+    again = build_image("labos", "1")
     assert time.monotonic() - started < 1
     assert again == image
 
 
 def test_list_images_shows_it(image):
-    assert image in boxes.list_images()
+    assert image in list_images()
     assert image.path.name == f"labos-1-{image.key}" and image.size_bytes > 100_000_000
 
 

@@ -12,35 +12,14 @@ import subprocess
 
 import pytest
 
-from lab.cluster.bootstrap import BootstrapError, EtcdBootstrap, etcd_environment, EtcdMember
+from lab.cluster.etcd_bootstrap import EtcdBootstrap
+from lab.cluster.remote import BootstrapError
 from lab.core.lab import Lab
 from lab.cluster.etcdclient import EtcdClient, EtcdError
 from lab.model.spec import Override
 
 needs_nodes = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("systemd-nspawn") is None,
                                  reason="needs root and systemd-nspawn")
-
-
-# ---------------------------------------------------------------- pure: configuration
-
-
-def test_etcd_environment_is_static_and_ordered():
-    cluster = [EtcdMember("node-2", "10.0.0.12", False), EtcdMember("node-1", "10.0.0.11", False)]
-    text = etcd_environment(cluster[1], cluster, "tok", 100, 1000)
-    assert "ETCD_NAME=node-1\n" in text
-    assert "ETCD_INITIAL_CLUSTER=node-1=http://10.0.0.11:2380,node-2=http://10.0.0.12:2380\n" in text
-    assert "ETCD_INITIAL_CLUSTER_STATE=new\n" in text
-    assert "ETCD_LISTEN_CLIENT_URLS=http://10.0.0.11:2379,http://127.0.0.1:2379\n" in text
-    assert "ETCD_HEARTBEAT_INTERVAL=100\nETCD_ELECTION_TIMEOUT=1000\n" in text
-    assert "CERT" not in text
-
-
-def test_etcd_environment_with_tls_turns_on_client_certificate_auth():
-    member = EtcdMember("node-1", "10.0.0.11", True)
-    text = etcd_environment(member, [member], "tok", 50, 500, cluster_state="existing")
-    assert "https://10.0.0.11:2380" in text
-    assert "ETCD_CLIENT_CERT_AUTH=true" in text and "ETCD_PEER_CLIENT_CERT_AUTH=true" in text
-    assert "ETCD_INITIAL_CLUSTER_STATE=existing" in text
 
 
 # ---------------------------------------------------------------- real clusters
@@ -56,7 +35,7 @@ def open_lab(directory, nodes=3, **values) -> Lab:
 def cluster(tmp_path_factory):
     if os.geteuid() != 0 or shutil.which("systemd-nspawn") is None:
         pytest.skip("needs root and systemd-nspawn")
-    from lab.images.boxes import build_image
+    from lab.images.build import build_image
 
     build_image("labos", "1")
     lab = open_lab(tmp_path_factory.mktemp("etcd"))
@@ -156,7 +135,7 @@ def test_membership_add_then_remove_keeps_the_cluster_healthy(cluster):
 def test_tls_lab_refuses_clients_without_certificates(tmp_path):
     import httpx
 
-    from lab.images.boxes import build_image
+    from lab.images.build import build_image
 
     build_image("labos", "1")
     lab = open_lab(tmp_path, nodes=1, etcd__tls=True)
@@ -188,7 +167,7 @@ def test_tls_lab_refuses_clients_without_certificates(tmp_path):
 
 @needs_nodes
 def test_a_node_whose_etcd_cannot_start_gives_a_clear_bootstrap_error(tmp_path):
-    from lab.images.boxes import build_image
+    from lab.images.build import build_image
     from lab.host.ssh import run
 
     build_image("labos", "1")

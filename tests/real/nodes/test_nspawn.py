@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("systemd-nspaw
 
 @pytest.fixture(scope="session")
 def image():
-    from lab.images.boxes import build_image
+    from lab.images.build import build_image
 
     return build_image("labos", "1")
 
@@ -157,6 +157,17 @@ def test_each_lab_has_its_own_ssh_key(lab3):
     key = lab3.lab_dir / "ssh" / "id_ed25519"
     assert key.stat().st_mode & 0o777 == 0o600
     assert "OPENSSH PRIVATE KEY" in key.read_text()
+
+
+def test_each_node_is_supervised_by_supervisor_py_in_isolated_mode(lab3):
+    """The supervisor is a plain file run as `python -I -S`: it imports nothing of lab."""
+    from lab.providers.nspawn import supervisor
+
+    nodes = lab3.state.find("node")
+    assert len(nodes) == 3
+    for res in nodes:
+        argv = Path(f"/proc/{res['supervisor_pid']}/cmdline").read_bytes().split(b"\0")
+        assert [a.decode() for a in argv[1:4]] == ["-I", "-S", supervisor.__file__]
 
 
 def test_exec_runs_on_all_nodes_in_parallel_with_prefixes(lab3):

@@ -31,7 +31,7 @@ def unit_text(fleet: str = "") -> str:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    from lab.images.boxes import build_image
+    from lab.images.build import build_image
 
     build_image("labos", "1")
     directory = tmp_path_factory.mktemp("sched")

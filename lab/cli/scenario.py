@@ -1,0 +1,110 @@
+"""`lab scenario` (list, scaffold and run fault scenarios) and `lab test`
+(create a lab, run scenarios, destroy it). The sequences they run live in
+lab.core.lifecycle; this module parses and shows results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lab.cli.options import DEFAULT_FILE, FileOpt, JsonOpt, NameOpt, NodesOpt, ProviderOpt, SetOpt, flags
+from lab.cli.output import out, print_json, progress, show_rows
+
+app = typer.Typer(help="List and run fault scenarios.", no_args_is_help=True, rich_markup_mode=None)
+verbs = typer.Typer(rich_markup_mode=None)  # top-level: `lab test`
+
+
+@app.command("list")
+def scenario_list(as_json: JsonOpt = False) -> None:
+    """List built-in scenarios and the ones in ./scenarios."""
+    from lab.scenarios.model import discover
+
+    show_rows(discover(Path.cwd()), as_json, ("SCENARIO", "SOURCE", "NODES", "DESCRIPTION"),
+              lambda s: (s.name, s.source, str(s.nodes or "-"), s.description), empty="no scenarios found")
+
+
+@app.command("new")
+def scenario_new(scenario: Annotated[str, typer.Argument(help="Name of the new scenario.")],
+                 directory: Annotated[Path, typer.Option(help="Where scenarios live.")] = Path("scenarios")) -> None:
+    """Scaffold ./scenarios/NAME with a commented scenario.yaml and a testinfra file.
+
+    \b
+    Steps (one key each):
+      workload: start|stop          background writes/reads/CAS, recorded to history.jsonl
+      sleep: SECONDS
+      fault: ACTION [TARGET]        kill|start|pause|resume|reboot|partition|heal|kill-etcd|start-etcd
+                                    TARGET: leader|followers|all|old-leader|NODE, or for partition
+                                    groups: node-1|node-2,node-3
+      wait-until: {condition: new-leader|leader|healthy|converged|old-leader-follows,
+                   timeout: S, within: auto|S}
+      probe: {write-via: leader|old-leader|NODE, expect: ok|fail}
+      check: [test_x.py]            testinfra files run on every node
+    """
+    from lab.scenarios.model import scaffold
+
+    target = scaffold(scenario, directory)
+    out().print(f"created {target}: edit scenario.yaml, then `lab scenario run {scenario}`")
+
+
+def _run(sequence: str, names: list[str], file: Path, name, nodes, provider, sets, destroy_policy: str,
+         junit: Path | None, as_json: bool) -> None:
+    """Run a lifecycle sequence, show each scenario's result; exit non-zero on any failure."""
+    from lab.core.lifecycle import run_scenarios
+    from lab.scenarios.report import result_json
+
+    runs = run_scenarios(sequence, names, file, flags(name, nodes, provider, sets), destroy_policy, junit, progress)
+    if as_json:
+        print_json([result_json(r) for r in runs.results])
+    for result in runs.results:
+        _print_measurements(result)
+    runs.raise_for_failures()
+
+
+def _print_measurements(result) -> None:
+    m = result.measurements
+    parts = []
+    if m.get("time_to_new_leader_s"):
+        parts.append("new leader after " + ", ".join(f"{t:.2f} s" for t in m["time_to_new_leader_s"]))
+    windows = [w for w in m.get("write_unavailability_s") or [] if w is not None]
+    if windows:
+        parts.append("writes unavailable for " + ", ".join(f"{w:.2f} s" for w in windows))
+    if "roll_s" in m:
+        parts.append(f"rolled in {m['roll_s']:.1f} s")
+    if m.get("member_downtime_s"):
+        parts.append("member downtime " + ", ".join(f"{n} {t:.1f} s" for n, t in m["member_downtime_s"].items()))
+    if "ops" in m:
+        parts.append(f"{m['ops']} ops, {m.get('errors', 0)} not acknowledged")
+    if "lost_writes" in m:
+        parts.append(f"{m['lost_writes']} lost writes")
+    status = "[green]passed[/green]" if result.ok else "[red]FAILED[/red]"
+    out().print(f"scenario {result.scenario} {status}" + (f": {'; '.join(parts)}" if parts else ""))
+
+
+JunitOpt = Annotated[Optional[Path], typer.Option(help="Also write the JUnit XML report here.")]
+
+
+@app.command("run")
+def scenario_run(scenario: Annotated[str, typer.Argument(help="Scenario name (see `lab scenario list`).")],
+                 file: FileOpt = DEFAULT_FILE, name: NameOpt = None, nodes: NodesOpt = None,
+                 provider: ProviderOpt = None, sets: SetOpt = None,
+                 keep: Annotated[bool, typer.Option("--keep", help="Keep a lab the scenario created.")] = False,
+                 junit: JunitOpt = None, as_json: JsonOpt = False) -> None:
+    """Run a scenario: faults, workload and checks, with a report in .lab/runs/.
+
+    Uses the running lab, or creates one (removed afterwards unless --keep).
+    Exits non-zero when any step or check fails, so it can gate CI.
+    """
+    _run("scenario", [scenario], file, name, nodes, provider, sets, "never" if keep else "always", junit, as_json)
+
+
+@verbs.command("test")
+def test_(scenarios: Annotated[Optional[list[str]], typer.Argument(help="Scenarios to run (default: all built-ins).")] = None,
+          file: FileOpt = DEFAULT_FILE, name: NameOpt = None, nodes: NodesOpt = None,
+          provider: ProviderOpt = None, sets: SetOpt = None,
+          destroy_policy: Annotated[str, typer.Option("--destroy", help="always, never or passing.")] = "always",
+          junit: Annotated[Optional[Path], typer.Option(help="Write JUnit XML here (one file per scenario).")] = None,
+          as_json: JsonOpt = False) -> None:
+    """Create a lab, run scenarios on it, destroy it (as Molecule's test does)."""
+    _run("test", scenarios or [], file, name, nodes, provider, sets, destroy_policy, junit, as_json)

@@ -1,0 +1,220 @@
+"""The Vagrant runner: how lab runs `vagrant` and reads what Vagrant keeps on the host.
+
+The only module of lab that imports `vagrant` (python-vagrant), and only inside
+`run_vagrant`, so importing lab stays cheap. Nothing here knows a lab or a
+provider class: the environment every vagrant command runs with, Vagrant's
+home (added boxes, installed plugins), a python-vagrant call with its output
+streamed to a progress callback, the plain `vagrant validate` and `vagrant
+box` commands, and `run_tool` for the hypervisors' own command-line tools.
+Reading Vagrant's output is lab.providers.vagrant.parsers' job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import threading
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+from lab.errors import CommandError, PrerequisiteError, ProviderError
+
+T = TypeVar("T")
+Progress = Callable[[str], None]
+
+VAGRANT_HINT = ("install Vagrant: `apt-get install vagrant` on Debian and Ubuntu, "
+                "or the package for your system from Vagrant's downloads page")
+# Variables that would make Vagrant look at another directory, another
+# Vagrantfile, another .vagrant, or a provider other than the lab's.
+_FOREIGN_VARIABLES = ("VAGRANT_CWD", "VAGRANT_VAGRANTFILE", "VAGRANT_DOTFILE_PATH", "VAGRANT_DEFAULT_PROVIDER")
+# Providers whose `vagrant up` boots machines in parallel by itself, safely.
+NATIVE_PARALLEL = frozenset({"libvirt"})
+_OUTPUT_TAIL_LINES = 200
+
+
+# ---------------------------------------------------------------- environment and Vagrant's home
+
+def vagrant_environment(provider: str, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment every vagrant command of a lab runs with."""
+    env = dict(os.environ if base is None else base)
+    for name in _FOREIGN_VARIABLES:
+        env.pop(name, None)
+    if provider not in NATIVE_PARALLEL:
+        env["VAGRANT_NO_PARALLEL"] = "1"  # see lab.providers.vagrant.provider's docstring
+    else:
+        env.pop("VAGRANT_NO_PARALLEL", None)
+    env.update({
+        "VAGRANT_CHECKPOINT_DISABLE": "1",        # no version check against HashiCorp's servers
+        "VAGRANT_BOX_UPDATE_CHECK_DISABLE": "1",  # boxes are local: no catalog to ask
+        "VAGRANT_NO_COLOR": "1",                  # output goes to progress lines and error tails
+        # A preference, not a force: status and destroy still answer where the
+        # hypervisor is missing, and created machines keep their own provider.
+        "VAGRANT_PREFERRED_PROVIDERS": provider,
+    })
+    return env
+
+
+def vagrant_home(environ: dict[str, str] | None = None) -> Path:
+    environ = os.environ if environ is None else environ
+    value = environ.get("VAGRANT_HOME")
+    return Path(value).expanduser() if value else Path.home() / ".vagrant.d"
+
+
+def added_box_dirs(box: str, provider: str, version: str = "*") -> list[Path]:
+    """Where Vagrant keeps an added box for a provider: ~/.vagrant.d/boxes/NAME/VERSION/[ARCH/]PROVIDER
+    (the ARCH level is Vagrant 2.4's); none when it is not added."""
+    directory = vagrant_home() / "boxes" / box.replace("/", "-VAGRANTSLASH-")
+    return [path for pattern in (f"{version}/{provider}", f"{version}/*/{provider}")
+            for path in sorted(directory.glob(pattern)) if path.is_dir()]
+
+
+def _plugin_files(environ: dict[str, str] | None = None) -> list[Path]:
+    """Where Vagrant records installed plugins: the user's, then system ones."""
+    environ = os.environ if environ is None else environ
+    files = [vagrant_home(environ) / "plugins.json"]
+    embedded = [environ.get("VAGRANT_INSTALLER_EMBEDDED_DIR"), "/opt/vagrant/embedded",
+                "/usr/share/vagrant-plugins",  # Debian's vagrant and vagrant-* packages
+                r"C:\HashiCorp\Vagrant\embedded"]
+    files += [Path(directory) / "plugins.json" for directory in embedded if directory]
+    return files
+
+
+def plugin_installed(plugin: str, environ: dict[str, str] | None = None) -> bool:
+    """Is a Vagrant plugin installed? Reads Vagrant's plugin files instead of
+    running `vagrant plugin list`, which takes a second or more."""
+    for path in _plugin_files(environ):
+        # Debian's vagrant-* packages drop one file per plugin in plugins.d/.
+        if (path.parent / "plugins.d" / f"{plugin}.json").is_file():
+            return True
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        installed = data.get("installed") if isinstance(data, dict) else None
+        if isinstance(installed, dict) and plugin in installed:
+            return True
+    return False
+
+
+def require_vagrant() -> str:
+    """The path of the vagrant binary; PrerequisiteError when Vagrant is not installed."""
+    found = shutil.which("vagrant")
+    if found is None:
+        raise PrerequisiteError("vagrant not found", hint=VAGRANT_HINT)
+    return found
+
+
+# ---------------------------------------------------------------- running commands
+
+def _text(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    return data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+
+
+def run_tool(argv: Sequence[str], *, shown_as: str, where: str, timeout: float | None, check: bool = True,
+             cwd: Path | None = None, env: dict[str, str] | None = None,
+             timeout_hint: str | None = None) -> subprocess.CompletedProcess:
+    """Run a host tool (vagrant, virsh, VBoxManage) with its output captured.
+
+    A timeout is a CommandError, and so is a non-zero exit with `check`; the
+    error names the command as a user would type it (`shown_as` in place of
+    the binary's full path).
+    """
+    command = shlex.join([shown_as, *argv[1:]])
+    try:
+        result = subprocess.run(list(argv), cwd=cwd, env=env, capture_output=True, text=True, errors="replace",
+                                stdin=subprocess.DEVNULL, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise CommandError(command, where=where, exit_status=None, output=_text(exc.stdout) + _text(exc.stderr),
+                           hint=timeout_hint) from None
+    if check and result.returncode != 0:
+        raise CommandError(command, where=where, exit_status=result.returncode, output=result.stdout + result.stderr)
+    return result
+
+
+def vagrant_validate(directory: Path, provider: str, extra: list[str]) -> subprocess.CompletedProcess:
+    """`vagrant validate --machine-readable EXTRA` in `directory`, whatever its exit status."""
+    # python-vagrant's Vagrant.validate() ignores its env=, so run it here.
+    return run_tool([require_vagrant(), "validate", "--machine-readable", *extra], shown_as="vagrant",
+                    where=str(directory), timeout=120, check=False, cwd=directory,
+                    env=vagrant_environment(provider))
+
+
+def vagrant_box(*args: str) -> str:
+    """Run `vagrant box ARGS`; its output, or a CommandError naming the sub-command."""
+    env = dict(os.environ, VAGRANT_CHECKPOINT_DISABLE="1", VAGRANT_NO_COLOR="1")
+    return run_tool([require_vagrant(), "box", *args], shown_as="vagrant", where=f"vagrant box {args[0]}",
+                    timeout=None, env=env).stdout
+
+
+class _OutputSink:
+    """File handles for python-vagrant's `out_cm`/`err_cm` that feed progress.
+
+    Each use opens a pipe; a reader thread splits it into lines, passes each to
+    the progress callback and keeps a tail for error messages.
+    """
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.lines: deque[str] = deque(maxlen=_OUTPUT_TAIL_LINES)
+        self._lock = threading.Lock()
+
+    def text(self) -> str:
+        with self._lock:
+            return "\n".join(self.lines)
+
+    @contextlib.contextmanager
+    def cm(self) -> Iterator[Any]:
+        read_fd, write_fd = os.pipe()
+        reader = threading.Thread(target=self._pump, args=(read_fd,), daemon=True)
+        reader.start()
+        writer = os.fdopen(write_fd, "wb")
+        try:
+            yield writer
+        finally:
+            writer.close()
+            # A grandchild still holding the pipe must not hang lab: give up
+            # on the rest of its output after a while.
+            reader.join(timeout=5)
+
+    def _pump(self, read_fd: int) -> None:
+        with os.fdopen(read_fd, "rb") as reader:
+            for raw in reader:
+                line = raw.decode("utf-8", "replace").rstrip()
+                if not line:
+                    continue
+                with self._lock:
+                    self.lines.append(line)
+                    try:
+                        self.progress(line)
+                    except Exception:  # a broken progress display must not kill the command
+                        pass
+
+
+def run_vagrant(root: Path, provider: str, call: Callable[[Any], T], progress: Progress, *, where: str) -> T:
+    """Run one python-vagrant call on the Vagrantfile in `root`; its output goes to `progress` line by line.
+
+    A failing command becomes a CommandError carrying the command, its exit
+    status and the tail of its output.
+    """
+    require_vagrant()
+    import vagrant  # python-vagrant; imported here so `import lab` stays light
+
+    sink = _OutputSink(progress)
+    machine = vagrant.Vagrant(root=str(root), env=vagrant_environment(provider), out_cm=sink.cm, err_cm=sink.cm)
+    try:
+        return call(machine)
+    except subprocess.CalledProcessError as exc:
+        command = exc.cmd if isinstance(exc.cmd, str) else shlex.join(
+            ["vagrant", *[str(part) for part in exc.cmd[1:]]])
+        output = "\n".join(filter(None, [sink.text(), _text(exc.output).rstrip()]))
+        raise CommandError(command, where=where, exit_status=exc.returncode, output=output,
+                           hint=f"run `{command}` in {root} to see Vagrant's whole output") from None
+    except OSError as exc:
+        raise ProviderError(f"cannot run vagrant in {root}: {exc}") from None

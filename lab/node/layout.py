@@ -1,0 +1,54 @@
+"""Where things are on a node and in etcd: every path and key prefix the agents and the host share.
+
+Copied to /var/lib/lab/ with the agents. The host imports these names too
+(bootstrap writes the files, `lab unit` and `lab update` read the keys), so
+each is spelled once. Standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+# ---------------------------------------------------------------- on the node
+
+NODE_DIR = Path("/var/lib/lab")                 # the agents' code (this folder's files)
+CONFIG_DIR = Path("/etc/lab")
+AGENT_CONFIG = CONFIG_DIR / "agent.json"        # the scheduler agent's configuration
+UPDATE_CONFIG = CONFIG_DIR / "update.json"      # the update agent's configuration
+NODE_INFO = CONFIG_DIR / "node.json"            # who the node is, written by the provider
+# The A/B slot to boot: {"slot": "a"|"b", "try": bool, "previous": ...}, read by the provider at boot.
+BOOT_FILE = CONFIG_DIR / "boot.json"
+MANAGED = NODE_DIR / "agent-units.json"         # the units the scheduler agent runs here
+UNIT_DIR = Path("/etc/systemd/system")
+# Set by the update agent before a reboot: the scheduler agent stops its units
+# and leaves the cluster so the engine moves them now, not when its lease runs out.
+DRAIN_FLAG = Path("/run/lab/draining")
+
+AGENT_SERVICE = "lab-agent"                     # systemd units running agent.py and updater.py
+UPDATE_SERVICE = "lab-update"
+
+# ---------------------------------------------------------------- in etcd
+
+FLEET = "/lab/fleet"                            # the scheduler (layout in agent.py)
+MACHINES = f"{FLEET}/machines/"                 # machines/ID: machine JSON, under its lease
+UNITS = f"{FLEET}/units/"                       # units/NAME: {"name", "text", "desired"}
+SCHEDULE = f"{FLEET}/schedule/"                 # schedule/NAME: machine id
+PENDING = f"{FLEET}/pending/"                   # pending/NAME: why the unit has no machine
+STATES = f"{FLEET}/states/"                     # states/NAME/ID: the unit's systemd state there
+ENGINE = f"{FLEET}/engine"                      # id of the machine whose agent is the engine
+
+UPDATE = "/lab/update"                          # rolling updates (layout in updater.py)
+SEMAPHORE = f"{UPDATE}/semaphore"               # the reboot lock
+HALTED = f"{UPDATE}/halted"                     # a failed update: no node starts another
+STAGED = f"{UPDATE}/staged/"                    # staged/NODE: the version waiting in its passive slot
+NODE_UPDATES = f"{UPDATE}/nodes/"               # nodes/NODE: the update agent's state
+
+
+def read_config(argv: list[str]) -> dict:
+    """An agent's command line, `PROGRAM CONFIG.json`: the configuration (exits 2 on a wrong one)."""
+    if len(argv) != 2:
+        print(f"usage: {Path(argv[0]).name} CONFIG.json", file=sys.stderr)
+        raise SystemExit(2)
+    return json.loads(Path(argv[1]).read_text())
