@@ -208,10 +208,9 @@ def lab_lock(lab_dir: Path, command: str, wait: float = 0.0) -> Iterator[None]:
     # input leaves nothing in the project, and destroy can remove the lab
     # directory while holding it.
     from lab.host.network import lab_id
-    from lab.host.paths import state_home
+    from lab.host.paths import private_dir, state_home
 
-    locks = state_home() / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
+    locks = private_dir(state_home() / "locks")
     with open(locks / f"{lab_id(lab_dir)}.lock", "a+") as handle:
         deadline = time.monotonic() + wait
         while True:

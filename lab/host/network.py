@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import ipaddress
 import json
+import os
 import shutil
 import subprocess
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from lab.errors import PrerequisiteError, StateError
-from lab.host.paths import state_home
+from lab.host.paths import private_dir, state_home
 from lab.host.files import write_atomic
 
 # 10.77.0.0/16 keeps clear of the usual Docker, libvirt and home ranges.
@@ -74,13 +75,12 @@ class Claim:
 
 
 def _registry_dir() -> Path:
-    return state_home() / "labs"
+    return private_dir(state_home() / "labs")
 
 
 @contextmanager
 def _registry_lock() -> Iterator[None]:
     directory = _registry_dir()
-    directory.mkdir(parents=True, exist_ok=True)
     with open(directory / ".lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
@@ -91,12 +91,28 @@ def claims() -> list[Claim]:
     found = []
     for path in sorted(_registry_dir().glob("*.json")):
         try:
-            claim = Claim(**json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError):
-            continue
-        if (Path(claim.lab_dir) / "state.json").exists():
+            fields = json.loads(path.read_text())
+            claimer = fields.pop("claimer", None)
+            claim = Claim(**fields)
+        except (OSError, ValueError, TypeError, AttributeError):
+            continue  # a corrupt entry claims nothing; the next claim of that lab rewrites it
+        # A claim holds while its lab exists, or while the `lab up` that made it
+        # still runs: between the claim and the first state.json, a second
+        # `lab up` must not take the same subnet.
+        if (Path(claim.lab_dir) / "state.json").exists() or process_alive(claimer):
             found.append(claim)
     return found
+
+
+def process_alive(claimer: object) -> bool:
+    """Whether the process that wrote a claim ({"pid", "start"}) is still the same running process."""
+    if not isinstance(claimer, dict) or not isinstance(claimer.get("pid"), int):
+        return False
+    try:
+        stat = Path(f"/proc/{claimer['pid']}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[19] == str(claimer.get("start"))
 
 
 def host_networks(ignore_devices: set[str] = frozenset()) -> list[tuple[ipaddress.IPv4Network, str]]:
@@ -164,7 +180,10 @@ def claim_subnet(lab_dir: Path, name: str, requested: ipaddress.IPv4Network | No
             taken = [ipaddress.IPv4Network(c.subnet) for c in others] + [n for n, _ in routed]
             subnet = choose_subnet(ident, pool, taken)
         claim = Claim(lab_id=ident, lab_dir=str(lab_dir.resolve()), name=name, subnet=str(subnet))
-        write_atomic(_registry_dir() / f"{ident}.json", json.dumps(claim.__dict__, indent=2) + "\n")
+        stat = Path(f"/proc/{os.getpid()}/stat")
+        start = stat.read_text().rsplit(")", 1)[1].split()[19] if stat.exists() else None
+        record = {**claim.__dict__, "claimer": {"pid": os.getpid(), "start": start}}
+        write_atomic(_registry_dir() / f"{ident}.json", json.dumps(record, indent=2) + "\n")
         return subnet
 
 

@@ -37,3 +37,34 @@ def cache_dir() -> Path:
 def state_home() -> Path:
     """Per-user state shared by all labs: the registry of subnets and bridges in use."""
     return _xdg("XDG_STATE_HOME", ".local/state")
+
+
+def private_dir(path: Path) -> Path:
+    """A directory only its owner can enter, for locks, registries and sockets.
+
+    Created 0700; an existing one must be a real directory (not a symlink)
+    owned by this user, else another local user could plant files or sockets
+    where lab (often root) looks for its own.
+    """
+    from lab.errors import StateError
+
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.lstat()
+    if path.is_symlink() or not path.is_dir():
+        raise StateError(f"{path} is not a directory lab made (a symlink or a file)",
+                         hint=f"remove {path}; lab creates it again")
+    if hasattr(os, "geteuid"):
+        if info.st_uid != os.geteuid():
+            raise StateError(f"{path} belongs to user id {info.st_uid}, not to you ({os.geteuid()})",
+                             hint=f"remove {path}; lab creates it again")
+        if info.st_mode & 0o077:
+            os.chmod(path, 0o700)
+    return path
+
+
+def runtime_dir() -> Path:
+    """Short-lived files such as ssh ControlPath sockets (kept short: socket paths max ~100 bytes)."""
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return Path("/run/lab")
+    value = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(value) / "lab" if value and os.path.isabs(value) else state_home() / "run"

@@ -88,7 +88,10 @@ def control_path(lab_id: str) -> str:
     testinfra's ssh backend does: one connection per node instead of one per
     check. `close_masters` ends them.
     """
-    return f"/tmp/lab-{lab_id}-%n.ssh"
+    from lab.host.paths import private_dir, runtime_dir
+
+    # Not /tmp: a socket another user planted there would see every command.
+    return str(private_dir(runtime_dir() / "ssh") / f"{lab_id}-%n")
 
 
 def render_ssh_config(endpoints: Iterable[SSHEndpoint], control: str | None = None) -> str:
