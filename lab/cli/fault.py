@@ -95,5 +95,5 @@ def command(action: str, fault: Fault) -> Callable[..., None]:
     return verb
 
 
-for action, fault in FAULTS.items():
-    app.command(action, help=fault.help)(command(action, fault))
+for action, row in FAULTS.items():
+    app.command(action, help=row.help)(command(action, row))

@@ -62,7 +62,7 @@ class SchedulerBootstrap:
                   # Its own member first: the agent keeps working when only its side of a partition is up.
                   "endpoints": [own.client_url] + [m.client_url for m in cluster if m.node != node],
                   "tls": ({"ca": f"{NODE_PKI_DIR}/ca.crt", "cert": f"{NODE_PKI_DIR}/node.crt",
-                           "key": f"{NODE_PKI_DIR}/node.key"} if self.context.spec.etcd.tls else None),
+                           "key": f"{NODE_PKI_DIR}/node.key"} if own.tls else None),
                   "ttl": AGENT_TTL, "interval": 0.5}
         updates = self.context.spec.updates
         update_config = {"name": node, "endpoints": config["endpoints"], "tls": config["tls"],

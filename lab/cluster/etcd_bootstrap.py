@@ -8,6 +8,13 @@ cluster; no discovery service, the lab is offline), configured through
 `/etc/default/etcd`, which Debian's etcd unit reads as its environment, and
 run as the node's systemd unit. Re-running changes nothing on a node whose
 configuration is already right.
+
+TLS (`etcd.tls`, on by default) gives every member a certificate of the lab's
+own CA (lab/host/pki.py) and turns on client-certificate auth for clients and
+peers: only holders of a lab certificate (the host's tools, the node agents,
+the other members) can talk to etcd. The mode is fixed when the lab is
+created (recorded in the state as etcd.tls): members, agents and their
+certificates are set up for it, so a spec that flips it later is refused.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from dataclasses import dataclass
 
 from lab.cluster.etcdclient import EtcdClient, EtcdError, TlsFiles
 from lab.cluster.remote import BootstrapError, RemoteFile, check, journal_tail, put_files, units_active
-from lab.errors import ProviderError
+from lab.errors import ProviderError, UsageError
 from lab.host.pki import LabPki
 from lab.host.ssh import SSHEndpoint, connect, run
 from lab.providers.base import LabContext, Progress, no_progress
@@ -63,7 +70,34 @@ class EtcdMember:
 
 
 def members(context: LabContext) -> list[EtcdMember]:
-    return [EtcdMember(n.name, context.addresses[n.name], context.spec.etcd.tls) for n in context.nodes]
+    tls = tls_mode(context)
+    return [EtcdMember(n.name, context.addresses[n.name], tls) for n in context.nodes]
+
+
+def recorded_tls(context: LabContext) -> bool | None:
+    """The TLS mode the lab was created with; None for a lab not created yet."""
+    if context.state is None:
+        return None
+    etcd_state = context.state.get("etcd") or {}
+    if "tls" in etcd_state:
+        return bool(etcd_state["tls"])
+    if "token" in etcd_state:
+        # Bootstrapped before the mode was recorded: only a TLS lab has a CA.
+        return LabPki(context.lab_dir / "pki").ca.exists()
+    return None
+
+
+def tls_mode(context: LabContext) -> bool:
+    """Whether the lab's etcd speaks TLS; refuses a spec that flipped it since the lab was created."""
+    wanted, recorded = context.spec.etcd.tls, recorded_tls(context)
+    if recorded is not None and recorded != wanted:
+        old, new = str(recorded).lower(), str(wanted).lower()
+        raise UsageError(
+            f"lab {context.spec.name!r} was created with etcd.tls: {old}, the spec now says etcd.tls: {new}; "
+            "a lab's etcd cannot switch between TLS and plain HTTP",
+            hint=f"set etcd.tls back to {old} in lab.yaml, or `lab destroy` then `lab up` to recreate the lab "
+                 f"with etcd.tls: {new}")
+    return wanted
 
 
 def etcd_environment(member: EtcdMember, cluster: list[EtcdMember], token: str, heartbeat_ms: int,
@@ -140,9 +174,11 @@ class EtcdBootstrap:
     # -- bootstrap
 
     def run(self, progress: Progress = no_progress, timeout: float = HEALTH_TIMEOUT) -> None:
-        spec = self.context.spec.etcd
-        if spec.tls:
+        if self.context.spec.etcd.tls:
             self.pki.ensure(self.context.spec.name, self.context.addresses)
+        else:
+            progress("etcd: WARNING: etcd.tls is false: plain HTTP without client certificates, open to every "
+                     "local user (any of them can run units as root on the nodes)")
         token = self.token()
         started = time.monotonic()
         initial = {m.node: self._initial(m) for m in self.members}  # state writes stay on this thread
@@ -293,8 +329,9 @@ class EtcdBootstrap:
 
 def client_for(context: LabContext, timeout: float = 2.0) -> EtcdClient:
     """An etcd client for the lab, with its certificates when TLS is on."""
+    cluster = members(context)
     tls = None
-    if context.spec.etcd.tls:
+    if tls_mode(context):
         pki = LabPki(context.lab_dir / "pki")
         tls = TlsFiles(ca=str(pki.ca), cert=str(pki.client.cert), key=str(pki.client.key))
-    return EtcdClient([m.client_url for m in members(context)], tls=tls, timeout=timeout)
+    return EtcdClient([m.client_url for m in cluster], tls=tls, timeout=timeout)

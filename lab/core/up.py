@@ -76,7 +76,7 @@ def record_state(run: UpRun) -> None:
     state = LabState(lab.lab_dir, {
         "version": 1, "name": lab.name, "lab_id": lab.lab_id, "provider": run.selection.name,
         "created_at": now(), "subnet": run.subnet, "resources": [],
-        "nodes": [n.name for n in lab.spec.node_specs()],
+        "nodes": [n.name for n in lab.spec.node_specs()], "etcd": {"tls": lab.spec.etcd.tls},
     })
     state.save()
     lab.state = state

@@ -138,7 +138,7 @@ class Network(_Strict):
 class Etcd(_Strict):
     heartbeat_ms: Int = Field(100, ge=10, le=5000, description="Raft heartbeat interval")
     election_timeout_ms: Int = Field(1000, ge=50, le=50000, description="Raft election timeout")
-    tls: bool = Field(False, description="per-lab CA, TLS and client-certificate auth for peers and clients")
+    tls: bool = Field(True, description="per-lab CA, TLS and client-certificate auth (false: plain HTTP, open to all)")
     pre_vote: bool = Field(False, description="Raft pre-vote: a member rejoining after a partition does not "
                                               "force an election (off by default in etcd 3.4)")
 
@@ -557,7 +557,7 @@ network: {{}}
 etcd:
   heartbeat_ms: 100
   election_timeout_ms: 1000
-  tls: false
+  tls: true               # false: plain HTTP, etcd open to every local user
 updates:
   strategy: etcd-lock     # etcd-lock | reboot | off
   max_concurrent_reboots: 1

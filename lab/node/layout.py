@@ -20,6 +20,7 @@ UPDATE_CONFIG = CONFIG_DIR / "update.json"      # the update agent's configurati
 NODE_INFO = CONFIG_DIR / "node.json"            # who the node is, written by the provider
 # The A/B slot to boot: {"slot": "a"|"b", "try": bool, "previous": ...}, read by the provider at boot.
 BOOT_FILE = CONFIG_DIR / "boot.json"
+BOOT_SLOTS = ("a", "b")                         # the only slots boot.json may name (the first is the default)
 MANAGED = NODE_DIR / "agent-units.json"         # the units the scheduler agent runs here
 UNIT_DIR = Path("/etc/systemd/system")
 # Set by the update agent before a reboot: the scheduler agent stops its units
@@ -44,6 +45,21 @@ SEMAPHORE = f"{UPDATE}/semaphore"               # the reboot lock
 HALTED = f"{UPDATE}/halted"                     # a failed update: no node starts another
 STAGED = f"{UPDATE}/staged/"                    # staged/NODE: the version waiting in its passive slot
 NODE_UPDATES = f"{UPDATE}/nodes/"               # nodes/NODE: the update agent's state
+
+
+def boot_record(text: str | bytes) -> dict:
+    """boot.json's content, checked: `slot` is a known slot (the first when absent, wrong or unreadable),
+    and `previous`, kept only if it is a known slot too. Other keys pass as they are."""
+    try:
+        boot = json.loads(text)
+    except (ValueError, RecursionError):
+        boot = None
+    if not isinstance(boot, dict) or boot.get("slot", BOOT_SLOTS[0]) not in BOOT_SLOTS:
+        return {"slot": BOOT_SLOTS[0]}
+    boot = {**boot, "slot": boot.get("slot", BOOT_SLOTS[0])}
+    if "previous" in boot and boot["previous"] not in BOOT_SLOTS:
+        del boot["previous"]
+    return boot
 
 
 def read_config(argv: list[str]) -> dict:

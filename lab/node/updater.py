@@ -50,10 +50,11 @@ HEALTH_TIMEOUT = 60.0
 
 
 def read_boot() -> dict:
+    """boot.json, checked (layout.boot_record): a known slot, and `previous` only if it is one."""
     try:
-        return json.loads(layout.BOOT_FILE.read_text())
-    except (OSError, ValueError):
-        return {"slot": "a"}
+        return layout.boot_record(layout.BOOT_FILE.read_bytes())
+    except OSError:
+        return {"slot": layout.BOOT_SLOTS[0]}
 
 
 def write_boot(boot: dict) -> None:
@@ -86,7 +87,7 @@ class Updater:
 
     def publish(self, state: str, **extra) -> None:
         boot = read_boot()
-        record = {"node": self.node, "state": state, "version": os_version(), "slot": boot.get("slot", "a"),
+        record = {"node": self.node, "state": state, "version": os_version(), "slot": boot["slot"],
                   "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(), "at": time.time(),
                   **extra}
         self.etcd.put(f"{layout.NODE_UPDATES}{self.node}", json.dumps(record, sort_keys=True))
@@ -109,13 +110,28 @@ class Updater:
             self.release_if_holding()
             return
         failed_version = os_version()
-        self.log(f"health check failed ({reason}): rolling back to slot {boot['previous']}")
-        write_boot({"slot": boot["previous"], "rolled_back_from": failed_version, "reason": reason,
+        previous = boot.get("previous")
+        if previous is None or previous == boot["slot"]:
+            # Nothing to roll back to (a boot.json written by hand, or by an
+            # older agent): stay on this slot, halt the roll, and never try again.
+            self.log(f"health check failed ({reason}) and boot.json names no previous slot: "
+                     f"staying on slot {boot['slot']}, halting the update")
+            write_boot({"slot": boot["slot"], "rolled_back_staging": boot.get("staging")})
+            self.halt(failed_version, f"{reason}; no previous slot to roll back to")
+            self.publish("failed", failed_version=failed_version, reason=reason)
+            self.release_if_holding()
+            return
+        self.log(f"health check failed ({reason}): rolling back to slot {previous}")
+        write_boot({"slot": previous, "rolled_back_from": failed_version, "reason": reason,
                     "rolled_back_staging": boot.get("staging")})
-        self.etcd.put(layout.HALTED, json.dumps({"node": self.node, "version": failed_version, "reason": reason,
-                                          "at": time.time()}, sort_keys=True))
+        self.halt(failed_version, reason)
         self.publish("rolling-back", failed_version=failed_version, reason=reason)
         self.reboot()
+
+    def halt(self, version: str, reason: str) -> None:
+        """Publish the failure: no node starts an update after it."""
+        self.etcd.put(layout.HALTED, json.dumps({"node": self.node, "version": version, "reason": reason,
+                                                 "at": time.time()}, sort_keys=True))
 
     def health_check(self) -> tuple[bool, str]:
         deadline = time.monotonic() + float(self.config.get("health_timeout", HEALTH_TIMEOUT))
@@ -155,7 +171,7 @@ class Updater:
     def step(self) -> None:
         staged = self.staged()
         boot = read_boot()
-        if not staged or staged["slot"] == boot.get("slot", "a") or self.strategy == "off":
+        if not staged or staged["slot"] == boot["slot"] or self.strategy == "off":
             return
         if boot.get("rolled_back_staging") == staged.get("at"):
             return  # this node already failed this very staging (a new `lab update` stages anew)
@@ -172,7 +188,7 @@ class Updater:
         self.log(f"rebooting into slot {staged['slot']} (version {staged['version']})")
         self.publish("rebooting", target=staged["version"])
         self.drain()
-        write_boot({"slot": staged["slot"], "try": True, "previous": boot.get("slot", "a"),
+        write_boot({"slot": staged["slot"], "try": True, "previous": boot["slot"],
                     "staging": staged.get("at")})
         self.reboot()
 

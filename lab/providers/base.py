@@ -39,10 +39,13 @@ class NodeStatus:
     ip: str | None = None
     boot_id: str | None = None
     detail: str = ""
+    memory_bytes: int | None = None  # what the node uses now, where the provider can tell
+    memory_limit_bytes: int | None = None
 
     def to_json(self) -> dict:
         return {"name": self.name, "state": self.state.value, "ip": self.ip,
-                "boot_id": self.boot_id, "detail": self.detail}
+                "boot_id": self.boot_id, "detail": self.detail,
+                "memory_bytes": self.memory_bytes, "memory_limit_bytes": self.memory_limit_bytes}
 
 
 @dataclass(frozen=True)

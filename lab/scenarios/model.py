@@ -279,14 +279,25 @@ expect:
 TEMPLATE_TEST = '''\
 """Checks run on every node after the steps, with testinfra's `host` fixture."""
 
+PKI = "/etc/etcd/pki"
+
+
+def etcdctl(host, args):
+    """etcdctl against the node's own member, with the lab's certificates when TLS is on."""
+    if host.file(f"{PKI}/node.crt").exists:
+        flags = f"--endpoints=https://127.0.0.1:2379 --cacert={PKI}/ca.crt --cert={PKI}/node.crt --key={PKI}/node.key"
+    else:
+        flags = "--endpoints=http://127.0.0.1:2379"
+    return host.run(f"ETCDCTL_API=3 etcdctl {flags} {args}")
+
 
 def test_etcd_is_running(host):
     assert host.service("etcd").is_running
 
 
 def test_member_is_healthy(host):
-    out = host.check_output("ETCDCTL_API=3 etcdctl --endpoints=http://127.0.0.1:2379 endpoint health")
-    assert "is healthy" in out
+    result = etcdctl(host, "endpoint health")
+    assert result.rc == 0 and "is healthy" in result.stdout + result.stderr, result.stderr
 '''
 
 

@@ -1,7 +1,9 @@
 """The `lab` command line, run in-process through typer's CliRunner.
 
 Only verbs that need no nodes run here: help, init, spec, validation of
-broken files, and argument errors. Booting labs is tested on real nodes.
+broken files, argument errors, and the lifecycle of `lab test` / `lab scenario
+run`, the fault verbs and `lab destroy` on lab.testing's fake provider (with
+the scenario run stubbed). Booting labs is tested on real nodes.
 """
 
 from __future__ import annotations
@@ -366,6 +368,7 @@ def fake_lab(project, monkeypatch):
     with fake_provider("nspawn") as provider:
         provider.outcome = {}
         yield provider
+        del provider.outcome
 
 
 FAKE = ["--provider", "nspawn"]

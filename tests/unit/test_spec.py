@@ -46,7 +46,7 @@ def test_defaults_without_a_file(tmp_path):
     assert (s.nodes.count, s.nodes.prefix, s.nodes.cpus, s.nodes.memory) == (3, "node", 1, 1024)
     assert s.nodes.members is None and s.nodes.metadata == {}
     assert s.network.subnet is None
-    assert (s.etcd.heartbeat_ms, s.etcd.election_timeout_ms, s.etcd.tls) == (100, 1000, False)
+    assert (s.etcd.heartbeat_ms, s.etcd.election_timeout_ms, s.etcd.tls) == (100, 1000, True)
     assert (s.updates.strategy, s.updates.max_concurrent_reboots) == ("etcd-lock", 1)
     assert s.forwarded_ports == [] and s.synced_folders == []
     assert s.providers.libvirt.driver == "kvm"

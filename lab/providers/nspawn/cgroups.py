@@ -1,45 +1,139 @@
-"""Per-node cgroups (v1): a freezer and a memory cgroup around each node.
+"""Per-node cgroups: each node in its own cgroup in every hierarchy the host has.
 
-The supervisor joins them before it starts systemd-nspawn, so they hold the
-whole container: pause/resume freeze it, destroy kills whatever is in them,
-even processes that a crash left unrecorded. They live in `lab/` below this
-process's own cgroup, shared by all labs.
+The supervisor joins them before it starts systemd-nspawn (`--keep-unit`
+keeps the cgroup it is started in), so they hold the whole container:
+
+  * every v1 controller: freezer (pause/resume), memory and cpu (the node's
+    `memory` and `cpus` from the spec become a limit and a CFS quota), and
+    the others so no two nodes share a cgroup anywhere;
+  * `name=systemd` and the unified cgroup2: the node's own systemd makes its
+    units' cgroups there (nspawn puts the container in `payload/` below its
+    own cgroup). Nodes sharing one would make and remove each other's
+    `system.slice/*.service` directories.
+
+Destroy kills whatever is in them, even processes a crash left unrecorded.
+They live in `lab/` below this process's own cgroup of each hierarchy, shared
+by all labs, named after the machine (lab-<labid>-<node>).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from lab.errors import ProviderError
+from lab.host.mounts import mounted
 from lab.providers.nspawn.processes import read_value
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-CGROUP_CONTROLLERS = ("freezer", "memory")  # node_cgroups() lists them in this order
+REQUIRED_CONTROLLERS = ("freezer", "memory", "cpu")
+CFS_PERIOD_US = 100_000
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Hierarchy:
+    controllers: frozenset[str]  # {"cpu"}, {"name=systemd"}; empty for the unified cgroup2
+    mount: Path
+    own: str  # this process's cgroup in it
+
+
+def parse_own_cgroups(text: str) -> dict[frozenset[str], str]:
+    """/proc/self/cgroup as {controllers: path} (pure); the unified hierarchy's key is empty."""
+    own = {}
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            own[frozenset(c for c in parts[1].split(",") if c)] = parts[2]
+    return own
+
+
+def hierarchies() -> list[Hierarchy]:
+    """Every cgroup hierarchy mounted below /sys/fs/cgroup, each once, freezer first."""
+    own = parse_own_cgroups(read_value(Path("/proc/self/cgroup")) or "")
+    found: dict[frozenset[str], Hierarchy] = {}
+    for mount in mounted():
+        if mount.fs_type not in ("cgroup", "cgroup2") or CGROUP_ROOT not in mount.mount_point.parents:
+            continue
+        options = set(mount.super_options.split(","))
+        for controllers, path in own.items():
+            if (mount.fs_type == "cgroup2") == (not controllers) and controllers <= options:
+                found.setdefault(controllers, Hierarchy(controllers, mount.mount_point, path))
+    return sorted(found.values(), key=lambda h: ("freezer" not in h.controllers, sorted(h.controllers)))
+
+
+def hierarchy(controller: str) -> Hierarchy | None:
+    for found in hierarchies():
+        if controller in found.controllers:
+            return found
+    return None
 
 
 def missing_controller() -> str | None:
     """The first needed controller not mounted, if any."""
-    for controller in CGROUP_CONTROLLERS:
-        if not (CGROUP_ROOT / controller).is_dir():
+    for controller in REQUIRED_CONTROLLERS:
+        if hierarchy(controller) is None:
             return controller
     return None
 
 
-def lab_base(controller: str) -> Path:
+def lab_base(found: Hierarchy) -> Path:
     """`lab/` below this process's own cgroup, so nodes stay inside whatever
     limits the caller runs under (a CI job's memory cgroup, say)."""
-    own = "/"
-    for line in read_value(Path("/proc/self/cgroup")).splitlines():
-        _, controllers, path = line.split(":", 2)
-        if controller in controllers.split(","):
-            own = path
-    return CGROUP_ROOT / controller / own.lstrip("/") / "lab"
+    return found.mount / found.own.lstrip("/") / "lab"
 
 
 def node_cgroups(machine: str) -> list[Path]:
-    """The machine's cgroups, freezer first."""
-    return [lab_base(c) / machine for c in CGROUP_CONTROLLERS]
+    """The machine's cgroups, one per hierarchy, freezer first."""
+    return [lab_base(h) / machine for h in hierarchies()]
+
+
+def controller_cgroup(machine: str, controller: str) -> Path:
+    """The machine's cgroup in the hierarchy of one v1 controller ("freezer", "memory", "cpu")."""
+    found = hierarchy(controller)
+    if found is None:
+        raise ProviderError(f"cgroup controller {controller!r} is not mounted",
+                            hint=f"mount it below {CGROUP_ROOT} (the nspawn provider needs "
+                                 f"{', '.join(REQUIRED_CONTROLLERS)})")
+    return lab_base(found) / machine
+
+
+def make_cgroup(path: Path) -> None:
+    """Create the cgroup and its missing parents; in cpuset, each new one gets its parent's cpus
+    and mems (a v1 cpuset starts empty, and no process may join an empty one)."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for directory in reversed(missing):
+        directory.mkdir()
+        for name in ("cpuset.cpus", "cpuset.mems"):
+            if (directory / name).exists() and not read_value(directory / name):
+                (directory / name).write_text(read_value(directory.parent / name) or "")
+
+
+def set_limits(machine: str, memory_mib: int, cpus: int) -> None:
+    """The node's memory limit (its spec's `memory`, MiB) and CPU quota (`cpus` CPUs' worth per period)."""
+    memory = controller_cgroup(machine, "memory")
+    limit = str(memory_mib * MIB)
+    swap = memory / "memory.memsw.limit_in_bytes"  # only with swap accounting; must stay >= the limit
+    if swap.exists():
+        swap.write_text("-1")
+    (memory / "memory.limit_in_bytes").write_text(limit)
+    if swap.exists():
+        swap.write_text(limit)  # no swapping past the limit either
+    cpu = controller_cgroup(machine, "cpu")
+    (cpu / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+    (cpu / "cpu.cfs_quota_us").write_text(str(cpus * CFS_PERIOD_US))
+
+
+def memory_use(machine: str) -> tuple[int | None, int | None]:
+    """Bytes the node uses now (page cache included, as the limit counts it) and its limit."""
+    memory = controller_cgroup(machine, "memory")
+
+    def number(name: str) -> int | None:
+        value = read_value(memory / name)
+        return int(value) if value and value.isdigit() else None
+
+    return number("memory.usage_in_bytes"), number("memory.limit_in_bytes")
 
 
 def is_frozen(freezer: Path) -> bool:
@@ -85,8 +179,8 @@ def remove_cgroup(path: Path) -> None:
 
 def remove_stale(pattern: str) -> None:
     """Remove the cgroups matching a glob (a lab's nodes), then `lab/` itself if no lab is left in it."""
-    for controller in CGROUP_CONTROLLERS:
-        base = lab_base(controller)
+    for found in hierarchies():
+        base = lab_base(found)
         for stale in base.glob(pattern):
             remove_cgroup(stale)
         try:

@@ -3,6 +3,9 @@
 The lower layer is the image the node was created with and never changes (A/B
 updates swap the /usr bound over it); the upper layer holds everything the
 node writes, starting with its identity, written before its first boot.
+Host code writes there only through the mounted overlay and nodefs (the
+node's root owns every path below it); the supervisor reads boot.json from
+the upper layer through nodefs too.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 from lab.host.run import run
 from lab.node import layout
 from lab.providers.base import LabContext
+from lab.providers.nspawn.nodefs import write_node_file
 
 
 def mount_overlay(lower: Path, upper: Path, work: Path, merged: Path) -> None:
@@ -24,44 +28,39 @@ def mount_overlay(lower: Path, upper: Path, work: Path, merged: Path) -> None:
              f"lowerdir={lower},upperdir={upper},workdir={work}", str(merged)])
 
 
-def _mkdirs_like(upper: Path, relative: Path, lower: Path) -> None:
-    """Create parents in the upper layer with the lower layer's mode, so /root stays 0700."""
-    current_upper, current_lower = upper, lower
-    for part in relative.parts:
-        current_upper, current_lower = current_upper / part, current_lower / part
-        if not current_upper.exists():
-            current_upper.mkdir()
-            mode = current_lower.stat().st_mode & 0o7777 if current_lower.exists() else 0o755
-            os.chmod(current_upper, mode)
-
-
 def identity_files(context: LabContext, node: str, host_key: tuple[str, str]) -> dict[str, str]:
-    """Per-node identity (relative path -> text): hostname, address, host key, lab facts."""
+    """What makes the node itself, written once before its first boot (relative path -> text):
+    machine id, SSH host key, the lab's key for root."""
     private, public = host_key
+    return {
+        "etc/machine-id": uuid.uuid4().hex + "\n",
+        "etc/ssh/ssh_host_ed25519_key": private,
+        "etc/ssh/ssh_host_ed25519_key.pub": public,
+        "root/.ssh/authorized_keys": context.ssh_key.with_suffix(".pub").read_text(),
+    }
+
+
+def fact_files(context: LabContext, node: str) -> dict[str, str]:
+    """What the lab says about the node, written at every start (relative path -> text): hostname,
+    address, the other nodes (a node added later is in them after the next start), lab facts."""
     ip = context.addresses[node]
     prefix = context.subnet.split("/")[1]
     hosts = "\n".join(f"{context.addresses[n.name]}\t{n.name}" for n in context.nodes)
     return {
         "etc/hostname": f"{node}\n",
         "etc/hosts": f"127.0.0.1\tlocalhost\n127.0.1.1\t{node}\n{hosts}\n",
-        "etc/machine-id": uuid.uuid4().hex + "\n",
         "etc/systemd/network/10-host0.network":
             f"[Match]\nName=host0\n\n[Network]\nAddress={ip}/{prefix}\nLinkLocalAddressing=no\n"
             "IPv6AcceptRA=no\n",
-        "etc/ssh/ssh_host_ed25519_key": private,
-        "etc/ssh/ssh_host_ed25519_key.pub": public,
-        "root/.ssh/authorized_keys": context.ssh_key.with_suffix(".pub").read_text(),
         str(layout.NODE_INFO.relative_to("/")):
             json.dumps({"lab": context.spec.name, "lab_id": context.lab_id, "node": node, "ip": ip,
                         "peers": context.addresses, "metadata": context.node(node).metadata}) + "\n",
     }
 
 
-def write_into_layer(upper: Path, lower: Path, files: dict[str, str]) -> None:
-    """Write files into the upper layer; keys and authorized_keys are 0600, the rest 0644."""
+def write_into_node(merged: Path, files: dict[str, str]) -> None:
+    """Write files into the node's mounted root (before it boots); keys and authorized_keys are 0600,
+    the rest 0644. The node's root owns that tree: a symlink on the way is refused, never followed."""
     for relative, text in files.items():
-        target = upper / relative
-        _mkdirs_like(upper, Path(relative).parent, lower)
-        target.write_text(text)
         private_file = relative.endswith("_key") or "authorized_keys" in relative
-        os.chmod(target, 0o600 if private_file else 0o644)
+        write_node_file(merged, relative, text.encode(), 0o600 if private_file else 0o644)

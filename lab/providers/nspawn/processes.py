@@ -10,6 +10,8 @@ import os
 import time
 from pathlib import Path
 
+from lab.providers.nspawn.nodefs import read_node_text
+
 
 def read_value(path: Path) -> str | None:
     """A small file's stripped text (/proc, /sys, pid files), or None if unreadable."""
@@ -75,5 +77,7 @@ def container_init(nspawn_pid: int) -> int | None:
 
 
 def boot_id(init_pid: int) -> str | None:
-    """The boot id of the container whose PID 1 this is (new at every boot)."""
-    return read_value(Path(f"/proc/{init_pid}/root/proc/sys/kernel/random/boot_id"))
+    """The boot id of the container whose PID 1 this is (new at every boot). Read through the
+    container's root, which its root user controls (a /proc of its own making, a FIFO): nodefs."""
+    text = read_node_text(f"/proc/{init_pid}/root", "proc/sys/kernel/random/boot_id", cap=64)
+    return text or None

@@ -10,13 +10,17 @@ others its parts (supervisor, cgroups, bridge, overlay, processes). Per lab:
     outlive the `lab` command) that restarts nspawn when the node reboots
     (exit 133, what systemd-nspawn@.service does on a systemd host, which
     this may not be);
-  * per node a freezer and a memory cgroup holding the supervisor and so the
-    whole container: pause/resume freeze it, destroy kills whatever is in it,
-    even processes that a crash left unrecorded;
+  * per node a cgroup in every hierarchy (cgroups.py) holding the supervisor
+    and so the whole container: the spec's memory and cpus limit it,
+    pause/resume freeze it, destroy kills whatever is in it, even processes
+    that a crash left unrecorded;
   * one nftables `bridge` table for partitions, created on first use.
 
 Everything is recorded in the lab's state before it is made; every removal
 is idempotent, so `destroy` works after Ctrl-C or kill -9 at any point.
+
+A node's root user owns its tree: host code reads and writes there only
+through nodefs (no symlink followed, no FIFO or device opened, sizes capped).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from lab.host.mounts import unmount_below
 from lab.host.ssh import SSHEndpoint
 from lab.node import layout
 from lab.providers.base import Availability, NodeState, NodeStatus, Progress, Provider, no_progress
-from lab.providers.nspawn import bridge, cgroups, overlay, supervisor
+from lab.providers.nspawn import bridge, cgroups, nodefs, overlay, supervisor
 from lab.providers.nspawn.processes import alive, boot_id, container_init, read_value, start_time, wait_gone
 
 BOOT_TIMEOUT = 90.0  # seconds until a node must answer SSH; nodes boot in ~1 s warm
@@ -75,10 +79,6 @@ class NspawnProvider(Provider):
     def node_dir(self, node: str) -> Path:
         return self.context.lab_dir / "nodes" / node
 
-    def boot_file(self, node: str) -> Path:
-        """The node's own /etc/lab/boot.json, in its upper layer: read by the supervisor at every boot."""
-        return self.node_dir(node) / "upper" / layout.BOOT_FILE.relative_to("/")
-
     def cgroups(self, node: str) -> list[Path]:
         return cgroups.node_cgroups(self.machine(node))
 
@@ -115,7 +115,8 @@ class NspawnProvider(Provider):
         if controller is not None:
             raise PrerequisiteError(f"cgroup v1 controller {controller!r} is not mounted at "
                                     f"{cgroups.CGROUP_ROOT / controller}",
-                                    hint="the nspawn provider needs the freezer and memory controllers")
+                                    hint=f"the nspawn provider needs the "
+                                         f"{', '.join(cgroups.REQUIRED_CONTROLLERS)} controllers")
         recorded = (self.context.state.get("image") if self.context.state is not None else None) or {}
         if not Path(recorded.get("rootfs", "/nonexistent")).is_dir():
             self.image()
@@ -188,9 +189,12 @@ class NspawnProvider(Provider):
             if init is None:
                 statuses.append(NodeStatus(node.name, NodeState.STOPPED, ip))
                 continue
-            frozen = cgroups.is_frozen(self.cgroups(node.name)[0])
+            machine = self.machine(node.name)
+            frozen = cgroups.is_frozen(cgroups.controller_cgroup(machine, "freezer"))
+            used, limit = cgroups.memory_use(machine)
             statuses.append(NodeStatus(node.name, NodeState.PAUSED if frozen else NodeState.RUNNING, ip,
-                                       boot_id=boot_id(init), detail=f"init pid {init}"))
+                                       boot_id=boot_id(init), detail=f"init pid {init}",
+                                       memory_bytes=used, memory_limit_bytes=limit))
         return statuses
 
     def halt(self, progress: Progress = no_progress) -> None:
@@ -237,11 +241,12 @@ class NspawnProvider(Provider):
         return passive
 
     def boot_slot(self, node: str) -> str:
-        """The slot the node boots next (what its own /etc/lab/boot.json says)."""
+        """The slot the node boots next (what its own /etc/lab/boot.json says, if it names a known slot)."""
         try:
-            return json.loads(self.boot_file(node).read_text()).get("slot", "a")
-        except (OSError, ValueError):
-            return "a"
+            text = nodefs.read_node_file(self.node_dir(node) / "upper", str(layout.BOOT_FILE.relative_to("/")))
+        except OSError:
+            return layout.BOOT_SLOTS[0]
+        return layout.boot_record(text)["slot"]
 
     def ssh_endpoints(self) -> dict[str, SSHEndpoint]:
         return {node.name: SSHEndpoint(node=node.name, host=self.context.addresses[node.name], port=22,
@@ -314,18 +319,24 @@ class NspawnProvider(Provider):
         slot_a = directory / "slot-a"
         if not slot_a.is_symlink():
             slot_a.symlink_to(rootfs)  # the image the node was created with
-        if not (directory / "provisioned").exists():
-            self._write_node_files(node, upper, rootfs)
-            (directory / "provisioned").write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
         self.state.record("mount", str(merged))
         overlay.mount_overlay(rootfs, upper, work, merged)
+        try:
+            if not (directory / "provisioned").exists():
+                self._write_identity(node, merged)
+                (directory / "provisioned").write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
+            overlay.write_into_node(merged, overlay.fact_files(self.context, node))
+        except nodefs.UnsafeNodePath as exc:
+            raise ProviderError(f"{node}: cannot write its files: {exc}",
+                                hint=f"a path lab writes in the node was replaced by a link or a device; "
+                                     f"remove the node (`lab node rm {node}` or `lab destroy`)") from None
 
-    def _write_node_files(self, node: str, upper: Path, rootfs: Path) -> None:
-        """Per-node identity, written into the node's own layer before its first boot."""
+    def _write_identity(self, node: str, merged: Path) -> None:
+        """The node's identity, written into its own layer before its first boot."""
         from lab.host.ssh import generate_ed25519, record_host_key
 
         private, public = generate_ed25519(f"root@{node}")
-        overlay.write_into_layer(upper, rootfs, overlay.identity_files(self.context, node, (private, public)))
+        overlay.write_into_node(merged, overlay.identity_files(self.context, node, (private, public)))
         record_host_key(self.context.known_hosts, node, self.context.addresses[node], public)
 
     def _nspawn_argv(self, node: str) -> list[str]:
@@ -340,11 +351,14 @@ class NspawnProvider(Provider):
         node_cgroups = self.cgroups(node)
         for cgroup in node_cgroups:
             self.state.record("cgroup", str(cgroup))
-            cgroup.mkdir(parents=True, exist_ok=True)
+            cgroups.make_cgroup(cgroup)
+        spec = self.context.node(node)
+        cgroups.set_limits(self.machine(node), spec.memory, spec.cpus)
         self._freezer(node, "THAWED")
         config = {"argv": self._nspawn_argv(node), "pidfile": str(directory / "nspawn.pid"),
                   "cgroups": [str(c / "cgroup.procs") for c in node_cgroups],
-                  "slots_dir": str(directory), "boot_file": str(self.boot_file(node))}
+                  "slots_dir": str(directory), "slots": list(layout.BOOT_SLOTS), "slot": self.boot_slot(node),
+                  "upper": str(directory / "upper"), "boot_file": str(layout.BOOT_FILE.relative_to("/"))}
         (directory / "nspawn.pid").unlink(missing_ok=True)
         # A killed node's old veth lives on while orphaned TCP sockets keep its
         # network namespace alive (up to minutes); nspawn would then fail with
@@ -428,7 +442,7 @@ class NspawnProvider(Provider):
         return init
 
     def _freezer(self, node: str, value: str) -> None:
-        cgroups.set_freezer(self.cgroups(node)[0], value, node)
+        cgroups.set_freezer(cgroups.controller_cgroup(self.machine(node), "freezer"), value, node)
 
     def _stop_cleanly(self, node: str) -> None:
         """SIGTERM to the supervisor: nspawn asks the node's systemd to power off."""

@@ -15,7 +15,10 @@ CONFIG keys:
   pidfile    where nspawn's pid is written at every boot
   cgroups    the cgroup.procs files to join
   slots_dir  the directory holding the slot-a / slot-b links to OS images
-  boot_file  the node's own /etc/lab/boot.json, naming the slot to boot
+  slots      the slot names there ("a", "b"): boot.json may name no other
+  slot       the slot the host last knew the node to boot (used when boot.json is unusable)
+  upper      the node's upper layer, which its root user owns
+  boot_file  boot.json's path in it (etc/lab/boot.json), naming the slot to boot
 """
 
 import json
@@ -24,22 +27,54 @@ import signal
 import subprocess
 import sys
 
+try:  # imported by the provider, in the lab package
+    from . import nodefs
+except ImportError:  # run as a plain file: its one sibling it uses (standard library only)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import nodefs  # type: ignore[no-redef]
+
 REBOOT_EXIT_STATUS = 133  # systemd-nspawn's exit status when the container asked to reboot
 
 
-def boot_usr(config: dict) -> str:
-    """The /usr of the slot the node boots next."""
+def log(message: str) -> None:
+    print(f"lab supervisor: {message}", file=sys.stderr, flush=True)
+
+
+def requested_slot(config: dict) -> str | None:
+    """The slot the node asks for in its own boot.json: its first slot if there is no boot.json,
+    None (and one line in the console log) if the file is unusable or names no known slot."""
     # The node chooses its boot slot itself, as a machine writes its
-    # bootloader's config: /etc/lab/boot.json in its own layer.
+    # bootloader's config; but the host only ever reads that file through
+    # nodefs (no symlink, FIFO or device followed, size-capped) and uses the
+    # slot only if it is one of its own names, never as a path.
     try:
-        with open(config["boot_file"]) as f:
-            slot = json.load(f).get("slot", "a")
-    except (OSError, ValueError, AttributeError):
-        slot = "a"
-    path = os.path.join(config["slots_dir"], "slot-" + str(slot))
-    if not os.path.isdir(path):
-        path = os.path.join(config["slots_dir"], "slot-a")
-    return os.path.join(path, "usr")
+        boot = json.loads(nodefs.read_node_file(config["upper"], config["boot_file"]))
+    except FileNotFoundError:
+        return config["slots"][0]  # no boot.json yet: the image the node was created with
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
+        log(f"{config['boot_file']} ignored: {exc}")
+        return None
+    slot = boot.get("slot", config["slots"][0]) if isinstance(boot, dict) else None
+    if slot not in config["slots"]:
+        log(f"{config['boot_file']} ignored: {str(slot)[:80]!r} is not a slot ({', '.join(config['slots'])})")
+        return None
+    return slot
+
+
+def boot_slot(config: dict, fallback: str) -> str:
+    """The slot to boot: the node's choice if its image is there, else `fallback` (the slot booted last)."""
+    requested = requested_slot(config)
+    if requested is not None and os.path.isdir(slot_dir(config, requested)):
+        return requested
+    if requested is not None:
+        log(f"slot {requested} holds no image")
+    chosen = fallback if os.path.isdir(slot_dir(config, fallback)) else config["slots"][0]
+    log(f"booting slot {chosen}")
+    return chosen
+
+
+def slot_dir(config: dict, slot: str) -> str:
+    return os.path.join(config["slots_dir"], "slot-" + slot)
 
 
 class Supervisor:
@@ -47,6 +82,7 @@ class Supervisor:
         self.config = config
         self.stopping = False
         self.child = None
+        self.slot = config["slot"] if config["slot"] in config["slots"] else config["slots"][0]
 
     def stop(self, signum, frame) -> None:
         self.stopping = True
@@ -67,7 +103,8 @@ class Supervisor:
     def run(self) -> int:
         """Boot the node until it stops for another reason than a reboot; nspawn's exit status."""
         while True:
-            usr = boot_usr(self.config)
+            self.slot = boot_slot(self.config, self.slot)
+            usr = os.path.join(slot_dir(self.config, self.slot), "usr")
             self.child = subprocess.Popen([a.replace("{usr}", usr) for a in self.config["argv"]],
                                           stdin=subprocess.DEVNULL)
             self.write_pidfile(self.child.pid)

@@ -45,7 +45,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar, TypeVar
 
-from lab.errors import CommandError, PrerequisiteError, ProviderError, UsageError
+from lab.errors import CommandError, PrerequisiteError, ProviderError
 from lab.host.network import node_addresses
 from lab.host.ssh import run as ssh_run
 from lab.host.ssh import run_many, wait_for_ssh
@@ -421,11 +421,7 @@ class VagrantProvider(Provider):
 
     def partition(self, groups: list[list[str]]) -> None:
         """nftables inside every guest of a group: drop all IP traffic to and from the other groups."""
-        names = [n for group in groups for n in group]
-        for name in names:
-            self.context.node(name)
-        if len(set(names)) != len(names):
-            raise UsageError("a node appears in two partition groups", hint="list every node at most once")
+        self.check_partition_groups(groups)
         self.context.state.set("partition", groups)
         scripts = partition_scripts(groups, self.context.addresses)
         failures = self._run_on_guests({node: f"nft -f - <<'LAB_EOF'\n{script}LAB_EOF"

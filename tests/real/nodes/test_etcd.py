@@ -1,14 +1,18 @@
 """etcd on real nodes: bootstrap, TLS, membership, re-runs, failures.
 
 Every test talks to a real etcd cluster on real nspawn nodes, through lab's
-client, the host's etcdctl and etcdctl on the nodes over SSH.
+client, the host's etcdctl and etcdctl on the nodes over SSH. The shared
+cluster has the default spec, so TLS with client-certificate auth; one lab
+of its own runs `etcd.tls: false`.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import ssl
 import subprocess
+import sys
 
 import pytest
 
@@ -16,7 +20,10 @@ from lab.cluster.etcd_bootstrap import EtcdBootstrap
 from lab.cluster.remote import BootstrapError
 from lab.core.lab import Lab
 from lab.cluster.etcdclient import EtcdClient, EtcdError
+from lab.errors import UsageError
+from lab.host.pki import LabPki
 from lab.model.spec import Override
+from lab.node import layout
 
 needs_nodes = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("systemd-nspawn") is None,
                                  reason="needs root and systemd-nspawn")
@@ -46,13 +53,32 @@ def cluster(tmp_path_factory):
         lab.destroy()
 
 
-def etcdctl_on(lab: Lab, node: str, args: str) -> str:
+def on_node(lab: Lab, node: str, command: str):
     from lab.host.ssh import run
 
-    result = run(lab.ssh_endpoints()[node], f"ETCDCTL_API=3 etcdctl --endpoints=http://127.0.0.1:2379 {args}",
-                 timeout=20)
+    return run(lab.ssh_endpoints()[node], command, timeout=20)
+
+
+def etcdctl_on(lab: Lab, node: str, args: str) -> str:
+    """etcdctl on a node against its own member, with the member's certificate on a TLS lab."""
+    pki = "/etc/etcd/pki"
+    flags = (f"--endpoints=https://127.0.0.1:2379 --cacert={pki}/ca.crt --cert={pki}/node.crt --key={pki}/node.key"
+             if lab.spec.etcd.tls else "--endpoints=http://127.0.0.1:2379")
+    result = on_node(lab, node, f"ETCDCTL_API=3 etcdctl {flags} {args}")
     assert result.ok, result.stderr
     return result.stdout.strip()
+
+
+def run_cli(directory, *args: str, **environ: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lab.cli", *args], cwd=directory, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **environ})
+
+
+def assert_one_clean_error(result: subprocess.CompletedProcess, *expected: str) -> None:
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    for text in expected:
+        assert text in result.stderr, result.stderr
 
 
 @needs_nodes
@@ -75,7 +101,7 @@ def test_a_put_on_one_node_is_read_on_the_others(cluster):
 def test_client_fails_over_past_a_dead_endpoint(cluster):
     live = [m.endpoint for m in cluster.etcd_status()]
     dead = live[0].rsplit(":", 1)[0].rsplit(".", 1)[0] + ".250:2379"  # an unused address of the lab subnet
-    client = EtcdClient([dead, *live], timeout=1.0)
+    client = EtcdClient([dead, *live], tls=cluster.etcd_client().tls, timeout=1.0)
     client.put("/lab/test/failover", "ok")
     assert client.get("/lab/test/failover") == "ok"
 
@@ -131,36 +157,112 @@ def test_membership_add_then_remove_keeps_the_cluster_healthy(cluster):
     assert [r.node for r in rows] == ["node-1", "node-2", "node-3"] and all(r.healthy for r in rows)
 
 
+def refused(call) -> bool:
+    """Whether etcd turned the request away: a failed TLS handshake, or an answer that is not a success."""
+    import httpx
+
+    try:
+        response = call()
+    except (httpx.HTTPError, ssl.SSLError, OSError):
+        return True
+    return response.status_code != 200 or response.json().get("health") not in (None, "true")
+
+
 @needs_nodes
-def test_tls_lab_refuses_clients_without_certificates(tmp_path):
+def test_tls_is_the_default_and_members_refuse_clients_without_a_lab_certificate(cluster, tmp_path):
+    import httpx
+
+    assert cluster.spec.etcd.tls and cluster.state["etcd"]["tls"] is True
+    rows = cluster.etcd_status()
+    assert all(r.healthy and r.endpoint.startswith("https://") for r in rows)
+    pki = LabPki(cluster.lab_dir / "pki")
+    for key in (pki.ca_key, pki.client.key, *(pki.node(r.node).key for r in rows)):
+        assert key.stat().st_mode & 0o777 == 0o600, key
+    ca = ssl.create_default_context(cafile=str(pki.ca))
+    ip = rows[0].endpoint.split("//")[1].rsplit(":", 1)[0]
+    # The server verifies against the lab CA, but without a client certificate nothing gets through:
+    # not /health, not the KV API, not the peer port.
+    assert refused(lambda: httpx.get(f"https://{ip}:2379/health", verify=ca, timeout=5))
+    assert refused(lambda: httpx.post(f"https://{ip}:2379/v3/kv/range", json={"key": "YQ=="}, verify=ca, timeout=5))
+    assert refused(lambda: httpx.get(f"https://{ip}:2380/members", verify=ca, timeout=5))
+    # Plain HTTP to a TLS port is refused too.
+    assert refused(lambda: httpx.get(f"http://{ip}:2379/health", timeout=5))
+    assert refused(lambda: httpx.post(f"http://{ip}:2379/v3/kv/range", json={"key": "YQ=="}, timeout=5))
+    # A certificate of another CA (another lab's) is refused.
+    other = LabPki(tmp_path / "other-pki")
+    other.ensure("other", {})
+    stranger = ssl.create_default_context(cafile=str(pki.ca))
+    stranger.load_cert_chain(str(other.client.cert), str(other.client.key))
+    assert refused(lambda: httpx.get(f"https://{ip}:2379/health", verify=stranger, timeout=5))
+    if shutil.which("curl"):
+        plain = subprocess.run(["curl", "-sS", "--max-time", "5", "--cacert", str(pki.ca),
+                                f"https://{ip}:2379/health"], capture_output=True, text=True)
+        assert plain.returncode != 0 or '"health":"true"' not in plain.stdout, plain.stdout
+        # ...and curl with the lab's client certificate gets in.
+        good = subprocess.run(["curl", "-sS", "--max-time", "5", "--cacert", str(pki.ca), "--cert",
+                               str(pki.client.cert), "--key", str(pki.client.key), f"https://{ip}:2379/health"],
+                              capture_output=True, text=True)
+        assert '"health":"true"' in good.stdout, good.stdout + good.stderr
+    client = cluster.etcd_client()
+    client.put("/lab/test/tls", "secure")
+    assert client.get("/lab/test/tls") == "secure"
+    if shutil.which("etcdctl"):
+        env = {**os.environ, **cluster.etcdctl_env()}
+        out = subprocess.run(["etcdctl", "get", "--print-value-only", "/lab/test/tls"], env=env,
+                             capture_output=True, text=True, timeout=30)
+        assert out.stdout.strip() == "secure", out.stderr
+
+
+@needs_nodes
+def test_agents_registered_over_tls_and_the_scheduler_elected_an_engine(cluster):
+    import json
+
+    client = cluster.etcd_client()
+    machines = {json.loads(v)["name"] for v in client.get_prefix(layout.MACHINES).values()}
+    assert machines == {"node-1", "node-2", "node-3"}
+    assert client.get(layout.ENGINE)
+    for node in machines:
+        config = json.loads(on_node(cluster, node, f"cat {layout.AGENT_CONFIG}").stdout)
+        assert config["tls"] and all(url.startswith("https://") for url in config["endpoints"])
+        assert on_node(cluster, node, f"systemctl is-active {layout.AGENT_SERVICE} {layout.UPDATE_SERVICE}").ok
+
+
+@needs_nodes
+def test_a_tls_lab_whose_spec_now_says_plain_http_gives_one_clear_error(cluster):
+    flipped = Lab.open(cluster.loaded.path, [Override(("nodes", "count"), 3, "--nodes"),
+                                             Override(("etcd", "tls"), False, "--set etcd.tls")])
+    with pytest.raises(UsageError) as raised:
+        flipped.etcd_status()
+    assert "created with etcd.tls: true" in raised.value.message and "etcd.tls back to true" in raised.value.hint
+    result = run_cli(cluster.loaded.project_dir, "status", LAB_SPEC__ETCD__TLS="false")
+    assert_one_clean_error(result, "created with etcd.tls: true", "etcd.tls: false", "lab destroy")
+
+
+@needs_nodes
+def test_a_plain_http_lab_warns_and_refuses_a_spec_that_turns_tls_on(tmp_path):
     import httpx
 
     from lab.images.build import build_image
 
     build_image("labos", "1")
-    lab = open_lab(tmp_path, nodes=1, etcd__tls=True)
+    lab = open_lab(tmp_path, nodes=1, etcd__tls=False)
     try:
-        lab.up()
+        messages: list[str] = []
+        lab.up(messages.append)
+        warnings = [m for m in messages if "etcd.tls is false" in m]
+        assert len(warnings) == 1 and "every local user" in warnings[0]
+        assert lab.state["etcd"]["tls"] is False and not (lab.lab_dir / "pki").exists()
         row = lab.etcd_status()[0]
-        assert row.healthy and row.endpoint.startswith("https://")
-        pki = lab.lab_dir / "pki"
-        assert all((pki / name).stat().st_mode & 0o777 == 0o600 for name in ("ca.key", "client.key", "node-1.key"))
-        # The server certificate verifies against the lab CA, but no client certificate: refused.
-        with pytest.raises((httpx.HTTPError, EtcdError)):
-            import ssl
-
-            verify = ssl.create_default_context(cafile=str(pki / "ca.crt"))
-            response = httpx.post(f"{row.endpoint}/v3/kv/range", json={"key": "YQ=="}, verify=verify)
-            if response.status_code != 200:
-                raise EtcdError(response.text)
-        client = lab.etcd_client()
-        client.put("/lab/test/tls", "secure")
-        assert client.get("/lab/test/tls") == "secure"
-        if shutil.which("etcdctl"):
-            env = {**os.environ, **lab.etcdctl_env()}
-            out = subprocess.run(["etcdctl", "get", "--print-value-only", "/lab/test/tls"], env=env,
-                                 capture_output=True, text=True, timeout=30)
-            assert out.stdout.strip() == "secure", out.stderr
+        assert row.healthy and row.endpoint.startswith("http://")
+        assert httpx.get(f"{row.endpoint}/health", timeout=5).json()["health"] == "true"
+        assert "is healthy" in etcdctl_on(lab, "node-1", "endpoint health 2>&1")
+        # The spec flips to the default (TLS): status and up stop with one message naming the fix.
+        (tmp_path / "lab.yaml").write_text("provider: nspawn\nnodes:\n  count: 1\n")
+        for verb in ("status", "up"):
+            result = run_cli(tmp_path, verb)
+            assert_one_clean_error(result, "created with etcd.tls: false", "etcd.tls: true",
+                                   "etcd.tls back to false", "lab destroy")
+        assert httpx.get(f"{row.endpoint}/health", timeout=5).json()["health"] == "true"  # untouched
     finally:
         lab.destroy()
 

@@ -1,0 +1,168 @@
+"""What etcd TLS costs: the same 3-node nspawn lab with `etcd.tls: true` and `false`, in one run.
+
+    python bench/etcd_tls.py                       # 3 rounds x 5 s per load, then etcdctl check perf on both
+    python bench/etcd_tls.py --rounds 5 --seconds 10 --threads 1,8,32 --no-check-perf
+
+Needs root and the built node image. Both labs are up at once and measured
+turn about (tls, plain, tls, plain...), so background load on a shared host
+falls on both alike. Loads:
+  * the host's client (lab.cluster.etcdclient, httpx): one keep-alive
+    connection per thread, so TLS costs the record layer, not handshakes;
+  * the nodes' client (lab.node.etcd, urllib): a new connection, hence a
+    full TLS handshake, for every request, which is what the agents do;
+and `etcdctl check perf --load=s` through `lab etcdctl` on each lab.
+Prints figures and ratios (tls / plain); asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+MODES = {"tls": True, "plain": False}
+
+
+def open_lab(scratch: Path, mode: str, nodes: int):
+    from lab.core.lab import Lab
+
+    directory = scratch / mode
+    directory.mkdir()
+    (directory / "lab.yaml").write_text(f"name: bench-{mode}\nprovider: nspawn\nnodes:\n  count: {nodes}\n"
+                                        f"etcd:\n  tls: {str(MODES[mode]).lower()}\n")
+    return Lab.open(directory / "lab.yaml")
+
+
+def host_client(lab):
+    return lab.etcd_client(timeout=2.0)
+
+
+def node_client(lab):
+    """The agents' client, run from the host with the lab's client certificate."""
+    from lab.cluster.etcd_bootstrap import members
+    from lab.host.pki import LabPki
+    from lab.node.etcd import Etcd
+
+    pki = LabPki(lab.lab_dir / "pki")
+    tls = ({"ca": str(pki.ca), "cert": str(pki.client.cert), "key": str(pki.client.key)}
+           if lab.spec.etcd.tls else None)
+    return Etcd([m.client_url for m in members(lab.context("nspawn"))], tls, timeout=2.0)
+
+
+def load(make_client, threads: int, seconds: float) -> tuple[list[float], int]:
+    """`threads` writers for `seconds`: the latency of every acknowledged put, and the error count."""
+    latencies: list[list[float]] = [[] for _ in range(threads)]
+    errors = [0] * threads
+    client = make_client()
+    stop = time.perf_counter() + seconds
+
+    def writer(index: int) -> None:
+        n = 0
+        while time.perf_counter() < stop:
+            started = time.perf_counter()
+            try:
+                client.put(f"/bench/tls/{index}/{n % 1000}", "x" * 64)
+                latencies[index].append(time.perf_counter() - started)
+            except Exception:  # noqa: BLE001 - counted, the run goes on
+                errors[index] += 1
+            n += 1
+        if hasattr(client, "close"):
+            client.close()  # this thread's connection (the host client keeps one per thread)
+
+    pool = [threading.Thread(target=writer, args=(i,)) for i in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    return [x for per_thread in latencies for x in per_thread], sum(errors)
+
+
+def percentile(samples: list[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else float("nan")
+
+
+def measure(labs: dict, loads: list[tuple[str, object, int]], rounds: int, seconds: float) -> None:
+    for label, factory, threads in loads:
+        results: dict[str, tuple[list[float], int, float]] = {mode: ([], 0, 0.0) for mode in labs}
+        for _ in range(rounds):
+            for mode, lab in labs.items():  # turn about: drift on the host hits both modes
+                latencies, errors = load(lambda lab=lab: factory(lab), threads, seconds)
+                old = results[mode]
+                results[mode] = (old[0] + latencies, old[1] + errors, old[2] + seconds)
+        rate = {}
+        for mode, (latencies, errors, elapsed) in results.items():
+            rate[mode] = len(latencies) / elapsed
+            print(f"  {label:<34} {threads:>2} thr  {mode:<5} {rate[mode]:8.0f} writes/s  "
+                  f"p50 {percentile(latencies, 0.50) * 1000:6.1f} ms  p99 {percentile(latencies, 0.99) * 1000:6.1f} ms"
+                  f"  errors {errors}")
+        print(f"  {'':<34} {'':>6}  tls/plain writes/s: {rate['tls'] / rate['plain']:.2f}")
+
+
+def check_perf(lab) -> None:
+    """`lab etcdctl -- check perf --load=s`, through the CLI as a user runs it."""
+    command = [sys.executable, "-m", "lab.cli", "etcdctl", "--file", str(lab.loaded.path), "--",
+               "check", "perf", "--load=s"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=lab.loaded.project_dir)
+    verdicts = [line.strip() for line in result.stdout.replace("\r", "\n").splitlines()
+                if line.startswith(("PASS", "FAIL", "Slowest"))]
+    outcome = "passes" if result.returncode == 0 else f"FAILS (exit {result.returncode})"
+    print(f"  {lab.name}: lab etcdctl -- check perf --load=s {outcome}: {'; '.join(verdicts)}"
+          + (f"\n    {result.stderr.strip()[-300:]}" if result.returncode and result.stderr.strip() else ""))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="turns per mode and load")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of one turn")
+    parser.add_argument("--threads", default="1,8,32", help="writer threads of the host client")
+    parser.add_argument("--no-check-perf", action="store_true")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("etcd_tls: needs root (it boots nspawn nodes)")
+        return 1
+    from lab.images.build import build_image
+
+    build_image("labos", "1")
+    threads = [int(t) for t in args.threads.split(",")]
+    loads = [("host client (keep-alive)", host_client, t) for t in threads]
+    loads += [("node client (connection per request)", node_client, 1),
+              ("node client (connection per request)", node_client, 8)]
+    with tempfile.TemporaryDirectory(prefix="etcd-tls-") as scratch:
+        labs = {mode: open_lab(Path(scratch), mode, args.nodes) for mode in MODES}
+        try:
+            for mode, lab in labs.items():
+                started = time.perf_counter()
+                lab.up()
+                print(f"lab {lab.name} ({args.nodes} nodes, etcd.tls: {str(MODES[mode]).lower()}) up in "
+                      f"{time.perf_counter() - started:.1f} s")
+            print(f"etcd writes (64-byte values), {args.rounds} x {args.seconds:.0f} s per mode and load, "
+                  "modes measured turn about:")
+            measure(labs, loads, args.rounds, args.seconds)
+            if not args.no_check_perf:
+                print("etcdctl check perf (~150 writes/s from 50 clients for 60 s: a pass/fail floor, not a maximum):")
+                for lab in labs.values():
+                    check_perf(lab)
+        finally:
+            for lab in labs.values():
+                lab.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    from lab.errors import LabError
+
+    try:
+        sys.exit(main())
+    except LabError as exc:
+        sys.exit(f"etcd_tls: {exc}")
