@@ -280,7 +280,7 @@ class Lab:
 
     def vagrant_provider(self) -> tuple[str, str | None]:
         """The Vagrant provider to render for, and a note when it is not the lab's own."""
-        from lab.providers.vagrant.render import VAGRANT_PROVIDERS
+        from lab.model.catalog import VAGRANT_PROVIDERS
 
         name = self.selection().name
         if name in VAGRANT_PROVIDERS:

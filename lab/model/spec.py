@@ -27,11 +27,12 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationE
 from pydantic_core import PydanticCustomError
 
 from lab.model import yamlsafe
+from lab.model.catalog import PROVIDER_CHOICES
 from lab.errors import SpecError
 
 SPEC_FILE = "lab.yaml"
-PROVIDER_NAMES = ("auto", "nspawn", "virtualbox", "libvirt", "hyperv", "vmware_desktop", "parallels")
-ProviderName = Literal["auto", "nspawn", "virtualbox", "libvirt", "hyperv", "vmware_desktop", "parallels"]
+PROVIDER_NAMES = PROVIDER_CHOICES
+ProviderName = Literal[PROVIDER_CHOICES]  # type: ignore[valid-type] # a Literal built from the catalog
 
 # Names become directory names, bridge and machine names and hostnames:
 # a strict DNS label keeps them from escaping the lab directory ("../x"),
@@ -538,7 +539,7 @@ def default_yaml(name: str = "lab", nodes: int = 3, provider: str = "auto") -> s
 # Flags (--nodes, --provider, --set key.path=value) and LAB_* variables
 # override this file. Editors complete it from `lab spec schema`.
 name: {name}
-provider: {provider}          # auto | nspawn | virtualbox | libvirt | hyperv | vmware_desktop | parallels
+provider: {provider}          # {' | '.join(PROVIDER_CHOICES)}
 box:
   name: labos
   version: "1"

@@ -14,19 +14,11 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from lab.errors import PrerequisiteError, UsageError
+from lab.model.catalog import AUTO_ORDER, PROVIDERS
 from lab.providers.base import Availability, Provider
 
-# name -> "module:Class"; the Vagrant ones share VagrantProvider (lab.providers.vagrant.provider).
-_REGISTRY = {
-    "nspawn": "lab.providers.nspawn.provider:NspawnProvider",
-    "virtualbox": "lab.providers.vagrant.virtualbox:VirtualboxProvider",
-    "libvirt": "lab.providers.vagrant.libvirt:LibvirtProvider",
-    "hyperv": "lab.providers.vagrant.others:HypervProvider",
-    "vmware_desktop": "lab.providers.vagrant.others:VmwareDesktopProvider",
-    "parallels": "lab.providers.vagrant.others:ParallelsProvider",
-}
-# The order auto-selection tries, as minikube does: a real hypervisor first.
-AUTO_ORDER = ("virtualbox", "libvirt", "nspawn")
+# name -> "module:Class": the one list, in lab.model.catalog (the spec validates against it too).
+_REGISTRY = {name: entry.target for name, entry in PROVIDERS.items()}
 
 
 def names() -> list[str]:

@@ -25,6 +25,7 @@ from lab.errors import ProviderError
 from lab.host.paths import resource
 from lab.host.files import write_atomic
 from lab.images.vagrantbox import vagrant_box_name_for
+from lab.model.catalog import VAGRANT_PROVIDERS
 
 if TYPE_CHECKING:  # pragma: no cover
     from lab.providers.base import LabContext
@@ -32,7 +33,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 TEMPLATE_NAME = "Vagrantfile.j2"
 VAGRANTFILE = "Vagrantfile"
-VAGRANT_PROVIDERS = ("virtualbox", "libvirt", "hyperv", "vmware_desktop", "parallels")
 # Forwarded ports listen on the host's loopback only: a lab's etcd or SSH
 # should never be reachable from the host's LAN by accident.
 FORWARD_HOST_IP = "127.0.0.1"
