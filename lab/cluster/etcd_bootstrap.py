@@ -43,7 +43,7 @@ ETCD_DROPIN_TEXT = """\
 Restart=on-failure
 RestartSec=1
 """
-NODE_PKI_DIR = "/etc/etcd/pki"
+from lab.node.layout import NODE_PKI_DIR  # noqa: E402 - one spelling of the node paths
 DATA_DIR = "/var/lib/etcd/lab"
 HEALTH_TIMEOUT = 60.0
 

@@ -197,7 +197,7 @@ class ScenarioRun:
         self.lab.write_ssh_config(self.provider)
         junit = self.run_dir / f"checks-{index}.xml"
         argv = [sys.executable, "-m", "pytest", *[str(Path(self.scenario.path) / f) for f in files],
-                "-p", "no:cacheprovider", "-q", f"--rootdir={self.scenario.path}",
+                "-p", "no:cacheprovider", "-p", "lab.scenarios.checks_plugin", "-q", f"--rootdir={self.scenario.path}",
                 f"--hosts={','.join('ssh://' + n.name for n in self.context.nodes)}",
                 f"--ssh-config={self.lab.ssh_config_path}", f"--junitxml={junit}"]
         try:

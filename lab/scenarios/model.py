@@ -277,26 +277,19 @@ expect:
 """
 
 TEMPLATE_TEST = '''\
-"""Checks run on every node after the steps, with testinfra's `host` fixture."""
+"""Checks run on every node after the steps.
 
-PKI = "/etc/etcd/pki"
-
-
-def etcdctl(host, args):
-    """etcdctl against the node's own member, with the lab's certificates when TLS is on."""
-    if host.file(f"{PKI}/node.crt").exists:
-        flags = f"--endpoints=https://127.0.0.1:2379 --cacert={PKI}/ca.crt --cert={PKI}/node.crt --key={PKI}/node.key"
-    else:
-        flags = "--endpoints=http://127.0.0.1:2379"
-    return host.run(f"ETCDCTL_API=3 etcdctl {flags} {args}")
+Fixtures: testinfra's `host`, and `etcdctl` (etcdctl on the node against its
+own member, with the lab's certificates when TLS is on).
+"""
 
 
 def test_etcd_is_running(host):
     assert host.service("etcd").is_running
 
 
-def test_member_is_healthy(host):
-    result = etcdctl(host, "endpoint health")
+def test_member_is_healthy(etcdctl):
+    result = etcdctl("endpoint health")
     assert result.rc == 0 and "is healthy" in result.stdout + result.stderr, result.stderr
 '''
 

@@ -21,8 +21,9 @@ def test_usr_is_still_read_only(host):
     assert host.run("touch /usr/lab-write-test").rc != 0
 
 
-def test_etcd_kept_its_data_and_membership(host):
-    members = json.loads(host.check_output(
-        "ETCDCTL_API=3 etcdctl --endpoints=http://127.0.0.1:2379 member list -w json"))["members"]
+def test_etcd_kept_its_data_and_membership(host, etcdctl):
+    listed = etcdctl("member list -w json")
+    assert listed.rc == 0, listed.stderr
+    members = json.loads(listed.stdout)["members"]
     assert len(members) == 3
     assert host.service("etcd").is_running and host.service("lab-agent").is_running
