@@ -12,6 +12,8 @@ and stopped afterwards. The box is built and added with lab's own commands.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import shutil
 import subprocess
@@ -54,8 +56,27 @@ def libvirt_leftovers(prefix: str, network: str, networks_before: set[str], lab_
 
 @pytest.fixture(scope="module")
 def libvirtd():
-    with libvirtd_running():
+    with libvirtd_running(), default_pool():
         yield
+
+
+@contextlib.contextmanager
+def default_pool():
+    """libvirt's `default` storage pool, which a pristine machine lacks until vagrant-libvirt's first
+    `vagrant up` defines it; the tests put volumes there before that. Defined here as vagrant-libvirt
+    would (a directory pool on /var/lib/libvirt/images), and undefined afterwards if it was made here."""
+    if "default" in virsh("pool-list", "--all", "--name").split():
+        yield
+        return
+    Path("/var/lib/libvirt/images").mkdir(parents=True, exist_ok=True)
+    for step in (["pool-define-as", "default", "dir", "--target", "/var/lib/libvirt/images"],
+                 ["pool-start", "default"]):
+        subprocess.run(["virsh", "-q", "-c", URI, *step], check=True, capture_output=True, timeout=60)
+    try:
+        yield
+    finally:
+        virsh("pool-destroy", "default")
+        virsh("pool-undefine", "default")
 
 
 @pytest.fixture(scope="module")
