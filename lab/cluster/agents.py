@@ -14,10 +14,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from lab.cluster.etcd_bootstrap import NODE_PKI_DIR, client_for, members
+from lab.cluster.etcd_bootstrap import client_for, members
 from lab.cluster.remote import BootstrapError, RemoteFile, check, journal_tail, put_files, units_active
 from lab.host.ssh import SSHEndpoint, connect
 from lab.node import layout
+from lab.node.layout import NODE_PKI_DIR
 from lab.providers.base import LabContext, Progress, no_progress
 
 AGENT_TTL = 5  # seconds: a dead machine's units move after about this long

@@ -29,6 +29,7 @@ from lab.cluster.remote import BootstrapError, RemoteFile, check, journal_tail, 
 from lab.errors import ProviderError, UsageError
 from lab.host.pki import LabPki
 from lab.host.ssh import SSHEndpoint, connect, run
+from lab.node.layout import NODE_PKI_DIR
 from lab.providers.base import LabContext, Progress, no_progress
 
 CLIENT_PORT = 2379
@@ -43,7 +44,6 @@ ETCD_DROPIN_TEXT = """\
 Restart=on-failure
 RestartSec=1
 """
-from lab.node.layout import NODE_PKI_DIR  # noqa: E402 - one spelling of the node paths
 DATA_DIR = "/var/lib/etcd/lab"
 HEALTH_TIMEOUT = 60.0
 

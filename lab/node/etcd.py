@@ -3,6 +3,10 @@
 Copied to /var/lib/lab/ on each node with the agents. The gateway's encoding
 (keys and values in base64, a prefix read as a key range) is defined here once:
 the host's client (lab/cluster/etcdclient.py) uses these functions too.
+
+Connections are kept alive, one per endpoint and thread: on a TLS lab (the
+default) a new connection costs a full handshake, and a connection per
+request halved the writes/s an agent gets (bench/etcd_tls.py).
 """
 
 from __future__ import annotations
@@ -11,8 +15,8 @@ import base64
 import http.client
 import json
 import ssl
-import urllib.error
-import urllib.request
+import threading
+import urllib.parse
 
 
 def b64(value: str | bytes) -> str:
@@ -35,6 +39,12 @@ def prefix_end(prefix: str) -> bytes:
     return b"\0"
 
 
+# A kept-alive connection the member closed while it sat idle (the member
+# restarted, say) fails like this on its next request, which then goes again
+# on a new connection: as safe as `call` sending it to the next endpoint.
+STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+
+
 class Etcd:
     """The few etcd v3 calls the agents need, over the JSON gateway, with failover."""
 
@@ -43,21 +53,56 @@ class Etcd:
         self.timeout = timeout
         self.context = None
         if tls:
+            # The member's certificate must chain to the lab's CA and name the
+            # address dialled; ours (a lab certificate) is what etcd's
+            # client-cert-auth asks for.
             self.context = ssl.create_default_context(cafile=tls["ca"])
             self.context.load_cert_chain(tls["cert"], tls["key"])
+        self._local = threading.local()
+
+    def _connection(self, endpoint: str) -> http.client.HTTPConnection:
+        url = urllib.parse.urlsplit(endpoint)
+        if url.scheme == "https":
+            return http.client.HTTPSConnection(url.hostname, url.port, timeout=self.timeout, context=self.context)
+        return http.client.HTTPConnection(url.hostname, url.port, timeout=self.timeout)
+
+    def request(self, endpoint: str, method: str, path: str, body: bytes | None = None) -> bytes:
+        """One request on this thread's connection to `endpoint`; anything but 200 raises (an OSError)."""
+        connections = self._local.__dict__.setdefault("connections", {})
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        retry_stale = endpoint in connections  # only a reused connection can be stale
+        while True:
+            connection = connections.get(endpoint) or connections.setdefault(endpoint, self._connection(endpoint))
+            try:
+                connection.request(method, path, body=body, headers=headers)
+                response = connection.getresponse()
+                data = response.read()
+            except BaseException as exc:
+                connection.close()  # a half-used connection is never used again
+                connections.pop(endpoint, None)
+                if retry_stale and isinstance(exc, STALE):
+                    retry_stale = False
+                    continue
+                raise
+            if response.status != 200:
+                text = data[:200].decode(errors="replace")
+                raise ConnectionError(f"{endpoint}{path}: HTTP {response.status}: {text}")
+            return data
+
+    def close(self) -> None:
+        """Close this thread's connections."""
+        for connection in self._local.__dict__.pop("connections", {}).values():
+            connection.close()
 
     def call(self, path: str, body: dict) -> dict:
         last: Exception | None = None
         for index, endpoint in enumerate(self.endpoints):
-            request = urllib.request.Request(f"{endpoint}/v3/{path}", data=json.dumps(body).encode(),
-                                             headers={"Content-Type": "application/json"})
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout, context=self.context) as response:
-                    data = json.loads(response.read() or b"{}")
+                data = json.loads(self.request(endpoint, "POST", f"/v3/{path}", json.dumps(body).encode()) or b"{}")
                 if index:  # remember the endpoint that answered
                     self.endpoints = self.endpoints[index:] + self.endpoints[:index]
                 return data
-            except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+            except (OSError, ValueError, http.client.HTTPException) as exc:
                 # HTTPException (IncompleteRead, BadStatusLine...) is not an
                 # OSError: a member dying mid-answer must not kill the agent.
                 last = exc
@@ -98,8 +143,6 @@ class Etcd:
     def healthy(self, endpoint: str) -> bool:
         """True when the member at `endpoint` answers /health with a leader."""
         try:
-            request = urllib.request.Request(f"{endpoint}/health")
-            with urllib.request.urlopen(request, timeout=self.timeout, context=self.context) as response:
-                return json.loads(response.read()).get("health") == "true"
+            return json.loads(self.request(endpoint, "GET", "/health")).get("health") == "true"
         except Exception:  # noqa: BLE001 - any failure means "not healthy yet"
             return False

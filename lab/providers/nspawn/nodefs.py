@@ -35,9 +35,9 @@ def _parts(relpath: str) -> list[str]:
     return parts
 
 
-def _open_dirs(root: str, parts: list[str], create: bool = False) -> int:
+def _open_dirs(root: str, parts: list[str], create: bool = False, owner: tuple[int, int] | None = None) -> int:
     """An fd of root/parts..., every component a real directory (not a symlink); with `create`,
-    missing ones are made (0755: in a mounted overlay, existing image directories keep their mode)."""
+    missing ones are made, 0755 and `owner`'s (in a mounted overlay, image directories keep theirs)."""
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # root is the host's, e.g. /proc/PID/root
     walked = root
     try:
@@ -51,6 +51,8 @@ def _open_dirs(root: str, parts: list[str], create: bool = False) -> int:
                 os.mkdir(part, 0o755, dir_fd=fd)
                 next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
                 os.fchmod(next_fd, 0o755)  # whatever the umask
+                if owner is not None:
+                    os.fchown(next_fd, *owner)
             except OSError as exc:  # ELOOP or ENOTDIR: a symlink, a file or a device
                 raise UnsafeNodePath(f"{walked}: not a directory ({os.strerror(exc.errno)}): refused") from None
             os.close(fd)
@@ -103,17 +105,20 @@ def read_node_text(root: "os.PathLike | str", relpath: str, cap: int = READ_CAP)
         return None
 
 
-def write_node_file(root: "os.PathLike | str", relpath: str, data: bytes, mode: int) -> None:
-    """Write root/relpath atomically with `mode`, making missing directories, refusing symlinks
-    on the way (UnsafeNodePath)."""
+def write_node_file(root: "os.PathLike | str", relpath: str, data: bytes, mode: int,
+                    owner: tuple[int, int] | None = None) -> None:
+    """Write root/relpath atomically with `mode` (and `owner`: uid, gid), making missing directories,
+    refusing symlinks on the way (UnsafeNodePath)."""
     root, parts = os.fspath(root), _parts(relpath)
-    dir_fd = _open_dirs(root, parts[:-1], create=True)
+    dir_fd = _open_dirs(root, parts[:-1], create=True, owner=owner)
     tmp = f".{parts[-1]}.{secrets.token_hex(8)}.lab-tmp"  # unguessable: nothing can be planted there
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                      dir_fd=dir_fd)
         try:
-            os.fchmod(fd, mode)
+            if owner is not None:
+                os.fchown(fd, *owner)
+            os.fchmod(fd, mode)  # after fchown, which clears set-id bits
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]

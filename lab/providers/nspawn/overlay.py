@@ -21,11 +21,19 @@ from lab.providers.base import LabContext
 from lab.providers.nspawn.nodefs import write_node_file
 
 
-def mount_overlay(lower: Path, upper: Path, work: Path, merged: Path) -> None:
+def metacopy_available() -> bool:
+    """Whether overlayfs can copy up an inode's metadata alone (chown a tree without copying its data)."""
+    return Path("/sys/module/overlay/parameters/metacopy").exists()
+
+
+def mount_overlay(lower: Path, upper: Path, work: Path, merged: Path, metacopy: bool = False) -> None:
     """Mount the overlay at `merged`, unless it is mounted already."""
     if not os.path.ismount(merged):
-        run(["mount", "-t", "overlay", "overlay", "-o",
-             f"lowerdir={lower},upperdir={upper},workdir={work}", str(merged)])
+        # metacopy (for nodes in a user namespace only) is unsafe with an upper
+        # layer an attacker writes to directly; a node writes only through the
+        # overlay, which refuses its trusted.overlay.* attributes.
+        options = f"lowerdir={lower},upperdir={upper},workdir={work}" + (",metacopy=on" if metacopy else "")
+        run(["mount", "-t", "overlay", "overlay", "-o", options, str(merged)])
 
 
 def identity_files(context: LabContext, node: str, host_key: tuple[str, str]) -> dict[str, str]:
@@ -60,7 +68,10 @@ def fact_files(context: LabContext, node: str) -> dict[str, str]:
 
 def write_into_node(merged: Path, files: dict[str, str]) -> None:
     """Write files into the node's mounted root (before it boots); keys and authorized_keys are 0600,
-    the rest 0644. The node's root owns that tree: a symlink on the way is refused, never followed."""
+    the rest 0644, all owned by the owner of the node's / (its root: uid 0, or the first uid of its
+    user namespace). The node's root owns that tree: a symlink on the way is refused, never followed."""
+    root = merged.stat()
     for relative, text in files.items():
         private_file = relative.endswith("_key") or "authorized_keys" in relative
-        write_node_file(merged, relative, text.encode(), 0o600 if private_file else 0o644)
+        write_node_file(merged, relative, text.encode(), 0o600 if private_file else 0o644,
+                        owner=(root.st_uid, root.st_gid))

@@ -313,16 +313,19 @@ class NspawnProvider(Provider):
     def _prepare_node(self, node: str, rootfs: Path) -> None:
         directory = self.node_dir(node)
         upper, work, merged = directory / "upper", directory / "work", directory / "merged"
-        self.state.record("node", node, dir=str(directory))
+        fresh = not (directory / "provisioned").exists()
+        # Decided when the node is made and kept: its files' owners depend on it.
+        extra = {"private_users": not self.privileged and overlay.metacopy_available()} if fresh else {}
+        self.state.record("node", node, dir=str(directory), **extra)
         for path in (upper, work, merged):
             path.mkdir(parents=True, exist_ok=True)
         slot_a = directory / "slot-a"
         if not slot_a.is_symlink():
             slot_a.symlink_to(rootfs)  # the image the node was created with
         self.state.record("mount", str(merged))
-        overlay.mount_overlay(rootfs, upper, work, merged)
+        overlay.mount_overlay(rootfs, upper, work, merged, metacopy=self._private_users(node))
         try:
-            if not (directory / "provisioned").exists():
+            if fresh:
                 self._write_identity(node, merged)
                 (directory / "provisioned").write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
             overlay.write_into_node(merged, overlay.fact_files(self.context, node))
@@ -340,11 +343,27 @@ class NspawnProvider(Provider):
         record_host_key(self.context.known_hosts, node, self.context.addresses[node], public)
 
     def _nspawn_argv(self, node: str) -> list[str]:
+        # /usr read-only, from the slot the node boots (see supervisor.py)
+        usr = ["--bind-ro={usr}:/usr"]
+        if self._private_users(node):
+            # The node's root is an unprivileged uid range of the host. nspawn
+            # chowns the tree into it at the first boot: with metacopy that
+            # copies up inodes only, not data. The image's /usr is shared by
+            # all nodes and stays root's: an idmapped bind shows it shifted.
+            usr = ["--private-users=pick", "--private-users-ownership=chown", "--bind-ro={usr}:/usr:idmap"]
         return ["systemd-nspawn", "--boot", "--register=no", "--keep-unit", "--quiet",
-                f"--machine={self.machine(node)}", f"--directory={self.node_dir(node) / 'merged'}",
-                "--bind-ro={usr}:/usr",  # /usr read-only, from the slot the node boots (see supervisor.py)
+                f"--machine={self.machine(node)}", f"--directory={self.node_dir(node) / 'merged'}", *usr,
                 f"--network-bridge={self.bridge}", "--console=read-only",
                 "--resolv-conf=off", "--timezone=off", "--link-journal=no"]
+
+    @property
+    def privileged(self) -> bool:
+        """`providers.nspawn.privileged: true`: new nodes' root is the host's root (no user namespace)."""
+        # The key belongs to the spec's ProviderOptions (lab/model/spec.py).
+        return bool(getattr(getattr(self.context.spec.providers, "nspawn", None), "privileged", False))
+
+    def _private_users(self, node: str) -> bool:
+        return any(res.get("private_users") for res in self.state.find("node", node))
 
     def _spawn(self, node: str, rootfs: Path) -> None:
         directory = self.node_dir(node)

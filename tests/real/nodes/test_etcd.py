@@ -61,7 +61,7 @@ def on_node(lab: Lab, node: str, command: str):
 
 def etcdctl_on(lab: Lab, node: str, args: str) -> str:
     """etcdctl on a node against its own member, with the member's certificate on a TLS lab."""
-    pki = "/etc/etcd/pki"
+    pki = layout.NODE_PKI_DIR
     flags = (f"--endpoints=https://127.0.0.1:2379 --cacert={pki}/ca.crt --cert={pki}/node.crt --key={pki}/node.key"
              if lab.spec.etcd.tls else "--endpoints=http://127.0.0.1:2379")
     result = on_node(lab, node, f"ETCDCTL_API=3 etcdctl {flags} {args}")

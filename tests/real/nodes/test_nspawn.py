@@ -65,8 +65,8 @@ def leftovers(lab_id: str, lab_dir: Path) -> list[str]:
     tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
     if f"lab_{lab_id}" in tables:
         found.append(f"nft table lab_{lab_id}")
-    for controller in ("freezer", "memory"):
-        for cgroup in Path(f"/sys/fs/cgroup/{controller}").rglob(f"lab-{lab_id}-*"):
+    for hierarchy in Path("/sys/fs/cgroup").iterdir():  # every one: each node has a cgroup in all of them
+        for cgroup in hierarchy.rglob(f"lab-{lab_id}-*"):
             found.append(f"cgroup {cgroup}")
     if lab_dir.exists():
         found.append(f"directory {lab_dir}")
