@@ -6,7 +6,6 @@ Golden files live in tests/golden/Vagrantfile.<provider>; regenerate them with
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import shutil
@@ -17,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from lab.errors import ProviderError
-from lab.host.network import node_addresses
 from lab.providers.base import LabContext
 from lab.providers.vagrant.render import (VAGRANT_PROVIDERS, render_template, render_vagrantfile, ruby_str, vagrant_box_name,
                         write_vagrantfile)
 from lab.model.spec import LabSpec
+from lab.testing import contexts
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 REPO = Path(__file__).resolve().parents[2]
@@ -53,15 +52,8 @@ GOLDEN_SPEC = {
 }
 
 
-def make_context(tmp_path: Path, data: dict, *, lab_id: str = "c0ffee",
-                 subnet: str = "10.77.3.0/24") -> LabContext:
-    spec = LabSpec.model_validate(data)
-    nodes = spec.node_specs()
-    lab_dir = tmp_path / "project" / ".lab" / spec.name
-    network = ipaddress.IPv4Network(subnet)
-    return LabContext(spec=spec, lab_dir=lab_dir, lab_id=lab_id, nodes=nodes,
-                      addresses=node_addresses(network, [n.name for n in nodes]), subnet=subnet,
-                      ssh_key=lab_dir / "ssh" / "id_ed25519", known_hosts=lab_dir / "ssh" / "known_hosts")
+def make_context(tmp_path: Path, data: dict, *, lab_id: str = "c0ffee", subnet: str = "10.77.3.0/24") -> LabContext:
+    return contexts.make_context(tmp_path, data, lab_id=lab_id, subnet=subnet)
 
 
 def define_blocks(text: str) -> dict[str, str]:

@@ -6,7 +6,6 @@ in tests/real/vm/test_vagrant_provider.py.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import shutil
@@ -17,27 +16,20 @@ from pathlib import Path
 import pytest
 
 from lab.errors import CommandError, PrerequisiteError, ProviderError
-from lab.host.network import node_addresses
 from lab.host.vagrant import plugin_installed, vagrant_environment
 from lab.images.vagrantbox import current_libvirt_volume
-from lab.model.spec import LabSpec
 from lab.providers import provider_class
 from lab.providers.base import LabContext
 from lab.providers.vagrant.libvirt import LibvirtProvider, libvirt_socket_problem
 from lab.providers.vagrant.provider import VagrantProvider
 from lab.providers.vagrant.render import VAGRANT_PROVIDERS, render_vagrantfile
 from lab.providers.vagrant.virtualbox import VirtualboxProvider, up_concurrently
+from lab.testing import contexts
 
 
-def make_context(tmp_path: Path, data: dict | None = None, *, lab_id: str = "5eed01") -> LabContext:
-    spec = LabSpec.model_validate(data or {"name": "vlab", "providers": {"libvirt": {"driver": "qemu"}}})
-    nodes = spec.node_specs()
-    lab_dir = tmp_path / "project" / ".lab" / spec.name
-    subnet = "10.77.9.0/24"
-    return LabContext(spec=spec, lab_dir=lab_dir, lab_id=lab_id, nodes=nodes,
-                      addresses=node_addresses(ipaddress.IPv4Network(subnet), [n.name for n in nodes]),
-                      subnet=subnet, ssh_key=lab_dir / "ssh" / "id_ed25519",
-                      known_hosts=lab_dir / "ssh" / "known_hosts")
+def make_context(tmp_path: Path, data: dict | None = None) -> LabContext:
+    return contexts.make_context(tmp_path, data or {"name": "vlab", "providers": {"libvirt": {"driver": "qemu"}}},
+                                 lab_id="5eed01", subnet="10.77.9.0/24")
 
 
 # ---------------------------------------------------------------- registry

@@ -8,34 +8,26 @@ and commands that fail before a VM would be made.
 
 from __future__ import annotations
 
-import ipaddress
 import shutil
 from pathlib import Path
 
 import pytest
 
 from lab.errors import CommandError, ProviderError
-from lab.host.network import node_addresses
-from lab.model.spec import LabSpec
 from lab.providers import provider_class
 from lab.providers.base import LabContext, NodeState
 from lab.providers.vagrant.libvirt import LibvirtProvider
 from lab.providers.vagrant.render import VAGRANT_PROVIDERS
 from lab.providers.vagrant.virtualbox import VirtualboxProvider
+from lab.testing import contexts
 
 HAVE_VAGRANT = shutil.which("vagrant") is not None
 needs_vagrant = pytest.mark.skipif(not HAVE_VAGRANT, reason="vagrant not installed")
 
 
-def make_context(tmp_path: Path, data: dict | None = None, *, lab_id: str = "5eed01") -> LabContext:
-    spec = LabSpec.model_validate(data or {"name": "vlab", "providers": {"libvirt": {"driver": "qemu"}}})
-    nodes = spec.node_specs()
-    lab_dir = tmp_path / "project" / ".lab" / spec.name
-    subnet = "10.77.9.0/24"
-    return LabContext(spec=spec, lab_dir=lab_dir, lab_id=lab_id, nodes=nodes,
-                      addresses=node_addresses(ipaddress.IPv4Network(subnet), [n.name for n in nodes]),
-                      subnet=subnet, ssh_key=lab_dir / "ssh" / "id_ed25519",
-                      known_hosts=lab_dir / "ssh" / "known_hosts")
+def make_context(tmp_path: Path, data: dict | None = None) -> LabContext:
+    return contexts.make_context(tmp_path, data or {"name": "vlab", "providers": {"libvirt": {"driver": "qemu"}}},
+                                 lab_id="5eed01", subnet="10.77.9.0/24")
 
 
 # ---------------------------------------------------------------- the real vagrant
