@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from lab.errors import LabError, UsageError
-from lab.providers.base import NodeState, NodeStatus, Provider
+from lab.providers.base import NodeState, Provider
 from lab.scenarios.conditions import Conditions
 from lab.scenarios.expectations import availability
 from lab.scenarios.faults import FAULTS, UNDOES, FaultInjector
 from lab.scenarios.history import Op
 from lab.scenarios.model import Fault
 from lab.scenarios.monitor import InvariantSampler, LeaderMonitor
+from lab.testing.contexts import make_context
+from lab.testing.fake import FakeProvider
 
 NODES = ["node-1", "node-2", "node-3"]
 
@@ -28,55 +31,23 @@ class Clock:
         return self.now
 
 
-class RecordingProvider:
-    """The provider methods faults use, recording calls; `failing` makes one raise."""
-
-    def __init__(self, failing: str | None = None) -> None:
-        self.calls: list[str] = []
-        self.failing = failing
-        self.states = {n: NodeState.RUNNING for n in NODES}
-
-    def _call(self, method: str, *args) -> None:
-        self.calls.append(" ".join([method, *map(str, args)]))
-        if method == self.failing:
-            raise LabError(f"{method} failed")
-
-    def kill(self, node):
-        self._call("kill", node)
-        self.states[node] = NodeState.STOPPED
-
-    def start(self, node):
-        self._call("start", node)
-        self.states[node] = NodeState.RUNNING
-
-    def pause(self, node):
-        self._call("pause", node)
-        self.states[node] = NodeState.PAUSED
-
-    def resume(self, node):
-        self._call("resume", node)
-        self.states[node] = NodeState.RUNNING
-
-    def reboot(self, node):
-        self._call("reboot", node)
-
-    def partition(self, groups):
-        self._call("partition", "|".join(",".join(g) for g in groups))
-
-    def heal(self):
-        self._call("heal")
-
-    def status(self):
-        return [NodeStatus(n, s) for n, s in self.states.items()]
+CONTEXT = make_context(Path("/nonexistent"), {"nodes": {"count": 3}}, lab_id="e1e1e1", subnet="10.77.8.0/24")
 
 
-class Context:
-    nodes = [SimpleNamespace(name=n) for n in NODES]
+@pytest.fixture(autouse=True)
+def fresh_fake():
+    """lab.testing's fake provider keeps its nodes and calls per class: start each test from none."""
+    FakeProvider.reset()
+    yield
+    FakeProvider.reset()
 
-    def node(self, name):
-        if name not in NODES:
-            raise UsageError(f"no node named {name!r}")
-        return SimpleNamespace(name=name)
+
+def fake_provider(failing: str | None = None) -> FakeProvider:
+    """The fake provider with three running nodes; `failing` makes one method raise."""
+    FakeProvider.nodes.update({n: NodeState.RUNNING for n in NODES})
+    if failing:
+        FakeProvider.failures[failing] = LabError(f"{failing} failed")
+    return FakeProvider(CONTEXT)
 
 
 class StaticMonitor:
@@ -97,7 +68,7 @@ class StaticMonitor:
 
 
 def injector(**kwargs) -> FaultInjector:
-    return FaultInjector(RecordingProvider(**kwargs), Context(), StaticMonitor(), Clock())
+    return FaultInjector(fake_provider(**kwargs), CONTEXT, StaticMonitor(), Clock())
 
 
 # ---------------------------------------------------------------- the registry
@@ -166,10 +137,10 @@ def test_targets_are_checked_and_old_leader_needs_an_earlier_fault():
         faults.targets("old-leader")
     faults.inject("kill", "leader")
     assert faults.targets("old-leader") == ["node-2"]
-    assert FaultInjector(RecordingProvider(), Context(), StaticMonitor(leader=(None, 0)), Clock()).targets("all") \
+    assert FaultInjector(fake_provider(), CONTEXT, StaticMonitor(leader=(None, 0)), Clock()).targets("all") \
         == NODES
     with pytest.raises(LabError, match="no leader"):
-        FaultInjector(RecordingProvider(), Context(), StaticMonitor(leader=(None, 0)), Clock()).targets("leader")
+        FaultInjector(fake_provider(), CONTEXT, StaticMonitor(leader=(None, 0)), Clock()).targets("leader")
 
 
 def test_a_failed_fault_still_leaves_its_window_for_restore_to_end():
