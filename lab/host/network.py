@@ -15,7 +15,6 @@ import ipaddress
 import json
 import os
 import shutil
-import subprocess
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Iterator
 from lab.errors import PrerequisiteError, StateError
 from lab.host.paths import private_dir, state_home
 from lab.host.files import write_atomic
+from lab.host.run import run
 
 # 10.77.0.0/16 keeps clear of the usual Docker, libvirt and home ranges.
 DEFAULT_POOL = ipaddress.IPv4Network("10.77.0.0/16")
@@ -119,9 +119,8 @@ def host_networks(ignore_devices: set[str] = frozenset()) -> list[tuple[ipaddres
     """IPv4 networks routed on this host, with the device carrying each."""
     if shutil.which("ip") is None:
         return []
-    result = subprocess.run(["ip", "-j", "-4", "route", "show", "table", "all"],
-                            capture_output=True, text=True, check=False)
-    if result.returncode != 0:
+    result = run(["ip", "-j", "-4", "route", "show", "table", "all"], check=False, timeout=30)
+    if not result.ok:
         return []
     return parse_routes(result.stdout, ignore_devices)
 

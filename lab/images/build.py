@@ -17,12 +17,14 @@ import shlex
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 from lab.errors import BoxError, PrerequisiteError
+from lab.host.run import run
 from lab.images.cache import (Image, delete_tree, find_image, image_key, image_path, lock_path, read_image,
                               refuse_if_in_use)
 from lab.images.recipes import UNIT_ACTIONS, Recipe, host_debian_mirror, load_recipe, recipe_files
@@ -30,6 +32,9 @@ from lab.images.recipes import UNIT_ACTIONS, Recipe, host_debian_mirror, load_re
 Progress = Callable[[str], None]
 
 _OUTPUT_TAIL_LINES = 25
+# debootstrap takes ~3.5 min from a good mirror; a chroot step (apt, update-initramfs) a minute or two.
+DEBOOTSTRAP_TIMEOUT = 30 * 60
+CHROOT_TIMEOUT = 15 * 60
 
 
 def build_image(name: str, version: str, *, mirror: str | None = None,
@@ -102,6 +107,16 @@ def _debootstrap(recipe: Recipe, mirror: str, rootfs: Path, report: Progress) ->
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                stdin=subprocess.DEVNULL, text=True, errors="replace",
                                start_new_session=True)
+    # A mirror that stalls would otherwise hang the build forever: stop it at a deadline.
+    timed_out = threading.Event()
+
+    def expire() -> None:
+        timed_out.set()
+        _stop(process)
+
+    watchdog = threading.Timer(DEBOOTSTRAP_TIMEOUT, expire)
+    watchdog.daemon = True
+    watchdog.start()
     try:
         assert process.stdout is not None
         for line in process.stdout:
@@ -112,6 +127,11 @@ def _debootstrap(recipe: Recipe, mirror: str, rootfs: Path, report: Progress) ->
     except BaseException:
         _stop(process)
         raise
+    finally:
+        watchdog.cancel()
+    if timed_out.is_set():
+        raise BoxError(f"debootstrap did not finish in {DEBOOTSTRAP_TIMEOUT // 60} minutes: stopped",
+                       hint=f"check that {mirror} answers (pass another with --mirror URL)")
     if status != 0:
         # debootstrap's own log names the package or URL that failed; its
         # console output often only says "see the log".
@@ -283,10 +303,9 @@ def _mark_updated(rootfs: Path) -> None:
 
 def _chroot(rootfs: Path, *command: str) -> None:
     argv = ["chroot", str(rootfs), *command]
-    result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, text=True, errors="replace")
-    if result.returncode != 0:
-        raise BoxError(failure_message(argv, result.returncode, result.stdout))
+    result = run(argv, check=False, timeout=CHROOT_TIMEOUT)  # a timeout is a CommandError naming the command
+    if not result.ok:
+        raise BoxError(failure_message(argv, result.exit_code, result.output))
 
 
 def _write_meta(temp: Path, recipe: Recipe, key: str, mirror: str) -> None:

@@ -399,8 +399,11 @@ def _remove_unused_volumes(vagrant_name: str, keep: str | None,
         for line in virsh("domblklist", domain, "--details").stdout.splitlines():
             words = line.split()
             if len(words) >= 4 and words[1] == "disk" and words[3].startswith("/"):
-                info = subprocess.run(["qemu-img", "info", "-U", "--output=json", "--backing-chain", words[3]],
-                                      capture_output=True, text=True)
+                try:
+                    info = subprocess.run(["qemu-img", "info", "-U", "--output=json", "--backing-chain", words[3]],
+                                          capture_output=True, text=True, timeout=60)
+                except (OSError, subprocess.TimeoutExpired):
+                    return []
                 if info.returncode != 0:
                     return []  # a disk whose backing chain we cannot read might use any of them: keep all
                 in_use.update(layer.get("filename", "") for layer in json.loads(info.stdout))

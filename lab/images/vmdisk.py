@@ -16,12 +16,14 @@ on the host if the build is interrupted but a file in a temporary directory.
 from __future__ import annotations
 
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from lab.errors import BoxError, PrerequisiteError
+from lab.host.run import Result, run
+
+DISK_TOOL_TIMEOUT = 10 * 60
 
 Progress = Callable[[str], None]
 
@@ -153,11 +155,11 @@ def virtual_size(image: Path) -> int:
     return int(info["virtual-size"])
 
 
-def _run(argv: list[str], *, input: str | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run(argv, input=input, capture_output=True, text=True, errors="replace",
-                            stdin=None if input is not None else subprocess.DEVNULL)
-    if result.returncode != 0:
+def _run(argv: list[str], *, input: str | None = None) -> Result:
+    # Disk tools on a ~1 GiB image take seconds; a stuck one ends as a CommandError.
+    result = run(argv, input=input, check=False, timeout=DISK_TOOL_TIMEOUT)
+    if not result.ok:
         from lab.images.build import failure_message
 
-        raise BoxError(failure_message(argv, result.returncode, result.stdout + result.stderr))
+        raise BoxError(failure_message(argv, result.exit_code, result.output))
     return result

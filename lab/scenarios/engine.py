@@ -29,6 +29,9 @@ from lab.scenarios.model import Fault, Probe, Scenario, ScenarioSpec, Step, Unit
 from lab.scenarios.monitor import InvariantSampler, LeaderMonitor
 from lab.scenarios.results import Outcome, RunResult, StepResult, progress_line
 
+# testinfra checks on every node take seconds; a node that stops answering must not hang the run.
+CHECKS_TIMEOUT = 15 * 60
+
 
 class ScenarioRun:
     def __init__(self, lab, scenario: Scenario, spec: ScenarioSpec, progress: Callable[[str], None],
@@ -201,7 +204,9 @@ class ScenarioRun:
                 f"--hosts={','.join('ssh://' + n.name for n in self.context.nodes)}",
                 f"--ssh-config={self.lab.ssh_config_path}", f"--junitxml={junit}"]
         try:
-            result = subprocess.run(argv, capture_output=True, text=True, check=False)
+            result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=CHECKS_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            return False, f"the checks did not finish in {CHECKS_TIMEOUT} s (a node stopped answering?)", {}
         finally:
             close_masters(self.lab.ssh_config_path, [n.name for n in self.context.nodes])
         (self.run_dir / f"checks-{index}.txt").write_text(result.stdout + result.stderr)
