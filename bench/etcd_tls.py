@@ -6,11 +6,17 @@
 Needs root and the built node image. Both labs are up at once and measured
 turn about (tls, plain, tls, plain...), so background load on a shared host
 falls on both alike. Loads:
-  * the host's client (lab.cluster.etcdclient, httpx): one keep-alive
-    connection per thread, so TLS costs the record layer, not handshakes;
-  * the nodes' client (lab.node.etcd, urllib): a new connection, hence a
-    full TLS handshake, for every request, which is what the agents do;
+  * the host's client (lab.cluster.etcdclient, httpx) and the agents'
+    client (lab.node.etcd, http.client), each with one kept-alive connection
+    per thread: TLS costs the record layer and the members' peer TLS;
+  * the agents' client with a new connection, hence a full TLS handshake,
+    per request (what the agents did before they kept connections alive);
 and `etcdctl check perf --load=s` through `lab etcdctl` on each lab.
+
+Throughput on a small shared host moves with whatever else runs, so each
+load also reports CPU time per write, which moves much less: the etcd
+members' (all three, read from /proc on the nodes before and after each turn,
+the agents' background traffic included) and this client process's.
 Prints figures and ratios (tls / plain); asserts nothing.
 """
 
@@ -18,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -58,6 +66,19 @@ def node_client(lab):
     return Etcd([m.client_url for m in members(lab.context("nspawn"))], tls, timeout=2.0)
 
 
+class ConnectionPerRequest:
+    """The agents' client, closing its connection after every request."""
+
+    def __init__(self, lab) -> None:
+        self.etcd = node_client(lab)
+
+    def put(self, key: str, value: str) -> None:
+        try:
+            self.etcd.put(key, value)
+        finally:
+            self.etcd.close()
+
+
 def load(make_client, threads: int, seconds: float) -> tuple[list[float], int]:
     """`threads` writers for `seconds`: the latency of every acknowledged put, and the error count."""
     latencies: list[list[float]] = [[] for _ in range(threads)]
@@ -86,6 +107,32 @@ def load(make_client, threads: int, seconds: float) -> tuple[list[float], int]:
     return [x for per_thread in latencies for x in per_thread], sum(errors)
 
 
+# On a node: CPU seconds (user + system) used so far by its etcd.
+ETCD_CPU = ("pid=$(systemctl show -p MainPID --value etcd); "
+            "awk -v hz=$(getconf CLK_TCK) '{print ($14 + $15) / hz}' /proc/$pid/stat")
+
+
+def etcd_cpu(lab) -> float:
+    """CPU seconds used so far by the lab's etcd members, summed."""
+    from lab.host.ssh import run_many
+
+    return sum(float(r.stdout) for r in run_many(list(lab.ssh_endpoints().values()), ETCD_CPU, timeout=20))
+
+
+def client_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def idle(labs: dict, seconds: float) -> None:
+    """What each lab's etcd burns with no load but its agents and Raft heartbeats."""
+    for mode, lab in labs.items():
+        before = etcd_cpu(lab)
+        time.sleep(seconds)
+        print(f"  idle (agents + heartbeats)  {mode:<5}  etcd CPU {(etcd_cpu(lab) - before) / seconds * 100:5.1f} % "
+              "of one CPU, 3 members together")
+
+
 def percentile(samples: list[float], fraction: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else float("nan")
@@ -93,19 +140,30 @@ def percentile(samples: list[float], fraction: float) -> float:
 
 def measure(labs: dict, loads: list[tuple[str, object, int]], rounds: int, seconds: float) -> None:
     for label, factory, threads in loads:
-        results: dict[str, tuple[list[float], int, float]] = {mode: ([], 0, 0.0) for mode in labs}
+        latencies = {mode: [] for mode in labs}
+        errors = dict.fromkeys(labs, 0)
+        etcd_seconds, client_seconds = dict.fromkeys(labs, 0.0), dict.fromkeys(labs, 0.0)
         for _ in range(rounds):
             for mode, lab in labs.items():  # turn about: drift on the host hits both modes
-                latencies, errors = load(lambda lab=lab: factory(lab), threads, seconds)
-                old = results[mode]
-                results[mode] = (old[0] + latencies, old[1] + errors, old[2] + seconds)
-        rate = {}
-        for mode, (latencies, errors, elapsed) in results.items():
-            rate[mode] = len(latencies) / elapsed
-            print(f"  {label:<34} {threads:>2} thr  {mode:<5} {rate[mode]:8.0f} writes/s  "
-                  f"p50 {percentile(latencies, 0.50) * 1000:6.1f} ms  p99 {percentile(latencies, 0.99) * 1000:6.1f} ms"
-                  f"  errors {errors}")
-        print(f"  {'':<34} {'':>6}  tls/plain writes/s: {rate['tls'] / rate['plain']:.2f}")
+                etcd_before, client_before = etcd_cpu(lab), client_cpu()
+                done, failed = load(lambda lab=lab: factory(lab), threads, seconds)
+                client_seconds[mode] += client_cpu() - client_before
+                etcd_seconds[mode] += etcd_cpu(lab) - etcd_before
+                latencies[mode] += done
+                errors[mode] += failed
+        rate, etcd_ms, client_ms = {}, {}, {}
+        for mode in labs:
+            writes = max(1, len(latencies[mode]))
+            rate[mode] = len(latencies[mode]) / (rounds * seconds)
+            etcd_ms[mode] = etcd_seconds[mode] / writes * 1000
+            client_ms[mode] = client_seconds[mode] / writes * 1000
+            print(f"  {label:<40} {threads:>2} thr  {mode:<5} {rate[mode]:6.0f} writes/s  "
+                  f"p50 {percentile(latencies[mode], 0.50) * 1000:6.1f} ms  "
+                  f"p99 {percentile(latencies[mode], 0.99) * 1000:6.1f} ms  "
+                  f"CPU/write: etcd {etcd_ms[mode]:5.2f} ms, client {client_ms[mode]:5.2f} ms  errors {errors[mode]}")
+        print(f"  {'':<40} {'':>6}  tls/plain: writes/s {rate['tls'] / rate['plain']:.2f}, "
+              f"etcd CPU/write {etcd_ms['tls'] / etcd_ms['plain']:.2f}, "
+              f"client CPU/write {client_ms['tls'] / client_ms['plain']:.2f}")
 
 
 def check_perf(lab) -> None:
@@ -113,8 +171,8 @@ def check_perf(lab) -> None:
     command = [sys.executable, "-m", "lab.cli", "etcdctl", "--file", str(lab.loaded.path), "--",
                "check", "perf", "--load=s"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=lab.loaded.project_dir)
-    verdicts = [line.strip() for line in result.stdout.replace("\r", "\n").splitlines()
-                if line.startswith(("PASS", "FAIL", "Slowest"))]
+    # Its progress bar redraws in place, and a verdict may follow it on the same line.
+    verdicts = re.findall(r"(?:PASS|FAIL)(?::[^\r\n]*)?|Slowest request[^\r\n]*", result.stdout)
     outcome = "passes" if result.returncode == 0 else f"FAILS (exit {result.returncode})"
     print(f"  {lab.name}: lab etcdctl -- check perf --load=s {outcome}: {'; '.join(verdicts)}"
           + (f"\n    {result.stderr.strip()[-300:]}" if result.returncode and result.stderr.strip() else ""))
@@ -135,9 +193,11 @@ def main() -> int:
 
     build_image("labos", "1")
     threads = [int(t) for t in args.threads.split(",")]
-    loads = [("host client (keep-alive)", host_client, t) for t in threads]
-    loads += [("node client (connection per request)", node_client, 1),
-              ("node client (connection per request)", node_client, 8)]
+    loads = [("host client (httpx, kept alive)", host_client, t) for t in threads]
+    loads += [(label, factory, t) for label, factory in (("agents' client (kept alive)", node_client),
+                                                          ("agents' client (connection per request)",
+                                                           ConnectionPerRequest))
+              for t in (1, 8)]
     with tempfile.TemporaryDirectory(prefix="etcd-tls-") as scratch:
         labs = {mode: open_lab(Path(scratch), mode, args.nodes) for mode in MODES}
         try:
@@ -148,6 +208,7 @@ def main() -> int:
                       f"{time.perf_counter() - started:.1f} s")
             print(f"etcd writes (64-byte values), {args.rounds} x {args.seconds:.0f} s per mode and load, "
                   "modes measured turn about:")
+            idle(labs, 10.0)
             measure(labs, loads, args.rounds, args.seconds)
             if not args.no_check_perf:
                 print("etcdctl check perf (~150 writes/s from 50 clients for 60 s: a pass/fail floor, not a maximum):")

@@ -113,12 +113,18 @@ def box_rm(box: Annotated[str, typer.Argument(help="Image name, e.g. labos.")],
                                  "libvirt keeps of them in its storage pool, unless a VM still uses one.")] = False,
            ) -> None:
     """Remove built images and box files; with --vagrant, what `lab box add` registered too."""
-    from lab.images.cache import remove_images
+    from lab.core.lab import images_in_use
+    from lab.images.cache import matching_images, refuse_if_in_use, remove_images
     from lab.images.vagrantbox import remove_boxes, remove_from_vagrant
 
+    # The labs of this host (running, halted, or with an update staged) keep
+    # their images: checked before anything, Vagrant's boxes included, goes.
+    users = images_in_use()
+    for image in matching_images(box, version):
+        refuse_if_in_use(image.path, users)
     # Vagrant first: if it fails, the files it was added from are still there.
     registered = remove_from_vagrant(box, version) if vagrant else []
-    removed = remove_images(box, version)
+    removed = remove_images(box, version, users)
     files = remove_boxes(box, version)
     if not removed and not files and not registered:
         raise UsageError(f"no built image {box}{' ' + version if version else ''}",

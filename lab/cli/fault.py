@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Iterator
 
 import typer
 
-from lab.cli.options import DEFAULT_FILE, FileOpt, NameOpt, open_lab
+from lab.cli.options import DEFAULT_FILE, FileOpt, NameOpt, locked_lab
 from lab.cli.output import out
 
 if TYPE_CHECKING:
@@ -82,8 +82,9 @@ def command(action: str, fault: Fault) -> Callable[..., None]:
     """The typer verb of a fault: its argument (if any), then --file and --name."""
 
     def verb(file, name, **argument) -> None:
-        for line in fault.call(open_lab(file, name), next(iter(argument.values()), None)):
-            out().print(line)
+        with locked_lab(file, name, f"fault {action}") as lab:
+            for line in fault.call(lab, next(iter(argument.values()), None)):
+                out().print(line)
 
     parameters = [inspect.Parameter(fault.argument[0], inspect.Parameter.KEYWORD_ONLY,
                                     annotation=fault.argument[1])] if fault.argument else []

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from lab.cli.options import (DEFAULT_FILE, FileOpt, JsonOpt, NameOpt, NodesOpt, ProviderOpt, SetOpt, flags,
-                             open_lab)
+                             locked_lab, open_lab)
 from lab.cli.output import err, member_table, node_table, out, print_json, progress
 from lab.errors import UsageError
 
@@ -185,8 +185,7 @@ def exec_(ctx: typer.Context, file: FileOpt = DEFAULT_FILE, name: NameOpt = None
 def reboot(node: Annotated[str, typer.Argument(help="Node to reboot.")], file: FileOpt = DEFAULT_FILE,
            name: NameOpt = None) -> None:
     """Reboot NODE cleanly and wait until it answers SSH again."""
-    lab = open_lab(file, name)
-    provider = lab.provider()
-    lab.context(lab.selection().name).node(node)
-    provider.reboot(node, progress)
+    with locked_lab(file, name, f"reboot {node}") as lab:
+        lab.context(lab.selection().name).node(node)
+        lab.provider().reboot(node, progress)
     out().print(f"{node} rebooted")

@@ -3,8 +3,9 @@ and the lab they name."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Iterator, Optional
 
 import typer
 
@@ -35,3 +36,12 @@ def flags(name: str | None = None, nodes: int | None = None, provider: str | Non
 def open_lab(file: Path, name: str | None = None, nodes: int | None = None, provider: str | None = None,
              sets: list[str] | None = None) -> "Lab":
     return flags(name, nodes, provider, sets).open(file)
+
+
+@contextmanager
+def locked_lab(file: Path, name: str | None, command: str) -> Iterator["Lab"]:
+    """The lab, under its lock (its state read again once held), for a verb that changes it."""
+    from lab.core.lab import CHANGE_WAIT
+
+    with open_lab(file, name).lock(command, wait=CHANGE_WAIT) as lab:
+        yield lab

@@ -75,10 +75,22 @@ def show_rows(rows: Sequence[Any], as_json: bool, columns: Sequence[str], cells:
 
 
 def node_table(statuses, title: str | None = None):
+    """NODE, IP, STATE, BOOT ID, and MEMORY (used / limit) when the provider reports it."""
     colors = {"running": "green", "paused": "yellow", "stopped": "red", "not_created": "dim"}
-    return table(("NODE", "IP", "STATE", "BOOT ID"),
-                 [(s.name, s.ip or "-", f"[{colors.get(s.state.value, 'white')}]{s.state.value}[/]",
-                   (s.boot_id or "-")[:12]) for s in statuses], title=title)
+    columns = ("NODE", "IP", "STATE", "BOOT ID")
+    rows = [(s.name, s.ip or "-", f"[{colors.get(s.state.value, 'white')}]{s.state.value}[/]",
+             (s.boot_id or "-")[:12]) for s in statuses]
+    if any(s.memory_bytes is not None for s in statuses):
+        columns += ("MEMORY",)
+        rows = [row + (memory(s.memory_bytes, s.memory_limit_bytes),) for row, s in zip(rows, statuses)]
+    return table(columns, rows, title=title)
+
+
+def memory(used: int | None, limit: int | None) -> str:
+    """`123 MiB`, or `123 MiB / 512 MiB` with a limit; `-` when unknown."""
+    if used is None:
+        return "-"
+    return f"{used / 2**20:.0f} MiB" + (f" / {limit / 2**20:.0f} MiB" if limit else "")
 
 
 def member_table(rows):

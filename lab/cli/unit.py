@@ -3,12 +3,13 @@ and `lab machines` (the machines the scheduler knows)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Iterator
 
 import typer
 
-from lab.cli.options import DEFAULT_FILE, FileOpt, JsonOpt, NameOpt, open_lab
+from lab.cli.options import DEFAULT_FILE, FileOpt, JsonOpt, NameOpt, locked_lab, open_lab
 from lab.cli.output import out, show_rows
 
 app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="""\
@@ -34,14 +35,21 @@ def _unit_client(file: Path, name: str | None):
     return lab, lab.etcd_client()
 
 
+@contextmanager
+def _changing(file: Path, name: str | None, command: str) -> Iterator:
+    """The lab's etcd client, under the lab's lock: a verb that changes the cluster's units."""
+    with locked_lab(file, name, command) as lab:
+        yield lab.etcd_client()
+
+
 @app.command("submit")
 def unit_submit(units: UnitsArg, file: FileOpt = DEFAULT_FILE, name: NameOpt = None) -> None:
     """Store unit files in the cluster without starting them."""
     from lab.cluster.units import submit
 
-    _, client = _unit_client(file, name)
-    for unit in submit(client, [Path(u) for u in units], "inactive"):
-        out().print(f"submitted {unit}")
+    with _changing(file, name, "unit submit") as client:
+        for unit in submit(client, [Path(u) for u in units], "inactive"):
+            out().print(f"submitted {unit}")
 
 
 @app.command("start")
@@ -49,9 +57,9 @@ def unit_start(units: UnitsArg, file: FileOpt = DEFAULT_FILE, name: NameOpt = No
     """Submit (if a file is given) and start units: the engine places them, an agent starts them."""
     from lab.cluster.units import set_desired
 
-    _, client = _unit_client(file, name)
-    for unit in set_desired(client, units, "launched"):
-        out().print(f"started {unit} (see `lab unit list`)")
+    with _changing(file, name, "unit start") as client:
+        for unit in set_desired(client, units, "launched"):
+            out().print(f"started {unit} (see `lab unit list`)")
 
 
 @app.command("stop")
@@ -59,9 +67,9 @@ def unit_stop(units: UnitsArg, file: FileOpt = DEFAULT_FILE, name: NameOpt = Non
     """Stop units; they stay placed on their machine (loaded)."""
     from lab.cluster.units import set_desired
 
-    _, client = _unit_client(file, name)
-    for unit in set_desired(client, units, "loaded"):
-        out().print(f"stopped {unit}")
+    with _changing(file, name, "unit stop") as client:
+        for unit in set_desired(client, units, "loaded"):
+            out().print(f"stopped {unit}")
 
 
 @app.command("destroy")
@@ -69,9 +77,9 @@ def unit_destroy(units: UnitsArg, file: FileOpt = DEFAULT_FILE, name: NameOpt = 
     """Stop units and remove them from the cluster."""
     from lab.cluster.units import destroy
 
-    _, client = _unit_client(file, name)
-    for unit in destroy(client, units):
-        out().print(f"destroyed {unit}")
+    with _changing(file, name, "unit destroy") as client:
+        for unit in destroy(client, units):
+            out().print(f"destroyed {unit}")
 
 
 @app.command("list")
@@ -88,13 +96,11 @@ def unit_list(file: FileOpt = DEFAULT_FILE, name: NameOpt = None, as_json: JsonO
 @app.command("status")
 def unit_status(unit: UnitArg, file: FileOpt = DEFAULT_FILE, name: NameOpt = None) -> None:
     """`systemctl status` of a unit, from the machine(s) running it."""
-    from lab.cluster.units import machine_of
+    from lab.cluster.units import unit_endpoints
     from lab.host.ssh import run_many
 
     lab, client = _unit_client(file, name)
-    endpoints = lab.ssh_endpoints()
-    chosen = [endpoints[m.name] for m in machine_of(client, unit)]
-    run_many(chosen, f"systemctl status --no-pager {unit}", echo=True)
+    run_many(unit_endpoints(client, unit, lab.ssh_endpoints()), f"systemctl status --no-pager {unit}", echo=True)
 
 
 @app.command("journal")
@@ -104,18 +110,17 @@ def unit_journal(unit: UnitArg, file: FileOpt = DEFAULT_FILE, name: NameOpt = No
     """The unit's journal from whichever machine runs it (-f follows it live)."""
     import shlex
 
-    from lab.cluster.units import machine_of
+    from lab.cluster.units import unit_endpoints
     from lab.host.ssh import exec_interactive, run_many, ssh_argv
 
     lab, client = _unit_client(file, name)
-    endpoints = lab.ssh_endpoints()
-    found = machine_of(client, unit)
+    found = unit_endpoints(client, unit, lab.ssh_endpoints())
     command = f"journalctl --no-pager -o short -u {shlex.quote(unit)} -n {lines}" + (" -f" if follow else "")
     if follow and len(found) == 1:
         lab.write_ssh_config(lab.provider())
         # ssh hands the remote shell one string: pass the command as one.
-        exec_interactive(ssh_argv(endpoints[found[0].name], lab.ssh_config_path, [command]))
-    run_many([endpoints[m.name] for m in found], command, echo=True)
+        exec_interactive(ssh_argv(found[0], lab.ssh_config_path, [command]))
+    run_many(found, command, echo=True)
 
 
 @verbs.command("machines")

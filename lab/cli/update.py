@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from lab.cli.options import DEFAULT_FILE, FileOpt, JsonOpt, NameOpt, open_lab
+from lab.cli.options import DEFAULT_FILE, FileOpt, JsonOpt, NameOpt, locked_lab, open_lab
 from lab.cli.output import err, out, print_json, progress, table
 from lab.errors import UsageError
 
@@ -67,5 +67,6 @@ def update_unlock(node: Annotated[str, typer.Argument(help="Node whose reboot lo
     """Free the reboot lock held by NODE (e.g. a node that died while holding it)."""
     from lab.cluster.update import unlock
 
-    held = unlock(open_lab(file, name), node)
+    with locked_lab(file, name, f"update unlock {node}") as lab:
+        held = unlock(lab, node)
     out().print(f"freed the reboot lock held by {node}" if held else f"{node} held no reboot lock")

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from lab.cluster.records import json_record
 from lab.errors import UsageError
 from lab.node import fleet, layout
 
@@ -83,24 +84,33 @@ def destroy(client, names: list[str]) -> list[str]:
 
 
 def _unit_record(client, name: str) -> dict:
-    value = client.get(f"{layout.UNITS}{name}")
+    key = f"{layout.UNITS}{name}"
+    value = client.get(key)
     if value is None:
         known = sorted(k.rsplit("/", 1)[1] for k in client.get_prefix(layout.UNITS))
         raise UnitUsageError(f"no unit named {name!r}",
                              hint=f"submitted units: {', '.join(known) or 'none'}; submit one with "
                                   "`lab unit submit FILE` or `lab unit start FILE`")
-    return json.loads(value)
+    return unit_record(key, value)
+
+
+def unit_record(key: str, value: str) -> dict:
+    return json_record(key, value, {"name": str, "text": str, "desired": str},
+                       hint=f"remove it (`lab etcdctl -- del {key}`), then submit the unit again "
+                            "(`lab unit start FILE`)")
 
 
 def machines(client) -> list[MachineRow]:
     engine = client.get(layout.ENGINE)
-    rows = [json.loads(v) for v in client.get_prefix(layout.MACHINES).values()]
+    rows = [json_record(k, v, {"id": str, "name": str, "ip": str}, {"metadata": dict})
+            for k, v in client.get_prefix(layout.MACHINES).items()]
     return sorted((MachineRow(m["id"], m["name"], m["ip"], m.get("metadata", {}), m["id"] == engine) for m in rows),
                   key=lambda m: m.name)
 
 
 def list_units(client) -> list[UnitRow]:
-    units = {json.loads(v)["name"]: json.loads(v) for v in client.get_prefix(layout.UNITS).values()}
+    records = (unit_record(key, value) for key, value in client.get_prefix(layout.UNITS).items())
+    units = {record["name"]: record for record in records}
     names = {m.id: m.name for m in machines(client)}
     schedule = {k.rsplit("/", 1)[1]: v for k, v in client.get_prefix(layout.SCHEDULE).items()}
     pending = {k.rsplit("/", 1)[1]: v for k, v in client.get_prefix(layout.PENDING).items()}
@@ -108,7 +118,7 @@ def list_units(client) -> list[UnitRow]:
     for key, value in client.get_prefix(layout.STATES).items():
         _, _, rest = key.partition(layout.STATES)
         unit, _, machine = rest.rpartition("/")
-        states.setdefault(unit, {})[machine] = json.loads(value)
+        states.setdefault(unit, {})[machine] = json_record(key, value, {"active": str, "sub": str})
     rows = []
     for name in sorted(units):
         record = units[name]
@@ -137,3 +147,21 @@ def machine_of(client, name: str) -> list[MachineRow]:
         reason = client.get(f"{layout.PENDING}{name}") or "it is not scheduled yet"
         raise UnitUsageError(f"{name} runs on no machine: {reason}", hint="see `lab unit list`")
     return found
+
+
+def unit_endpoints(client, name: str, endpoints: dict) -> list:
+    """The SSH endpoints (of `endpoints`, the lab's nodes by name) of the machines running a unit.
+
+    A machine that is no longer one of the lab's nodes (removed a moment ago,
+    or a record no agent wrote) is an error naming it, not a KeyError.
+    """
+    found = machine_of(client, name)
+    gone = [m for m in found if m.name not in endpoints]
+    if gone:
+        listed = ", ".join(f"{m.name} ({m.id[:12]})" for m in gone)
+        raise UnitUsageError(
+            f"{name} is on machine {listed}, which is not a node of this lab (nodes: {', '.join(endpoints)})",
+            hint="the scheduler moves the unit once that machine's lease runs out, in seconds (see `lab unit "
+                 "list`); a machine that stays in `lab machines` is a stale record: "
+                 + "; ".join(f"`lab etcdctl -- del {layout.MACHINES}{m.id}`" for m in gone))
+    return [endpoints[m.name] for m in found]

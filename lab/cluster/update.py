@@ -14,9 +14,10 @@ import time
 from dataclasses import dataclass
 
 from lab.cluster.etcdclient import EtcdError
+from lab.cluster.records import json_record
 from lab.errors import LabError, PrerequisiteError, UsageError
 from lab.images.cache import find_image
-from lab.node.layout import HALTED, NODE_UPDATES, STAGED
+from lab.node.layout import HALTED, NODE_UPDATES, SEMAPHORE, STAGED
 from lab.node.semaphore import Semaphore
 from lab.providers.base import Progress, no_progress
 
@@ -73,8 +74,8 @@ def status(lab) -> UpdateStatus:
     lab.require_created("show updates of")
     client = lab.etcd_client()
     reported = {}
-    for value in client.get_prefix(NODE_UPDATES).values():
-        record = json.loads(value)
+    for key, value in client.get_prefix(NODE_UPDATES).items():
+        record = json_record(key, value, {"node": str}, dict.fromkeys(("version", "slot", "state", "boot_id"), str))
         reported[record["node"]] = record
     rows = []
     for node in lab.node_names():
@@ -84,11 +85,15 @@ def status(lab) -> UpdateStatus:
             detail = f"rolled back from {record.get('failed_version')}: {record.get('reason')}"
         rows.append(NodeUpdate(node, record.get("version", "?"), record.get("slot", "?"),
                                record.get("state", "unknown"), record.get("boot_id", ""), detail))
+    if client.get(SEMAPHORE) is not None:  # a garbled lock is one clear error, not a traceback
+        json_record(SEMAPHORE, client.get(SEMAPHORE), {"max": int, "holders": list[str]})
     semaphore, _ = Semaphore(client).read(lab.spec.updates.max_concurrent_reboots)
     halted = client.get(HALTED)
     return UpdateStatus(target=(lab.state.get("update") or {}).get("target"), nodes=rows,
                         holders=semaphore["holders"], max_holders=semaphore["max"],
-                        strategy=lab.spec.updates.strategy, halted=json.loads(halted) if halted else None)
+                        strategy=lab.spec.updates.strategy,
+                        halted=json_record(HALTED, halted, dict.fromkeys(("node", "version", "reason"), str))
+                        if halted else None)
 
 
 def unlock(lab, node: str) -> bool:

@@ -13,17 +13,23 @@ from __future__ import annotations
 import ipaddress
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from lab.host import network
 from lab.errors import LabError, StateError, UsageError
+from lab.node.layout import BOOT_SLOTS
 from lab.providers import Selection, select
 from lab.providers.base import LabContext, NodeState, NodeStatus, Progress, Provider, no_progress
 from lab.model.spec import LabSpec, LoadedSpec, Override, ResolvedNode, load_spec
 from lab.core.state import LabState, lab_lock
 
 LABS_DIR = ".lab"
+# A command that changes a running lab (a fault, a node, a unit) waits this
+# long for another to let go of the lab's lock, then says which one holds it.
+CHANGE_WAIT = 5.0
 
 
 def check_lab_dir(lab_dir: Path) -> None:
@@ -66,8 +72,17 @@ class Lab:
     def created(self) -> bool:
         return self.state is not None
 
-    def lock(self, command: str, wait: float = 0.0):
-        return lab_lock(self.lab_dir, command, wait)
+    @contextmanager
+    def lock(self, command: str, wait: float = 0.0) -> Iterator["Lab"]:
+        """Hold the lab's lock for a command that changes the lab (a clear "busy" error after `wait` s).
+
+        The state is read again once the lock is held: the command that held it
+        before may have just recorded a node or a resource, and saving the
+        state as it was read before would lose that record.
+        """
+        with lab_lock(self.lab_dir, command, wait):
+            self.state = LabState.load(self.lab_dir)
+            yield self
 
     # ------------------------------------------------------------ provider
 
@@ -126,6 +141,8 @@ class Lab:
         """Create (or start) every node; on a new lab, any failure removes what was made (see lab.core.up)."""
         from lab.core.up import UpRun, run_steps, up_steps
 
+        if self.state is not None:
+            self.check_ssh_key(progress)
         run = UpRun(lab=self, progress=progress, new_lab=self.state is None)
         run_steps(run, up_steps(bootstrap))
         return UpResult(selection=run.selection, nodes=run.provider.status(), ssh_config=self.ssh_config_path)
@@ -135,6 +152,7 @@ class Lab:
         from lab.cluster.etcd_bootstrap import EtcdBootstrap
 
         self.require_created("add a node to")
+        self.check_ssh_key(progress)
         names = list(self.state["nodes"])
         index = len(names) + 1
         while f"{self.spec.nodes.prefix}-{index}" in names:
@@ -225,6 +243,24 @@ class Lab:
             self.destroy()
         except (LabError, OSError):
             pass  # the state file survives; `lab destroy` retries from it
+
+    def check_ssh_key(self, progress: Progress = no_progress) -> None:
+        """Before changing a lab that exists: its SSH key is there.
+
+        A lost `id_ed25519.pub` is derived again from the private key; a lost
+        private key stops the command before it changes anything (every SSH
+        attempt would only time out).
+        """
+        from lab.host.ssh import ensure_keypair
+
+        key = self.lab_dir / "ssh" / "id_ed25519"
+        if not key.is_file():
+            raise StateError(f"the lab's SSH key {key} is missing: lab cannot reach the nodes without it",
+                             hint="the nodes trust only that key: restore it from a backup, or `lab destroy` "
+                                  "and `lab up` to make the lab anew")
+        if not key.with_suffix(".pub").is_file():
+            ensure_keypair(key, comment=f"lab-{self.name}")
+            progress(f"{key.with_suffix('.pub')} was missing: derived it again from the private key")
 
     def require_created(self, verb: str) -> None:
         if self.state is None:
@@ -338,6 +374,51 @@ class Lab:
 
     def node_names(self) -> list[str]:
         return [n.name for n in self.context(self.selection().name).nodes]
+
+
+# ---------------------------------------------------------------- images the labs of this host use
+
+
+def images_in_use() -> dict[str, list[str]]:
+    """The OS image root filesystems the labs of this host boot or have staged -> the labs using each.
+
+    Found through the labs registry (every lab with a subnet claim, running or
+    halted) and what each lab's state records, not through host mounts: a
+    halted node mounts nothing but boots its image again on the next `lab up`.
+    A lab whose state cannot be read is an error: it might use any image.
+    """
+    used: dict[str, list[str]] = {}
+    for claim in network.claims():
+        lab_dir = Path(claim.lab_dir)
+        try:
+            state = LabState.load(lab_dir)
+        except StateError as exc:
+            raise StateError(f"cannot tell which images lab {claim.name!r} ({lab_dir}) uses: {exc.message}",
+                             hint=exc.hint) from None
+        if state is None:
+            continue
+        for rootfs in booted_images(state):
+            used.setdefault(os.path.realpath(rootfs), []).append(f"lab {claim.name!r} in {lab_dir}")
+    return used
+
+
+def booted_images(state: LabState) -> set[str]:
+    """Every image root filesystem a lab's state names: resources of kind "image" (id: the rootfs),
+    the image the lab was created from, and each node's boot slots (`slot-a`, `slot-b` links in the
+    node's recorded directory, which lies inside the lab directory)."""
+    found = {res["id"] for res in state.find("image") if isinstance(res.get("id"), str)}
+    image = state.get("image")
+    if isinstance(image, dict) and isinstance(image.get("rootfs"), str):
+        found.add(image["rootfs"])
+    for node in state.find("node"):
+        if not isinstance(node.get("dir"), str):
+            continue  # a provider without node directories (Vagrant): its boxes are Vagrant's copies
+        for slot in BOOT_SLOTS:
+            try:
+                found.add(os.readlink(Path(node["dir"]) / f"slot-{slot}"))
+            except OSError:
+                pass  # a slot never staged
+    return found
 
 
 @dataclass

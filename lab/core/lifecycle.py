@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from lab.core.lab import LABS_DIR, Lab
+from lab.core.lab import CHANGE_WAIT, LABS_DIR, Lab
 from lab.errors import SpecError, UsageError
 from lab.host.files import write_atomic
 from lab.model.spec import LabSpec, LoadedSpec, Override, default_yaml, load_spec, parse_set_option
@@ -60,7 +60,14 @@ def init(file: Path, flags: Flags, force: bool = False) -> None:
     # Check the flags against the spec's rules first, so a bad --name or
     # --nodes is reported against the flag and init never writes a broken file.
     spec = load_spec(file.parent / ".lab-init-does-not-exist.yaml", flags.overrides(), environ={}).spec
-    write_atomic(file, default_yaml(name=spec.name, nodes=spec.nodes.count, provider=spec.provider))
+    try:
+        write_atomic(file, default_yaml(name=spec.name, nodes=spec.nodes.count, provider=spec.provider))
+    except OSError as exc:
+        why = (f"{file.parent} is not a directory" if file.parent.exists() and not file.parent.is_dir()
+               else exc.strerror or str(exc))
+        raise UsageError(f"cannot write {file}: {why}",
+                         hint="run `lab init` in a directory you can write to, or name a file there with --file"
+                         ) from None
 
 
 def destroy(file: Path, flags: Flags, progress: Progress) -> tuple[str, bool]:
@@ -92,7 +99,7 @@ def roll(lab: Lab, version: str, progress: Progress, wait: bool = True, timeout:
     """Stage VERSION on every node; with wait, until every node runs it (UpdateError if the roll halts)."""
     from lab.cluster.update import UpdateError, start_roll, wait as wait_roll
 
-    with lab.lock("update"):
+    with lab.lock(f"update --to {version}", wait=CHANGE_WAIT):
         start_roll(lab, version, progress)
     if not wait:
         return
@@ -160,9 +167,8 @@ def _load(runs: ScenarioRuns) -> None:
     chosen = [find(n, project) for n in runs.names]
     runs.scenarios = [(found, found.load()) for found in chosen]
     lab = _scenario_lab(*runs.scenarios[0], runs.file, runs.flags)
-    created_here = not lab.created
     runs.held.enter_context(lab.lock(f"scenario run {' '.join(runs.names)}"))
-    runs.lab, runs.created_here = lab, created_here
+    runs.lab, runs.created_here = lab, not lab.created  # as the state read under the lock says
 
 
 def _scenario_lab(found, spec, file: Path, flags: Flags) -> Lab:
@@ -256,6 +262,11 @@ def run_scenarios(sequence: str, names: list[str], file: Path, flags: Flags, des
     """
     if destroy_policy not in DESTROY_POLICIES:
         raise UsageError(f"--destroy {destroy_policy!r}: must be always, never or passing")
+    if junit is not None and (not junit.parent.is_dir() or junit.is_dir()):
+        # checked first: a report that cannot be written must not cost a whole run
+        where = f"{junit} is a directory" if junit.is_dir() else f"directory {junit.parent} does not exist"
+        raise UsageError(f"--junit {junit}: {where}",
+                         hint="give a file in an existing directory (mkdir -p it first), e.g. --junit report.xml")
     if not names:
         from lab.scenarios.model import discover
 

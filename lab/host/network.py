@@ -94,6 +94,7 @@ def claims() -> list[Claim]:
             fields = json.loads(path.read_text())
             claimer = fields.pop("claimer", None)
             claim = Claim(**fields)
+            ipaddress.IPv4Network(claim.subnet), Path(claim.lab_dir)  # a garbled subnet or directory: corrupt too
         except (OSError, ValueError, TypeError, AttributeError):
             continue  # a corrupt entry claims nothing; the next claim of that lab rewrites it
         # A claim holds while its lab exists, or while the `lab up` that made it

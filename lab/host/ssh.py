@@ -43,8 +43,11 @@ class SSHEndpoint:
 
 
 def ensure_keypair(private_key: Path, comment: str) -> Path:
-    """Create the lab's own ed25519 keypair once (never a shared insecure key)."""
+    """Create the lab's own ed25519 keypair once (never a shared insecure key); a lost .pub is derived again."""
     if private_key.exists():
+        public_key = private_key.with_suffix(".pub")
+        if not public_key.exists():
+            write_atomic(public_key, public_key_line(private_key.read_bytes(), comment), mode=0o644)
         return private_key
     private_text, public_text = generate_ed25519(comment)
     private_key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -71,9 +74,28 @@ def generate_ed25519(comment: str) -> tuple[str, str]:
     key = Ed25519PrivateKey.generate()
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                 serialization.NoEncryption()).decode()
+    return private, _openssh_public(key, comment)
+
+
+def public_key_line(private_text: bytes, comment: str) -> str:
+    """The `ssh-ed25519 AAAA... comment` line of an OpenSSH private key."""
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        key = serialization.load_ssh_private_key(private_text, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ProviderError(f"the lab's SSH private key cannot be read: {exc}",
+                            hint="restore it from a backup, or `lab destroy` and `lab up` to make the lab anew"
+                            ) from None
+    return _openssh_public(key, comment)
+
+
+def _openssh_public(key, comment: str) -> str:
+    from cryptography.hazmat.primitives import serialization
+
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                            serialization.PublicFormat.OpenSSH).decode()
-    return private, f"{public} {comment}\n"
+    return f"{public} {comment}\n"
 
 
 def _quote(value: str) -> str:
@@ -139,11 +161,39 @@ def ssh_argv(endpoint: SSHEndpoint, ssh_config: Path, command: list[str] | None 
 # ---------------------------------------------------------------- Fabric
 
 
+class NodeUnreachable(ProviderError):
+    """A node did not answer over SSH: refused, timed out, or it stopped talking (a paused node does)."""
+
+    def __init__(self, endpoint: SSHEndpoint, cause: BaseException) -> None:
+        super().__init__(f"{endpoint.node}: cannot reach {endpoint.user}@{endpoint.host}:{endpoint.port} over SSH: "
+                         f"{cause or type(cause).__name__}",
+                         hint=f"check that {endpoint.node} runs (`lab status`); a paused node answers nothing "
+                              f"until `lab fault resume {endpoint.node}`, a stopped one until "
+                              f"`lab fault start {endpoint.node}`")
+        self.cause = cause
+
+
+def ssh_errors() -> tuple[type[BaseException], ...]:
+    """What paramiko and the socket layer raise when a node does not answer (paramiko imported here)."""
+    import paramiko
+
+    return paramiko.SSHException, OSError, EOFError
+
+
 def connect(endpoint: SSHEndpoint, timeout: float = 10.0):
-    """A Fabric Connection that verifies the node's host key when the provider knows it."""
+    """A Fabric Connection that verifies the node's host key when the provider knows it.
+
+    The connection opens on first use; a node that does not answer then raises
+    NodeUnreachable (a ProviderError naming the node), never a paramiko error,
+    whoever runs the commands.
+    """
     import paramiko
     from fabric import Config, Connection
 
+    if not endpoint.identity_file.is_file():
+        raise ProviderError(f"{endpoint.node}: the lab's SSH key {endpoint.identity_file} is missing",
+                            hint="the nodes trust only that key: restore it from a backup, or `lab destroy` "
+                                 "and `lab up` to make the lab anew")
     config = Config(overrides={"load_ssh_configs": False, "run": {"warn": True, "hide": True}})
     connection = Connection(endpoint.host, user=endpoint.user, port=endpoint.port, config=config,
                             connect_timeout=timeout,
@@ -159,7 +209,23 @@ def connect(endpoint: SSHEndpoint, timeout: float = 10.0):
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
     else:
         client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+    # Fabric's run/sudo/put/sftp all open through `self.open()`: the instance
+    # attributes below win over the class's methods.
+    for name in ("open", "run", "sudo"):
+        setattr(connection, name, _guarded(getattr(connection, name), endpoint))
     return connection
+
+
+def _guarded(method: Callable, endpoint: SSHEndpoint) -> Callable:
+    errors = ssh_errors()
+
+    def call(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except errors as exc:
+            raise NodeUnreachable(endpoint, exc) from None
+
+    return call
 
 
 @dataclass
@@ -201,8 +267,6 @@ class _PrefixedWriter:
 def run(endpoint: SSHEndpoint, command: str, *, timeout: float | None = None,
         echo_prefix: str | None = None, check: bool = False, lock: threading.Lock | None = None) -> NodeResult:
     """Run one command on one node. Connection failures raise ProviderError."""
-    import paramiko
-
     streams = {}
     if echo_prefix is not None:
         lock = lock or threading.Lock()
@@ -213,10 +277,8 @@ def run(endpoint: SSHEndpoint, command: str, *, timeout: float | None = None,
             result = connection.run(command, timeout=timeout, in_stream=False, **streams)
             status: int | None = result.exited
             out, err = result.stdout, result.stderr
-    except (paramiko.SSHException, OSError, EOFError) as exc:
-        raise ProviderError(f"{endpoint.node}: cannot reach {endpoint.user}@{endpoint.host}:{endpoint.port} "
-                            f"over SSH: {exc or type(exc).__name__}",
-                            hint="check the node is running (`lab status`)") from None
+    except ssh_errors() as exc:  # closing the connection can fail too
+        raise NodeUnreachable(endpoint, exc) from None
     except Exception as exc:  # invoke's CommandTimedOut carries the partial result
         if type(exc).__name__ != "CommandTimedOut":
             raise
@@ -264,9 +326,10 @@ def wait_for_ssh(endpoint: SSHEndpoint, deadline: float, is_alive: Callable[[], 
             with connect(endpoint, timeout=2.0) as connection:
                 if connection.run("true", timeout=5, in_stream=False).exited == 0:
                     return
-        except (paramiko.SSHException, OSError, EOFError) as exc:
-            last_error = str(exc) or type(exc).__name__
-            if isinstance(exc, paramiko.BadHostKeyException):
+        except (NodeUnreachable, *ssh_errors()) as exc:
+            cause = exc.cause if isinstance(exc, NodeUnreachable) else exc
+            last_error = str(cause) or type(cause).__name__
+            if isinstance(cause, paramiko.BadHostKeyException):
                 raise ProviderError(f"{endpoint.node}: host key does not match the lab's known_hosts",
                                     hint="the node was replaced behind lab's back: `lab destroy` and `lab up`") from None
         time.sleep(poll)

@@ -4,7 +4,7 @@ Images live in `cache_dir()/images/<name>-<version>-<key>/` with the root
 filesystem in `rootfs/` and a `meta.json` describing the build. The key hashes
 the recipe directory, so editing a recipe makes the next build a cache miss
 while the old image stays usable until it is removed. An image a node's
-overlay still uses is never removed.
+overlay still uses, or a lab boots or has staged, is never removed.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 from lab.errors import BoxError
 from lab.host.mounts import is_below, mounted, unmount_below
@@ -100,12 +101,21 @@ def list_images() -> list[Image]:
     return images
 
 
-def remove_images(name: str, version: str | None = None) -> list[Image]:
-    """Delete every cached image of `name`, both flavors (optionally one version); returns them."""
-    doomed = [image for image in list_images()
-              if image.name == name and (version is None or image.version == version)]
+def matching_images(name: str, version: str | None = None) -> list[Image]:
+    """Every cached image of `name`, both flavors (optionally one version)."""
+    return [image for image in list_images() if image.name == name and (version is None or image.version == version)]
+
+
+def remove_images(name: str, version: str | None = None, users: Mapping[str, list[str]] | None = None) -> list[Image]:
+    """Delete every cached image of `name`, both flavors (optionally one version); returns them.
+
+    `users`: the labs that boot or have staged each image rootfs (real path ->
+    labs, from `lab.core`); an image any of them uses is refused, as is one
+    a mounted overlay still uses.
+    """
+    doomed = matching_images(name, version)
     for image in doomed:
-        refuse_if_in_use(image.path)
+        refuse_if_in_use(image.path, users)
     for image in doomed:
         delete_tree(image.path)
         lock_path(image.path).unlink(missing_ok=True)
@@ -134,8 +144,14 @@ def lock_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.lock")
 
 
-def refuse_if_in_use(path: Path) -> None:
-    """Nodes boot from overlays whose lower layer is an image: never pull it away."""
+def refuse_if_in_use(path: Path, users: Mapping[str, list[str]] | None = None) -> None:
+    """Nodes boot from overlays whose lower layer is an image: never pull it away, from a running
+    node (its overlay) or from a lab that boots it again or has it staged (`users`, see remove_images)."""
+    labs = (users or {}).get(os.path.realpath(path / "rootfs"))
+    if labs:
+        raise BoxError(f"image {path.name} is in use by {', '.join(labs)}",
+                       hint="destroy the labs using it first (`lab destroy` in their project): a halted lab "
+                            "boots it again on `lab up`, a staged update on its next reboot")
     rootfs_names = {str(path / "rootfs"), str(path.resolve() / "rootfs")}
     for mount in mounted():
         if mount.fs_type == "overlay" and any(r in mount.super_options for r in rootfs_names):

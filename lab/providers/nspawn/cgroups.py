@@ -89,14 +89,15 @@ def node_cgroups(machine: str) -> list[Path]:
     return [lab_base(h) / machine for h in hierarchies()]
 
 
-def controller_cgroup(machine: str, controller: str) -> Path:
-    """The machine's cgroup in the hierarchy of one v1 controller ("freezer", "memory", "cpu")."""
+def controller_cgroup(node_cgroups: list[Path], controller: str) -> Path:
+    """Of a node's cgroups, the one in the hierarchy of a v1 controller ("freezer", "memory", "cpu")."""
     found = hierarchy(controller)
-    if found is None:
-        raise ProviderError(f"cgroup controller {controller!r} is not mounted",
-                            hint=f"mount it below {CGROUP_ROOT} (the nspawn provider needs "
-                                 f"{', '.join(REQUIRED_CONTROLLERS)})")
-    return lab_base(found) / machine
+    for cgroup in node_cgroups:
+        if found is not None and found.mount in cgroup.parents:
+            return cgroup
+    raise ProviderError(f"no {controller} cgroup for {node_cgroups[0].name if node_cgroups else 'the node'}",
+                        hint=f"the nspawn provider needs the {', '.join(REQUIRED_CONTROLLERS)} controllers "
+                             f"mounted below {CGROUP_ROOT}; restart the node with `lab up`")
 
 
 def make_cgroup(path: Path) -> None:
@@ -110,9 +111,9 @@ def make_cgroup(path: Path) -> None:
                 (directory / name).write_text(read_value(directory.parent / name) or "")
 
 
-def set_limits(machine: str, memory_mib: int, cpus: int) -> None:
+def set_limits(node_cgroups: list[Path], memory_mib: int, cpus: int) -> None:
     """The node's memory limit (its spec's `memory`, MiB) and CPU quota (`cpus` CPUs' worth per period)."""
-    memory = controller_cgroup(machine, "memory")
+    memory = controller_cgroup(node_cgroups, "memory")
     limit = str(memory_mib * MIB)
     swap = memory / "memory.memsw.limit_in_bytes"  # only with swap accounting; must stay >= the limit
     if swap.exists():
@@ -120,14 +121,14 @@ def set_limits(machine: str, memory_mib: int, cpus: int) -> None:
     (memory / "memory.limit_in_bytes").write_text(limit)
     if swap.exists():
         swap.write_text(limit)  # no swapping past the limit either
-    cpu = controller_cgroup(machine, "cpu")
+    cpu = controller_cgroup(node_cgroups, "cpu")
     (cpu / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
     (cpu / "cpu.cfs_quota_us").write_text(str(cpus * CFS_PERIOD_US))
 
 
-def memory_use(machine: str) -> tuple[int | None, int | None]:
+def memory_use(node_cgroups: list[Path]) -> tuple[int | None, int | None]:
     """Bytes the node uses now (page cache included, as the limit counts it) and its limit."""
-    memory = controller_cgroup(machine, "memory")
+    memory = controller_cgroup(node_cgroups, "memory")
 
     def number(name: str) -> int | None:
         value = read_value(memory / name)

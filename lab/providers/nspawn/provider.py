@@ -80,7 +80,11 @@ class NspawnProvider(Provider):
         return self.context.lab_dir / "nodes" / node
 
     def cgroups(self, node: str) -> list[Path]:
-        return cgroups.node_cgroups(self.machine(node))
+        """The node's cgroups: those it was started in (recorded), else where it would start now. (The
+        memory cgroup, say, lies below the caller's own: another shell may see another path.)"""
+        machine = self.machine(node)
+        recorded = [Path(r["id"]) for r in self.state.find("cgroup") if Path(r["id"]).name == machine]
+        return recorded or cgroups.node_cgroups(machine)
 
     @property
     def state(self):
@@ -189,9 +193,9 @@ class NspawnProvider(Provider):
             if init is None:
                 statuses.append(NodeStatus(node.name, NodeState.STOPPED, ip))
                 continue
-            machine = self.machine(node.name)
-            frozen = cgroups.is_frozen(cgroups.controller_cgroup(machine, "freezer"))
-            used, limit = cgroups.memory_use(machine)
+            node_cgroups = self.cgroups(node.name)
+            frozen = cgroups.is_frozen(cgroups.controller_cgroup(node_cgroups, "freezer"))
+            used, limit = cgroups.memory_use(node_cgroups)
             statuses.append(NodeStatus(node.name, NodeState.PAUSED if frozen else NodeState.RUNNING, ip,
                                        boot_id=boot_id(init), detail=f"init pid {init}",
                                        memory_bytes=used, memory_limit_bytes=limit))
@@ -367,12 +371,15 @@ class NspawnProvider(Provider):
 
     def _spawn(self, node: str, rootfs: Path) -> None:
         directory = self.node_dir(node)
-        node_cgroups = self.cgroups(node)
+        node_cgroups = cgroups.node_cgroups(self.machine(node))
+        for stale in set(self.cgroups(node)) - set(node_cgroups):  # recorded by a caller in other cgroups
+            cgroups.remove_cgroup(stale)
+            self.state.forget("cgroup", str(stale))
         for cgroup in node_cgroups:
             self.state.record("cgroup", str(cgroup))
             cgroups.make_cgroup(cgroup)
         spec = self.context.node(node)
-        cgroups.set_limits(self.machine(node), spec.memory, spec.cpus)
+        cgroups.set_limits(node_cgroups, spec.memory, spec.cpus)
         self._freezer(node, "THAWED")
         config = {"argv": self._nspawn_argv(node), "pidfile": str(directory / "nspawn.pid"),
                   "cgroups": [str(c / "cgroup.procs") for c in node_cgroups],
@@ -417,24 +424,6 @@ class NspawnProvider(Provider):
         if errors:
             log = self.node_dir(nodes[0]) / "console.log"
             raise ProviderError("; ".join(errors), hint=f"console output of each node is in {log}")
-        self._retry_cgroup_races(nodes)
-
-    def _retry_cgroup_races(self, nodes: list[str]) -> None:
-        """Start again the units that lost systemd's early-boot race for a cgroup.
-
-        On cgroup-v1 hosts a unit started in the first moments of a container's
-        boot now and then fails with "Failed at step CGROUP ... No such file or
-        directory" (seen with systemd-sysctl and systemd-tmpfiles-setup-dev);
-        started again a moment later it works.
-        """
-        from lab.host.ssh import run_many
-
-        # Every unit failed at boot gets one more start: a real failure fails
-        # again and stays visible; a lost race is gone.
-        script = ("for u in $(systemctl list-units --failed --plain --no-legend | awk '{print $1}'); do "
-                  "systemctl reset-failed \"$u\"; systemctl restart --no-block \"$u\"; done; true")
-        endpoints = self.ssh_endpoints()
-        run_many([endpoints[n] for n in nodes], script, timeout=30)
 
     def _supervisor(self, node: str) -> tuple[int | None, str | None]:
         for res in self.state.find("node", node):
@@ -461,7 +450,7 @@ class NspawnProvider(Provider):
         return init
 
     def _freezer(self, node: str, value: str) -> None:
-        cgroups.set_freezer(cgroups.controller_cgroup(self.machine(node), "freezer"), value, node)
+        cgroups.set_freezer(cgroups.controller_cgroup(self.cgroups(node), "freezer"), value, node)
 
     def _stop_cleanly(self, node: str) -> None:
         """SIGTERM to the supervisor: nspawn asks the node's systemd to power off."""

@@ -142,21 +142,6 @@ def test_etcdctl_check_perf_small_load_passes(cluster):
     assert "PASS: Throughput" in result.stdout
 
 
-@needs_nodes
-def test_membership_add_then_remove_keeps_the_cluster_healthy(cluster):
-    cluster.etcd_client().put("/lab/test/before-join", "written-by-3")
-    new = cluster.node_add()
-    assert new == "node-4"
-    rows = cluster.etcd_status()
-    assert [r.node for r in rows] == ["node-1", "node-2", "node-3", "node-4"]
-    assert all(r.healthy for r in rows)
-    assert etcdctl_on(cluster, "node-4", "get --print-value-only /lab/test/before-join") == "written-by-3"
-    cluster.node_remove("node-4")
-    assert [m["name"] for m in cluster.etcd_client().members()].count("node-4") == 0
-    rows = cluster.etcd_status()
-    assert [r.node for r in rows] == ["node-1", "node-2", "node-3"] and all(r.healthy for r in rows)
-
-
 def refused(call) -> bool:
     """Whether etcd turned the request away: a failed TLS handshake, or an answer that is not a success."""
     import httpx
@@ -236,6 +221,21 @@ def test_a_tls_lab_whose_spec_now_says_plain_http_gives_one_clear_error(cluster)
     assert "created with etcd.tls: true" in raised.value.message and "etcd.tls back to true" in raised.value.hint
     result = run_cli(cluster.loaded.project_dir, "status", LAB_SPEC__ETCD__TLS="false")
     assert_one_clean_error(result, "created with etcd.tls: true", "etcd.tls: false", "lab destroy")
+
+
+@needs_nodes
+def test_membership_add_then_remove_keeps_the_cluster_healthy(cluster):
+    cluster.etcd_client().put("/lab/test/before-join", "written-by-3")
+    new = cluster.node_add()
+    assert new == "node-4"
+    rows = cluster.etcd_status()
+    assert [r.node for r in rows] == ["node-1", "node-2", "node-3", "node-4"]
+    assert all(r.healthy for r in rows)
+    assert etcdctl_on(cluster, "node-4", "get --print-value-only /lab/test/before-join") == "written-by-3"
+    cluster.node_remove("node-4")
+    assert [m["name"] for m in cluster.etcd_client().members()].count("node-4") == 0
+    rows = cluster.etcd_status()
+    assert [r.node for r in rows] == ["node-1", "node-2", "node-3"] and all(r.healthy for r in rows)
 
 
 @needs_nodes

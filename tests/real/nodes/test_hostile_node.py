@@ -75,6 +75,47 @@ def test_nodefs_writes_replace_links_and_never_follow_them(tmp_path):
     assert list(victim.iterdir()) == []
 
 
+@pytest.mark.parametrize("text, expected", [
+    ('{"slot": "b", "try": true, "previous": "a"}', {"slot": "b", "try": True, "previous": "a"}),
+    ('{"slot": "a/../../../../evil"}', {"slot": "a"}),
+    ('{"slot": ["b"]}', {"slot": "a"}),
+    ('{"slot": "b", "previous": "../x"}', {"slot": "b"}),
+    ('["not", "an", "object"]', {"slot": "a"}),
+    ("[" * 100000, {"slot": "a"}),
+    (b"\xff\xfe", {"slot": "a"}),
+    ("{}", {"slot": "a"}),
+])
+def test_boot_json_is_checked_before_anyone_uses_it(text, expected):
+    from lab.node.layout import boot_record
+
+    assert boot_record(text) == expected
+
+
+def test_update_agent_halts_instead_of_looping_on_a_trial_boot_without_previous(tmp_path, monkeypatch):
+    """{"slot": "b", "try": true} and no `previous`: a failed health check cannot roll back."""
+    import json
+
+    from lab.node import layout, updater
+
+    boot = tmp_path / "boot.json"
+    boot.write_text('{"slot": "b", "try": true, "staging": 7}')
+    monkeypatch.setattr(layout, "BOOT_FILE", boot)
+    monkeypatch.setattr(updater, "os_version", lambda: "2")
+    agent = updater.Updater({"name": "node-1", "endpoints": ["http://127.0.0.1:9"]})
+    written: dict[str, str] = {}
+    published: list[str] = []
+    monkeypatch.setattr(agent.etcd, "put", lambda key, value, lease=None: written.__setitem__(key, value))
+    monkeypatch.setattr(agent, "health_check", lambda: (False, "etcd is not running"))
+    monkeypatch.setattr(agent, "publish", lambda state, **extra: published.append(state))
+    monkeypatch.setattr(agent, "release_if_holding", lambda: None)
+    monkeypatch.setattr(agent, "reboot", lambda: pytest.fail("there is no slot to reboot into"))
+    agent.settle_boot()
+    assert json.loads(boot.read_text()) == {"slot": "b", "rolled_back_staging": 7}
+    assert "no previous slot" in json.loads(written[layout.HALTED])["reason"]
+    agent.settle_boot()  # the next start: nothing is on trial any more
+    assert published == ["failed", "idle"]
+
+
 # ---------------------------------------------------------------- on a real node
 
 

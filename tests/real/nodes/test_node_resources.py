@@ -84,6 +84,11 @@ def pid_ns(pid: int) -> str | None:
         return None
 
 
+def recorded(lab: Lab, node: str) -> list[Path]:
+    """The node's cgroups as the lab's state records them."""
+    return [Path(r["id"]) for r in lab.state.find("cgroup") if Path(r["id"]).name == f"lab-{lab.lab_id}-{node}"]
+
+
 def own_cgroups(pid: int) -> dict[str, str]:
     lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
     return {line.split(":", 2)[1]: line.split(":", 2)[2] for line in lines}
@@ -95,17 +100,16 @@ def test_each_node_has_its_own_cgroup_in_every_hierarchy(lab):
     for hierarchy, path in one.items():
         assert f"/lab-{lab.lab_id}-node-1/" in path + "/", (hierarchy, path)
         assert f"/lab-{lab.lab_id}-node-2/" in two[hierarchy] + "/", (hierarchy, two[hierarchy])
-    recorded = {r["id"] for r in lab.state.find("cgroup")}
     for node in ("node-1", "node-2"):
-        assert set(map(str, cgroups.node_cgroups(f"lab-{lab.lab_id}-{node}"))) <= recorded
+        assert set(recorded(lab, node)) == set(cgroups.node_cgroups(f"lab-{lab.lab_id}-{node}"))
+        assert all(cgroup.is_dir() for cgroup in recorded(lab, node))
 
 
 def test_memory_and_cpus_from_the_spec_limit_the_node(lab):
     for node, mib in (("node-1", 256), ("node-2", 512)):
-        machine = f"lab-{lab.lab_id}-{node}"
-        memory = cgroups.controller_cgroup(machine, "memory")
+        memory = cgroups.controller_cgroup(recorded(lab, node), "memory")
         assert int((memory / "memory.limit_in_bytes").read_text()) == mib * MIB
-        cpu = cgroups.controller_cgroup(machine, "cpu")
+        cpu = cgroups.controller_cgroup(recorded(lab, node), "cpu")
         assert int((cpu / "cpu.cfs_quota_us").read_text()) == int((cpu / "cpu.cfs_period_us").read_text())
     statuses = {s.name: s for s in lab.status()}
     assert statuses["node-1"].memory_limit_bytes == 256 * MIB
@@ -114,7 +118,7 @@ def test_memory_and_cpus_from_the_spec_limit_the_node(lab):
 
 
 def test_a_node_with_one_cpu_gets_one_cpu_however_busy_it_is(lab):
-    cpuacct = cgroups.controller_cgroup(f"lab-{lab.lab_id}-node-1", "cpuacct") / "cpuacct.usage"
+    cpuacct = cgroups.controller_cgroup(recorded(lab, "node-1"), "cpuacct") / "cpuacct.usage"
     assert ssh(lab, "node-1", "for i in 1 2 3; do systemd-run --unit=spin$i sh -c 'while :; do :; done'; done").ok
     try:
         time.sleep(1)
@@ -127,8 +131,7 @@ def test_a_node_with_one_cpu_gets_one_cpu_however_busy_it_is(lab):
 
 
 def test_a_memory_hog_is_killed_inside_its_node_and_nothing_else_suffers(lab):
-    machine = f"lab-{lab.lab_id}-node-1"
-    memory = cgroups.controller_cgroup(machine, "memory")
+    memory = cgroups.controller_cgroup(recorded(lab, "node-1"), "memory")
     kills_before = oom_kills(memory)
     # Touches every byte it takes (b"x" * n), 16 MiB at a time, forever.
     hog = ("systemd-run --unit=hog python3 -c "

@@ -189,6 +189,24 @@ def test_reboot_changes_boot_id_and_keeps_state(lab3):
     assert ssh(lab3, "node-2", "cat /root/survives-reboot").stdout.strip() == "kept"
 
 
+def test_node_boots_the_slot_its_boot_json_names(lab3):
+    """A/B slots: an image staged in slot b is the node's /usr once its boot.json says b, and a
+    again after it says a (in a user namespace too: the slot's /usr is an idmapped bind)."""
+    from lab.images.build import build_image
+
+    provider = lab3.provider()
+    assert provider.stage_update("node-1", build_image("labos", "2").rootfs) == "b"
+    try:
+        for slot, version in (("b", "2"), ("a", "1")):
+            ssh(lab3, "node-1", f"echo '{{\"slot\": \"{slot}\"}}' > /etc/lab/boot.json")
+            assert provider.boot_slot("node-1") == slot
+            provider.reboot("node-1")
+            assert ssh(lab3, "node-1", ". /usr/lib/os-release; echo $VERSION_ID").stdout.strip() == version
+            assert not ssh(lab3, "node-1", "touch /usr/x").ok
+    finally:
+        ssh(lab3, "node-1", "rm -f /etc/lab/boot.json")
+
+
 def test_killed_node_stops_answering_and_starts_again(lab3):
     provider = lab3.provider()
     ip = lab3.context("nspawn").addresses["node-3"]
