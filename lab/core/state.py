@@ -59,11 +59,11 @@ class LabState:
         if data.get("version") != SCHEMA_VERSION:
             raise StateError(f"{path}: state version {data.get('version')} is not {SCHEMA_VERSION}",
                              hint="destroy the lab with the lab version that created it")
-        problems = resource_problems(data.get("resources"), lab_dir)
+        problems = section_problems(data) + resource_problems(data.get("resources"), lab_dir)
         if problems:
             # A checkout can carry a forged state.json: never act on one that
             # names anything outside this lab.
-            raise StateError(f"{path}: refusing to act on resources that are not this lab's:\n  "
+            raise StateError(f"{path}: refusing to act on a state that is not this lab's:\n  "
                              + "\n  ".join(problems),
                              hint=f"check who wrote {path}; remove the lab's resources by hand, then the file")
         return cls(lab_dir, data)
@@ -160,6 +160,38 @@ def _libvirt_network(res: dict[str, Any], lab_dir: Path, lab_id: str) -> str | N
     if res.get("shared") is True and res.get("id") == SHARED_LIBVIRT_NETWORK:
         return None
     return _named("lab-{id}")(res, lab_dir, lab_id)
+
+
+# The sections every lab's state has, with their types: a state file whose
+# sections have other types is refused at load, not met as a traceback later.
+SECTIONS: dict[str, Callable[[Any], bool]] = {
+    "name": lambda v: isinstance(v, str),
+    "lab_id": lambda v: isinstance(v, str),
+    "provider": lambda v: isinstance(v, str),
+    "created_at": lambda v: isinstance(v, str),
+    "subnet": lambda v: isinstance(v, str),
+    "nodes": lambda v: isinstance(v, list) and all(isinstance(n, str) and NAME.fullmatch(n) for n in v),
+    "addresses": lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(a, str)
+                                                       for k, a in v.items()),
+    "partition": lambda v: v is None or (isinstance(v, list) and all(
+        isinstance(g, list) and all(isinstance(n, str) for n in g) for g in v)),
+    "etcd": lambda v: isinstance(v, dict),
+    "image": lambda v: isinstance(v, dict),
+    "update": lambda v: v is None or isinstance(v, dict),
+}
+
+
+def section_problems(data: dict[str, Any]) -> list[str]:
+    import ipaddress
+
+    problems = [f"{key}: {data[key]!r} is not what a lab records there" for key, ok in SECTIONS.items()
+                if key in data and not ok(data[key])]
+    if isinstance(data.get("subnet"), str):
+        try:
+            ipaddress.IPv4Network(data["subnet"])
+        except ValueError:
+            problems.append(f"subnet: {data['subnet']!r} is not an IPv4 network")
+    return problems
 
 
 # kind -> rule; a kind nobody registered is refused. Providers' kinds are

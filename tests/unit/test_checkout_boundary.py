@@ -81,7 +81,7 @@ def test_a_forged_state_file_stops_the_command(project, resource, fragment):
         resource = {k: v.replace("{lab}", str(lab_dir)).replace("{id}", ident) if isinstance(v, str) else v
                     for k, v in resource.items()}
     forged(project, resource)
-    with pytest.raises(StateError, match="refusing to act on resources that are not this lab's") as info:
+    with pytest.raises(StateError, match="refusing to act on a state that is not this lab's") as info:
         open_lab(project)
     assert fragment in info.value.message
 
@@ -97,6 +97,16 @@ def test_this_labs_own_resources_pass(project):
            {"kind": "libvirt-domain", "id": f"etc-{ident}-node-1"},
            {"kind": "libvirt-network", "id": "vagrant-libvirt", "shared": True})
     assert open_lab(project).created
+
+
+@pytest.mark.parametrize("section, value", [("nodes", 5), ("nodes", ["../x"]), ("addresses", ["10.0.0.1"]),
+                                            ("subnet", "nowhere"), ("partition", "all"), ("provider", None)])
+def test_a_state_section_of_the_wrong_type_stops_the_command(project, section, value):
+    lab_dir = project / ".lab" / "etc"
+    lab_dir.mkdir(parents=True)
+    (lab_dir / "state.json").write_text(json.dumps({"version": 1, "name": "etc", "resources": [], section: value}))
+    with pytest.raises(StateError, match=f"{section}: "):
+        open_lab(project)
 
 
 @pytest.mark.parametrize("text", ["[]", "\"state\"", "{\"version\": 1, \"resources\": {}}", "{tru"])
