@@ -63,10 +63,12 @@ def update_status(file: FileOpt = DEFAULT_FILE, name: NameOpt = None, as_json: J
 
 @app.command("unlock")
 def update_unlock(node: Annotated[str, typer.Argument(help="Node whose reboot lock to free.")],
+                  force: Annotated[bool, typer.Option("--force", help="Free it even though NODE is running "
+                                                      "(its agent may be mid-reboot).")] = False,
                   file: FileOpt = DEFAULT_FILE, name: NameOpt = None) -> None:
-    """Free the reboot lock held by NODE (e.g. a node that died while holding it)."""
+    """Free the reboot lock held by NODE (a node that died while holding it; a live holder needs --force)."""
     from lab.cluster.update import unlock
 
     with locked_lab(file, name, f"update unlock {node}") as lab:
-        held = unlock(lab, node)
+        held = unlock(lab, node, force=force)
     out().print(f"freed the reboot lock held by {node}" if held else f"{node} held no reboot lock")

@@ -19,7 +19,7 @@ from lab.errors import LabError, PrerequisiteError, UsageError
 from lab.images.cache import find_image
 from lab.node.layout import HALTED, NODE_UPDATES, SEMAPHORE, STAGED
 from lab.node.semaphore import Semaphore
-from lab.providers.base import Progress, no_progress
+from lab.providers.base import NodeState, Progress, no_progress
 
 
 class UpdateError(LabError):
@@ -96,14 +96,28 @@ def status(lab) -> UpdateStatus:
                         if halted else None)
 
 
-def unlock(lab, node: str) -> bool:
-    """Free the reboot lock a (dead) node holds. Returns whether it held one."""
+def unlock(lab, node: str, force: bool = False) -> bool:
+    """Free the reboot lock a dead node holds. Returns whether it held one.
+
+    A holder that is alive (running, or paused and about to go on) is in the
+    middle of its reboot: freeing its lock would let another node reboot too,
+    so that takes `force`.
+    """
     lab.context(lab.selection().name).node(node)
-    semaphore = Semaphore(lab.etcd_client())
+    client = lab.etcd_client()
+    if client.get(SEMAPHORE) is not None:  # a garbled lock is one clear error, not a traceback
+        json_record(SEMAPHORE, client.get(SEMAPHORE), {"max": int, "holders": list[str]})
+    semaphore = Semaphore(client)
     held = semaphore.holds(node, lab.spec.updates.max_concurrent_reboots)
-    if held:
-        semaphore.release(node, lab.spec.updates.max_concurrent_reboots)
-    return held
+    if not held:
+        return False
+    state = next((s.state for s in lab.provider().status() if s.name == node), NodeState.UNKNOWN)
+    if state in (NodeState.RUNNING, NodeState.PAUSED) and not force:
+        raise UsageError(f"{node} holds the reboot lock and is {state.value}: its update agent may be rebooting it",
+                         hint=f"wait for it (`lab update status`), or `lab update unlock {node} --force` "
+                              "if you know its agent is stuck")
+    semaphore.release(node, lab.spec.updates.max_concurrent_reboots)
+    return True
 
 
 def wait(lab, version: str, progress: Progress = no_progress, timeout: float = 600.0) -> UpdateStatus:

@@ -175,15 +175,20 @@ class Updater:
             return
         if boot.get("rolled_back_staging") == staged.get("at"):
             return  # this node already failed this very staging (a new `lab update` stages anew)
-        halted = self.etcd.get(layout.HALTED)
-        if halted:
+        if self.etcd.get(layout.HALTED):
+            # A halted roll goes no further: a lock taken before the halt is
+            # given back, or no other update could ever start.
+            self.release_if_holding()
             return
         if self.strategy == "etcd-lock":
             if not self.semaphore.acquire(self.node, self.max_holders):
                 return
             # Check the lock again right before acting: a pause between
             # acquiring and rebooting must not let two holders too many reboot.
-            if not self.semaphore.holds(self.node, self.max_holders) or self.etcd.get(layout.HALTED):
+            if not self.semaphore.holds(self.node, self.max_holders):
+                return
+            if self.etcd.get(layout.HALTED):
+                self.release_if_holding()
                 return
         self.log(f"rebooting into slot {staged['slot']} (version {staged['version']})")
         self.publish("rebooting", target=staged["version"])

@@ -18,10 +18,9 @@ needs_nodes = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("systemd-nspa
 
 
 @pytest.fixture(scope="module")
-def etcd(tmp_path_factory):
+def lab1(tmp_path_factory):
     if os.geteuid() != 0 or shutil.which("systemd-nspawn") is None:
         pytest.skip("needs root and systemd-nspawn")
-    from lab.node.etcd import Etcd
     from lab.images.build import build_image
     from lab.core.lab import Lab
     from lab.model.spec import Override
@@ -31,9 +30,15 @@ def etcd(tmp_path_factory):
                    [Override(("nodes", "count"), 1, "--nodes"), Override(("provider",), "nspawn", "--provider")])
     lab.up()
     try:
-        yield lambda: Etcd([row.endpoint for row in lab.etcd_status()], None)
+        yield lab
     finally:
         lab.destroy()
+
+
+@pytest.fixture(scope="module")
+def etcd(lab1):
+    """A new etcd client of the lab each call (the host's own, with the lab's certificates when TLS is on)."""
+    return lambda: lab1.etcd_client()
 
 
 def contend(etcd, key: str, max_holders: int, contenders: int) -> list[str]:
@@ -90,3 +95,22 @@ def test_stale_compare_and_swap_is_refused(etcd):
     # A second writer that read the old revision must lose.
     assert not semaphore.swap(revision, try_acquire(current, "node-2"))
     assert semaphore.read(1)[0]["holders"] == ["node-1"]
+
+
+@needs_nodes
+def test_unlock_refuses_a_live_holder_unless_forced(lab1, etcd):
+    from lab.cluster.update import unlock
+    from lab.errors import UsageError
+
+    semaphore = Semaphore(etcd())
+    max_holders = lab1.spec.updates.max_concurrent_reboots
+    assert semaphore.acquire("node-1", max_holders)  # as node-1's update agent does before rebooting
+    try:
+        with pytest.raises(UsageError, match="node-1 holds the reboot lock and is running") as info:
+            unlock(lab1, "node-1")
+        assert "--force" in info.value.hint and semaphore.holds("node-1", max_holders)
+        assert unlock(lab1, "node-1", force=True) is True
+        assert not semaphore.holds("node-1", max_holders)
+        assert unlock(lab1, "node-1") is False  # nothing held: nothing to refuse
+    finally:
+        semaphore.release("node-1", max_holders)
