@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from lab.cluster.etcdclient import EtcdClient, EtcdError, TlsFiles
 from lab.cluster.remote import BootstrapError, RemoteFile, check, journal_tail, put_files, units_active
-from lab.errors import ProviderError, UsageError
+from lab.errors import ProviderError, StateError, UsageError
 from lab.host.pki import LabPki
 from lab.host.ssh import SSHEndpoint, connect, run
 from lab.node.layout import NODE_PKI_DIR
@@ -80,7 +80,10 @@ def recorded_tls(context: LabContext) -> bool | None:
         return None
     etcd_state = context.state.get("etcd") or {}
     if "tls" in etcd_state:
-        return bool(etcd_state["tls"])
+        if not isinstance(etcd_state["tls"], bool):
+            raise StateError(f"{context.state.path}: etcd.tls is {etcd_state['tls']!r}, not true or false",
+                             hint="set it to the mode the lab was created with, or `lab destroy` and `lab up`")
+        return etcd_state["tls"]
     if "token" in etcd_state:
         # Bootstrapped before the mode was recorded: only a TLS lab has a CA.
         return LabPki(context.lab_dir / "pki").ca.exists()

@@ -327,7 +327,8 @@ class NspawnProvider(Provider):
         if not slot_a.is_symlink():
             slot_a.symlink_to(rootfs)  # the image the node was created with
         self.state.record("mount", str(merged))
-        overlay.mount_overlay(rootfs, upper, work, merged, metacopy=self._private_users(node))
+        mask = overlay.usr_mask(self.context.lab_dir / "usr-mask", rootfs) if self._private_users(node) else None
+        overlay.mount_overlay(rootfs, upper, work, merged, unprivileged=mask)
         try:
             if fresh:
                 self._write_identity(node, merged)
@@ -351,9 +352,10 @@ class NspawnProvider(Provider):
         usr = ["--bind-ro={usr}:/usr"]
         if self._private_users(node):
             # The node's root is an unprivileged uid range of the host. nspawn
-            # chowns the tree into it at the first boot: with metacopy that
-            # copies up inodes only, not data. The image's /usr is shared by
-            # all nodes and stays root's: an idmapped bind shows it shifted.
+            # chowns the tree into it at the first boot (the overlay copies up
+            # inodes only, and hides the image's /usr: see overlay.py). The
+            # slot's /usr is shared and stays root's: an idmapped bind shows
+            # it shifted.
             usr = ["--private-users=pick", "--private-users-ownership=chown", "--bind-ro={usr}:/usr:idmap"]
         return ["systemd-nspawn", "--boot", "--register=no", "--keep-unit", "--quiet",
                 f"--machine={self.machine(node)}", f"--directory={self.node_dir(node) / 'merged'}", *usr,

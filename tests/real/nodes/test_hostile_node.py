@@ -266,7 +266,8 @@ def test_boot_json_behind_a_link_to_a_host_directory_is_not_read(lab, host_usr, 
 
 def test_replaced_proc_does_not_block_status_or_reboot(lab, host_usr):
     """The host reads the node's boot id through /proc/PID/root: the node puts a FIFO there."""
-    as_node_root(lab, "mkfifo /run/fake-boot-id && mount --bind /run/fake-boot-id /proc/sys/kernel/random/boot_id")
+    as_node_root(lab, "mount -t tmpfs tmpfs /proc/sys && mkdir -p /proc/sys/kernel/random && "
+                      "mkfifo /proc/sys/kernel/random/boot_id")
     statuses = within(10, lab.provider().status)
     assert statuses[0].state == NodeState.RUNNING and statuses[0].boot_id is None
     within(120, lab.provider().reboot, "node-1")  # a new boot has a new /proc
