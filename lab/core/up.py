@@ -97,7 +97,12 @@ def ssh_keypair(run: UpRun) -> None:
 
 
 def check_subnet_claim(run: UpRun) -> None:
-    network.ensure_claim_matches(run.lab.lab_dir, run.lab.context(run.selection.name).subnet)
+    from lab.cluster.etcd_bootstrap import tls_mode
+
+    context = run.lab.context(run.selection.name)
+    network.ensure_claim_matches(run.lab.lab_dir, context.subnet)
+    # Before any node boots: a spec whose etcd.tls differs from the lab's is refused up front.
+    tls_mode(context)
 
 
 def boot_nodes(run: UpRun) -> None:

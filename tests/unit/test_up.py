@@ -121,3 +121,17 @@ def test_destroy_removes_everything_up_made(fake, tmp_path):
     open_lab(tmp_path).up(bootstrap=False)
     assert open_lab(tmp_path).destroy() is True
     assert leftovers(tmp_path) == [] and fake.nodes == {}
+
+
+def test_an_existing_lab_whose_spec_flips_etcd_tls_is_refused_before_any_node_boots(fake, tmp_path):
+    from lab.errors import UsageError
+
+    open_lab(tmp_path).up(bootstrap=False)  # recorded with the default, etcd.tls: true
+    fake.calls.clear()
+    lab = Lab.open(tmp_path / "lab.yaml", [Override(("provider",), "nspawn", "--provider"),
+                                           Override(("nodes", "count"), 3, "--nodes"),
+                                           Override(("etcd", "tls"), False, "--set etcd.tls=false")])
+    with pytest.raises(UsageError, match="was created with etcd.tls: true, the spec now says etcd.tls: false"):
+        lab.up(bootstrap=False)
+    assert not any(call.startswith("up ") for call in fake.calls)
+    assert (tmp_path / ".lab" / "lab" / "state.json").exists()
