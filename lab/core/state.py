@@ -111,6 +111,7 @@ class LabState:
 
 # vagrant-libvirt's management network, shared by every Vagrant lab on the host.
 SHARED_LIBVIRT_NETWORK = "vagrant-libvirt"
+LIBVIRT_POOL = "default"  # the only storage pool vagrant-libvirt (and so lab) puts volumes in
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 ResourceRule = Callable[[dict[str, Any], Path, str], "str | None"]
 
@@ -145,6 +146,11 @@ def _node(res: dict[str, Any], lab_dir: Path, lab_id: str) -> str | None:
     pid = res.get("supervisor_pid")
     if pid is not None and not (isinstance(pid, int) and not isinstance(pid, bool) and pid > 1):
         return f"supervisor_pid {pid!r} is not a process id"
+    # A pid alone could name any host process: destroy signals it only when
+    # the start time proves it is the supervisor lab started (processes.alive).
+    start = res.get("supervisor_start")
+    if pid is not None and not (start is None or (isinstance(start, str) and start.isdigit())):
+        return f"supervisor_start {start!r} is not a process start time"
     return None
 
 
@@ -162,6 +168,17 @@ def _libvirt_network(res: dict[str, Any], lab_dir: Path, lab_id: str) -> str | N
     return _named("lab-{id}")(res, lab_dir, lab_id)
 
 
+def _str_map(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+
+ETCD_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "tls": lambda v: isinstance(v, bool),
+    "token": lambda v: isinstance(v, str),
+    "joined": _str_map,
+    "initial_cluster": _str_map,
+}
+
 # The sections every lab's state has, with their types: a state file whose
 # sections have other types is refused at load, not met as a traceback later.
 SECTIONS: dict[str, Callable[[Any], bool]] = {
@@ -175,10 +192,19 @@ SECTIONS: dict[str, Callable[[Any], bool]] = {
                                                        for k, a in v.items()),
     "partition": lambda v: v is None or (isinstance(v, list) and all(
         isinstance(g, list) and all(isinstance(n, str) for n in g) for g in v)),
-    "etcd": lambda v: isinstance(v, dict),
-    "image": lambda v: isinstance(v, dict),
+    "etcd": lambda v: isinstance(v, dict) and all(ok(v.get(k)) for k, ok in ETCD_FIELDS.items() if k in v),
+    "image": lambda v: isinstance(v, dict) and isinstance(v.get("rootfs"), str)
+    and all(isinstance(v.get(k), str) for k in ("name", "version", "key") if k in v),
     "update": lambda v: v is None or isinstance(v, dict),
 }
+
+
+def image_in_cache(rootfs: str) -> bool:
+    """Whether rootfs is `<cache>/images/<entry>/rootfs` (symlinks resolved) of lab's image cache."""
+    from lab.images.cache import images_dir
+
+    real = Path(os.path.realpath(rootfs))
+    return real.name == "rootfs" and real.parent.parent == Path(os.path.realpath(images_dir()))
 
 
 def section_problems(data: dict[str, Any]) -> list[str]:
@@ -186,6 +212,10 @@ def section_problems(data: dict[str, Any]) -> list[str]:
 
     problems = [f"{key}: {data[key]!r} is not what a lab records there" for key, ok in SECTIONS.items()
                 if key in data and not ok(data[key])]
+    image = data.get("image")
+    if isinstance(image, dict) and isinstance(image.get("rootfs"), str) and not image_in_cache(image["rootfs"]):
+        # The overlay's lower layer and /usr of every node: only an image lab built, never a path a checkout names.
+        problems.append(f"image.rootfs: {image['rootfs']!r} is not an image in lab's cache")
     if isinstance(data.get("subnet"), str):
         try:
             ipaddress.IPv4Network(data["subnet"])
@@ -205,7 +235,9 @@ RESOURCE_RULES: dict[str, ResourceRule] = {
     "nftables": _named("lab_{id}"),
     "libvirt-network": _libvirt_network,
     "libvirt-domain": _named(r"[a-z0-9][a-z0-9-]*-{id}-[A-Za-z0-9_.-]+"),
-    "libvirt-volume": _named(r"[a-z0-9][a-z0-9-]*-{id}-[A-Za-z0-9_.-]+"),
+    "libvirt-volume": lambda res, lab_dir, lab_id: (
+        _named(r"[a-z0-9][a-z0-9-]*-{id}-[A-Za-z0-9_.-]+")(res, lab_dir, lab_id)
+        or (None if res.get("pool", LIBVIRT_POOL) == LIBVIRT_POOL else f"pool {res.get('pool')!r} is not {LIBVIRT_POOL}")),
 }
 
 

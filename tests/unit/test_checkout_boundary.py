@@ -64,6 +64,8 @@ def forged(project: Path, *resources: dict) -> Path:
     ({"kind": "node", "id": "node-1", "dir": "{lab}/nodes/../../../../victim"}, "is outside"),
     ({"kind": "node", "id": "node-1", "supervisor_pid": 1}, "not a process id"),
     ({"kind": "node", "id": "../../x"}, "not a node name"),
+    ({"kind": "node", "id": "node-1", "supervisor_pid": 4242, "supervisor_start": "$(reboot)"}, "not a process start"),
+    ({"kind": "libvirt-volume", "id": "etc-{id}-node-1.img", "pool": "images"}, "pool 'images' is not default"),
     ({"kind": "mount", "id": "/usr"}, "is outside"),
     ({"kind": "bridge", "id": "docker0"}, "not one of this lab's names"),
     ({"kind": "nftables", "id": "filter"}, "not one of this lab's names"),
@@ -91,7 +93,8 @@ def test_this_labs_own_resources_pass(project):
     ident = lab_id(lab_dir)
     forged(project,
            {"kind": "bridge", "id": f"lab-{ident}"}, {"kind": "nftables", "id": f"lab_{ident}"},
-           {"kind": "node", "id": "node-1", "dir": f"{lab_dir}/nodes/node-1", "supervisor_pid": 4242},
+           {"kind": "node", "id": "node-1", "dir": f"{lab_dir}/nodes/node-1", "supervisor_pid": 4242,
+            "supervisor_start": "123456"},
            {"kind": "mount", "id": f"{lab_dir}/nodes/node-1/merged"},
            {"kind": "cgroup", "id": f"/sys/fs/cgroup/memory/lab/lab-{ident}-node-1"},
            {"kind": "libvirt-domain", "id": f"etc-{ident}-node-1"},
@@ -100,12 +103,15 @@ def test_this_labs_own_resources_pass(project):
 
 
 @pytest.mark.parametrize("section, value", [("nodes", 5), ("nodes", ["../x"]), ("addresses", ["10.0.0.1"]),
-                                            ("subnet", "nowhere"), ("partition", "all"), ("provider", None)])
+                                            ("subnet", "nowhere"), ("partition", "all"), ("provider", None),
+                                            ("etcd", {"tls": "yes"}), ("etcd", {"joined": "x"}),
+                                            ("etcd", {"initial_cluster": 5}), ("image", {"name": "labos"}),
+                                            ("image", {"rootfs": "/"}), ("image", {"rootfs": "/usr/../etc/rootfs"})])
 def test_a_state_section_of_the_wrong_type_stops_the_command(project, section, value):
     lab_dir = project / ".lab" / "etc"
     lab_dir.mkdir(parents=True)
     (lab_dir / "state.json").write_text(json.dumps({"version": 1, "name": "etc", "resources": [], section: value}))
-    with pytest.raises(StateError, match=f"{section}: "):
+    with pytest.raises(StateError, match=f"{section}[:.]"):
         open_lab(project)
 
 
