@@ -20,6 +20,7 @@ from lab.host.ssh import SSHEndpoint, connect
 from lab.node import layout
 from lab.node.layout import NODE_PKI_DIR
 from lab.providers.base import LabContext, Progress, no_progress
+from lab.cluster.units import machines as registered_machines
 
 AGENT_TTL = 5  # seconds: a dead machine's units move after about this long
 NODE_SOURCES = Path(layout.__file__).parent  # lab/node/: what runs on the nodes
@@ -100,7 +101,7 @@ class SchedulerBootstrap:
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:
-                machines = {json.loads(v)["name"] for v in client.get_prefix(layout.MACHINES).values()}
+                machines = {m.name for m in registered_machines(client)}  # a garbled record is one clear error
                 engine = client.get(layout.ENGINE)
                 if expected <= machines and engine:
                     progress(f"scheduler: {len(machines)} machines registered, engine elected")

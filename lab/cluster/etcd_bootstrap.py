@@ -25,7 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from lab.cluster.etcdclient import EtcdClient, EtcdError, TlsFiles
-from lab.cluster.remote import BootstrapError, RemoteFile, check, journal_tail, put_files, units_active
+from lab.cluster.remote import (APT_TIMEOUT, COMMAND_TIMEOUT, BootstrapError, RemoteFile, check, journal_tail, put_files,
+                               run_bounded, units_active)
 from lab.errors import ProviderError, StateError, UsageError
 from lab.host.pki import LabPki
 from lab.host.ssh import SSHEndpoint, connect, run
@@ -281,11 +282,12 @@ class EtcdBootstrap:
 
     @staticmethod
     def _ensure_etcd_installed(connection, node: str) -> None:
-        if connection.run("command -v etcd", warn=True, hide=True, in_stream=False).exited == 0:
+        if run_bounded(connection, "command -v etcd", timeout=COMMAND_TIMEOUT).exited == 0:
             return
         # A generic Debian/Ubuntu box: install etcd from the node's own apt sources.
         check(connection, "DEBIAN_FRONTEND=noninteractive apt-get update -qq && "
-                          "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client", node)
+                          "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client", node,
+              timeout=APT_TIMEOUT)
 
     def wait_healthy(self, progress: Progress = no_progress, timeout: float = HEALTH_TIMEOUT) -> None:
         """Poll every member's /health; give up early on a member whose etcd unit has failed."""

@@ -15,6 +15,10 @@ from pathlib import Path
 from lab.errors import CommandError, LabError, ProviderError
 from lab.host.ssh import SSHEndpoint
 
+# Every command lab runs on a node during bootstrap; apt-get gets its own, longer bound.
+COMMAND_TIMEOUT = 120.0
+APT_TIMEOUT = 900.0
+
 
 class BootstrapError(LabError):
     exit_code = 8
@@ -38,6 +42,8 @@ def put_if_changed(connection, file: RemoteFile, node: str) -> bool:
     temporary = f"{file.path}.lab-new"
     directory = str(Path(file.path).parent)
     check(connection, f"mkdir -p {shlex.quote(directory)}", node)
+    # SFTP has no timeout of its own: bound every read/write on its channel.
+    connection.sftp().get_channel().settimeout(COMMAND_TIMEOUT)
     connection.put(io.BytesIO(file.content), remote=temporary)
     quoted, quoted_tmp = shlex.quote(file.path), shlex.quote(temporary)
     # fsync the file before the rename and the directory after it: a VM whose
@@ -54,16 +60,27 @@ def put_if_changed(connection, file: RemoteFile, node: str) -> bool:
 
 
 def units_active(connection, *units: str) -> bool:
-    return connection.run(f"systemctl is-active --quiet {' '.join(units)}", warn=True, hide=True,
-                          in_stream=False).exited == 0
+    command = f"systemctl is-active --quiet {' '.join(units)}"
+    return run_bounded(connection, command, timeout=COMMAND_TIMEOUT).exited == 0
 
 
-def check(connection, command: str, node: str):
-    """Run `command` on a connection; a CommandError naming the node if it fails."""
-    result = connection.run(command, warn=True, hide=True, in_stream=False)
+def check(connection, command: str, node: str, timeout: float = COMMAND_TIMEOUT):
+    """Run `command` on a connection; a CommandError naming the node if it fails or outlives `timeout`."""
+    try:
+        result = run_bounded(connection, command, timeout=timeout)
+    except Exception as exc:  # invoke's CommandTimedOut carries the partial output
+        if type(exc).__name__ != "CommandTimedOut":
+            raise
+        raise CommandError(command, where=node, exit_status=None, output=exc.result.stdout + exc.result.stderr,
+                           hint=f"it did not finish in {timeout:.0f} s: is {node} paused or overloaded?") from None
     if result.exited != 0:
         raise CommandError(command, where=node, exit_status=result.exited, output=result.stdout + result.stderr)
     return result
+
+
+def run_bounded(connection, command: str, timeout: float):
+    # A node frozen mid-command must end in a message, never hang `lab up`.
+    return connection.run(command, warn=True, hide=True, in_stream=False, timeout=timeout)
 
 
 def journal_tail(endpoint: SSHEndpoint, unit: str, lines: int = 12) -> str:
