@@ -30,10 +30,9 @@ from lab.cluster.remote import (APT_TIMEOUT, COMMAND_TIMEOUT, BootstrapError, Re
 from lab.errors import ProviderError, StateError, UsageError
 from lab.host.pki import LabPki
 from lab.host.ssh import SSHEndpoint, connect, run
-from lab.node.layout import NODE_PKI_DIR
+from lab.node.layout import CLIENT_PORT, NODE_PKI_DIR
 from lab.providers.base import LabContext, Progress, no_progress
 
-CLIENT_PORT = 2379
 PEER_PORT = 2380
 ETCD_ENV_FILE = "/etc/default/etcd"
 # Named to sort before a fault's runtime drop-in (lab-fault.conf), which must win.

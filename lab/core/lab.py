@@ -217,7 +217,12 @@ class Lab:
         if self.state is None:
             existed = self.lab_dir.exists()  # a rendered Vagrantfile, say
             if existed:
-                shutil.rmtree(self.lab_dir)
+                try:
+                    shutil.rmtree(self.lab_dir)
+                except OSError as exc:
+                    raise StateError(f"cannot remove {self.lab_dir}: {exc.strerror or exc}",
+                                     hint=f"see what holds it (`findmnt -R {self.lab_dir}`, `lsof +D "
+                                          f"{self.lab_dir}`), then run `lab destroy` again") from None
                 self._remove_labs_dir_if_empty()
             network.release_subnet(self.lab_dir)
             return existed
@@ -335,13 +340,11 @@ class Lab:
 
     def validate(self) -> list[str]:
         """Check the spec (already done on load) and the rendered Vagrantfile with real `vagrant validate`."""
-        import shutil as _shutil
-
         report = [f"{self.loaded.path}: valid" if self.loaded.exists else "no lab.yaml: the defaults are valid"]
         provider, note = self.vagrant_provider()
         if note:
             report.append(note)
-        if _shutil.which("vagrant") is None:
+        if shutil.which("vagrant") is None:
             report.append("vagrant is not installed: skipped `vagrant validate` (apt-get install vagrant)")
             return report
         from lab.providers.vagrant.provider import validate
@@ -403,10 +406,9 @@ def images_in_use() -> dict[str, list[str]]:
 
 
 def booted_images(state: LabState) -> set[str]:
-    """Every image root filesystem a lab's state names: resources of kind "image" (id: the rootfs),
-    the image the lab was created from, and each node's boot slots (`slot-a`, `slot-b` links in the
+    """Every image root filesystem a lab's state names: the image the lab was created from, and each node's boot slots (`slot-a`, `slot-b` links in the
     node's recorded directory, which lies inside the lab directory)."""
-    found = {res["id"] for res in state.find("image") if isinstance(res.get("id"), str)}
+    found: set[str] = set()
     image = state.get("image")
     if isinstance(image, dict) and isinstance(image.get("rootfs"), str):
         found.add(image["rootfs"])

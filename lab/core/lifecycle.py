@@ -92,7 +92,11 @@ def _recorded_lab(file: Path, name: str | None) -> Lab | None:
     chosen = name if name in found else (found[0] if len(found) == 1 and name is None else None)
     if chosen is None:
         return None
-    return Lab(LoadedSpec(spec=LabSpec(name=chosen), path=file, exists=False))
+    try:
+        spec = LabSpec(name=chosen)
+    except ValueError:  # pydantic's ValidationError: a directory no lab of lab's could have made
+        return None
+    return Lab(LoadedSpec(spec=spec, path=file, exists=False))
 
 
 def roll(lab: Lab, version: str, progress: Progress, wait: bool = True, timeout: float = 600.0) -> None:

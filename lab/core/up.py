@@ -17,7 +17,7 @@ import datetime
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from lab.core.state import LabState
+from lab.core.state import SCHEMA_VERSION, LabState
 from lab.errors import LabError
 from lab.host import network
 from lab.providers import Selection, provider_class
@@ -74,7 +74,7 @@ def claim_subnet(run: UpRun) -> None:
 def record_state(run: UpRun) -> None:
     lab = run.lab
     state = LabState(lab.lab_dir, {
-        "version": 1, "name": lab.name, "lab_id": lab.lab_id, "provider": run.selection.name,
+        "version": SCHEMA_VERSION, "name": lab.name, "lab_id": lab.lab_id, "provider": run.selection.name,
         "created_at": now(), "subnet": run.subnet, "resources": [],
         "nodes": [n.name for n in lab.spec.node_specs()], "etcd": {"tls": lab.spec.etcd.tls},
     })

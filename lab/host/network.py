@@ -36,10 +36,6 @@ def lab_id(lab_dir: Path) -> str:
     return hashlib.sha256(str(lab_dir.resolve()).encode()).hexdigest()[:6]
 
 
-def host_address(subnet: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
-    return subnet.network_address + 1
-
-
 def node_addresses(subnet: ipaddress.IPv4Network, node_names: list[str]) -> dict[str, str]:
     """Addresses of a new lab's nodes: node-1 is .11, node-2 .12, ..."""
     return assign_addresses(subnet, node_names, {})

@@ -31,7 +31,6 @@ from lab.model.catalog import PROVIDER_CHOICES
 from lab.errors import SpecError
 
 SPEC_FILE = "lab.yaml"
-PROVIDER_NAMES = PROVIDER_CHOICES
 ProviderName = Literal[PROVIDER_CHOICES]  # type: ignore[valid-type] # a Literal built from the catalog
 
 # Names become directory names, bridge and machine names and hostnames:

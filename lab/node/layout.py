@@ -23,6 +23,7 @@ BOOT_FILE = CONFIG_DIR / "boot.json"
 BOOT_SLOTS = ("a", "b")                         # the only slots boot.json may name (the first is the default)
 MANAGED = NODE_DIR / "agent-units.json"         # the units the scheduler agent runs here
 UNIT_DIR = Path("/etc/systemd/system")
+CLIENT_PORT = 2379                              # etcd's client port, on the node's IP and on 127.0.0.1
 NODE_PKI_DIR = "/etc/etcd/pki"                  # the node's etcd CA, certificate and key (with etcd.tls)
 # Set by the update agent before a reboot: the scheduler agent stops its units
 # and leaves the cluster so the engine moves them now, not when its lease runs out.

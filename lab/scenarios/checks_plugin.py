@@ -12,15 +12,15 @@ from typing import Callable
 
 import pytest
 
-from lab.node.layout import NODE_PKI_DIR
+from lab.node.layout import CLIENT_PORT, NODE_PKI_DIR
 
 
 @pytest.fixture
 def etcdctl(host) -> Callable[[str], object]:
     """Run etcdctl on the node against its own member, with the lab's certificates when TLS is on."""
     if host.file(f"{NODE_PKI_DIR}/node.crt").exists:
-        flags = (f"--endpoints=https://127.0.0.1:2379 --cacert={NODE_PKI_DIR}/ca.crt "
+        flags = (f"--endpoints=https://127.0.0.1:{CLIENT_PORT} --cacert={NODE_PKI_DIR}/ca.crt "
                  f"--cert={NODE_PKI_DIR}/node.crt --key={NODE_PKI_DIR}/node.key")
     else:
-        flags = "--endpoints=http://127.0.0.1:2379"
+        flags = f"--endpoints=http://127.0.0.1:{CLIENT_PORT}"
     return lambda args: host.run(f"ETCDCTL_API=3 etcdctl {flags} {args}")

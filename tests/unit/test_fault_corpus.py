@@ -323,7 +323,7 @@ def cached_image(tmp_path, monkeypatch):
     return path
 
 
-@pytest.mark.parametrize("how", ["slot-a", "slot-b", "image-resource", "created-from"])
+@pytest.mark.parametrize("how", ["slot-a", "slot-b", "created-from"])
 def test_box_rm_refuses_an_image_a_lab_uses(run_lab, fake_lab, made, cached_image, how):
     state = json.loads((made / "state.json").read_text())
     node_dir = made / "nodes" / "node-1"
@@ -331,11 +331,6 @@ def test_box_rm_refuses_an_image_a_lab_uses(run_lab, fake_lab, made, cached_imag
     if how.startswith("slot"):  # as the nspawn provider keeps them: links in the node's directory
         state["resources"].append({"kind": "node", "id": "node-1", "dir": str(node_dir)})
         (node_dir / how).symlink_to(cached_image / "rootfs")
-    elif how == "image-resource":
-        from lab.core.state import register_resource_kind
-
-        register_resource_kind("image", lambda res, lab_dir, lab_id: None)
-        state["resources"].append({"kind": "image", "id": str(cached_image / "rootfs")})
     else:
         state["image"] = {"name": "labos", "version": "1", "rootfs": str(cached_image / "rootfs")}
     (made / "state.json").write_text(json.dumps(state))

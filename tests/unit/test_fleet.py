@@ -1,4 +1,4 @@
-"""lab.fleet: unit files with [X-Fleet] options, and where each unit runs."""
+"""lab.node.fleet: unit files with [X-Fleet] options, and where each unit runs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""lab.spec: defaults, per-node overrides, precedence of the layers, located errors, schema."""
+"""lab.model.spec: defaults, per-node overrides, precedence of the layers, located errors, schema."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from lab.model import spec
 from lab.errors import SpecError
+from lab.model.catalog import PROVIDER_CHOICES
 from lab.model.spec import LabSpec, Override, default_yaml, json_schema, load_spec, parse_set_option
 
 pytestmark = pytest.mark.usefixtures("no_lab_env")
@@ -440,7 +440,7 @@ def test_json_schema_names_every_key():
     nodes = schema["$defs"]["Nodes"]["properties"]
     assert "list" in nodes and "members" not in nodes
     assert schema["$defs"]["Nodes"]["additionalProperties"] is False
-    assert schema["properties"]["provider"]["enum"] == list(spec.PROVIDER_NAMES)
+    assert schema["properties"]["provider"]["enum"] == list(PROVIDER_CHOICES)
 
 
 def test_json_schema_validates_the_default_file_and_catches_mistakes():

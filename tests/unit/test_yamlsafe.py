@@ -1,4 +1,4 @@
-"""lab.yamlsafe: plain data only, duplicate keys refused, every key's line known."""
+"""lab.model.yamlsafe: plain data only, duplicate keys refused, every key's line known."""
 
 from __future__ import annotations
 

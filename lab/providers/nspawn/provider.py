@@ -5,7 +5,8 @@ others its parts (supervisor, cgroups, bridge, overlay, processes). Per lab:
   * one host bridge `lab-<id>` carrying the lab subnet (host side is .1);
   * per node an overlayfs (lower: the read-only OS image, upper: the node's
     own state) booted by systemd-nspawn, with `/usr` bound read-only from the
-    image as on CoreOS;
+    image as on CoreOS; unless the spec asks for privileged nodes, in a user
+    namespace: the node's root is an unprivileged uid range of the host;
   * per node a small supervisor process (supervisor.py, detached, so nodes
     outlive the `lab` command) that restarts nspawn when the node reboots
     (exit 133, what systemd-nspawn@.service does on a systemd host, which
@@ -337,7 +338,7 @@ class NspawnProvider(Provider):
         except nodefs.UnsafeNodePath as exc:
             raise ProviderError(f"{node}: cannot write its files: {exc}",
                                 hint=f"a path lab writes in the node was replaced by a link or a device; "
-                                     f"remove the node (`lab node rm {node}` or `lab destroy`)") from None
+                                     f"remove the node (`lab node remove {node}` or `lab destroy`)") from None
 
     def _write_identity(self, node: str, merged: Path) -> None:
         """The node's identity, written into its own layer before its first boot."""
