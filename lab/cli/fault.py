@@ -1,20 +1,21 @@
 """`lab fault`: inject faults into a running lab.
 
-Every verb comes from one table, FAULTS: its help, its positional argument and
-the call that does it. A new fault is one row here (and, if the provider does
-not have it yet, one method of the provider interface).
+The verbs are the provider rows of the scenarios' fault registry
+(`lab.scenarios.faults.FAULTS`): its help, and its scope decides the
+argument (nodes, groups, or none). A new fault is one row there (and, if the
+provider does not have it yet, one method of the provider interface).
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Callable, Iterator
 
 import typer
 
 from lab.cli.options import DEFAULT_FILE, FileOpt, NameOpt, locked_lab
 from lab.cli.output import out
+from lab.scenarios.faults import FAULTS, FaultAction
 
 if TYPE_CHECKING:
     from lab.core.lab import Lab
@@ -23,13 +24,6 @@ app = typer.Typer(help="Inject faults into a running lab.", no_args_is_help=True
 
 NodesArg = Annotated[list[str], typer.Argument(help="Node names.")]
 GroupsArg = Annotated[list[str], typer.Argument(help="Groups of nodes, comma-separated: node-1 node-2,node-3")]
-
-
-@dataclass(frozen=True)
-class Fault:
-    help: str
-    call: Callable[["Lab", Any], Iterator[str]]  # does it, yielding a line to show as each part is done
-    argument: tuple[str, Any] | None = ("nodes", NodesArg)  # (name, typer annotation), or none
 
 
 def on_each_node(action: str) -> Callable[["Lab", list[str]], Iterator[str]]:
@@ -60,34 +54,34 @@ def partition(lab: "Lab", groups: list[str]) -> Iterator[str]:
     yield "partitioned: " + " | ".join(",".join(g) for g in parsed)
 
 
-def heal(lab: "Lab", _: None) -> Iterator[str]:
-    lab.provider().heal()
-    yield "healed"
+def on_the_lab(action: str) -> Callable[["Lab", None], Iterator[str]]:
+    def call(lab: "Lab", _: None) -> Iterator[str]:
+        getattr(lab.provider(), action)()
+        yield {"heal": "healed"}.get(action, action)
+
+    return call
 
 
-FAULTS = {
-    "kill": Fault("Stop nodes at once, as if their power were pulled (`lab fault start` brings them back).",
-                  on_each_node("kill")),
-    "start": Fault("Start killed or halted nodes again and wait for SSH.", on_each_node("start")),
-    "pause": Fault("Freeze every process of the nodes.", on_each_node("pause")),
-    "resume": Fault("Thaw paused nodes.", on_each_node("resume")),
-    "reboot": Fault("Reboot nodes cleanly, one after the other.", on_each_node("reboot")),
-    "partition": Fault("Cut the network between groups: `lab fault partition node-1 node-2,node-3`.", partition,
-                       ("groups", GroupsArg)),
-    "heal": Fault("Remove every partition.", heal, None),
+# scope -> (the verb's argument, if any; how it is applied)
+SCOPES: dict[str, tuple[tuple[str, Any] | None, Callable[[str], Callable[["Lab", Any], Iterator[str]]]]] = {
+    "nodes": (("nodes", NodesArg), on_each_node),
+    "groups": (("groups", GroupsArg), lambda _method: partition),
+    "lab": (None, on_the_lab),
 }
 
 
-def command(action: str, fault: Fault) -> Callable[..., None]:
+def command(action: str, fault: FaultAction) -> Callable[..., None]:
     """The typer verb of a fault: its argument (if any), then --file and --name."""
+    argument, applied = SCOPES[fault.scope]
+    call = applied(fault.method)
 
-    def verb(file, name, **argument) -> None:
+    def verb(file, name, **given) -> None:
         with locked_lab(file, name, f"fault {action}") as lab:
-            for line in fault.call(lab, next(iter(argument.values()), None)):
+            for line in call(lab, next(iter(given.values()), None)):
                 out().print(line)
 
-    parameters = [inspect.Parameter(fault.argument[0], inspect.Parameter.KEYWORD_ONLY,
-                                    annotation=fault.argument[1])] if fault.argument else []
+    parameters = [inspect.Parameter(argument[0], inspect.Parameter.KEYWORD_ONLY,
+                                    annotation=argument[1])] if argument else []
     parameters += [inspect.Parameter("file", inspect.Parameter.KEYWORD_ONLY, default=DEFAULT_FILE, annotation=FileOpt),
                    inspect.Parameter("name", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=NameOpt)]
     verb.__signature__ = inspect.Signature(parameters, return_annotation=None)
@@ -97,4 +91,5 @@ def command(action: str, fault: Fault) -> Callable[..., None]:
 
 
 for action, row in FAULTS.items():
-    app.command(action, help=row.help)(command(action, row))
+    if row.via == "provider":  # the SSH ones (kill-etcd) need a scenario's injector
+        app.command(action, help=row.help)(command(action, row))

@@ -31,16 +31,21 @@ class FaultAction:
     undo: str | None = None  # the fault that ends this one's window
     opens_window: bool = False
     ends_at_once: bool = False  # the fault is over when the call returns (a reboot)
+    help: str = ""  # what it does, for `lab fault --help` (whose verbs are the provider rows of this table)
 
 
 FAULTS: dict[str, FaultAction] = {
-    "kill": FaultAction("provider", "kill", undo="start", opens_window=True),
-    "start": FaultAction("provider", "start"),
-    "pause": FaultAction("provider", "pause", undo="resume", opens_window=True),
-    "resume": FaultAction("provider", "resume"),
-    "reboot": FaultAction("provider", "reboot", opens_window=True, ends_at_once=True),
-    "partition": FaultAction("provider", "partition", scope="groups", undo="heal", opens_window=True),
-    "heal": FaultAction("provider", "heal", scope="lab"),
+    "kill": FaultAction("provider", "kill", undo="start", opens_window=True,
+                        help="Stop nodes at once, as if their power were pulled (`lab fault start` brings them back)."),
+    "start": FaultAction("provider", "start", help="Start killed or halted nodes again and wait for SSH."),
+    "pause": FaultAction("provider", "pause", undo="resume", opens_window=True,
+                         help="Freeze every process of the nodes."),
+    "resume": FaultAction("provider", "resume", help="Thaw paused nodes."),
+    "reboot": FaultAction("provider", "reboot", opens_window=True, ends_at_once=True,
+                          help="Reboot nodes cleanly, one after the other."),
+    "partition": FaultAction("provider", "partition", scope="groups", undo="heal", opens_window=True,
+                             help="Cut the network between groups: `lab fault partition node-1 node-2,node-3`."),
+    "heal": FaultAction("provider", "heal", scope="lab", help="Remove every partition."),
     "kill-etcd": FaultAction("ssh", "kill_etcd", undo="start-etcd", opens_window=True),
     "start-etcd": FaultAction("ssh", "start_etcd"),
 }
