@@ -5,7 +5,7 @@ The only module of lab that imports `vagrant` (python-vagrant), and only inside
 provider class: the environment every vagrant command runs with, Vagrant's
 home (added boxes, installed plugins), a python-vagrant call with its output
 streamed to a progress callback, the plain `vagrant validate` and `vagrant
-box` commands, and `run_tool` for the hypervisors' own command-line tools.
+box` commands, and `lab.host.run` for the hypervisors' own command-line tools.
 Reading Vagrant's output is lab.providers.vagrant.parsers' job.
 """
 
@@ -20,9 +20,10 @@ import subprocess
 import threading
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from lab.errors import CommandError, PrerequisiteError, ProviderError
+from lab.host.run import Result, run, text_of
 
 T = TypeVar("T")
 Progress = Callable[[str], None]
@@ -111,46 +112,19 @@ def require_vagrant() -> str:
 
 # ---------------------------------------------------------------- running commands
 
-def _text(data: bytes | str | None) -> str:
-    if data is None:
-        return ""
-    return data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-
-
-def run_tool(argv: Sequence[str], *, shown_as: str, where: str, timeout: float | None, check: bool = True,
-             cwd: Path | None = None, env: dict[str, str] | None = None,
-             timeout_hint: str | None = None) -> subprocess.CompletedProcess:
-    """Run a host tool (vagrant, virsh, VBoxManage) with its output captured.
-
-    A timeout is a CommandError, and so is a non-zero exit with `check`; the
-    error names the command as a user would type it (`shown_as` in place of
-    the binary's full path).
-    """
-    command = shlex.join([shown_as, *argv[1:]])
-    try:
-        result = subprocess.run(list(argv), cwd=cwd, env=env, capture_output=True, text=True, errors="replace",
-                                stdin=subprocess.DEVNULL, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        raise CommandError(command, where=where, exit_status=None, output=_text(exc.stdout) + _text(exc.stderr),
-                           hint=timeout_hint) from None
-    if check and result.returncode != 0:
-        raise CommandError(command, where=where, exit_status=result.returncode, output=result.stdout + result.stderr)
-    return result
-
-
-def vagrant_validate(directory: Path, provider: str, extra: list[str]) -> subprocess.CompletedProcess:
+def vagrant_validate(directory: Path, provider: str, extra: list[str]) -> Result:
     """`vagrant validate --machine-readable EXTRA` in `directory`, whatever its exit status."""
     # python-vagrant's Vagrant.validate() ignores its env=, so run it here.
-    return run_tool([require_vagrant(), "validate", "--machine-readable", *extra], shown_as="vagrant",
-                    where=str(directory), timeout=120, check=False, cwd=directory,
-                    env=vagrant_environment(provider))
+    return run([require_vagrant(), "validate", "--machine-readable", *extra], shown_as="vagrant",
+               where=str(directory), timeout=120, check=False, cwd=directory, env=vagrant_environment(provider))
 
 
 def vagrant_box(*args: str) -> str:
     """Run `vagrant box ARGS`; its output, or a CommandError naming the sub-command."""
     env = dict(os.environ, VAGRANT_CHECKPOINT_DISABLE="1", VAGRANT_NO_COLOR="1")
-    return run_tool([require_vagrant(), "box", *args], shown_as="vagrant", where=f"vagrant box {args[0]}",
-                    timeout=None, env=env).stdout
+    # `vagrant box add` copies a ~700 MiB box: minutes, never hours.
+    return run([require_vagrant(), "box", *args], shown_as="vagrant", where=f"vagrant box {args[0]}",
+               timeout=1800, env=env).stdout
 
 
 class _OutputSink:
@@ -213,7 +187,7 @@ def run_vagrant(root: Path, provider: str, call: Callable[[Any], T], progress: P
     except subprocess.CalledProcessError as exc:
         command = exc.cmd if isinstance(exc.cmd, str) else shlex.join(
             ["vagrant", *[str(part) for part in exc.cmd[1:]]])
-        output = "\n".join(filter(None, [sink.text(), _text(exc.output).rstrip()]))
+        output = "\n".join(filter(None, [sink.text(), text_of(exc.output).rstrip()]))
         raise CommandError(command, where=where, exit_status=exc.returncode, output=output,
                            hint=f"run `{command}` in {root} to see Vagrant's whole output") from None
     except OSError as exc:

@@ -23,15 +23,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 from xml.sax.saxutils import escape
 
-from lab.errors import BoxError
+from lab.errors import BoxError, LabError
 from lab.host.paths import cache_dir
+from lab.host.run import Result, run
 from lab.host.vagrant import added_box_dirs, vagrant_box, vagrant_home
 
 Progress = Callable[[str], None]
@@ -374,20 +374,19 @@ def remove_stale_libvirt_volumes(vagrant_name: str, uri: str = "qemu:///system",
     if shutil.which("virsh") is None:
         return []
 
-    def virsh(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["virsh", "-q", "-c", uri, *args], capture_output=True, text=True,
-                              errors="replace", stdin=subprocess.DEVNULL, timeout=60)
+    def virsh(*args: str) -> Result:
+        return run(["virsh", "-q", "-c", uri, *args], check=False, timeout=60)
 
     try:
         return _remove_unused_volumes(vagrant_name, keep, virsh)
-    except (OSError, ValueError, subprocess.TimeoutExpired):
+    except (LabError, OSError, ValueError):
         return []  # qemu-img missing, libvirtd hanging: best effort, as documented
 
 
 def _remove_unused_volumes(vagrant_name: str, keep: str | None,
-                           virsh: Callable[..., subprocess.CompletedProcess]) -> list[str]:
+                           virsh: Callable[..., Result]) -> list[str]:
     listing = virsh("vol-list", "default")
-    if listing.returncode != 0:
+    if not listing.ok:
         return []
     prefix = _pool_volume_prefix(vagrant_name)
     candidates = {words[0]: words[1] for words in (line.split() for line in listing.stdout.splitlines())
@@ -399,16 +398,13 @@ def _remove_unused_volumes(vagrant_name: str, keep: str | None,
         for line in virsh("domblklist", domain, "--details").stdout.splitlines():
             words = line.split()
             if len(words) >= 4 and words[1] == "disk" and words[3].startswith("/"):
-                try:
-                    info = subprocess.run(["qemu-img", "info", "-U", "--output=json", "--backing-chain", words[3]],
-                                          capture_output=True, text=True, timeout=60)
-                except (OSError, subprocess.TimeoutExpired):
-                    return []
-                if info.returncode != 0:
+                info = run(["qemu-img", "info", "-U", "--output=json", "--backing-chain", words[3]],
+                           check=False, timeout=60)
+                if not info.ok:
                     return []  # a disk whose backing chain we cannot read might use any of them: keep all
                 in_use.update(layer.get("filename", "") for layer in json.loads(info.stdout))
     removed = []
     for volume, path in sorted(candidates.items()):
-        if path not in in_use and virsh("vol-delete", "--pool", "default", volume).returncode == 0:
+        if path not in in_use and virsh("vol-delete", "--pool", "default", volume).ok:
             removed.append(volume)
     return removed

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import signal
 import socket
-import subprocess
 import time
 from pathlib import Path
 
-from lab.errors import PrerequisiteError, ProviderError
-from lab.host.vagrant import run_tool
+from lab.errors import ProviderError
+from lab.host.run import Result, run
 from lab.images.vagrantbox import current_libvirt_volume, remove_stale_libvirt_volumes
 from lab.providers.base import Availability, Progress, no_progress
 from lab.providers.vagrant.provider import VagrantProvider
@@ -116,17 +114,16 @@ class LibvirtProvider(VagrantProvider):
                 state.record("libvirt-volume", f"{self.machine_name(node)}.img", pool=self.STORAGE_POOL)
         super()._vagrant_up(nodes, progress)
 
-    def _virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        if shutil.which("virsh") is None:
-            raise PrerequisiteError("virsh not found", hint="apt-get install libvirt-clients")
-        return run_tool(["virsh", "-q", "-c", self.context.spec.providers.libvirt.uri, *args], shown_as="virsh",
-                        where=f"libvirt lab {self.context.spec.name}", timeout=120, check=check,
-                        timeout_hint="libvirtd is not answering: restart it and run the command again")
+    def _virsh(self, *args: str, check: bool = True) -> Result:
+        return run(["virsh", "-q", "-c", self.context.spec.providers.libvirt.uri, *args],
+                   where=f"libvirt lab {self.context.spec.name}", timeout=120, check=check,
+                   hint="libvirtd is not answering: restart it and run the command again",
+                   missing_hint="apt-get install libvirt-clients")
 
     def _domain_state(self, node: str) -> str | None:
         """virsh's state of the node's domain (running, paused, shut off), or None if there is none."""
         result = self._virsh("domstate", self.machine_name(node), check=False)
-        return result.stdout.strip() if result.returncode == 0 else None
+        return result.stdout.strip() if result.ok else None
 
     def _networks(self) -> set[str]:
         return set(self._virsh("net-list", "--all", "--name", check=False).stdout.split())
@@ -232,11 +229,11 @@ class LibvirtProvider(VagrantProvider):
         def remove(kind: str, name: str, exists: list[str], *removals: list[str]) -> None:
             """Remove one recorded resource if virsh `exists` finds it; forget it once gone, else report it."""
             what = f"{kind.removeprefix('libvirt-')} {name}"
-            if self._virsh(*exists, check=False).returncode == 0:
+            if self._virsh(*exists, check=False).ok:
                 progress(f"removing leftover {what}")
                 for removal in removals:
                     self._virsh(*removal, check=False)
-            if self._virsh(*exists, check=False).returncode == 0:
+            if self._virsh(*exists, check=False).ok:
                 left.append(what)
             else:
                 state.forget(kind, name)

@@ -112,11 +112,11 @@ def validate(context: LabContext, provider: str) -> None:
     """
     path = write_vagrantfile(context, provider)
     result = vagrant_validate(path.parent, provider, [])
-    if result.returncode != 0 and parse_vagrant_error(result.stdout)[0] in _NO_PROVIDER_ERRORS:
+    if not result.ok and parse_vagrant_error(result.stdout)[0] in _NO_PROVIDER_ERRORS:
         result = vagrant_validate(path.parent, provider, ["--ignore-provider"])
-    if result.returncode != 0:
+    if not result.ok:
         _, message = parse_vagrant_error(result.stdout)
-        text = message or (result.stdout + result.stderr).strip() or f"exit status {result.returncode}"
+        text = message or (result.stdout + result.stderr).strip() or f"exit status {result.exit_code}"
         raise ProviderError(f"{path}: vagrant validate failed:\n"
                             + "\n".join("    " + line for line in text.splitlines()),
                             hint="fix the lab spec (or Vagrantfile.j2) so that Vagrant accepts the Vagrantfile")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from lab.errors import CommandError, PrerequisiteError, ProviderError
-from lab.host.vagrant import run_tool
+from lab.host.run import run
 from lab.providers.base import Progress, no_progress
 from lab.providers.vagrant.provider import VagrantProvider
 
@@ -87,8 +87,7 @@ class VirtualboxProvider(VagrantProvider):
         binary = _virtualbox_manage()
         if binary is None:
             raise PrerequisiteError("VBoxManage not found", hint="install VirtualBox from virtualbox.org")
-        run_tool([binary, *args], shown_as="VBoxManage", where=f"{self.name} lab {self.context.spec.name}",
-                 timeout=60)
+        run([binary, *args], shown_as="VBoxManage", where=f"{self.name} lab {self.context.spec.name}", timeout=60)
 
     def kill(self, node: str) -> None:
         self._require_created(node, "kill")
