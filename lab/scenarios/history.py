@@ -19,12 +19,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from lab.errors import LabError
+from lab.host.files import write_atomic
 
 KINDS = ("read", "write", "cas", "unique")
 STATUSES = ("ok", "fail", "unknown")
@@ -131,16 +131,7 @@ def load_history(path: str | os.PathLike) -> list[Op]:
 
 def dump_history(ops: list[Op], path: str | os.PathLike) -> None:
     """Write a JSONL history atomically (a reader never sees half a file)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for op in ops:
-                handle.write(json.dumps(asdict(op)) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomic(Path(path), "".join(json.dumps(asdict(op)) + "\n" for op in ops))
 
 
 # ---------------------------------------------------------------- lost writes

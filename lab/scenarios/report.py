@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import xml.etree.ElementTree as ET
 from html import escape
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from lab.scenarios.history import HistoryError, load_history
 from lab.scenarios.results import RunResult
 
 BUCKET_S = 0.25
@@ -29,9 +31,11 @@ def write_report(result: RunResult) -> None:
 
 
 def _load_ops(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
+    """The history for the timeline; a missing or malformed one draws none (the checker reports the line)."""
+    try:
+        return [asdict(op) for op in load_history(path)]
+    except (OSError, HistoryError):
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def result_json(result: RunResult) -> dict[str, Any]:
