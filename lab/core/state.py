@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 
 from lab.errors import StateError
 from lab.host.files import write_atomic
+from lab.images.cache import is_cached_rootfs
 
 STATE_FILE = "state.json"
 SCHEMA_VERSION = 1
@@ -199,21 +200,13 @@ SECTIONS: dict[str, Callable[[Any], bool]] = {
 }
 
 
-def image_in_cache(rootfs: str) -> bool:
-    """Whether rootfs is `<cache>/images/<entry>/rootfs` (symlinks resolved) of lab's image cache."""
-    from lab.images.cache import images_dir
-
-    real = Path(os.path.realpath(rootfs))
-    return real.name == "rootfs" and real.parent.parent == Path(os.path.realpath(images_dir()))
-
-
 def section_problems(data: dict[str, Any]) -> list[str]:
     import ipaddress
 
     problems = [f"{key}: {data[key]!r} is not what a lab records there" for key, ok in SECTIONS.items()
                 if key in data and not ok(data[key])]
     image = data.get("image")
-    if isinstance(image, dict) and isinstance(image.get("rootfs"), str) and not image_in_cache(image["rootfs"]):
+    if isinstance(image, dict) and isinstance(image.get("rootfs"), str) and not is_cached_rootfs(image["rootfs"]):
         # The overlay's lower layer and /usr of every node: only an image lab built, never a path a checkout names.
         problems.append(f"image.rootfs: {image['rootfs']!r} is not an image in lab's cache")
     if isinstance(data.get("subnet"), str):

@@ -62,6 +62,12 @@ def images_dir() -> Path:
     return cache_dir() / "images"
 
 
+def is_cached_rootfs(path: str | Path) -> bool:
+    """Whether path is `<cache>/images/<entry>/rootfs` (symlinks resolved): an image lab built."""
+    real = Path(os.path.realpath(path))
+    return real.name == "rootfs" and real.parent.parent == Path(os.path.realpath(images_dir()))
+
+
 def image_path(name: str, version: str, key: str, flavor: str = "container") -> Path:
     suffix = "" if flavor == "container" else f"{flavor}-"
     return images_dir() / f"{name}-{version}-{suffix}{key}"

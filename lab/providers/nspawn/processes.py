@@ -14,9 +14,11 @@ from lab.providers.nspawn.nodefs import read_node_text
 
 
 def read_value(path: Path) -> str | None:
-    """A small file's stripped text (/proc, /sys, pid files), or None if unreadable."""
+    """A small file's stripped text (/proc, /sys, pid files), or None if unreadable or a symlink."""
     try:
-        return path.read_text().strip()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as handle:
+            return handle.read(65536).decode(errors="replace").strip()
     except OSError:
         return None
 
@@ -31,10 +33,12 @@ def start_time(pid: int) -> str | None:
 
 
 def alive(pid: int | None, started: str | None) -> bool:
-    if not pid:
+    """Whether the process (pid, start time) still runs; without a start time nothing proves which process
+    a pid names, so it counts as gone (lab never signals a pid it cannot identify)."""
+    if not pid or started is None:
         return False
     now = start_time(pid)
-    if now is None or (started is not None and now != started):
+    if now is None or now != started:
         return False
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -51,6 +55,21 @@ def wait_gone(process: tuple[int | None, str | None], timeout: float) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def runs_file(pid: int, path: Path) -> bool:
+    """Whether the process's command line names `path` (the supervisor runs as `python -I -S PATH CONFIG`)."""
+    try:
+        return str(path) in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return False
 
 
 def _children(pid: int) -> list[int]:

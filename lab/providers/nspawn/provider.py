@@ -38,12 +38,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from lab.errors import PrerequisiteError, ProviderError, StateError, UsageError
+from lab.host.files import append_nofollow, write_atomic
 from lab.host.mounts import unmount_below
 from lab.host.ssh import SSHEndpoint
+from lab.images.cache import images_dir, is_cached_rootfs
 from lab.node import layout
 from lab.providers.base import Availability, NodeState, NodeStatus, Progress, Provider, no_progress
 from lab.providers.nspawn import bridge, cgroups, nodefs, overlay, supervisor
-from lab.providers.nspawn.processes import alive, boot_id, container_init, read_value, start_time, wait_gone
+from lab.providers.nspawn.processes import (alive, boot_id, container_init, parent_of, read_value, runs_file,
+                                          start_time, wait_gone)
 
 BOOT_TIMEOUT = 90.0  # seconds until a node must answer SSH; nodes boot in ~1 s warm
 STOP_TIMEOUT = 30.0
@@ -318,14 +321,15 @@ class NspawnProvider(Provider):
     def _prepare_node(self, node: str, rootfs: Path) -> None:
         directory = self.node_dir(node)
         upper, work, merged = directory / "upper", directory / "work", directory / "merged"
-        fresh = not (directory / "provisioned").exists()
+        fresh = not (directory / "provisioned").is_file() or (directory / "provisioned").is_symlink()
         # Decided when the node is made and kept: its files' owners depend on it.
         extra = {"private_users": not self.privileged and overlay.metacopy_available()} if fresh else {}
         self.state.record("node", node, dir=str(directory), **extra)
         for path in (upper, work, merged):
             path.mkdir(parents=True, exist_ok=True)
         slot_a = directory / "slot-a"
-        if not slot_a.is_symlink():
+        if not (slot_a.is_symlink() and is_cached_rootfs(os.readlink(slot_a))):
+            slot_a.unlink(missing_ok=True)  # a link a checkout planted, to anywhere: replaced
             slot_a.symlink_to(rootfs)  # the image the node was created with
         self.state.record("mount", str(merged))
         mask = overlay.usr_mask(self.context.lab_dir / "usr-mask", rootfs) if self._private_users(node) else None
@@ -333,7 +337,7 @@ class NspawnProvider(Provider):
         try:
             if fresh:
                 self._write_identity(node, merged)
-                (directory / "provisioned").write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
+                write_atomic(directory / "provisioned", time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
             overlay.write_into_node(merged, overlay.fact_files(self.context, node))
         except nodefs.UnsafeNodePath as exc:
             raise ProviderError(f"{node}: cannot write its files: {exc}",
@@ -387,13 +391,14 @@ class NspawnProvider(Provider):
         config = {"argv": self._nspawn_argv(node), "pidfile": str(directory / "nspawn.pid"),
                   "cgroups": [str(c / "cgroup.procs") for c in node_cgroups],
                   "slots_dir": str(directory), "slots": list(layout.BOOT_SLOTS), "slot": self.boot_slot(node),
+                  "images_dir": str(images_dir()),
                   "upper": str(directory / "upper"), "boot_file": str(layout.BOOT_FILE.relative_to("/"))}
         (directory / "nspawn.pid").unlink(missing_ok=True)
         # A killed node's old veth lives on while orphaned TCP sockets keep its
         # network namespace alive (up to minutes); nspawn would then fail with
         # "File exists". Deleting one end deletes the pair.
         bridge.delete_link(self.veth(node))
-        with open(directory / "console.log", "ab") as log:
+        with append_nofollow(directory / "console.log") as log:
             process = subprocess.Popen([sys.executable, "-I", "-S", str(SUPERVISOR), json.dumps(config)],
                                        stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                        start_new_session=True, close_fds=True)
@@ -429,8 +434,12 @@ class NspawnProvider(Provider):
             raise ProviderError("; ".join(errors), hint=f"console output of each node is in {log}")
 
     def _supervisor(self, node: str) -> tuple[int | None, str | None]:
+        """The node's supervisor as recorded, if that process is really one (state.json may be forged)."""
         for res in self.state.find("node", node):
-            return res.get("supervisor_pid"), res.get("supervisor_start")
+            pid, started = res.get("supervisor_pid"), res.get("supervisor_start")
+            if pid and alive(pid, started) and not runs_file(pid, SUPERVISOR):
+                return None, None
+            return pid, started
         return None, None
 
     def _supervisor_alive(self, node: str) -> bool:
@@ -442,6 +451,8 @@ class NspawnProvider(Provider):
         nspawn = read_value(self.node_dir(node) / "nspawn.pid")
         if not nspawn or not nspawn.isdigit():
             return None
+        if parent_of(int(nspawn)) != self._supervisor(node)[0]:
+            return None  # not the nspawn our supervisor started: never signal what a pid file names
         return container_init(int(nspawn))
 
     def _require_running(self, node: str) -> int:

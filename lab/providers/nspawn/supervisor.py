@@ -64,17 +64,26 @@ def requested_slot(config: dict) -> str | None:
 def boot_slot(config: dict, fallback: str) -> str:
     """The slot to boot: the node's choice if its image is there, else `fallback` (the slot booted last)."""
     requested = requested_slot(config)
-    if requested is not None and os.path.isdir(slot_dir(config, requested)):
+    if requested is not None and slot_image(config, requested):
         return requested
     if requested is not None:
         log(f"slot {requested} holds no image")
-    chosen = fallback if os.path.isdir(slot_dir(config, fallback)) else config["slots"][0]
+    chosen = fallback if slot_image(config, fallback) else config["slots"][0]
     log(f"booting slot {chosen}")
     return chosen
 
 
-def slot_dir(config: dict, slot: str) -> str:
-    return os.path.join(config["slots_dir"], "slot-" + slot)
+def slot_image(config: dict, slot: str) -> str | None:
+    """The image directory a slot's link names, resolved, if it is an image of lab's cache; else None.
+
+    The links live in the lab directory, which a checkout may have planted:
+    a link to / would hand the host's /usr to the node.
+    """
+    target = os.path.realpath(os.path.join(config["slots_dir"], "slot-" + slot))
+    images = os.path.realpath(config["images_dir"])
+    if os.path.dirname(os.path.dirname(target)) != images or not os.path.isdir(target):
+        return None
+    return target
 
 
 class Supervisor:
@@ -96,7 +105,9 @@ class Supervisor:
 
     def write_pidfile(self, pid: int) -> None:
         pidfile = self.config["pidfile"]
-        with open(pidfile + ".tmp", "w") as f:
+        # O_NOFOLLOW: a link planted at the temporary name must not make root write elsewhere.
+        fd = os.open(pidfile + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w") as f:
             f.write(str(pid))
         os.replace(pidfile + ".tmp", pidfile)
 
@@ -104,7 +115,11 @@ class Supervisor:
         """Boot the node until it stops for another reason than a reboot; nspawn's exit status."""
         while True:
             self.slot = boot_slot(self.config, self.slot)
-            usr = os.path.join(slot_dir(self.config, self.slot), "usr")
+            image = slot_image(self.config, self.slot)
+            if image is None:
+                log(f"slot {self.slot} names no image of lab's cache: not booting")
+                return 1
+            usr = os.path.join(image, "usr")  # resolved once: a link swapped later changes nothing
             self.child = subprocess.Popen([a.replace("{usr}", usr) for a in self.config["argv"]],
                                           stdin=subprocess.DEVNULL)
             self.write_pidfile(self.child.pid)
