@@ -1,6 +1,6 @@
 """The runtime-fault corpus, the part that needs no nodes: each fault ends in one
 message naming the problem and the fix, a non-zero exit, no traceback, and
-nothing half-created. (The part on real nodes is tests/real/nodes/test_fault_corpus.py.)
+nothing half-created. (The part on real nodes is tests/real/nodes/test_runtime_faults.py.)
 
 Also here: every verb that changes a lab takes the lab's lock and reads the
 state again once it holds it; `lab box rm` refuses an image a lab uses.

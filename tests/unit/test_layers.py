@@ -148,3 +148,9 @@ def test_node_code_is_standard_library_only(path: Path):
             continue  # a relative import of a sibling (the host's way of importing it)
         assert top in sys.stdlib_module_names or top in siblings or top == "__future__", \
             f"{path.name}:{line} imports {module}: nodes have only the standard library"
+
+
+def test_test_files_have_unique_names():
+    """pytest imports test files by their base name: two of one name in tests/unit and tests/real collide."""
+    names = [p.name for p in (LAB.parent / "tests").rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
