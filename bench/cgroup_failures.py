@@ -12,6 +12,12 @@ boot's journal on each node and counts the units that failed "at step CGROUP"
 (the race the provider's retry of failed units once worked around), whether or
 not something started them again afterwards. Prints figures, asserts nothing;
 the lab is destroyed at the end.
+
+Measured on a 2-core cgroup-v1 (hybrid) host, `--nodes 3 --rounds 100
+--restart-every 10`, 303 node boots each: nodes sharing the host's
+`name=systemd` and unified cgroups (before issue 13): 10 boots with a CGROUP
+failure, 11 failed unit starts; each node in its own cgroup everywhere: 0 and
+0, with user namespaces and with `--privileged` alike.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -72,16 +79,12 @@ def main() -> int:
     parser.add_argument("--no-bootstrap", action="store_true", help="boot bare nodes: no etcd, no agents")
     parser.add_argument("--privileged", action="store_true", help="nodes whose root is the host's (no user namespace)")
     args = parser.parse_args()
-    if args.privileged:
-        from lab.providers.nspawn.provider import NspawnProvider
-
-        # What `providers.nspawn.privileged: true` in lab.yaml selects, set on the provider here so the
-        # bench does not depend on the spec's spelling of it.
-        NspawnProvider.privileged = property(lambda self: True)
-
     project = Path(tempfile.mkdtemp(prefix="lab-cgroup-bench-"))
     (project / "lab.yaml").write_text("name: cgbench\nprovider: nspawn\n")
-    lab = Lab.open(project / "lab.yaml", [Override(("nodes", "count"), args.nodes, "--nodes")])
+    overrides = [Override(("nodes", "count"), args.nodes, "--nodes")]
+    if args.privileged:
+        overrides.append(Override(("providers", "nspawn", "privileged"), True, "--privileged"))
+    lab = Lab.open(project / "lab.yaml", overrides)
     tally = Tally()
     started = time.monotonic()
     try:
@@ -96,8 +99,13 @@ def main() -> int:
                 reboot_all(lab)
             tally.count(lab)
             print(f"round {round_}/{args.rounds}: {tally.line()}", flush=True)
+    except BaseException:
+        for log in sorted(lab.lab_dir.glob("nodes/*/console.log")):  # destroy removes them
+            print(f"--- {log}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:]), flush=True)
+        raise
     finally:
         lab.destroy()
+        shutil.rmtree(project, ignore_errors=True)
     print(f"\n{args.nodes} {'privileged ' if args.privileged else ''}nodes, {args.rounds} rounds "
           f"(restart every {args.restart_every}), bootstrap {'off' if args.no_bootstrap else 'on'}, "
           f"{time.monotonic() - started:.0f} s")

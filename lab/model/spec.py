@@ -217,9 +217,15 @@ class VirtualboxOptions(_Strict):
     gui: bool = False
 
 
+class NspawnOptions(_Strict):
+    privileged: bool = Field(False, description="node root is the host's root, no user namespace: needed for "
+                                                "Docker, podman or containerd in nodes, modules, device nodes")
+
+
 class ProviderOptions(_Strict):
     libvirt: LibvirtOptions = Field(default_factory=LibvirtOptions)
     virtualbox: VirtualboxOptions = Field(default_factory=VirtualboxOptions)
+    nspawn: NspawnOptions = Field(default_factory=NspawnOptions)
 
 
 class LabSpec(_Strict):
@@ -568,4 +574,6 @@ synced_folders: []
 providers:
   libvirt:
     driver: kvm           # qemu where KVM is missing or unusable
+  nspawn:
+    privileged: false     # true: node root is host root (Docker in nodes needs it)
 """

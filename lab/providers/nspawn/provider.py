@@ -370,8 +370,7 @@ class NspawnProvider(Provider):
     @property
     def privileged(self) -> bool:
         """`providers.nspawn.privileged: true`: new nodes' root is the host's root (no user namespace)."""
-        # The key belongs to the spec's ProviderOptions (lab/model/spec.py).
-        return bool(getattr(getattr(self.context.spec.providers, "nspawn", None), "privileged", False))
+        return self.context.spec.providers.nspawn.privileged
 
     def _private_users(self, node: str) -> bool:
         return any(res.get("private_users") for res in self.state.find("node", node))
