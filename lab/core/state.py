@@ -176,7 +176,9 @@ def _str_map(value: Any) -> bool:
 ETCD_FIELDS: dict[str, Callable[[Any], bool]] = {
     "tls": lambda v: isinstance(v, bool),
     "token": lambda v: isinstance(v, str),
-    "joined": _str_map,
+    # node -> what it joined ({"cluster": {member: ip}}): read by `lab node add` when it re-runs
+    "joined": lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(j, dict)
+                                                    and _str_map(j.get("cluster")) for k, j in v.items()),
     "initial_cluster": _str_map,
 }
 

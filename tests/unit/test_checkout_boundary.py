@@ -104,7 +104,7 @@ def test_this_labs_own_resources_pass(project):
 
 @pytest.mark.parametrize("section, value", [("nodes", 5), ("nodes", ["../x"]), ("addresses", ["10.0.0.1"]),
                                             ("subnet", "nowhere"), ("partition", "all"), ("provider", None),
-                                            ("etcd", {"tls": "yes"}), ("etcd", {"joined": "x"}),
+                                            ("etcd", {"tls": "yes"}), ("etcd", {"joined": "x"}), ("etcd", {"joined": {"node-3": {"cluster": 5}}}),
                                             ("etcd", {"initial_cluster": 5}), ("image", {"name": "labos"}),
                                             ("image", {"rootfs": "/"}), ("image", {"rootfs": "/usr/../etc/rootfs"})])
 def test_a_state_section_of_the_wrong_type_stops_the_command(project, section, value):
@@ -122,3 +122,15 @@ def test_a_state_file_that_is_not_a_state_is_one_clear_error(project, text):
     (lab_dir / "state.json").write_text(text)
     with pytest.raises(StateError):
         LabState.load(lab_dir)
+
+
+def test_what_etcd_bootstrap_records_passes(project):
+    """The etcd section exactly as a lab with an added node records it."""
+    lab_dir = project / ".lab" / "etc"
+    lab_dir.mkdir(parents=True)
+    (lab_dir / "state.json").write_text(json.dumps({"version": 1, "name": "etc", "resources": [], "etcd": {
+        "initial_cluster": {"node-1": "10.77.236.11", "node-2": "10.77.236.12"},
+        "joined": {"node-3": {"cluster": {"node-1": "10.77.236.11", "node-2": "10.77.236.12",
+                                          "node-3": "10.77.236.13"}}},
+        "tls": True, "token": "lab-e5c7ec-d37d525c"}}))
+    assert open_lab(project).created
