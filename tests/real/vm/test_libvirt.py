@@ -145,7 +145,7 @@ def test_one_vm_boots_bootstraps_takes_every_fault_and_leaves_nothing(box, tmp_p
         assert facts.splitlines()[2] in ("running", "degraded"), facts
         assert f"inet {ip}/24" in facts
         [row] = wait_healthy(lab)
-        assert row.leader and row.endpoint == f"http://{ip}:2379"
+        assert row.leader and row.endpoint == f"https://{ip}:2379"  # TLS, the default
         client = lab.etcd_client()
         client.put("/lab/test/vm", "kept")
         client.close()
