@@ -63,9 +63,12 @@ def images_dir() -> Path:
 
 
 def is_cached_rootfs(path: str | Path) -> bool:
-    """Whether path is `<cache>/images/<entry>/rootfs` (symlinks resolved): an image lab built."""
+    """Whether path (symlinks resolved) is the rootfs of an image lab built: `<cache>/images/<entry>/rootfs`
+    with the entry's meta.json beside it. Any user's cache counts (a lab keeps the image it was made with
+    when XDG_CACHE_HOME changes); `/`, `/usr` or a directory that is not an image entry never does."""
     real = Path(os.path.realpath(path))
-    return real.name == "rootfs" and real.parent.parent == Path(os.path.realpath(images_dir()))
+    return (real.name == "rootfs" and real.parent.parent.name == "images" and real.is_dir()
+            and (real.parent / "meta.json").is_file())
 
 
 def image_path(name: str, version: str, key: str, flavor: str = "container") -> Path:

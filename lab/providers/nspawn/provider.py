@@ -41,7 +41,7 @@ from lab.errors import PrerequisiteError, ProviderError, StateError, UsageError
 from lab.host.files import append_nofollow, write_atomic
 from lab.host.mounts import unmount_below
 from lab.host.ssh import SSHEndpoint
-from lab.images.cache import images_dir, is_cached_rootfs
+from lab.images.cache import is_cached_rootfs
 from lab.node import layout
 from lab.providers.base import Availability, NodeState, NodeStatus, Progress, Provider, no_progress
 from lab.providers.nspawn import bridge, cgroups, nodefs, overlay, supervisor
@@ -390,7 +390,6 @@ class NspawnProvider(Provider):
         config = {"argv": self._nspawn_argv(node), "pidfile": str(directory / "nspawn.pid"),
                   "cgroups": [str(c / "cgroup.procs") for c in node_cgroups],
                   "slots_dir": str(directory), "slots": list(layout.BOOT_SLOTS), "slot": self.boot_slot(node),
-                  "images_dir": str(images_dir()),
                   "upper": str(directory / "upper"), "boot_file": str(layout.BOOT_FILE.relative_to("/"))}
         (directory / "nspawn.pid").unlink(missing_ok=True)
         # A killed node's old veth lives on while orphaned TCP sockets keep its

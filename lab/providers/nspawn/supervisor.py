@@ -79,9 +79,11 @@ def slot_image(config: dict, slot: str) -> str | None:
     The links live in the lab directory, which a checkout may have planted:
     a link to / would hand the host's /usr to the node.
     """
+    # The same rule as lab.images.cache.is_cached_rootfs (this file may import only the standard library).
     target = os.path.realpath(os.path.join(config["slots_dir"], "slot-" + slot))
-    images = os.path.realpath(config["images_dir"])
-    if os.path.dirname(os.path.dirname(target)) != images or not os.path.isdir(target):
+    entry = os.path.dirname(target)
+    if (os.path.basename(target) != "rootfs" or os.path.basename(os.path.dirname(entry)) != "images"
+            or not os.path.isdir(target) or not os.path.isfile(os.path.join(entry, "meta.json"))):
         return None
     return target
 
