@@ -80,7 +80,7 @@ class SchedulerBootstrap:
     def install(self, node: str) -> bool:
         with connect(self.endpoints[node]) as connection:
             changed = put_files(connection, self._files(node), node)
-            active = units_active(connection, SERVICES)
+            active = units_active(connection, node, SERVICES)
             if changed or not active:
                 check(connection, f"systemctl daemon-reload && systemctl enable --quiet {SERVICES} && "
                                   f"systemctl restart {SERVICES}", node)

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from lab.cluster.etcdclient import EtcdClient, EtcdError, TlsFiles
-from lab.cluster.remote import (APT_TIMEOUT, COMMAND_TIMEOUT, BootstrapError, RemoteFile, check, journal_tail, put_files,
+from lab.cluster.remote import (APT_TIMEOUT, BootstrapError, RemoteFile, check, journal_tail, put_files,
                                run_bounded, units_active)
 from lab.errors import ProviderError, StateError, UsageError
 from lab.host.pki import LabPki
@@ -214,7 +214,7 @@ class EtcdBootstrap:
         with connect(endpoint) as connection:
             self._ensure_etcd_installed(connection, member.node)
             changed = put_files(connection, files, member.node)
-            active = units_active(connection, "etcd")
+            active = units_active(connection, member.node, "etcd")
             if changed or not active:
                 # --no-block: a member only reports ready once a quorum is up,
                 # so starting them one by one would wait forever on the first.
@@ -281,7 +281,7 @@ class EtcdBootstrap:
 
     @staticmethod
     def _ensure_etcd_installed(connection, node: str) -> None:
-        if run_bounded(connection, "command -v etcd", timeout=COMMAND_TIMEOUT).exited == 0:
+        if run_bounded(connection, "command -v etcd", node).exited == 0:
             return
         # A generic Debian/Ubuntu box: install etcd from the node's own apt sources.
         check(connection, "DEBIAN_FRONTEND=noninteractive apt-get update -qq && "

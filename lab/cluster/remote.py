@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lab.errors import CommandError, LabError, ProviderError
-from lab.host.ssh import SSHEndpoint
+from lab.host.ssh import SSHEndpoint, timed_out
 
 # Every command lab runs on a node during bootstrap; apt-get gets its own, longer bound.
 COMMAND_TIMEOUT = 120.0
@@ -59,28 +59,30 @@ def put_if_changed(connection, file: RemoteFile, node: str) -> bool:
     return "CHANGED" in result.stdout
 
 
-def units_active(connection, *units: str) -> bool:
-    command = f"systemctl is-active --quiet {' '.join(units)}"
-    return run_bounded(connection, command, timeout=COMMAND_TIMEOUT).exited == 0
+def units_active(connection, node: str, *units: str) -> bool:
+    return run_bounded(connection, f"systemctl is-active --quiet {' '.join(units)}", node).exited == 0
 
 
 def check(connection, command: str, node: str, timeout: float = COMMAND_TIMEOUT):
     """Run `command` on a connection; a CommandError naming the node if it fails or outlives `timeout`."""
-    try:
-        result = run_bounded(connection, command, timeout=timeout)
-    except Exception as exc:  # invoke's CommandTimedOut carries the partial output
-        if type(exc).__name__ != "CommandTimedOut":
-            raise
-        raise CommandError(command, where=node, exit_status=None, output=exc.result.stdout + exc.result.stderr,
-                           hint=f"it did not finish in {timeout:.0f} s: is {node} paused or overloaded?") from None
+    result = run_bounded(connection, command, node, timeout)
     if result.exited != 0:
         raise CommandError(command, where=node, exit_status=result.exited, output=result.stdout + result.stderr)
     return result
 
 
-def run_bounded(connection, command: str, timeout: float):
-    # A node frozen mid-command must end in a message, never hang `lab up`.
-    return connection.run(command, warn=True, hide=True, in_stream=False, timeout=timeout)
+def run_bounded(connection, command: str, node: str, timeout: float = COMMAND_TIMEOUT):
+    """Run `command`, whatever its exit status; one that outlives `timeout` is a CommandError naming the node.
+
+    A node frozen mid-command must end in a message, never hang `lab up` or leave invoke's traceback.
+    """
+    try:
+        return connection.run(command, warn=True, hide=True, in_stream=False, timeout=timeout)
+    except Exception as exc:
+        if not timed_out(exc):
+            raise
+        raise CommandError(command, where=node, exit_status=None, output=exc.result.stdout + exc.result.stderr,
+                           hint=f"it did not finish in {timeout:.0f} s: is {node} paused or overloaded?") from None
 
 
 def journal_tail(endpoint: SSHEndpoint, unit: str, lines: int = 12) -> str:

@@ -148,7 +148,7 @@ def _node(res: dict[str, Any], lab_dir: Path, lab_id: str) -> str | None:
     if pid is not None and not (isinstance(pid, int) and not isinstance(pid, bool) and pid > 1):
         return f"supervisor_pid {pid!r} is not a process id"
     # A pid alone could name any host process: destroy signals it only when
-    # the start time proves it is the supervisor lab started (processes.alive).
+    # the start time proves it is the supervisor lab started (lab.host.processes.alive).
     start = res.get("supervisor_start")
     if pid is not None and not (start is None or (isinstance(start, str) and start.isdigit())):
         return f"supervisor_start {start!r} is not a process start time"

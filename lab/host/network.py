@@ -22,6 +22,7 @@ from typing import Iterator
 
 from lab.errors import PrerequisiteError, StateError
 from lab.host.paths import private_dir, state_home
+from lab.host.processes import alive, start_time
 from lab.host.files import write_atomic
 from lab.host.run import run
 
@@ -105,11 +106,7 @@ def process_alive(claimer: object) -> bool:
     """Whether the process that wrote a claim ({"pid", "start"}) is still the same running process."""
     if not isinstance(claimer, dict) or not isinstance(claimer.get("pid"), int):
         return False
-    try:
-        stat = Path(f"/proc/{claimer['pid']}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[19] == str(claimer.get("start"))
+    return alive(claimer["pid"], claimer.get("start"))
 
 
 def host_networks(ignore_devices: set[str] = frozenset()) -> list[tuple[ipaddress.IPv4Network, str]]:
@@ -176,9 +173,7 @@ def claim_subnet(lab_dir: Path, name: str, requested: ipaddress.IPv4Network | No
             taken = [ipaddress.IPv4Network(c.subnet) for c in others] + [n for n, _ in routed]
             subnet = choose_subnet(ident, pool, taken)
         claim = Claim(lab_id=ident, lab_dir=str(lab_dir.resolve()), name=name, subnet=str(subnet))
-        stat = Path(f"/proc/{os.getpid()}/stat")
-        start = stat.read_text().rsplit(")", 1)[1].split()[19] if stat.exists() else None
-        record = {**claim.__dict__, "claimer": {"pid": os.getpid(), "start": start}}
+        record = {**claim.__dict__, "claimer": {"pid": os.getpid(), "start": start_time(os.getpid())}}
         write_atomic(_registry_dir() / f"{ident}.json", json.dumps(record, indent=2) + "\n")
         return subnet
 

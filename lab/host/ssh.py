@@ -264,6 +264,14 @@ class _PrefixedWriter:
             self.write("\n")
 
 
+def timed_out(exc: BaseException) -> bool:
+    """Whether an exception from a Fabric `run` is invoke's CommandTimedOut (it carries the partial result).
+
+    Matched by name so that importing this module does not import invoke.
+    """
+    return type(exc).__name__ == "CommandTimedOut"
+
+
 def run(endpoint: SSHEndpoint, command: str, *, timeout: float | None = None,
         echo_prefix: str | None = None, check: bool = False, lock: threading.Lock | None = None) -> NodeResult:
     """Run one command on one node. Connection failures raise ProviderError."""
@@ -279,8 +287,8 @@ def run(endpoint: SSHEndpoint, command: str, *, timeout: float | None = None,
             out, err = result.stdout, result.stderr
     except ssh_errors() as exc:  # closing the connection can fail too
         raise NodeUnreachable(endpoint, exc) from None
-    except Exception as exc:  # invoke's CommandTimedOut carries the partial result
-        if type(exc).__name__ != "CommandTimedOut":
+    except Exception as exc:
+        if not timed_out(exc):
             raise
         status, out, err = None, exc.result.stdout, exc.result.stderr
     finally:

@@ -1,13 +1,12 @@
 """The node processes as /proc shows them (supervisor, nspawn, the container's PID 1).
 
-A process is known by its pid and its start time together: a pid alone may be
-reused by an unrelated process after the node's one is gone.
+A process is known by its pid and its start time together (lab.host.processes):
+a pid alone may be reused by an unrelated process after the node's one is gone.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 from lab.providers.nspawn.nodefs import read_node_text
@@ -20,47 +19,6 @@ def read_value(path: Path) -> str | None:
         with os.fdopen(fd, "rb") as handle:
             return handle.read(65536).decode(errors="replace").strip()
     except OSError:
-        return None
-
-
-def start_time(pid: int) -> str | None:
-    """Process start time in clock ticks: with the pid, a unique process identity."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def alive(pid: int | None, started: str | None) -> bool:
-    """Whether the process (pid, start time) still runs; without a start time nothing proves which process
-    a pid names, so it counts as gone (lab never signals a pid it cannot identify)."""
-    if not pid or started is None:
-        return False
-    now = start_time(pid)
-    if now is None or now != started:
-        return False
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def wait_gone(process: tuple[int | None, str | None], timeout: float) -> bool:
-    """Until the process (pid, start time) is gone; False if it outlives the timeout."""
-    deadline = time.monotonic() + timeout
-    while alive(*process):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def parent_of(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
         return None
 
 

@@ -45,8 +45,8 @@ from lab.images.cache import is_cached_rootfs
 from lab.node import layout
 from lab.providers.base import Availability, NodeState, NodeStatus, Progress, Provider, no_progress
 from lab.providers.nspawn import bridge, cgroups, nodefs, overlay, supervisor
-from lab.providers.nspawn.processes import (alive, boot_id, container_init, parent_of, read_value, runs_file,
-                                          start_time, wait_gone)
+from lab.host.processes import alive, parent_of, start_time, wait_gone
+from lab.providers.nspawn.processes import boot_id, container_init, read_value, runs_file
 
 BOOT_TIMEOUT = 90.0  # seconds until a node must answer SSH; nodes boot in ~1 s warm
 STOP_TIMEOUT = 30.0

@@ -1,0 +1,50 @@
+"""Processes on the host as /proc shows them, known by pid *and* start time.
+
+A pid alone may name an unrelated process once the one lab started is gone:
+lab records the start time beside every pid it may later signal or wait for
+(node supervisors, the `lab up` holding a subnet claim) and trusts the pid
+only while both still match.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+def stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat after the command name (which may hold spaces and parentheses): state, ppid, ..."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def start_time(pid: int) -> str | None:
+    """Process start time in clock ticks: with the pid, a unique process identity."""
+    fields = stat_fields(pid)
+    return fields[19] if fields else None
+
+
+def parent_of(pid: int) -> int | None:
+    fields = stat_fields(pid)
+    return int(fields[1]) if fields else None
+
+
+def alive(pid: int | None, started: str | None) -> bool:
+    """Whether the process (pid, start time) still runs; without a start time nothing proves which process
+    a pid names, so it counts as gone (lab never signals a pid it cannot identify)."""
+    if not pid or started is None:
+        return False
+    fields = stat_fields(pid)
+    return fields is not None and fields[19] == started and fields[0] != "Z"
+
+
+def wait_gone(process: tuple[int | None, str | None], timeout: float) -> bool:
+    """Until the process (pid, start time) is gone; False if it outlives the timeout."""
+    deadline = time.monotonic() + timeout
+    while alive(*process):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
