@@ -24,6 +24,7 @@ from lab.node.layout import BOOT_SLOTS
 from lab.providers import Selection, select
 from lab.providers.base import LabContext, NodeState, NodeStatus, Progress, Provider, no_progress
 from lab.model.spec import LabSpec, LoadedSpec, Override, ResolvedNode, load_spec
+from lab.core.services import stop_services
 from lab.core.state import LabState, lab_lock
 
 LABS_DIR = ".lab"
@@ -210,6 +211,7 @@ class Lab:
 
         self.require_created("halt")
         close_masters(self.ssh_config_path, self.state.get("nodes", []))
+        stop_services(self.state, progress)
         self.provider().halt(progress)
 
     def destroy(self, progress: Progress = no_progress) -> bool:
@@ -229,6 +231,7 @@ class Lab:
         from lab.host.ssh import close_masters
 
         close_masters(self.ssh_config_path, self.state.get("nodes", []))
+        stop_services(self.state, progress)
         self.provider().destroy(progress)
         network.release_subnet(self.lab_dir)
         shutil.rmtree(self.lab_dir, ignore_errors=True)

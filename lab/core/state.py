@@ -113,6 +113,7 @@ class LabState:
 # vagrant-libvirt's management network, shared by every Vagrant lab on the host.
 SHARED_LIBVIRT_NETWORK = "vagrant-libvirt"
 LIBVIRT_POOL = "default"  # the only storage pool vagrant-libvirt (and so lab) puts volumes in
+SERVICE_NAMES = ("registry", "dns")  # lab.core.services: what a lab runs on the host for its nodes
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 ResourceRule = Callable[[dict[str, Any], Path, str], "str | None"]
 
@@ -142,8 +143,9 @@ def _named(*patterns: str, key: str = "id") -> ResourceRule:
 def _node(res: dict[str, Any], lab_dir: Path, lab_id: str) -> str | None:
     if not (isinstance(res.get("id"), str) and NAME.fullmatch(res["id"])):
         return f"node name {res.get('id')!r} is not a node name"
-    if "dir" in res and not (isinstance(res["dir"], str) and inside(res["dir"], lab_dir)):
-        return f"dir {res['dir']!r} is outside {lab_dir}"
+    for key in ("dir", "docker_dir"):
+        if key in res and not (isinstance(res[key], str) and inside(res[key], lab_dir)):
+            return f"{key} {res[key]!r} is outside {lab_dir}"
     pid = res.get("supervisor_pid")
     if pid is not None and not (isinstance(pid, int) and not isinstance(pid, bool) and pid > 1):
         return f"supervisor_pid {pid!r} is not a process id"
@@ -152,6 +154,22 @@ def _node(res: dict[str, Any], lab_dir: Path, lab_id: str) -> str | None:
     start = res.get("supervisor_start")
     if pid is not None and not (start is None or (isinstance(start, str) and start.isdigit())):
         return f"supervisor_start {start!r} is not a process start time"
+    return None
+
+
+def _service(res: dict[str, Any], lab_dir: Path, lab_id: str) -> str | None:
+    if res.get("id") not in SERVICE_NAMES:
+        return f"{res.get('id')!r} is not a lab service ({', '.join(SERVICE_NAMES)})"
+    if not (isinstance(res.get("log"), str) and inside(res["log"], lab_dir)):
+        return f"log {res.get('log')!r} is outside {lab_dir}"
+    if "records" in res and not _str_map(res["records"]):
+        return f"records {res['records']!r} is not a map of names to addresses"
+    pid, start = res.get("pid"), res.get("start")
+    if pid is not None and not (isinstance(pid, int) and not isinstance(pid, bool) and pid > 1):
+        return f"pid {pid!r} is not a process id"
+    # As for node supervisors: a pid is signalled only while its start time matches (lab.host.daemons).
+    if start is not None and not (isinstance(start, str) and start.isdigit()):
+        return f"start {start!r} is not a process start time"
     return None
 
 
@@ -226,6 +244,7 @@ RESOURCE_RULES: dict[str, ResourceRule] = {
     "node": _node,
     "mount": _path_inside_lab("id"),
     "cgroup": _cgroup,
+    "service": _service,
     "bridge": _named("lab-{id}"),
     "nftables": _named("lab_{id}"),
     "libvirt-network": _libvirt_network,

@@ -114,6 +114,22 @@ def ssh_config(run: UpRun) -> None:
     run.lab.write_ssh_config(run.provider)
 
 
+def lab_services(run: UpRun) -> None:
+    from lab.core.services import start_services, wanted
+
+    if wanted(run.selection.name):
+        start_services(run.provider.context, run.progress)
+
+
+def docker(run: UpRun) -> None:
+    from lab.cluster.docker import DockerSetup
+    from lab.core.services import running
+
+    state = run.lab.state
+    DockerSetup(run.provider.context, run.provider.ssh_endpoints(),
+                registry=running(state, "registry"), dns=running(state, "dns")).run(run.progress)
+
+
 def etcd(run: UpRun) -> None:
     from lab.cluster.etcd_bootstrap import EtcdBootstrap
 
@@ -139,7 +155,8 @@ def up_steps(bootstrap: bool = True) -> list[Step]:
         Step("ssh config", ssh_config),
     ]
     if bootstrap:
-        steps += [Step("etcd", etcd), Step("scheduler", scheduler)]
+        steps += [Step("lab services", lab_services), Step("docker", docker),
+                  Step("etcd", etcd), Step("scheduler", scheduler)]
     return steps
 
 

@@ -33,6 +33,11 @@ VIRTUALBOX_POOL = ipaddress.IPv4Network("192.168.56.0/21")
 FIRST_NODE_HOST = 11  # node-1 is .11, node-2 .12, ...; .1 is the host's side
 
 
+def host_address(subnet: str) -> str:
+    """The host's own address on a lab network (.1): where the lab registry and DNS answer nodes."""
+    return str(ipaddress.IPv4Network(subnet).network_address + 1)
+
+
 def lab_id(lab_dir: Path) -> str:
     return hashlib.sha256(str(lab_dir.resolve()).encode()).hexdigest()[:6]
 

@@ -219,7 +219,23 @@ class VirtualboxOptions(_Strict):
 
 class NspawnOptions(_Strict):
     privileged: bool = Field(False, description="node root is the host's root, no user namespace: needed for "
-                                                "Docker, podman or containerd in nodes, modules, device nodes")
+                                                "podman, privileged containers, modules, device nodes "
+                                                "(Docker runs without it)")
+
+
+class Registry(_Strict):
+    """The lab registry every node's Docker pulls through (Docker Distribution on the host)."""
+
+    upstream: str | None = Field(None, description="a registry URL to cache pulls from when the host has "
+                                                   "internet (a pull-through cache); default: offline, "
+                                                   "serving only the images lab seeded or imported")
+
+    @field_validator("upstream")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?/?", value):
+            raise ValueError(f"{value!r} is not a registry URL: use https://HOST[:PORT]")
+        return value
 
 
 class ProviderOptions(_Strict):
@@ -241,6 +257,7 @@ class LabSpec(_Strict):
     forwarded_ports: list[ForwardedPort] = Field(default_factory=list)
     synced_folders: list[SyncedFolder] = Field(default_factory=list)
     providers: ProviderOptions = Field(default_factory=ProviderOptions)
+    registry: Registry = Field(default_factory=Registry)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "LabSpec":
@@ -575,5 +592,7 @@ providers:
   libvirt:
     driver: kvm           # qemu where KVM is missing or unusable
   nspawn:
-    privileged: false     # true: node root is host root (Docker in nodes needs it)
+    privileged: false     # true: node root is host root (podman, privileged containers)
+registry:
+  upstream: null          # a registry URL to cache pulls through (needs internet); default: offline
 """

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from lab.errors import UsageError
+from lab.host.network import host_address
 from lab.host.ssh import SSHEndpoint
 from lab.model.spec import LabSpec, ResolvedNode
 
@@ -69,6 +70,11 @@ class LabContext:
     # The lab's LabState: providers record what they create in it *before*
     # creating it, so destroy can undo everything after a crash.
     state: Any = None
+
+    @property
+    def host_address(self) -> str:
+        """The host's address on the lab network (.1): the lab registry and DNS answer there."""
+        return host_address(self.subnet)
 
     def node(self, name: str) -> ResolvedNode:
         for node in self.nodes:

@@ -8,9 +8,9 @@ traffic between groups is dropped on the bridge itself.
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 
+from lab.host.network import host_address
 from lab.host.run import run
 from lab.providers.base import Progress
 
@@ -30,7 +30,7 @@ def ensure_bridge(bridge: str, subnet: str, progress: Progress) -> None:
         progress(f"creating bridge {bridge} for {subnet}")
         run(["ip", "link", "add", "name", bridge, "type", "bridge"])
     prefix = subnet.split("/")[1]
-    host_ip = str(ipaddress.IPv4Network(subnet).network_address + 1)
+    host_ip = host_address(subnet)
     addresses = run(["ip", "-4", "-o", "addr", "show", "dev", bridge]).stdout
     if f" {host_ip}/{prefix} " not in addresses:
         run(["ip", "addr", "add", f"{host_ip}/{prefix}", "dev", bridge])

@@ -18,6 +18,7 @@ by all labs, named after the machine (lab-<labid>-<node>).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +125,21 @@ def set_limits(node_cgroups: list[Path], memory_mib: int, cpus: int) -> None:
     cpu = controller_cgroup(node_cgroups, "cpu")
     (cpu / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
     (cpu / "cpu.cfs_quota_us").write_text(str(cpus * CFS_PERIOD_US))
+
+
+def delegate(node_cgroups: list[Path], uid: int) -> None:
+    """Give the node's root (host uid `uid`, its user namespace's 0) its cgroup directories in every v1
+    controller, so Docker in the node can make a cgroup per container below them.
+
+    Only the directories: their files (the node's own limits, cgroup.procs)
+    stay the host's, so a node can make and remove child cgroups, which its
+    own limits still bound, but never raise those limits. nspawn hands over
+    `name=systemd` and the unified cgroup itself.
+    """
+    v1 = [h.mount for h in hierarchies() if h.controllers and not any(c.startswith("name=") for c in h.controllers)]
+    for cgroup in node_cgroups:
+        if any(mount in cgroup.parents for mount in v1) and cgroup.is_dir() and cgroup.stat().st_uid != uid:
+            os.chown(cgroup, uid, uid)
 
 
 def memory_use(node_cgroups: list[Path]) -> tuple[int | None, int | None]:

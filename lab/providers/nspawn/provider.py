@@ -80,6 +80,10 @@ class NspawnProvider(Provider):
         # to remove it on exit ("disk file system"): lab removes it.
         return Path("/run/systemd/nspawn/propagate") / self.machine(node)
 
+    def docker_dir(self, node: str) -> Path:
+        """Bound at the node's /var/lib/docker: overlay2 cannot sit on the node's overlayfs root."""
+        return self.node_dir(node) / "docker"
+
     def node_dir(self, node: str) -> Path:
         return self.context.lab_dir / "nodes" / node
 
@@ -324,8 +328,8 @@ class NspawnProvider(Provider):
         fresh = not (directory / "provisioned").is_file() or (directory / "provisioned").is_symlink()
         # Decided when the node is made and kept: its files' owners depend on it.
         extra = {"private_users": not self.privileged and overlay.metacopy_available()} if fresh else {}
-        self.state.record("node", node, dir=str(directory), **extra)
-        for path in (upper, work, merged):
+        self.state.record("node", node, dir=str(directory), docker_dir=str(self.docker_dir(node)), **extra)
+        for path in (upper, work, merged, self.docker_dir(node)):
             path.mkdir(parents=True, exist_ok=True)
         slot_a = directory / "slot-a"
         if not (slot_a.is_symlink() and is_cached_rootfs(os.readlink(slot_a))):
@@ -362,8 +366,11 @@ class NspawnProvider(Provider):
             # slot's /usr is shared and stays root's: an idmapped bind shows
             # it shifted.
             usr = ["--private-users=pick", "--private-users-ownership=chown", "--bind-ro={usr}:/usr:idmap"]
+        # Docker: its own directory (overlay2 cannot sit on the node's overlayfs root; it would fall
+        # back to vfs, ~7x slower per run), and the syscalls runc needs (it makes a session keyring).
+        docker = [f"--bind={self.docker_dir(node)}:/var/lib/docker", "--system-call-filter=@keyring bpf"]
         return ["systemd-nspawn", "--boot", "--register=no", "--keep-unit", "--quiet",
-                f"--machine={self.machine(node)}", f"--directory={self.node_dir(node) / 'merged'}", *usr,
+                f"--machine={self.machine(node)}", f"--directory={self.node_dir(node) / 'merged'}", *usr, *docker,
                 f"--network-bridge={self.bridge}", "--console=read-only",
                 "--resolv-conf=off", "--timezone=off", "--link-journal=no"]
 
@@ -386,6 +393,7 @@ class NspawnProvider(Provider):
             cgroups.make_cgroup(cgroup)
         spec = self.context.node(node)
         cgroups.set_limits(node_cgroups, spec.memory, spec.cpus)
+        self._delegate(node)
         self._freezer(node, "THAWED")
         config = {"argv": self._nspawn_argv(node), "pidfile": str(directory / "nspawn.pid"),
                   "cgroups": [str(c / "cgroup.procs") for c in node_cgroups],
@@ -402,6 +410,22 @@ class NspawnProvider(Provider):
                                        start_new_session=True, close_fds=True)
         self.state.record("node", node, dir=str(directory), supervisor_pid=process.pid,
                           supervisor_start=start_time(process.pid))
+
+    def _delegate(self, node: str) -> None:
+        """Hand the node's root its cgroup directories and its Docker directory, once nspawn has chowned
+        its tree into its user namespace (at the first boot: until then the tree is the host root's, and
+        nothing is done; Docker is socket-activated and not yet started)."""
+        if not self._private_users(node):
+            return  # a privileged node's root is the host's: labos-cgroups-writable.service does the rest
+        owner = (self.node_dir(node) / "merged").stat().st_uid
+        if owner == 0:
+            return
+        cgroups.delegate(self.cgroups(node), owner)
+        # Not an idmapped bind: what the node writes there is owned by its own uid range on disk, as its
+        # upper layer is, never by the host's root (an image's setuid files included).
+        docker = self.docker_dir(node)
+        if docker.stat(follow_symlinks=False).st_uid != owner:
+            os.chown(docker, owner, owner, follow_symlinks=False)
 
     def _wait_ssh(self, nodes: list[str]) -> None:
         import threading
@@ -430,6 +454,8 @@ class NspawnProvider(Provider):
         if errors:
             log = self.node_dir(nodes[0]) / "console.log"
             raise ProviderError("; ".join(errors), hint=f"console output of each node is in {log}")
+        for node in nodes:  # a node's first boot has just chowned its tree: its uid is known now
+            self._delegate(node)
 
     def _supervisor(self, node: str) -> tuple[int | None, str | None]:
         """The node's supervisor as recorded, if that process is really one (state.json may be forged)."""

@@ -1,0 +1,84 @@
+"""The lab's services on the host: the lab registry and the lab's DNS.
+
+Both answer nodes on the host's address on the lab network and nowhere else.
+Each is recorded in the lab's state before it starts (so `lab destroy`
+finds it even after a crash) and again with its pid and start time once it
+runs; `lab halt` and `lab destroy` stop them, `lab up` starts them again.
+Only the nspawn provider's labs get them for now: on a VM lab, the host
+address belongs to the hypervisor's network (libvirt's own dnsmasq holds
+port 53 there), see the README.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lab.cluster.docker import REGISTRY_PORT
+from lab.errors import LabError
+from lab.host import daemons, dns
+from lab.host.files import write_atomic
+from lab.providers.base import LabContext, Progress, no_progress
+
+if TYPE_CHECKING:
+    from lab.core.state import LabState
+
+PROVIDERS_WITH_SERVICES = ("nspawn",)
+
+
+def wanted(provider: str) -> bool:
+    return provider in PROVIDERS_WITH_SERVICES
+
+
+def running(state: "LabState", name: str) -> bool:
+    return any(daemons.daemon_alive(res.get("pid"), res.get("start")) for res in state.find("service", name))
+
+
+def start_services(context: LabContext, progress: Progress = no_progress) -> None:
+    """Start the registry (seeding its images first, once per machine) and the DNS, unless they run."""
+    state = context.state
+    address = context.host_address
+    records = dict(context.addresses)
+    if running(state, "dns") and any(res.get("records") != records for res in state.find("service", "dns")):
+        stop_services(state, progress, only="dns")  # a node was added or removed: its names change
+    if not running(state, "dns"):
+        _start(state, "dns", dns.dnsmasq_argv(address, records), context.lab_dir / "dns.log",
+               ready=lambda: dns.answers(address), what=f"the lab DNS (dnsmasq on {address}:53)",
+               records=records)
+    if not running(state, "registry"):
+        from lab.host import registry
+        from lab.images.containers import ensure_seeded
+
+        ensure_seeded(progress)
+        config = context.lab_dir / "registry.yml"
+        write_atomic(config, registry.serving_config(address, upstream=context.spec.registry.upstream))
+        endpoint = f"{address}:{REGISTRY_PORT}"
+        _start(state, "registry", registry.serving_argv(config), context.lab_dir / "registry.log",
+               ready=lambda: registry.answers(endpoint),
+               what=f"the lab registry ({endpoint})")
+    progress(f"lab registry on {address}:{REGISTRY_PORT}, lab DNS on {address}:{dns.DNS_PORT}")
+
+
+def _start(state: "LabState", name: str, argv: list[str], log: Path, *, what: str, ready, user: str | None = None,
+           **details) -> None:
+    # Recorded before it starts: a crash between start and the second record
+    # leaves a record without a pid, which destroy skips (it never signals a
+    # process it cannot identify) and the next `lab up` replaces.
+    state.forget("service", name)
+    state.record("service", name, log=str(log), **details)
+    daemon = daemons.start_daemon(argv, log=log, what=what, user=user, ready=ready)
+    state.record("service", name, pid=daemon.pid, start=daemon.start)
+
+
+def stop_services(state: "LabState", progress: Progress = no_progress, only: str | None = None) -> None:
+    """Stop every service the state records (or the one named); each record goes once its process is gone."""
+    problems = []
+    for res in list(state.find("service", only)):
+        try:
+            daemons.stop_daemon(res.get("pid"), res.get("start"))
+        except LabError as exc:
+            problems.append(f"{res['id']}: {exc.message}")
+            continue
+        state.forget("service", res["id"])
+    if problems:
+        progress("could not stop: " + "; ".join(problems))
