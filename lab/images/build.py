@@ -98,9 +98,14 @@ class _build_lock:
 
 
 def _debootstrap(recipe: Recipe, mirror: str, rootfs: Path, report: Progress) -> None:
-    argv = ["debootstrap", "--variant=minbase", f"--include={','.join(recipe.packages)}",
-            recipe.suite, str(rootfs), mirror]
-    report(f"debootstrap {recipe.suite} from {mirror} ({len(recipe.packages)} extra packages)")
+    debootstrap(recipe.suite, mirror, rootfs, report, recipe.packages)
+
+
+def debootstrap(suite: str, mirror: str, rootfs: Path, report: Progress, packages: tuple[str, ...] = ()) -> None:
+    """A minbase `suite` at `rootfs` from `mirror`, stopped (with its children) on Ctrl-C or a stalled mirror."""
+    include = [f"--include={','.join(packages)}"] if packages else []
+    argv = ["debootstrap", "--variant=minbase", *include, suite, str(rootfs), mirror]
+    report(f"debootstrap {suite} from {mirror} ({len(packages)} extra packages)")
     tail: collections.deque[str] = collections.deque(maxlen=_OUTPUT_TAIL_LINES)
     # Its own session: on an interrupt we stop debootstrap *and* the dpkg and
     # chroot processes it started, before unmounting and deleting their tree.
@@ -139,7 +144,7 @@ def _debootstrap(recipe: Recipe, mirror: str, rootfs: Path, report: Progress) ->
         log_tail = _tail(log.read_text(errors="replace")) if log.is_file() else ""
         raise BoxError(failure_message(argv, status, "\n".join(tail), log_tail),
                        hint="check that the mirror serves "
-                            f"{recipe.suite} (pass another with --mirror URL)")
+                            f"{suite} (pass another with --mirror URL)")
 
 
 def _stop(process: subprocess.Popen) -> None:
