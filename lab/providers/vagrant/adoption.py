@@ -3,7 +3,7 @@
 Vagrant's own SSH access (user vagrant, the key Vagrant inserted, no host key
 to check) is used once per machine, to run `adoption_script` as root: it
 authorizes the lab's own key for root, sets the hostname, installs what lab
-needs on a generic box (etcd, python3, nftables) and prints the machine's
+needs on a generic box (etcd, python3, nftables, Docker) and prints the machine's
 host key, which lab pins in the lab's known_hosts. Everything afterwards
 (bootstrap, scenarios, testinfra, `lab ssh`) goes to root@PRIVATE-IP with
 host keys verified, exactly as on nspawn nodes.
@@ -23,7 +23,8 @@ from lab.providers.base import LabContext, Progress
 ADOPT_TIMEOUT = 900.0
 
 # What lab needs on a node, by command, and the Debian/Ubuntu package that brings it.
-NODE_COMMANDS = {"python3": "python3", "nft": "nftables", "etcd": "etcd-server", "etcdctl": "etcd-client"}
+NODE_COMMANDS = {"python3": "python3", "nft": "nftables", "etcd": "etcd-server", "etcdctl": "etcd-client",
+                 "docker": "docker.io"}
 
 
 def adoption_script(public_key: str, hostname: str) -> str:
@@ -57,6 +58,9 @@ if [ -n "$missing" ]; then
   apt-get install -y -qq --no-install-recommends $missing >/dev/null
   # Debian's etcd-server starts a default single-member etcd; lab configures its own.
   case "$missing" in *etcd-server*) systemctl disable --now etcd >/dev/null 2>&1 || true ;; esac
+  # Docker as on the Lab OS: socket-activated, so an idle node runs no daemon.
+  case "$missing" in *docker.io*) systemctl disable --now docker.service containerd.service >/dev/null 2>&1 || true
+    systemctl enable --now docker.socket >/dev/null 2>&1 || true ;; esac
   echo "lab-installed$missing"
 fi
 test -f /etc/ssh/ssh_host_ed25519_key.pub || ssh-keygen -A >/dev/null
