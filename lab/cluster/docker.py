@@ -21,11 +21,11 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 from lab.cluster.remote import RemoteFile, check, put_if_changed
+from lab.host.registry import REGISTRY_PORT
 from lab.host.ssh import SSHEndpoint, connect
 from lab.providers.base import LabContext, Progress, no_progress
 
 DAEMON_CONFIG = "/etc/docker/daemon.json"
-REGISTRY_PORT = 5000
 
 
 def daemon_config(host: str, registry: bool, dns: bool) -> dict:

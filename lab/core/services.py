@@ -14,9 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lab.cluster.docker import REGISTRY_PORT
 from lab.errors import LabError
 from lab.host import daemons, dns
+from lab.host.registry import REGISTRY_PORT
 from lab.host.files import write_atomic
 from lab.providers.base import LabContext, Progress, no_progress
 
