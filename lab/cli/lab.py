@@ -54,7 +54,7 @@ def validate(file: FileOpt = DEFAULT_FILE, name: NameOpt = None, nodes: NodesOpt
 @verbs.command()
 def up(file: FileOpt = DEFAULT_FILE, name: NameOpt = None, nodes: NodesOpt = None,
        provider: ProviderOpt = None, sets: SetOpt = None, as_json: JsonOpt = False,
-       no_bootstrap: Annotated[bool, typer.Option("--no-bootstrap", help="Boot the nodes only: no etcd.")] = False,
+       no_bootstrap: Annotated[bool, typer.Option("--no-bootstrap", help="Boot the nodes only: no lab registry or DNS, Docker settings, etcd or scheduler.")] = False,
        ) -> None:
     """Create the lab (or start it again), wait for SSH, and bootstrap the etcd cluster."""
     lab = open_lab(file, name, nodes, provider, sets)
