@@ -54,14 +54,19 @@ def validate(file: FileOpt = DEFAULT_FILE, name: NameOpt = None, nodes: NodesOpt
 @verbs.command()
 def up(file: FileOpt = DEFAULT_FILE, name: NameOpt = None, nodes: NodesOpt = None,
        provider: ProviderOpt = None, sets: SetOpt = None, as_json: JsonOpt = False,
-       no_bootstrap: Annotated[bool, typer.Option("--no-bootstrap", help="Boot the nodes only: no lab registry or DNS, Docker settings, etcd or scheduler.")] = False,
+       no_bootstrap: Annotated[bool, typer.Option(
+           "--no-bootstrap", help="Boot the nodes only: no lab registry or DNS, Docker settings, etcd or scheduler.")
+       ] = False,
        ) -> None:
     """Create the lab (or start it again), wait for SSH, and bootstrap the etcd cluster."""
     lab = open_lab(file, name, nodes, provider, sets)
     with lab.lock("up"):
         result = lab.up(progress, bootstrap=not no_bootstrap)
+    from lab.core.services import endpoints
+
+    services = endpoints(lab.state)
     if as_json:
-        print_json({"lab": lab.name, "provider": result.selection.name,
+        print_json({"lab": lab.name, "provider": result.selection.name, "services": services,
                     "ssh_config": str(result.ssh_config), "nodes": [s.to_json() for s in result.nodes]})
         return
     console = out()
@@ -73,7 +78,9 @@ def up(file: FileOpt = DEFAULT_FILE, name: NameOpt = None, nodes: NodesOpt = Non
                   f"  command:  lab exec -- uptime\n"
                   f"  etcd:     lab etcdctl -- endpoint status   "
                   f"(endpoints {lab.etcdctl_env()['ETCDCTL_ENDPOINTS']})\n"
-                  f"  ssh:      ssh -F {result.ssh_config} {first}\n"
+                  + (f"  docker:   lab ssh {first} -- docker run ubuntu /bin/echo hello world   "
+                     f"(registry {services['registry']}: lab image list)\n" if "registry" in services else "")
+                  + f"  ssh:      ssh -F {result.ssh_config} {first}\n"
                   f"  testinfra: pytest --hosts={','.join('ssh://' + s.name for s in result.nodes)} "
                   f"--ssh-config={result.ssh_config}")
 

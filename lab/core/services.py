@@ -34,6 +34,15 @@ def running(state: "LabState", name: str) -> bool:
     return any(daemons.daemon_alive(res.get("pid"), res.get("start")) for res in state.find("service", name))
 
 
+def endpoints(state: "LabState") -> dict[str, str]:
+    """Where each running service answers ("registry" -> "10.77.3.1:5000", "dns" -> "10.77.3.1:53")."""
+    from lab.host.network import host_address
+
+    address = host_address(state["subnet"])
+    ports = {"registry": REGISTRY_PORT, "dns": dns.DNS_PORT}
+    return {name: f"{address}:{port}" for name, port in ports.items() if running(state, name)}
+
+
 def start_services(context: LabContext, progress: Progress = no_progress) -> None:
     """Start the registry (seeding its images first, once per machine) and the DNS, unless they run."""
     state = context.state
