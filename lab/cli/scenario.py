@@ -35,10 +35,18 @@ def scenario_new(scenario: Annotated[str, typer.Argument(help="Name of the new s
       workload: start|stop          background writes/reads/CAS, recorded to history.jsonl
       sleep: SECONDS
       fault: ACTION [TARGET]        kill|start|pause|resume|reboot|partition|heal|kill-etcd|start-etcd
-                                    TARGET: leader|followers|all|old-leader|NODE, or for partition
-                                    groups: node-1|node-2,node-3
-      wait-until: {condition: new-leader|leader|healthy|converged|old-leader-follows,
-                   timeout: S, within: auto|S}
+                                    TARGET: leader|followers|all|old-leader|NODE|node-of:UNIT (the
+                                    node running UNIT), or for partition groups: node-1|node-2,node-3
+      unit: {start: FILE|stop: NAME|running: NAME, within: S}
+                                    through the scheduler; within: wait until active (stopped)
+      run: {target: TARGET, command: CMD, expect-output: TEXT, within: S}
+                                    a command on nodes over SSH; must exit 0 (and print TEXT),
+                                    tried again for up to `within` seconds
+      wait-until: {condition: new-leader|leader|healthy|converged|old-leader-follows|updated|
+                   update-halted|service-moved, timeout: S, within: auto|S}
+      service: {start: NAME, port: P, path: /, replicas: N, within: S} | stop
+                                    probe http://NODE:P/path on every node from the host (every
+                                    100 ms) until stop; unavailability windows in the report
       probe: {write-via: leader|old-leader|NODE, expect: ok|fail}
       check: [test_x.py]            testinfra files run on every node
     """
@@ -56,9 +64,10 @@ def _run(sequence: str, names: list[str], file: Path, name, nodes, provider, set
 
     runs = run_scenarios(sequence, names, file, flags(name, nodes, provider, sets), destroy_policy, junit, progress)
     if as_json:
-        print_json([result_json(r) for r in runs.results])
-    for result in runs.results:
-        _print_measurements(result)
+        print_json([result_json(r) for r in runs.results])  # alone on stdout: one JSON document
+    else:
+        for result in runs.results:
+            _print_measurements(result)
     runs.raise_for_failures()
 
 
@@ -70,6 +79,10 @@ def _print_measurements(result) -> None:
     windows = [w for w in m.get("write_unavailability_s") or [] if w is not None]
     if windows:
         parts.append("writes unavailable for " + ", ".join(f"{w:.2f} s" for w in windows))
+    if m.get("service"):
+        windows = [w["duration_s"] for w in m["service"]["windows"]]
+        parts.append(f"service {m['service']['name']} unavailable for "
+                     + (", ".join(f"{w:.2f} s" for w in windows) if windows else "no window"))
     if "roll_s" in m:
         parts.append(f"rolled in {m['roll_s']:.1f} s")
     if m.get("member_downtime_s"):

@@ -40,9 +40,24 @@ class MachineRow:
     engine: bool
 
 
+def unit_source(path: Path) -> Path | None:
+    """The file a unit's text comes from: `path` itself or, as fleetctl does, for an instance
+    (`web@1.service`) with no file of its own, its template (`web@.service`) beside it."""
+    if path.is_file():
+        return path
+    prefix, at, rest = path.name.partition("@")
+    instance, dot, suffix = rest.rpartition(".")
+    if at and instance and dot:
+        template = path.with_name(f"{prefix}@.{suffix}")
+        if template.is_file():
+            return template
+    return None
+
+
 def _read_unit_file(path: Path) -> fleet.Unit:
+    source = unit_source(path) or path
     try:
-        text = path.read_text(encoding="utf-8")
+        text = source.read_text(encoding="utf-8")
     except OSError as exc:
         raise UnitUsageError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     try:
@@ -65,7 +80,7 @@ def set_desired(client, targets: list[str], desired: str) -> list[str]:
     names = []
     for target in targets:
         path = Path(target)
-        if path.suffix and path.exists():
+        if path.suffix and unit_source(path) is not None:
             names += submit(client, [path], desired)
             continue
         record = _unit_record(client, target)

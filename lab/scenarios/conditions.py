@@ -38,6 +38,7 @@ class Conditions:
         self.clock = clock
         self.measurements = measurements  # the run's: roll_s and time_to_new_leader_s go there
         self.update_target: str | None = None
+        self.service = None  # the ServiceProbe of a `service` step, for service-moved
         self.update_started = 0.0
 
     def roll_started(self, version: str) -> None:
@@ -79,6 +80,12 @@ class Conditions:
                     elapsed = self.clock() - self.update_started
                     self.measurements["roll_s"] = round(elapsed, 2)
                     detail = f"every node runs {self.update_target}, {elapsed:.1f} s after the roll began"
+                if wait.condition == "service-moved":
+                    elapsed = max(0.0, self.clock() - in_place)
+                    serving = sorted(self.service.serving())
+                    measured = {"service_moved_s": round(elapsed, 2), "serving": serving}
+                    self.measurements.setdefault("service_moved_s", []).append(round(elapsed, 2))
+                    detail = f"answering on {', '.join(serving)} {elapsed:.1f} s after the fault"
                 if wait.condition == "new-leader":
                     change = reached_at
                     elapsed = max(0.0, change["t"] - in_place)
@@ -102,6 +109,8 @@ class Conditions:
             return self._update_reached(condition)
         if condition == "new-leader":
             return self.monitor.new_leader_since(last.get("leader"), last.get("term", 0), since)
+        if condition == "service-moved":
+            return self._service_moved(since)
         client = self.client_factory(0.5)
         try:
             if condition == "healthy":
@@ -133,6 +142,14 @@ class Conditions:
             close = same and max(s.raft_index for s in answered) - min(s.raft_index for s in answered) <= 5
             return True if close else None
         raise AssertionError(condition)  # pragma: no cover
+
+    def _service_moved(self, since: float) -> bool | None:
+        """As many nodes answer as served when the last fault came, and not the same ones."""
+        if self.service is None or not self.service.running:
+            raise LabError("service-moved needs a probed service (a `service: {start: ...}` step before it)")
+        before = self.service.serving(at=since)
+        now = self.service.serving()
+        return True if len(now) >= len(before) and now != before else None
 
     def _update_reached(self, condition: str) -> bool | None:
         from lab.cluster.etcdclient import EtcdError

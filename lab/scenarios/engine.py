@@ -2,7 +2,9 @@
 
 While the steps run, a leader monitor samples every etcd member (one thread
 per member, every 50 ms), an invariant sampler counts the members down, and
-the workload records its history (lab.scenarios.monitor, .workload). Faults
+the workload records its history (lab.scenarios.monitor, .workload); a
+`service` step polls a replicated HTTP service on every node from the host
+(lab.scenarios.service_probe). Faults
 go through the fault registry (lab.scenarios.faults): the provider's
 primitives or SSH, so a scenario runs the same on nspawn nodes and on
 Vagrant VMs; wait-until steps poll lab.scenarios.conditions. Afterwards the
@@ -25,12 +27,15 @@ from lab.errors import LabError
 from lab.scenarios.conditions import Conditions
 from lab.scenarios.expectations import check_expectations, verify_history
 from lab.scenarios.faults import FaultInjector
-from lab.scenarios.model import Fault, Probe, Scenario, ScenarioSpec, Step, UnitStep, UpdateStep
+from lab.scenarios.model import (NODE_OF, Fault, Probe, RunStep, Scenario, ScenarioSpec, ServiceStart, Step,
+                                  UnitStep, UpdateStep)
 from lab.scenarios.monitor import InvariantSampler, LeaderMonitor
 from lab.scenarios.results import Outcome, RunResult, StepResult, progress_line
 
 # testinfra checks on every node take seconds; a node that stops answering must not hang the run.
 CHECKS_TIMEOUT = 15 * 60
+# How often unit and run steps look again: the agents report unit states once a second.
+POLL_INTERVAL = 0.2
 
 
 class ScenarioRun:
@@ -63,8 +68,10 @@ class ScenarioRun:
         self.boot_ids_start = {status.name: status.boot_id for status in self.provider.status()}
         # One handler per step kind (model.STEP_KINDS), given that kind's field of the step.
         self.handlers: dict[str, Callable[[Any], Outcome]] = {
-            "workload": self._workload, "unit": self._unit, "update": self._update, "sleep": self._sleep,
-            "fault": self._fault, "wait_until": self.conditions.wait, "probe": self._probe, "check": self._check}
+            "workload": self._workload, "unit": self._unit, "run": self._run_command, "update": self._update,
+            "sleep": self._sleep,
+            "fault": self._fault, "wait_until": self.conditions.wait, "probe": self._probe, "check": self._check,
+            "service": self._service}
 
     def clock(self) -> float:
         return time.monotonic() - self.t0
@@ -87,6 +94,8 @@ class ScenarioRun:
         finally:
             if self.workload is not None:
                 self._stop_workload()
+            if self.conditions.service is not None and self.conditions.service.running:
+                self._stop_service()
             self._restore()
             self.invariants.stop()
             self.monitor.stop()
@@ -155,13 +164,156 @@ class ScenarioRun:
     def _unit(self, unit: UnitStep) -> Outcome:
         from lab.cluster.units import set_desired
 
+        requested = self.clock()
+        if unit.action != "running":
+            target = str(Path(self.scenario.path) / unit.start) if unit.action == "start" else unit.name
+            client = self.client_factory(2.0)
+            try:
+                set_desired(client, [target], "launched" if unit.action == "start" else "loaded")
+            finally:
+                client.close()
+            self.invariants.watch_units([unit.name])
+        verb = {"start": "started", "stop": "stopped", "running": "running"}[unit.action]
+        if unit.within is None:
+            return True, f"{verb} {unit.name}", {}
+        # A stopped service whose main process exited non-zero on SIGTERM (`docker run` passes on the
+        # container's 143) is `failed`: stopped all the same.
+        wanted = ("inactive", "failed") if unit.action == "stop" else ("active",)
+        row = self._wait_unit(unit.name, wanted, unit.within)
+        elapsed = round(self.clock() - requested, 2)
+        where = ",".join(row.machines) if row and row.machines else "no machine"
+        if row is None or row.active not in wanted:
+            state = f"{row.active}/{row.sub} on {where}" if row else "not in the cluster"
+            return False, f"{unit.name} not {wanted[0]} within {unit.within:g} s ({state})", {}
+        measured = {f"unit_{unit.action}_s": elapsed, "unit": unit.name, "machine": where}
+        detail = f"{unit.name} {row.active} on {where} {elapsed:.1f} s after the request"
+        if unit.action == "stop":
+            stop_s = self._systemd_stop_seconds(unit.name, row.machines)
+            if stop_s is not None:
+                measured["systemd_stop_s"] = stop_s
+                detail += f" (systemd stopped it in {stop_s:.2f} s)"
+        self.measurements.setdefault(f"unit_{unit.action}_s", {})[unit.name] = elapsed
+        return True, detail, measured
+
+    def _wait_unit(self, name: str, wanted: tuple[str, ...], within: float):
+        """The unit's row once the scheduler reports one of the `wanted` states on a machine,
+        else its last row after `within` seconds (None if it never showed)."""
+        from lab.cluster.etcdclient import EtcdError
+        from lab.cluster.units import list_units
+
+        deadline = time.monotonic() + within
+        row = None
+        while True:
+            client = self.client_factory(1.0)
+            try:
+                row = next((r for r in list_units(client) if r.name == name), row)
+            except EtcdError:
+                pass  # a leader election under way: look again
+            finally:
+                client.close()
+            if row is not None and row.machines and row.active in wanted:
+                return row
+            if time.monotonic() >= deadline:
+                return row
+            time.sleep(POLL_INTERVAL)
+
+    def _systemd_stop_seconds(self, name: str, machines: list[str]) -> float | None:
+        """How long systemd took to stop the unit on its machine: from leaving active to inactive."""
+        from lab.host.ssh import run
+
+        endpoints = self.provider.ssh_endpoints()
+        if len(machines) != 1 or machines[0] not in endpoints:
+            return None
+        try:
+            shown = run(endpoints[machines[0]], f"systemctl show {name} -p ActiveExitTimestampMonotonic "
+                                                "-p InactiveEnterTimestampMonotonic", timeout=15).stdout
+        except LabError:
+            return None
+        fields = dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
+        try:
+            exited, inactive = int(fields["ActiveExitTimestampMonotonic"]), int(fields["InactiveEnterTimestampMonotonic"])
+        except (KeyError, ValueError):
+            return None
+        return round((inactive - exited) / 1e6, 2) if exited and inactive >= exited else None
+
+    def node_targets(self, target: str) -> list[str]:
+        """The nodes a step's target stands for now: the fault injector's targets, or node-of:UNIT,
+        the machine(s) the scheduler runs that unit on."""
+        if not target.startswith(NODE_OF):
+            return self.faults.targets(target)
+        from lab.cluster.units import machine_of
+
         client = self.client_factory(2.0)
         try:
-            names = set_desired(client, [str(Path(self.scenario.path) / unit.start)], "launched")
+            return [m.name for m in machine_of(client, target[len(NODE_OF):])]
         finally:
             client.close()
-        self.invariants.watch_units(names)
-        return True, f"started {', '.join(names)}", {}
+
+    def _run_command(self, step: RunStep) -> Outcome:
+        """Run the command on the target nodes until every one exits 0 (with the expected output)."""
+        from lab.host.ssh import run
+
+        started = self.clock()
+        deadline = time.monotonic() + step.within
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                nodes = self.node_targets(step.target)
+                endpoints = self.provider.ssh_endpoints()
+                with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
+                    results = list(pool.map(lambda n: run(endpoints[n], step.command, timeout=step.timeout), nodes))
+                failed = [r for r in results if not r.ok or (step.expect_output is not None
+                                                             and step.expect_output not in r.stdout)]
+                problem = "; ".join(f"{r.node}: " + ("timed out" if r.exit_status is None else f"exit {r.exit_status}")
+                                    + f", output {_tail(r.stdout + r.stderr)!r}" for r in failed)
+            except LabError as exc:  # the unit not placed yet, a node rebooting
+                results, problem = [], exc.message
+            if not problem:
+                elapsed = round(self.clock() - started, 2)
+                shown = "; ".join(f"{r.node}: {_tail(r.stdout)!r}" for r in results)
+                return True, f"{shown} ({elapsed:.1f} s, {attempts} attempt(s))", {"run_s": elapsed,
+                                                                                  "nodes": [r.node for r in results]}
+            if time.monotonic() >= deadline:
+                wanted = f" printing {step.expect_output!r}" if step.expect_output is not None else ""
+                return False, f"not passed{wanted} within {step.within:g} s ({attempts} attempt(s)): {problem}", {}
+            time.sleep(max(POLL_INTERVAL, 1.0))
+
+    def _service(self, service: ServiceStart | str) -> Outcome:
+        """Start probing a service on every node (and wait for its replicas), or stop and measure."""
+        from lab.scenarios.service_probe import ServiceProbe
+
+        probe = self.conditions.service
+        if service == "stop":
+            if probe is None or not probe.running:
+                raise LabError("no service is being probed (`service: stop` before `service: {start: ...}`)")
+            measured = self._stop_service()
+            windows = ", ".join(f"{w['start_s']:.2f}-{w['end_s']:.2f} s ({w['duration_s']:.2f} s)"
+                                for w in measured["windows"]) or "none"
+            return True, (f"{measured['answered']} of {measured['requests']} requests answered; "
+                          f"unavailable (no replica answered for > {measured['window_min_s']:g} s): {windows}"), {}
+        if probe is not None and probe.running:
+            raise LabError(f"the service {probe.name} is already being probed (two `service: {{start: ...}}` steps)")
+        probe = self.conditions.service = ServiceProbe(service.start, self.context.addresses, service.port,
+                                                       service.path, self.clock)
+        probe.start()
+        deadline = time.monotonic() + service.within
+        while len(probe.serving()) < service.replicas and time.monotonic() < deadline:
+            time.sleep(POLL_INTERVAL)
+        serving = sorted(probe.serving())
+        detail = f"answering on {', '.join(serving) or 'no node'} {self.clock() - probe.begin:.1f} s after the start"
+        if len(serving) < service.replicas:
+            return False, f"{detail}; expected {service.replicas} replica(s) within {service.within:g} s", {}
+        # Unavailability counts from here: waiting for the first replicas (an image pull) is not an outage.
+        probe.measure_from(self.clock())
+        return True, detail, {"serving": serving}
+
+    def _stop_service(self) -> dict[str, Any]:
+        probe = self.conditions.service
+        measured = probe.stop()
+        probe.write(self.run_dir / "service.jsonl")
+        self.measurements["service"] = {"name": probe.name, **measured}
+        return measured
 
     def _update(self, update: UpdateStep) -> Outcome:
         from lab.cluster.update import start_roll
@@ -172,7 +324,11 @@ class ScenarioRun:
         return True, f"{len(messages)} nodes staged", {}
 
     def _fault(self, fault: Fault) -> Outcome:
-        return True, self.faults.inject(fault.action, fault.target), {}
+        if not fault.target.startswith(NODE_OF):
+            return True, self.faults.inject(fault.action, fault.target), {}
+        nodes = self.node_targets(fault.target)
+        # One injection per machine of the unit (several only for a global unit), each its own window.
+        return True, "; ".join(self.faults.inject(fault.action, node) for node in nodes), {"nodes": nodes}
 
     def _probe(self, probe: Probe) -> Outcome:
         from lab.cluster.etcdclient import EtcdClient, EtcdError
@@ -243,3 +399,9 @@ class ScenarioRun:
 
         with ThreadPoolExecutor(max_workers=max(1, len(endpoints))) as pool:
             list(pool.map(collect, list(endpoints)))
+
+
+def _tail(text: str, limit: int = 200) -> str:
+    """The end of a command's output, for a one-line detail."""
+    text = text.strip()
+    return text if len(text) <= limit else "..." + text[-limit:]

@@ -90,6 +90,8 @@ def check_expectations(run) -> None:
     results = _sampled(run) + _end_state(run)
     if expect.units_running or expect.units_moved:
         results += _units(run)
+    if expect.service_max_unavailable_s is not None:
+        results.append(service_expectation(run, expect.service_max_unavailable_s))
     for description, ok, detail in results:
         run.conclude(description, ok, run.clock(), detail, duration=0.0)
 
@@ -161,3 +163,17 @@ def _units(run) -> list[tuple[str, bool, str]]:
         results.append(("units moved off rebooting machines", bool(moves),
                         "; ".join(f"{u}: {' -> '.join(path)}" for u, path in moves.items()) or "no unit moved"))
     return results
+
+
+def service_expectation(run, bound: float) -> tuple[str, bool, str]:
+    """service_max_unavailable_s, from the windows the service probe measured."""
+    description = f"the service never unavailable for more than {bound:g} s"
+    measured = run.measurements.get("service")
+    if not measured:
+        return description, False, "no service was probed (a `service: {start: ...}` step is needed)"
+    windows = measured["windows"]
+    shown = ", ".join(f"{w['duration_s']:.2f} s at {w['start_s']:.2f} s" + (" (still down at the end)" if w["open"]
+                                                                            else "") for w in windows)
+    return (description, measured["longest_s"] <= bound,
+            f"longest {measured['longest_s']:.2f} s over {measured['end_s'] - measured['begin_s']:.0f} s probed, "
+            f"{measured['requests']} requests; windows: {shown or 'none'}")

@@ -18,6 +18,11 @@ shadow built-ins of the same name. `lab.scenarios.engine` runs them.
       - wait-until: healthy
       - probe: {write-via: leader, expect: ok}
       - workload: stop
+      - unit: {start: hello.service, within: 60}     # through the scheduler; wait until active
+      - fault: reboot node-of:hello.service          # the node the scheduler runs it on
+      - run: {target: node-of:hello.service, command: journalctl -u hello.service --since=-5s,
+              expect-output: Hello World, within: 60}
+      - unit: {stop: hello.service, within: 15}
       - check: [test_cluster.py]
     expect:
       linearizable: true
@@ -35,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lab.model import yamlsafe
 from lab.errors import LabError, UsageError
+from lab.cluster.units import unit_source
 from lab.host.paths import resource
 from lab.scenarios.faults import FAULTS
 
@@ -42,9 +48,22 @@ SCENARIO_FILE = "scenario.yaml"
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
 
 # Targets resolved at run time: the leader as observed just before the fault,
-# its followers, every node, or a node by name. Partition also takes groups:
+# its followers, every node, a node by name, or the node(s) a scheduled unit
+# runs on ("node-of:hello.service"). Partition also takes groups:
 # "partition node-1|node-2,node-3".
 SPECIAL_TARGETS = ("leader", "followers", "all", "old-leader")
+NODE_OF = "node-of:"
+UNIT_NAME_RE = re.compile(r"^[A-Za-z0-9:_.@\\-]{1,255}$")
+TARGET_HELP = "leader, followers, all, old-leader, node-of:UNIT or a node name"
+
+
+def check_target(target: str) -> str:
+    """A step's node target as scenario.yaml may spell it (resolved when the step runs)."""
+    if target.startswith(NODE_OF) and UNIT_NAME_RE.match(target[len(NODE_OF):]):
+        return target
+    if target not in SPECIAL_TARGETS and not NAME_RE.match(target):
+        raise ValueError(f"target must be {TARGET_HELP}, got {target!r}")
+    return target
 
 
 class ScenarioFailed(LabError):
@@ -72,8 +91,7 @@ class Fault(_Strict):
             if any(not g for g in groups):
                 raise ValueError(f"partition groups must not be empty: {self.target!r}")
             return self
-        if self.target not in SPECIAL_TARGETS and not NAME_RE.match(self.target):
-            raise ValueError(f"target must be leader, followers, all, old-leader or a node name, got {self.target!r}")
+        check_target(self.target)
         return self
 
 
@@ -83,9 +101,11 @@ class WaitUntil(_Strict):
     # new-leader: a member other than the last fault's leader leads a later term;
     # leader: a majority agrees on a leader; healthy: every member answers /health;
     # converged: every member agrees on leader and term, indexes within 5;
-    # old-leader-follows: the last fault's leader is back as a follower.
+    # old-leader-follows: the last fault's leader is back as a follower;
+    # service-moved: the probed service's replicas all answer again, not all
+    # from the nodes that served when the last fault came (a replica moved).
     condition: Literal["new-leader", "leader", "healthy", "converged", "old-leader-follows", "updated",
-                       "update-halted"]
+                       "update-halted", "service-moved"]
     timeout: float = Field(30.0, gt=0, le=600, description="seconds before the step fails "
                                                           "(at least twice `within`)")
     # "auto": 2x the election timeout plus a margin; a number: seconds. The
@@ -100,7 +120,56 @@ class Probe(_Strict):
 
 
 class UnitStep(_Strict):
-    start: str = Field(description="unit file in the scenario directory, started on the cluster")
+    """One of start, stop, running; `within` makes the step wait (and fail if it takes longer)."""
+
+    start: str | None = Field(None, description="unit file in the scenario directory, started on the cluster")
+    stop: str | None = Field(None, description="a started unit's name: stopped, it stays placed")
+    running: str | None = Field(None, description="a unit's name: wait until the scheduler reports it active")
+    within: float | None = Field(None, gt=0, le=600, description="seconds until the unit is active (start, "
+                                                                 "running) or inactive (stop); default: no wait")
+
+    @model_validator(mode="after")
+    def _one_action(self) -> "UnitStep":
+        given = [name for name in ("start", "stop", "running") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("a unit step is exactly one of start, stop, running")
+        if self.running is not None and self.within is None:
+            self.within = 60.0
+        return self
+
+    @property
+    def action(self) -> str:
+        return next(name for name in ("start", "stop", "running") if getattr(self, name) is not None)
+
+    @property
+    def name(self) -> str:
+        return Path(getattr(self, self.action)).name
+
+
+class RunStep(_Strict):
+    """A shell command on nodes over SSH: it passes when it exits 0 on every target node (and prints
+    `expect-output`), tried again until `within` seconds have passed."""
+
+    target: str = Field(description=f"{TARGET_HELP}; resolved at every attempt")
+    command: str = Field(min_length=1)
+    expect_output: str | None = Field(None, alias="expect-output", description="text its stdout must contain")
+    within: float = Field(0, ge=0, le=600, description="keep trying this long (0: once)")
+    timeout: float = Field(60, gt=0, le=600, description="seconds one attempt may take")
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, value: str) -> str:
+        return check_target(value)
+
+
+class ServiceStart(_Strict):
+    """Probe a replicated HTTP service from the host on every node until `service: stop`."""
+
+    start: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$", description="the service's name in the report")
+    port: int = Field(ge=1, le=65535, description="the port every node serves it on")
+    path: str = Field("/", pattern=r"^/[^\s]*$")
+    replicas: int = Field(1, ge=1, le=64, description="how many nodes must answer before the step passes")
+    within: float = Field(120.0, gt=0, le=600, description="seconds to wait for them (an image pull included)")
 
 
 class UpdateStep(_Strict):
@@ -110,12 +179,14 @@ class UpdateStep(_Strict):
 class Step(_Strict):
     workload: Literal["start", "stop"] | None = None
     unit: UnitStep | None = None
+    run: RunStep | None = None
     update: UpdateStep | None = None
     sleep: float | None = Field(None, ge=0, le=600)
     fault: Fault | None = None
     wait_until: WaitUntil | None = Field(None, alias="wait-until")
     probe: Probe | None = None
     check: list[str] | None = None
+    service: ServiceStart | Literal["stop"] | None = None
 
     @field_validator("fault", mode="before")
     @classmethod
@@ -154,13 +225,16 @@ class Step(_Strict):
 # Every kind of step (a field of Step), in the order errors list them, and how it is shown.
 STEP_DESCRIPTIONS: dict[str, Callable[[Any], str]] = {
     "workload": lambda action: f"workload: {action}",
-    "unit": lambda unit: f"unit: start {unit.start}",
+    "unit": lambda unit: f"unit: {unit.action} {unit.name}" + (f" (within {unit.within:g} s)" if unit.within else ""),
+    "run": lambda run: f"run on {run.target}: {run.command}",
     "update": lambda update: f"update: roll to {update.to}",
     "sleep": lambda seconds: f"sleep {seconds:g} s",
     "fault": lambda fault: f"fault: {fault.action}" + ("" if fault.action == "heal" else f" {fault.target}"),
     "wait_until": lambda wait: f"wait until {wait.condition}",
     "probe": lambda probe: f"probe: a write via {probe.write_via} must {'succeed' if probe.expect == 'ok' else 'fail'}",
     "check": lambda files: f"check: {', '.join(files)}",
+    "service": lambda service: "service: stop probing" if service == "stop" else (
+        f"service: probe {service.start} on :{service.port}{service.path} ({service.replicas} replica(s))"),
 }
 STEP_KINDS = tuple(STEP_DESCRIPTIONS)
 
@@ -178,6 +252,8 @@ class Expect(_Strict):
     rolled_back: int | None = Field(None, description="how many nodes reported a rollback")
     units_running: list[str] = Field(default_factory=list, description="units active at the end")
     units_moved: bool = Field(False, description="some unit changed machine during the run")
+    service_max_unavailable_s: float | None = Field(
+        None, gt=0, description="the probed service never had no replica answering for longer than this")
 
 
 class WorkloadOptions(_Strict):
@@ -228,8 +304,8 @@ def parse(spec_file: Path) -> ScenarioSpec:
         raise ScenarioError(validation_message(exc, label, loaded, ScenarioSpec),
                             hint="see the scenario format in `lab scenario new --help`") from None
     for index, step in enumerate(spec.steps):
-        for name in (step.check or []) + ([step.unit.start] if step.unit else []):
-            if not (spec_file.parent / name).is_file():
+        for name in (step.check or []) + ([step.unit.start] if step.unit and step.unit.start else []):
+            if unit_source(spec_file.parent / name) is None:
                 line = loaded.line_of(("steps", index, "check"))
                 raise ScenarioError(f"{label}:{line}: steps[{index}].check: no file {name!r} in {spec_file.parent}")
     return spec

@@ -18,13 +18,20 @@ from typing import Any
 
 from lab.scenarios.history import HistoryError, load_history
 from lab.scenarios.results import RunResult
+from lab.scenarios.service_probe import WINDOW_MIN_S, unavailability_windows
 
 BUCKET_S = 0.25
+WRITE_KINDS = ("write", "unique", "cas")
+LANE_LABELS = {"etcd_writes": "etcd writes", "service": "service"}
 
 
 def write_report(result: RunResult) -> None:
     ops = _load_ops(result.run_dir / "history.jsonl")
-    (result.run_dir / "timeline.svg").write_text(timeline_svg(ops, result.faults, result.leader_changes))
+    lanes = unavailability_lanes(ops, result.measurements.get("service"))
+    if lanes:
+        result.measurements["unavailability"] = lanes
+    (result.run_dir / "timeline.svg").write_text(timeline_svg(ops, result.faults, result.leader_changes,
+                                                              lanes=lanes))
     write_junit(result, result.run_dir / "junit.xml")
     (result.run_dir / "summary.md").write_text(summary_markdown(result))
     (result.run_dir / "result.json").write_text(json.dumps(result_json(result), indent=2, default=str) + "\n")
@@ -45,6 +52,31 @@ def result_json(result: RunResult) -> dict[str, Any]:
             "steps": [{"index": s.index, "step": s.description, "ok": s.ok, "started_s": round(s.started, 3),
                        "duration_s": round(s.duration, 3), "detail": s.detail, "measurements": s.measurements}
                       for s in result.steps]}
+
+
+def unavailability_lanes(ops: list[dict[str, Any]], service: dict[str, Any] | None) -> dict[str, Any]:
+    """etcd's and the service's unavailability windows, measured by one rule, side by side.
+
+    etcd: no acknowledged write (write, unique, CAS) for longer than the
+    probe's minimum window, over the span the workload ran. The service: the
+    windows its probe measured (lab.scenarios.service_probe). Each lane has
+    its span, its windows and the longest.
+    """
+    lanes: dict[str, Any] = {}
+    if ops:
+        begin = min(op["invoke"] for op in ops)
+        end = max(op["complete"] if op["complete"] is not None else op["invoke"] for op in ops)
+        windows = unavailability_windows([op["complete"] for op in ops if op["kind"] in WRITE_KINDS
+                                          and op["status"] == "ok" and op["complete"] is not None], begin, end,
+                                         failed=[op["complete"] if op["complete"] is not None else op["invoke"]
+                                                 for op in ops if op["status"] != "ok"])
+        lanes["etcd_writes"] = {"begin_s": round(begin, 3), "end_s": round(end, 3),
+                                "windows": [w.to_json() for w in windows],
+                                "longest_s": round(max((w.duration for w in windows), default=0.0), 3)}
+    if service:
+        lanes["service"] = {key: service[key] for key in ("name", "begin_s", "end_s", "windows", "longest_s")
+                            if key in service}
+    return lanes
 
 
 # ---------------------------------------------------------------- JUnit
@@ -94,6 +126,12 @@ def summary_markdown(result: RunResult) -> str:
     if windows:
         lines.append(f"| write-unavailability window (longest gap between acknowledged writes, per fault) | "
                      f"{', '.join(f'{w:.2f} s' for w in windows)} |")
+    if m.get("service_moved_s"):
+        lines.append("| fault to every replica answering again on other nodes (service-moved) | "
+                     + ", ".join(f"{t:.1f} s" for t in m["service_moved_s"]) + " |")
+    if m.get("service"):
+        lines.append(f"| longest time no replica of {m['service']['name']} answered | "
+                     f"{m['service']['longest_s']:.2f} s ({len(m['service']['windows'])} window(s)) |")
     if "roll_s" in m:
         lines.append(f"| rolling update, staged to every node updated | {m['roll_s']:.1f} s |")
     if m.get("member_downtime_s"):
@@ -108,6 +146,17 @@ def summary_markdown(result: RunResult) -> str:
             lines.append(f"| {label} | {m[key]} |")
     if m.get("workload_by_status"):
         lines.append(f"| outcomes | {', '.join(f'{k}: {v}' for k, v in m['workload_by_status'].items())} |")
+    lanes = m.get("unavailability") or {}
+    if lanes:
+        lines += ["", f"## Unavailability (nothing answered for more than {WINDOW_MIN_S:g} s)", "",
+                  "| what | probed | windows | longest |", "|---|---|---|---|"]
+        for key, lane in lanes.items():
+            shown = ", ".join(f"{w['start_s']:.2f}-{w['end_s']:.2f} s ({w['duration_s']:.2f} s"
+                              + (", still down at the end" if w["open"] else "") + ")" for w in lane["windows"])
+            lines.append(f"| {LANE_LABELS.get(key, key)} | {lane['begin_s']:.1f}-{lane['end_s']:.1f} s | "
+                         f"{shown or 'none'} | {lane['longest_s']:.2f} s |")
+        lines += ["", "```", *text_timeline(result.faults, lanes, (m.get("service") or {}).get("serving") or {},
+                                            rolls=_rolls(result)), "```"]
     lines += ["", "![timeline](timeline.svg)", "", "## Steps", "", "| # | at | step | result | detail |",
               "|---|---|---|---|---|"]
     for step in result.steps:
@@ -119,19 +168,68 @@ def summary_markdown(result: RunResult) -> str:
         lines += [f"- {c['t']:.2f} s: {c['leader']} (term {c['term']})" for c in result.leader_changes]
     lines += ["", "## Files", "", "- `history.jsonl`: every workload operation (invoke, complete, outcome)",
               "- `junit.xml`: steps, checkers and testinfra checks", "- `nodes/NODE/journal.txt`, "
-              "`nodes/NODE/etcd.log`: each node's journal", "- `result.json`: all of the above as data", ""]
+              "`nodes/NODE/etcd.log`: each node's journal", "- `result.json`: all of the above as data"]
+    if m.get("service"):
+        lines.append("- `service.jsonl`: every request of the service probe (node, sent, done, outcome)")
+    lines.append("")
     return "\n".join(lines)
+
+
+def _rolls(result: RunResult) -> list[tuple[float, float]]:
+    """When each rolling update ran: from its step to the end of the `updated` wait after it."""
+    rolls = []
+    for index, step in enumerate(result.steps):
+        if step.description.startswith("update:"):
+            done = next((s for s in result.steps[index + 1:] if s.description == "wait until updated"), step)
+            rolls.append((step.started, done.started + done.duration))
+    return rolls
+
+
+def text_timeline(faults: list[dict[str, Any]], lanes: dict[str, Any], serving: dict[str, list],
+                  width: int = 72, rolls: list[tuple[float, float]] = ()) -> list[str]:
+    """The run as lines of characters, one column per slice of time, on one axis:
+    faults (the first letter of each, as long as it lasted; R: a rolling
+    update), each lane's unavailability windows (#), and when each node
+    answered the service (=)."""
+    end = max([lane["end_s"] for lane in lanes.values()] + [f.get("end") or f["start"] for f in faults] + [1.0])
+    step = end / width
+
+    def row(label: str, spans: list[tuple[float, float, str]], blank: str) -> str:
+        cells = [blank] * width
+        for start, stop, mark in spans:
+            first, last = int(start / step), int(min(stop, end - 1e-9) / step)
+            for column in range(max(0, first), min(width - 1, last) + 1):
+                cells[column] = mark
+        return f"{label:<12}|{''.join(cells)}|"
+
+    ruler = [" "] * (width + 1)
+    for column in range(0, width, 12):
+        for offset, char in enumerate(f"{column * step:.0f}s"):
+            if column + offset <= width:
+                ruler[column + offset] = char
+    lines = [f"{'':<12} {''.join(ruler)}".rstrip(), f"{'':<12} one column = {step:.2f} s"]
+    lines.append(row("faults", [(f["start"], f.get("end") or end, f["action"][0].upper()) for f in faults]
+                     + [(start, stop, "R") for start, stop in rolls], "."))
+    for key, lane in lanes.items():
+        lines.append(row(LANE_LABELS.get(key, key), [(w["start_s"], w["end_s"], "#") for w in lane["windows"]], "."))
+    for node, periods in sorted(serving.items()):
+        lines.append(row(f"  {node}", [(a, b, "=") for a, b in periods], " "))
+    return lines
 
 
 # ---------------------------------------------------------------- timeline
 
 
 def timeline_svg(ops: list[dict[str, Any]], faults: list[dict[str, Any]], leader_changes: list[dict[str, Any]],
-                 width: int = 900, height: int = 280) -> str:
-    left, right, top, bottom = 50, 20, 30, 40
+                 width: int = 900, height: int = 280, lanes: dict[str, Any] | None = None) -> str:
+    lanes = lanes or {}
+    lane_h = 16
+    height += lane_h * len(lanes)
+    # Lanes below the axis: each one's span in green, its unavailability windows in red.
+    left, right, top, bottom = 50 if not lanes else 80, 20, 30, 40 + lane_h * len(lanes)
     plot_w, plot_h = width - left - right, height - top - bottom
     end = max([op["complete"] or op["invoke"] for op in ops] + [f.get("end") or f["start"] for f in faults]
-              + [c["t"] for c in leader_changes] + [1.0])
+              + [c["t"] for c in leader_changes] + [lane["end_s"] for lane in lanes.values()] + [1.0])
     buckets = int(end / BUCKET_S) + 1
     ok_counts, err_counts = [0] * buckets, [0] * buckets
     for op in ops:
@@ -150,7 +248,8 @@ def timeline_svg(ops: list[dict[str, Any]], faults: list[dict[str, Any]], leader
              f'font-family="sans-serif" font-size="11">',
              f'<rect x="0" y="0" width="{width}" height="{height}" fill="white"/>',
              f'<text x="{left}" y="16" font-size="13">ops/s (green: acknowledged, red: failed or unknown); '
-             f'shaded: faults; blue: leader changes</text>']
+             f'shaded: faults; blue: leader changes'
+             + ('; below: unavailability windows in red' if lanes else '') + '</text>']
     for fault in faults:
         start, stop = fault["start"], fault.get("end") or end
         parts.append(f'<rect x="{x(start):.1f}" y="{top}" width="{max(1.0, x(stop) - x(start)):.1f}" '
@@ -169,6 +268,17 @@ def timeline_svg(ops: list[dict[str, Any]], faults: list[dict[str, Any]], leader
     parts.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="black"/>')
     for i in range(0, int(end) + 1, max(1, int(end / 10) or 1)):
         parts.append(f'<text x="{x(i):.1f}" y="{top + plot_h + 14}" text-anchor="middle">{i}s</text>')
+    for row, (key, lane) in enumerate(lanes.items()):
+        lane_y = top + plot_h + 22 + row * lane_h
+        parts.append(f'<text x="{left - 4}" y="{lane_y + 10}" text-anchor="end">'
+                     f'{escape(LANE_LABELS.get(key, key))}</text>')
+        parts.append(f'<rect x="{x(lane["begin_s"]):.1f}" y="{lane_y}" '
+                     f'width="{max(1.0, x(lane["end_s"]) - x(lane["begin_s"])):.1f}" height="{lane_h - 4}" '
+                     f'fill="#2a9d4b" fill-opacity="0.25"/>')
+        for window in lane["windows"]:
+            parts.append(f'<rect x="{x(window["start_s"]):.1f}" y="{lane_y}" '
+                         f'width="{max(1.0, x(window["end_s"]) - x(window["start_s"])):.1f}" height="{lane_h - 4}" '
+                         f'fill="#d03030"><title>{window["duration_s"]:.2f} s</title></rect>')
     for fraction in (0, 0.5, 1):
         parts.append(f'<text x="{left - 4}" y="{y(peak * fraction) + 4:.1f}" text-anchor="end">'
                      f'{peak * fraction:.0f}</text>')

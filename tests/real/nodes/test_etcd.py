@@ -19,7 +19,7 @@ import pytest
 from lab.cluster.etcd_bootstrap import EtcdBootstrap
 from lab.cluster.remote import BootstrapError
 from lab.core.lab import Lab
-from lab.cluster.etcdclient import EtcdClient, EtcdError
+from lab.cluster.etcdclient import EtcdClient
 from lab.errors import UsageError
 from lab.host.pki import LabPki
 from lab.model.spec import Override
