@@ -16,6 +16,7 @@ writes the report into the run directory.
 from __future__ import annotations
 
 import datetime
+import shlex
 import subprocess
 import sys
 import time
@@ -35,6 +36,9 @@ from lab.scenarios.results import Outcome, RunResult, StepResult, progress_line
 # testinfra checks on every node take seconds; a node that stops answering must not hang the run.
 CHECKS_TIMEOUT = 15 * 60
 # How often unit and run steps look again: the agents report unit states once a second.
+# systemd's catalog ids of a unit's "Stopping" and "Stopped" records
+UNIT_STOPPING = "de5b426a63be47a7b6ac3eaac82e2f6f"
+UNIT_STOPPED = "9d1aaa27d60140bd96365438aad20286"
 POLL_INTERVAL = 0.2
 
 
@@ -218,23 +222,31 @@ class ScenarioRun:
             time.sleep(POLL_INTERVAL)
 
     def _systemd_stop_seconds(self, name: str, machines: list[str]) -> float | None:
-        """How long systemd took to stop the unit on its machine: from leaving active to inactive."""
+        """How long systemd took to stop the unit on its machine: from its "Stopping" to its "Stopped"
+        journal record (the unit's own timestamps are gone once a stopped unit is unloaded)."""
+        import json
+
         from lab.host.ssh import run
 
         endpoints = self.provider.ssh_endpoints()
         if len(machines) != 1 or machines[0] not in endpoints:
             return None
         try:
-            shown = run(endpoints[machines[0]], f"systemctl show {name} -p ActiveExitTimestampMonotonic "
-                                                "-p InactiveEnterTimestampMonotonic", timeout=15).stdout
+            shown = run(endpoints[machines[0]], f"journalctl --boot -u {shlex.quote(name)} -n 400 -o json "
+                                                "--output-fields=MESSAGE_ID --no-pager", timeout=15).stdout
         except LabError:
             return None
-        fields = dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
-        try:
-            exited, inactive = int(fields["ActiveExitTimestampMonotonic"]), int(fields["InactiveEnterTimestampMonotonic"])
-        except (KeyError, ValueError):
-            return None
-        return round((inactive - exited) / 1e6, 2) if exited and inactive >= exited else None
+        stopping = stopped = None
+        for line in shown.splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("MESSAGE_ID") == UNIT_STOPPING:
+                stopping, stopped = int(entry["__REALTIME_TIMESTAMP"]), None
+            elif entry.get("MESSAGE_ID") == UNIT_STOPPED and stopping is not None:
+                stopped = int(entry["__REALTIME_TIMESTAMP"])
+        return round((stopped - stopping) / 1e6, 2) if stopping and stopped else None
 
     def node_targets(self, target: str) -> list[str]:
         """The nodes a step's target stands for now: the fault injector's targets, or node-of:UNIT,
