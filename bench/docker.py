@@ -7,8 +7,8 @@ Needs root, the built node image and the seeded lab registry (`lab up` seeds it
 once per machine). Prints figures, asserts nothing; every lab is destroyed.
 
   * `lab up --nodes 3`: the time of each up step; the baseline in the same run
-    is the same `lab up` without the two steps Docker added (lab services,
-    docker), the ratio is total / baseline;
+    is the same `lab up` without the step Docker added (containers: the lab
+    registry and DNS, each node's daemon.json), the ratio is total / baseline;
   * the seed's first `docker run ubuntu /bin/echo hello world` on a fresh node
     (Docker socket-activated, the image pulled through the lab registry), and
     the same split into daemon start, pull and run on another fresh node;
@@ -36,7 +36,7 @@ from lab.core.up import UpRun, up_steps  # noqa: E402
 from lab.host import ssh  # noqa: E402
 from lab.providers.nspawn import cgroups  # noqa: E402
 
-DOCKER_STEPS = ("lab services", "docker")
+DOCKER_STEPS = ("containers",)  # the lab registry and DNS, and every node's daemon.json
 
 
 def make_lab(directory: Path, nodes: int) -> tuple[Lab, dict[str, float]]:

@@ -24,7 +24,7 @@ from lab.node.layout import BOOT_SLOTS
 from lab.providers import Selection, select
 from lab.providers.base import LabContext, NodeState, NodeStatus, Progress, Provider, no_progress
 from lab.model.spec import LabSpec, LoadedSpec, Override, ResolvedNode, load_spec
-from lab.core.services import stop_services
+from lab.core.services import prepare_containers, stop_services
 from lab.core.state import LabState, lab_lock
 
 LABS_DIR = ".lab"
@@ -167,6 +167,7 @@ class Lab:
         try:
             provider.up(progress)
             self.write_ssh_config(provider)
+            prepare_containers(provider, progress)
             endpoints = provider.ssh_endpoints()
             EtcdBootstrap(provider.context, endpoints).join(new, progress)
             from lab.cluster.agents import SchedulerBootstrap
@@ -200,6 +201,7 @@ class Lab:
         provider = self.provider()
         EtcdBootstrap(context, provider.ssh_endpoints()).leave(node, progress)
         self._forget_node(provider, node, progress)
+        prepare_containers(self.provider(), progress)  # the lab DNS forgets the node's name
 
     def status(self) -> list[NodeStatus]:
         if self.state is None:

@@ -18,7 +18,7 @@ from lab.errors import LabError
 from lab.host import daemons, dns
 from lab.host.registry import REGISTRY_PORT
 from lab.host.files import write_atomic
-from lab.providers.base import LabContext, Progress, no_progress
+from lab.providers.base import LabContext, Progress, Provider, no_progress
 
 if TYPE_CHECKING:
     from lab.core.state import LabState
@@ -41,6 +41,18 @@ def endpoints(state: "LabState") -> dict[str, str]:
     address = host_address(state["subnet"])
     ports = {"registry": REGISTRY_PORT, "dns": dns.DNS_PORT}
     return {name: f"{address}:{port}" for name, port in ports.items() if running(state, name)}
+
+
+def prepare_containers(provider: Provider, progress: Progress = no_progress) -> None:
+    """The lab's services (on providers that have them), then every node's Docker settings pointing at them.
+    Re-run after a node is added or removed: the DNS learns the names, the new node its settings."""
+    from lab.cluster.docker import DockerSetup
+
+    state = provider.context.state
+    if wanted(provider.name):
+        start_services(provider.context, progress)
+    DockerSetup(provider.context, provider.ssh_endpoints(),
+                registry=running(state, "registry"), dns=running(state, "dns")).run(progress)
 
 
 def start_services(context: LabContext, progress: Progress = no_progress) -> None:

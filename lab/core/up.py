@@ -114,20 +114,10 @@ def ssh_config(run: UpRun) -> None:
     run.lab.write_ssh_config(run.provider)
 
 
-def lab_services(run: UpRun) -> None:
-    from lab.core.services import start_services, wanted
+def containers(run: UpRun) -> None:
+    from lab.core.services import prepare_containers
 
-    if wanted(run.selection.name):
-        start_services(run.provider.context, run.progress)
-
-
-def docker(run: UpRun) -> None:
-    from lab.cluster.docker import DockerSetup
-    from lab.core.services import running
-
-    state = run.lab.state
-    DockerSetup(run.provider.context, run.provider.ssh_endpoints(),
-                registry=running(state, "registry"), dns=running(state, "dns")).run(run.progress)
+    prepare_containers(run.provider, run.progress)
 
 
 def etcd(run: UpRun) -> None:
@@ -155,8 +145,7 @@ def up_steps(bootstrap: bool = True) -> list[Step]:
         Step("ssh config", ssh_config),
     ]
     if bootstrap:
-        steps += [Step("lab services", lab_services), Step("docker", docker),
-                  Step("etcd", etcd), Step("scheduler", scheduler)]
+        steps += [Step("containers", containers), Step("etcd", etcd), Step("scheduler", scheduler)]
     return steps
 
 
