@@ -203,8 +203,14 @@ def test_a_unit_start_waits_until_the_scheduler_reports_it_active(engine, tmp_pa
 def test_a_unit_stop_counts_failed_as_stopped_and_reports_systemds_stop_time(engine, monkeypatch):
     # `docker run` exits 143 when its container ends on SIGTERM: systemd calls the unit failed.
     engine.etcd.data.update(scheduled("hello.service", "node-1", active="failed"))
-    fake_ssh(monkeypatch, lambda node, command: (
-        0, "ActiveExitTimestampMonotonic=10000000\nInactiveEnterTimestampMonotonic=10420000\n"))
+    # Its journal: an earlier stop, then the one measured (the "Stopping" and "Stopped" records).
+    journal = [{"MESSAGE_ID": "de5b426a63be47a7b6ac3eaac82e2f6f", "__REALTIME_TIMESTAMP": "1000000"},
+               {"MESSAGE_ID": "9d1aaa27d60140bd96365438aad20286", "__REALTIME_TIMESTAMP": "1100000"},
+               {"MESSAGE": "Hello World", "__REALTIME_TIMESTAMP": "5000000"},
+               {"MESSAGE_ID": "de5b426a63be47a7b6ac3eaac82e2f6f", "__REALTIME_TIMESTAMP": "10000000"},
+               {"MESSAGE_ID": "7ad2d189f7e94e70a38c781354912448", "__REALTIME_TIMESTAMP": "10300000"},
+               {"MESSAGE_ID": "9d1aaa27d60140bd96365438aad20286", "__REALTIME_TIMESTAMP": "10420000"}]
+    fake_ssh(monkeypatch, lambda node, command: (0, "\n".join(json.dumps(e) for e in journal) + "\n"))
     ok, detail, measured = engine._unit(UnitStep(stop="hello.service", within=5))
     assert ok, detail
     assert json.loads(engine.etcd.data[f"{layout.UNITS}hello.service"])["desired"] == "loaded"
