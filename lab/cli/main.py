@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from lab.cli import box, fault, image, node, scenario, spec, unit, update
+from lab.cli import box, fault, image, node, scenario, snapshot, spec, unit, update
 from lab.cli import lab as lab_verbs
 from lab.cli.output import err, print_error
 from lab.errors import LabError
@@ -77,7 +77,8 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_show_vers
 for verbs in (lab_verbs.verbs, unit.verbs, scenario.verbs):
     app.add_typer(verbs)
 for name, group in (("box", box.app), ("fault", fault.app), ("image", image.app), ("scenario", scenario.app),
-                    ("spec", spec.app), ("node", node.app), ("unit", unit.app), ("update", update.app)):
+                    ("snapshot", snapshot.app), ("spec", spec.app), ("node", node.app), ("unit", unit.app),
+                    ("update", update.app)):
     app.add_typer(group, name=name)
 
 

@@ -173,6 +173,22 @@ def _service(res: dict[str, Any], lab_dir: Path, lab_id: str) -> str | None:
     return None
 
 
+SNAPSHOTS_DIR = "snapshots"  # lab.core.snapshots: each snapshot is a directory of LAB_DIR/snapshots/
+
+
+def _snapshot(res: dict[str, Any], lab_dir: Path, lab_id: str) -> str | None:
+    name = res.get("id")
+    if not (isinstance(name, str) and NAME.fullmatch(name)):
+        return f"snapshot name {name!r} is not a snapshot name"
+    directory = res.get("dir")
+    if not (isinstance(directory, str) and inside(directory, lab_dir)
+            and os.path.realpath(directory) == os.path.realpath(lab_dir / SNAPSHOTS_DIR / name)):
+        return f"dir {directory!r} is not {lab_dir / SNAPSHOTS_DIR / name}"
+    if "created_at" in res and not isinstance(res["created_at"], str):
+        return f"created_at {res['created_at']!r} is not a time"
+    return None
+
+
 def _cgroup(res: dict[str, Any], lab_dir: Path, lab_id: str) -> str | None:
     value = res.get("id")
     if not isinstance(value, str) or os.path.normpath(value) != value or not value.startswith("/sys/fs/cgroup/") \
@@ -245,6 +261,7 @@ RESOURCE_RULES: dict[str, ResourceRule] = {
     "mount": _path_inside_lab("id"),
     "cgroup": _cgroup,
     "service": _service,
+    "snapshot": _snapshot,
     "bridge": _named("lab-{id}"),
     "nftables": _named("lab_{id}"),
     "libvirt-network": _libvirt_network,

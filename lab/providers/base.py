@@ -55,6 +55,27 @@ class Availability:
     reason: str  # why not, or what was found
 
 
+@dataclass(frozen=True)
+class NodeSnapshot:
+    """What a snapshot holds of one node besides its files: the slot it boots and the image each slot names."""
+
+    node: str
+    boot_slot: str
+    slots: dict[str, str]  # slot ("a", "b") -> the image root filesystem its link named
+
+    def to_json(self) -> dict:
+        return {"node": self.node, "boot_slot": self.boot_slot, "slots": dict(self.slots)}
+
+
+@dataclass(frozen=True)
+class SnapshotTaken:
+    """What `Provider.snapshot` copied, and for how long the nodes stood still."""
+
+    nodes: list[NodeSnapshot]
+    frozen_s: float  # from the first node frozen to the last thawed
+    running: list[str]  # the nodes that ran (and were frozen); the others were stopped
+
+
 @dataclass
 class LabContext:
     """What a provider is given about the lab it serves."""
@@ -166,3 +187,23 @@ class Provider(ABC):
     @abstractmethod
     def heal(self) -> None:
         """Undo every partition."""
+
+    # Snapshots: the whole lab at one moment. Not abstract: a provider that cannot take them says why.
+
+    def snapshot(self, directory: Path, progress: Progress = no_progress) -> SnapshotTaken:
+        """Copy every node's writable state into `directory` (which does not exist yet) at one moment:
+        all nodes stand still together while it is copied, so etcd's members agree on that moment."""
+        raise self.snapshot_refusal()
+
+    def restore(self, directory: Path, nodes: list[NodeSnapshot], progress: Progress = no_progress) -> None:
+        """Put every node back to what `snapshot` copied into `directory`, and start every node;
+        return when all answer SSH. Nothing is changed if the copy cannot be staged."""
+        raise self.snapshot_refusal()
+
+    def prepare_restore(self, directory: Path, progress: Progress = no_progress) -> None:
+        """Make the next restore of this snapshot fast (after a save, and after a restore once the cluster is
+        back), and remove what the last restore put aside. Nothing to do by default."""
+
+    def snapshot_refusal(self) -> UsageError:
+        return UsageError(f"the {self.name} provider cannot take lab snapshots",
+                          hint="lab snapshots are for nspawn labs (--provider nspawn)")

@@ -45,7 +45,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar, TypeVar
 
-from lab.errors import CommandError, PrerequisiteError, ProviderError
+from lab.errors import CommandError, PrerequisiteError, ProviderError, UsageError
 from lab.host.network import node_addresses
 from lab.host.ssh import run as ssh_run
 from lab.host.ssh import run_many, wait_for_ssh
@@ -324,6 +324,22 @@ class VagrantProvider(Provider):
 
     def _cleanup_host(self, progress: Progress) -> None:
         """Remove what Vagrant leaves on the host after destroying every machine."""
+
+    def snapshot_refusal(self) -> UsageError:
+        if self.vagrant_provider == "libvirt":
+            # What a libvirt lab would need, none of which lab has yet.
+            missing = ("suspending every domain before the first is saved (virsh suspend on all, then "
+                       "`virsh snapshot-create-as` of disks and memory per domain, then resume), a recorded "
+                       "snapshot kind in state.json that destroy removes (libvirt refuses to undefine a domain "
+                       "that has snapshots), and a revert of every domain before any is resumed; memory "
+                       "snapshots of QEMU without KVM also take far longer than seconds")
+            return UsageError(f"snapshots are for nspawn labs; on libvirt lab lacks {missing}",
+                              hint="run snapshot-based tests on an nspawn lab (--provider nspawn)")
+        return UsageError("snapshots are for nspawn labs; Vagrant snapshots one VM at a time: `vagrant snapshot "
+                          "save` saves one machine after another while the others run on, so etcd's members "
+                          "would be saved at different moments and a restore could bring back a cluster that "
+                          "never existed",
+                          hint="run snapshot-based tests on an nspawn lab (--provider nspawn)")
 
     def stage_update(self, node: str, rootfs: Path) -> str:
         raise ProviderError("A/B OS updates are implemented for nspawn nodes only so far",
