@@ -57,12 +57,14 @@ def scenario_new(scenario: Annotated[str, typer.Argument(help="Name of the new s
 
 
 def _run(sequence: str, names: list[str], file: Path, name, nodes, provider, sets, destroy_policy: str,
-         junit: Path | None, as_json: bool) -> None:
+         junit: Path | None, as_json: bool, from_snapshot: bool = False, shuffle: bool = False,
+         seed: int | None = None) -> None:
     """Run a lifecycle sequence, show each scenario's result; exit non-zero on any failure."""
     from lab.core.lifecycle import run_scenarios
     from lab.scenarios.report import result_json
 
-    runs = run_scenarios(sequence, names, file, flags(name, nodes, provider, sets), destroy_policy, junit, progress)
+    runs = run_scenarios(sequence, names, file, flags(name, nodes, provider, sets), destroy_policy, junit, progress,
+                         from_snapshot=from_snapshot, shuffle=shuffle, seed=seed)
     if as_json:
         print_json([result_json(r) for r in runs.results])  # alone on stdout: one JSON document
     else:
@@ -76,6 +78,8 @@ def _print_measurements(result) -> None:
     parts = []
     if m.get("time_to_new_leader_s"):
         parts.append("new leader after " + ", ".join(f"{t:.2f} s" for t in m["time_to_new_leader_s"]))
+    if m.get("no_new_leader_after_s"):
+        parts.append("no new leader after " + ", ".join(f"{t:.2f} s" for t in m["no_new_leader_after_s"]))
     windows = [w for w in m.get("write_unavailability_s") or [] if w is not None]
     if windows:
         parts.append("writes unavailable for " + ", ".join(f"{w:.2f} s" for w in windows))
@@ -118,6 +122,15 @@ def test_(scenarios: Annotated[Optional[list[str]], typer.Argument(help="Scenari
           provider: ProviderOpt = None, sets: SetOpt = None,
           destroy_policy: Annotated[str, typer.Option("--destroy", help="always, never or passing.")] = "always",
           junit: Annotated[Optional[Path], typer.Option(help="Write JUnit XML here (one file per scenario).")] = None,
-          as_json: JsonOpt = False) -> None:
+          as_json: JsonOpt = False,
+          from_snapshot: Annotated[bool, typer.Option(
+              "--from-snapshot", help="Snapshot the lab once bootstrapped and restore it before each scenario "
+                                      "(nspawn: seconds each, instead of a new lab).")] = False,
+          shuffle: Annotated[bool, typer.Option("--shuffle", help="Run the scenarios in a random order "
+                                                                  "(the seed is printed).")] = False,
+          seed: Annotated[Optional[int], typer.Option("--seed", min=0, max=2 ** 32 - 1,
+                                                      help="The order of --shuffle: run a printed order "
+                                                           "again (implies --shuffle).")] = None) -> None:
     """Create a lab, run scenarios on it, destroy it (as Molecule's test does)."""
-    _run("test", scenarios or [], file, name, nodes, provider, sets, destroy_policy, junit, as_json)
+    _run("test", scenarios or [], file, name, nodes, provider, sets, destroy_policy, junit, as_json,
+         from_snapshot=from_snapshot, shuffle=shuffle, seed=seed)

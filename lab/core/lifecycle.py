@@ -16,6 +16,7 @@ A sequence is data, as Molecule's are: a list of named phases that
 
 from __future__ import annotations
 
+import random
 import shutil
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
@@ -132,6 +133,7 @@ class ScenarioRuns:
     created_here: bool = False
     results: list[Any] = field(default_factory=list)  # RunResult of each scenario run so far
     held: ExitStack = field(default_factory=ExitStack)  # the lab's lock, from `load` to the end
+    from_snapshot: bool = False  # `lab test --from-snapshot`: each scenario starts from the post-bootstrap snapshot
 
     @property
     def passed(self) -> bool:
@@ -170,20 +172,43 @@ def _load(runs: ScenarioRuns) -> None:
     project = runs.file.parent if str(runs.file.parent) else Path.cwd()
     chosen = [find(n, project) for n in runs.names]
     runs.scenarios = [(found, found.load()) for found in chosen]
-    lab = _scenario_lab(*runs.scenarios[0], runs.file, runs.flags)
+    lab = _scenario_lab(runs.scenarios, runs.file, runs.flags)
     runs.held.enter_context(lab.lock(f"scenario run {' '.join(runs.names)}"))
     runs.lab, runs.created_here = lab, not lab.created  # as the state read under the lock says
 
 
-def _scenario_lab(found, spec, file: Path, flags: Flags) -> Lab:
-    """The lab a scenario runs on: flags win over the scenario's own lab: overrides."""
-    flags = replace(flags, nodes=flags.nodes or spec.nodes)
+def _scenario_lab(scenarios: list[tuple[Any, Any]], file: Path, flags: Flags) -> Lab:
+    """The lab the scenarios run on: for a lab they create, every scenario's `lab:` overrides
+    together (in any order the same lab; two scenarios asking for different values of one
+    setting are refused), the most nodes any asks for; flags win over both."""
+    counts = [spec.nodes for _, spec in scenarios if spec.nodes]
+    flags = replace(flags, nodes=flags.nodes or (max(counts) if counts else None))
     lab = flags.open(file)
-    if spec.lab and not lab.created:
-        scenario_overrides = [Override(tuple(path), value, f"{found.path}/scenario.yaml lab:")
-                              for path, value in _flatten(spec.lab)]
-        lab = Lab.open(file, scenario_overrides + flags.overrides())
-    return lab
+    if lab.created or not any(spec.lab for _, spec in scenarios):
+        return lab
+    merged: dict[tuple, tuple[Any, str]] = {}
+    for found, spec in scenarios:
+        label = f"{found.path}/scenario.yaml lab:"
+        for path, value in _flatten(spec.lab):
+            if path in merged and merged[path][0] != value:
+                raise UsageError(f"scenarios disagree on the lab they need: {merged[path][1]} sets "
+                                 f"{'.'.join(path)}: {merged[path][0]!r}, {label} sets {value!r}",
+                                 hint="run them in separate `lab test` commands")
+            merged.setdefault(path, (value, label))
+    scenario_overrides = [Override(path, value, label) for path, (value, label) in merged.items()]
+    return Lab.open(file, scenario_overrides + flags.overrides())
+
+
+def unmet_settings(spec: LabSpec, wanted: dict) -> list[str]:
+    """The settings of a scenario's `lab:` that the lab's spec does not have, each as `path: wanted (has)`."""
+    unmet = []
+    for path, value in _flatten(wanted):
+        current: Any = spec
+        for key in path:
+            current = getattr(current, key, None)
+        if current != value:
+            unmet.append(f"{'.'.join(path)}: {value!r} (the lab has {current!r})")
+    return unmet
 
 
 def _flatten(data: dict, prefix: tuple = ()) -> list[tuple[tuple, Any]]:
@@ -203,13 +228,30 @@ def _create(runs: ScenarioRuns) -> None:
         runs.lab.up(runs.progress)
 
 
+# `lab test --from-snapshot` saves the lab it created under this name (kept with --destroy never).
+BASE_SNAPSHOT = "lab-test-base"
+
+
 def _verify(runs: ScenarioRuns) -> None:
-    """Run each scenario; its report goes to .lab/runs/, its JUnit XML also where --junit says."""
+    """Run each scenario; its report goes to .lab/runs/, its JUnit XML also where --junit says.
+    With --from-snapshot, the freshly bootstrapped lab is saved first and restored before each scenario."""
+    from lab.core import snapshots
     from lab.scenarios.engine import ScenarioRun
 
+    if runs.from_snapshot:
+        snapshots.save(runs.lab, BASE_SNAPSHOT, force=True, progress=runs.progress)
     for found, spec in runs.scenarios:
+        if runs.from_snapshot:
+            # Before the first scenario too: every one starts on nodes just booted from the same moment.
+            snapshots.restore(runs.lab, BASE_SNAPSHOT, runs.progress)
         runs.progress(f"scenario {found.name}: {found.description}")
-        result = ScenarioRun(runs.lab, found, spec, runs.progress).run()
+        unmet = unmet_settings(runs.lab.spec, spec.lab)
+        if unmet:
+            # Its lab: settings apply to a lab it creates; on this one its verdicts may not hold.
+            runs.progress(f"warning: scenario {found.name} asks for {'; '.join(unmet)}; its `lab:` settings apply "
+                          "only to a lab it creates (apply them with --set, or run it with `lab test`)")
+        earlier = [r.measurements for r in runs.results if r.scenario == found.name]  # for its slo:
+        result = ScenarioRun(runs.lab, found, spec, runs.progress, earlier=earlier).run()
         runs.results.append(result)
         runs.progress(f"report: {result.run_dir / 'summary.md'}")
         if runs.junit is not None:
@@ -258,11 +300,23 @@ def run_sequence(phases: list[Phase], runs: ScenarioRuns) -> None:
         raise failure
 
 
-def run_scenarios(sequence: str, names: list[str], file: Path, flags: Flags, destroy_policy: str,
-                  junit: Path | None, progress: Progress) -> ScenarioRuns:
-    """Run SEQUENCES[sequence] over the named scenarios (no names: every built-in one).
+def shuffled(names: list[str], seed: int | None) -> tuple[list[str], int]:
+    """The names in a random order, and the seed that gives it (a new one when None)."""
+    if seed is None:
+        seed = random.SystemRandom().randrange(2 ** 32)
+    order = list(names)
+    random.Random(seed).shuffle(order)
+    return order, seed
 
-    Returns what ran; `raise_for_failures()` on it turns failed scenarios into an error.
+
+def run_scenarios(sequence: str, names: list[str], file: Path, flags: Flags, destroy_policy: str,
+                  junit: Path | None, progress: Progress, from_snapshot: bool = False,
+                  shuffle: bool = False, seed: int | None = None) -> ScenarioRuns:
+    """Run SEQUENCES[sequence] over the named scenarios (no names: every built-in one); with from_snapshot
+    (`lab test` only), each scenario starts from a snapshot of the lab taken right after it was created.
+
+    `shuffle` runs them in a random order (from `seed`, printed so that a failing order can be run
+    again). Returns what ran; `raise_for_failures()` on it turns failed scenarios into an error.
     """
     if destroy_policy not in DESTROY_POLICIES:
         raise UsageError(f"--destroy {destroy_policy!r}: must be always, never or passing")
@@ -275,6 +329,13 @@ def run_scenarios(sequence: str, names: list[str], file: Path, flags: Flags, des
         from lab.scenarios.model import discover
 
         names = [s.name for s in discover(Path.cwd()) if s.source == "built-in"]
-    runs = ScenarioRuns(names, file, flags, destroy_policy, junit, progress)
+    if shuffle or seed is not None:
+        names, seed = shuffled(names, seed)
+        progress(f"scenarios in a shuffled order (--seed {seed}): {', '.join(names)}")
+    if from_snapshot and "check" not in SEQUENCES[sequence]:
+        raise UsageError("--from-snapshot is for `lab test`, which creates the lab it snapshots",
+                         hint="on a running lab: `lab snapshot save NAME`, then `lab snapshot restore NAME` "
+                              "before each `lab scenario run`")
+    runs = ScenarioRuns(names, file, flags, destroy_policy, junit, progress, from_snapshot=from_snapshot)
     run_sequence([PHASES[name] for name in SEQUENCES[sequence]], runs)
     return runs

@@ -26,7 +26,8 @@ from typing import Any, Callable
 
 from lab.errors import LabError
 from lab.scenarios.conditions import Conditions
-from lab.scenarios.expectations import check_expectations, verify_history
+from lab.scenarios.expectations import (check_expectations, choose_version, read_node_states, starting_state,
+                                        verify_history)
 from lab.scenarios.faults import FaultInjector
 from lab.scenarios.model import (NODE_OF, Fault, Probe, RunStep, Scenario, ScenarioSpec, ServiceStart, Step,
                                   UnitStep, UpdateStep)
@@ -44,7 +45,7 @@ POLL_INTERVAL = 0.2
 
 class ScenarioRun:
     def __init__(self, lab, scenario: Scenario, spec: ScenarioSpec, progress: Callable[[str], None],
-                 run_dir: Path | None = None) -> None:
+                 run_dir: Path | None = None, earlier: list[dict[str, Any]] | None = None) -> None:
         from lab.cluster.etcd_bootstrap import client_for, members
 
         self.lab = lab
@@ -66,8 +67,12 @@ class ScenarioRun:
         self.measurements: dict[str, Any] = {}
         self.conditions = Conditions(lab, self.members, self.monitor, self.faults, self.client_factory, self.clock,
                                      self.measurements)
-        self.invariants = InvariantSampler(self.members, self.monitor, self.client_factory, self.clock)
+        self.invariants = InvariantSampler(self.members, self.monitor, self.client_factory, self.clock,
+                                           down_after=lab.spec.etcd.election_timeout_ms / 1000)
         self.workload = None
+        # The measurements of earlier runs of this scenario in one `lab test`: its `slo:` judges them all.
+        self.earlier = earlier or []
+        self.start_state: dict[str, dict[str, str]] = {}  # node -> version, boot.json: what the run found
         self.steps: list[StepResult] = []
         self.boot_ids_start = {status.name: status.boot_id for status in self.provider.status()}
         # One handler per step kind (model.STEP_KINDS), given that kind's field of the step.
@@ -86,13 +91,16 @@ class ScenarioRun:
         self.monitor.start()
         try:
             self.conditions.wait_leader(timeout=30)
+            if self.spec.expect.final_version is not None or self.spec.expect.rolled_back is not None or any(
+                    step.update for step in self.spec.steps):
+                self.start_state = starting_state(self)
             self.invariants.start()
             for index, step in enumerate(self.spec.steps):
                 result = self._run_step(index, step)
                 self.steps.append(result)
                 self.progress(progress_line(result.started, result.ok, result.description)
                               + (f": {result.detail}" if result.detail else ""))
-                if not result.ok and step.kind in ("fault", "wait_until"):
+                if not result.ok and step.kind in ("fault", "wait_until", "update"):
                     # Later steps depend on this one; skip to restore and collect.
                     break
         finally:
@@ -331,11 +339,24 @@ class ScenarioRun:
         from lab.cluster.update import start_roll
 
         messages: list[str] = []
-        start_roll(self.lab, update.to, messages.append)
-        self.conditions.roll_started(update.to)
-        return True, f"{len(messages)} nodes staged", {}
+        running = {node: state["version"] for node, state in read_node_states(self).items()}
+        version = choose_version(update.to, running)
+        start_roll(self.lab, version, messages.append)
+        self.conditions.roll_started(version)
+        found = ", ".join(sorted(set(running.values()))) or "?"
+        return True, f"{len(messages)} nodes staged {version} (they ran {found})", {"to": version,
+                                                                                   "from": running}
+
+    def _no_leader(self, target: str) -> str | None:
+        """Why a step aimed at the leader cannot go on (no leader within the liveness bound), else None."""
+        if target not in ("leader", "followers") or self.conditions.await_leader() is not None:
+            return None
+        return f"no leader to target: none within the {self.conditions.liveness().describe()}"
 
     def _fault(self, fault: Fault) -> Outcome:
+        problem = self._no_leader(fault.target)
+        if problem:
+            return False, problem, {}
         if not fault.target.startswith(NODE_OF):
             return True, self.faults.inject(fault.action, fault.target), {}
         nodes = self.node_targets(fault.target)
@@ -345,6 +366,9 @@ class ScenarioRun:
     def _probe(self, probe: Probe) -> Outcome:
         from lab.cluster.etcdclient import EtcdClient, EtcdError
 
+        problem = self._no_leader(probe.write_via)
+        if problem:
+            return False, problem, {}
         node = self.faults.targets(probe.write_via)[0]
         member = next(m for m in self.members if m.node == node)
         shared = self.client_factory(probe.timeout)

@@ -8,13 +8,60 @@ run and from the nodes' state at the end.
 
 Both take the `ScenarioRun` (lab.scenarios.engine) and add their results to
 it with `run.conclude`: what they read of it is its public state.
+
+Expectations are relative to the state the run found (`starting_state`,
+read before the first step): `final_version: previous` is the version each
+node ran then, `rolled_back` counts the nodes that rolled back during this
+run, so the built-ins pass in any order on one lab. Beside them: no leader
+elected from a stale log (from the leader monitor's committed indexes) and
+the scenario's latency objective (`slo:`), judged over all its samples.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from lab.errors import LabError
+from lab.scenarios.monitor import stale_leaders
+
+# What a node reports: its OS version, then its boot.json (the slot, and a rollback's mark).
+NODE_STATE_COMMAND = ". /usr/lib/os-release; echo $VERSION_ID; cat /etc/lab/boot.json 2>/dev/null || true"
+
+
+def read_node_states(run) -> dict[str, dict[str, str]]:
+    """Each node's OS version and boot.json text, over SSH (a node that does not answer: version "?")."""
+    from lab.host.ssh import run_many
+
+    outputs = run_many(list(run.provider.ssh_endpoints().values()), NODE_STATE_COMMAND)
+    states = {}
+    for result in outputs:
+        lines = result.stdout.splitlines() if result.ok else []
+        states[result.node] = {"version": (lines or ["?"])[0].strip() or "?", "boot": "\n".join(lines[1:]).strip()}
+    return states
+
+
+def starting_state(run) -> dict[str, dict[str, str]]:
+    """What the run found, for expectations relative to it; empty when the nodes cannot be read."""
+    try:
+        return read_node_states(run)
+    except LabError as exc:
+        run.progress(f"could not read the nodes' versions before the steps: {exc.message}")
+        return {}
+
+
+def choose_version(candidates: list[str], versions: dict[str, str]) -> str:
+    """The first candidate version not every node runs already (the last one if every node runs each)."""
+    for version in candidates:
+        if not versions or any(v != version for v in versions.values()):
+            return version
+    return candidates[-1]
+
+
+def percentile(samples: list[float], fraction: float) -> float:
+    """Nearest-rank percentile: the smallest sample at or above `fraction` of them (inf counts as a sample)."""
+    ordered = sorted(samples)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
 
 
 def availability(ops, faults: list[dict[str, Any]]) -> dict[str, Any]:
@@ -87,13 +134,50 @@ def check_expectations(run) -> None:
     sampled = run.invariants
     run.measurements["max_members_down"] = sampled.max_down
     run.measurements["member_downtime_s"] = {node: round(t, 2) for node, t in sorted(sampled.downtime.items())}
-    results = _sampled(run) + _end_state(run)
+    results = _sampled(run) + _end_state(run) + _leaders(run)
     if expect.units_running or expect.units_moved:
         results += _units(run)
     if expect.service_max_unavailable_s is not None:
         results.append(service_expectation(run, expect.service_max_unavailable_s))
+    if run.spec.slo is not None:
+        results += slo_results(run.spec.slo, run.measurements, run.earlier)
     for description, ok, detail in results:
         run.conclude(description, ok, run.clock(), detail, duration=0.0)
+
+
+def _leaders(run) -> list[tuple[str, bool, str]]:
+    """No leader elected from a stale log, judged from the monitor's committed indexes."""
+    if not run.spec.expect.no_stale_leader or not any(f.get("leader") for f in run.faults.records):
+        return []
+    stale = stale_leaders(run.faults.records, run.monitor.changes, run.monitor.committed_before)
+    judged = sum(1 for f in run.faults.records if f.get("leader"))
+    return [("no leader elected from a stale log", not stale,
+             "; ".join(stale) if stale else f"every new leader's committed index passed what was committed "
+                                            f"before its fault ({judged} fault(s) with a leader)")]
+
+
+def slo_results(slo, measurements: dict[str, Any], earlier: list[dict[str, Any]]) -> list[tuple[str, bool, str]]:
+    """The latency objective over every new-leader wait of this run and of `earlier` runs' measurements
+    (the same scenario, earlier in one `lab test`). A wait that saw no leader counts as infinitely slow."""
+    samples: list[float] = []
+    for measured in [*earlier, measurements]:
+        samples += [t for t in measured.get("time_to_new_leader_s") or [] if t is not None]
+        samples += [math.inf] * len(measured.get("no_new_leader_after_s") or [])
+    results = []
+    for name, fraction, limit in (("p99", 0.99, slo.new_leader_p99), ("p50", 0.5, slo.new_leader_p50)):
+        if limit is None:
+            continue
+        description = f"SLO: time to new leader {name} <= {limit:g} s"
+        runs = f"{len(earlier) + 1} run(s)"
+        if len(samples) < max(1, slo.min_samples):
+            results.append((description, False, f"{len(samples)} sample(s) over {runs}, fewer than min_samples "
+                                                f"{slo.min_samples}: not measurable"))
+            continue
+        value = percentile(samples, fraction)
+        shown = ", ".join(f"{t:.2f}" for t in sorted(samples)[-5:])
+        results.append((description, value <= limit,
+                        f"{name} {value:.2f} s over {len(samples)} sample(s) from {runs} (slowest: {shown} s)"))
+    return results
 
 
 def _sampled(run) -> list[tuple[str, bool, str]]:
@@ -126,20 +210,39 @@ def _end_state(run) -> list[tuple[str, bool, str]]:
         results.append((f"{expect.rebooted} node(s) rebooted (boot id changed)", len(changed) == wanted,
                         f"rebooted: {', '.join(changed) or 'none'}"))
     if expect.final_version is not None or expect.rolled_back is not None:
-        from lab.host.ssh import run_many
-
-        outputs = run_many(list(run.provider.ssh_endpoints().values()),
-                           ". /usr/lib/os-release; echo $VERSION_ID; cat /etc/lab/boot.json 2>/dev/null || true")
-        versions = {r.node: (r.stdout.splitlines() or ["?"])[0] for r in outputs}
-        rolled = [r.node for r in outputs if "rolled_back_from" in r.stdout]
+        now = read_node_states(run)
+        before = run.start_state
+        versions = {node: state["version"] for node, state in now.items()}
         if expect.final_version is not None:
-            ok = all(v == expect.final_version for v in versions.values())
-            results.append((f"every node runs OS version {expect.final_version}", ok,
-                            ", ".join(f"{n}: {v}" for n, v in sorted(versions.items()))))
+            results.append(_final_version(expect.final_version, versions, before,
+                                          run.conditions.update_target))
         if expect.rolled_back is not None:
-            results.append((f"{expect.rolled_back} node(s) rolled back", len(rolled) == expect.rolled_back,
-                            f"rolled back: {', '.join(rolled) or 'none'}"))
+            # During this run: boot.json now marks a rollback and is not what it was before the steps
+            # (a node rolled back by an earlier run keeps its mark).
+            rolled = sorted(node for node, state in now.items() if "rolled_back_from" in state["boot"]
+                            and state["boot"] != before.get(node, {}).get("boot"))
+            results.append((f"{expect.rolled_back} node(s) rolled back during this run",
+                            len(rolled) == expect.rolled_back, f"rolled back: {', '.join(rolled) or 'none'}"))
     return results
+
+
+def _final_version(wanted: str, versions: dict[str, str], before: dict[str, dict[str, str]],
+                   target: str | None) -> tuple[str, bool, str]:
+    """final_version: a version, `previous` (each node's version before the steps) or `target`."""
+    found = ", ".join(f"{n}: {v}" for n, v in sorted(versions.items()))
+    if wanted == "previous":
+        if not before:
+            return "every node runs the OS version it ran before", False, f"{found} (the versions before the " \
+                                                                          f"steps could not be read)"
+        expected = {node: state["version"] for node, state in before.items()}
+        ok = all(versions.get(node) == version for node, version in expected.items())
+        was = ", ".join(f"{n}: {v}" for n, v in sorted(expected.items()))
+        return "every node runs the OS version it ran before", ok, f"now {found}; before {was}"
+    if wanted == "target":
+        if target is None:
+            return "every node runs the version it rolled to", False, f"{found} (no update step ran)"
+        wanted = target
+    return f"every node runs OS version {wanted}", all(v == wanted for v in versions.values()), found
 
 
 def _units(run) -> list[tuple[str, bool, str]]:

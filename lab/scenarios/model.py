@@ -107,9 +107,11 @@ class WaitUntil(_Strict):
     condition: Literal["new-leader", "leader", "healthy", "converged", "old-leader-follows", "updated",
                        "update-halted", "service-moved"]
     timeout: float = Field(30.0, gt=0, le=600, description="seconds before the step fails "
-                                                          "(at least twice `within`)")
-    # "auto": 2x the election timeout plus a margin; a number: seconds. The
-    # step fails (and the measurement is reported) when the condition took longer.
+                                                          "(at least `within` and a second)")
+    # new-leader: "auto": the liveness bound Raft promises for the lab's election
+    # timeout, heartbeat and members (lab.scenarios.conditions.liveness_bound);
+    # a number: a strict bound in seconds on this one sample. The time is
+    # measured and reported either way; the step fails past the bound.
     within: float | Literal["auto"] | None = None
 
 
@@ -172,8 +174,27 @@ class ServiceStart(_Strict):
     within: float = Field(120.0, gt=0, le=600, description="seconds to wait for them (an image pull included)")
 
 
+VERSION_PATTERN = r"^[0-9A-Za-z][0-9A-Za-z._-]{0,31}$"
+
+
 class UpdateStep(_Strict):
-    to: str = Field(pattern=r"^[0-9A-Za-z][0-9A-Za-z._-]{0,31}$", description="OS version to roll to")
+    """`to: "2"`, or a list: the first of these versions not every node runs already (`to: ["2", "1"]`
+    rolls a lab on 1 to 2 and a lab a previous scenario left on 2 to 1)."""
+
+    to: list[str] = Field(min_length=1, description="OS version to roll to, or versions to choose from")
+
+    @field_validator("to", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("to")
+    @classmethod
+    def _versions(cls, value: list[str]) -> list[str]:
+        for version in value:
+            if not re.match(VERSION_PATTERN, version):
+                raise ValueError(f"an OS version is letters, digits, '.', '_' and '-', got {version!r}")
+        return value
 
 
 class Step(_Strict):
@@ -227,7 +248,7 @@ STEP_DESCRIPTIONS: dict[str, Callable[[Any], str]] = {
     "workload": lambda action: f"workload: {action}",
     "unit": lambda unit: f"unit: {unit.action} {unit.name}" + (f" (within {unit.within:g} s)" if unit.within else ""),
     "run": lambda run: f"run on {run.target}: {run.command}",
-    "update": lambda update: f"update: roll to {update.to}",
+    "update": lambda update: f"update: roll to {' or '.join(update.to)}",
     "sleep": lambda seconds: f"sleep {seconds:g} s",
     "fault": lambda fault: f"fault: {fault.action}" + ("" if fault.action == "heal" else f" {fault.target}"),
     "wait_until": lambda wait: f"wait until {wait.condition}",
@@ -246,14 +267,40 @@ class Expect(_Strict):
     max_down: int | Literal["auto"] | None = Field(
         None, description="never more etcd members down at once; auto: updates.max_concurrent_reboots")
     quorum: bool = Field(False, description="a majority of members answered at every sample")
-    # Checked at the end:
-    final_version: str | None = Field(None, description="every node runs this OS version")
+    # Checked at the end, against the state the scenario found (any order, any lab):
+    final_version: str | None = Field(
+        None, description="every node runs this OS version; `previous`: the version it ran when the scenario "
+                          "started; `target`: the version the last update step rolled to")
     rebooted: int | Literal["all"] | None = Field(None, description="how many nodes' boot ids changed")
-    rolled_back: int | None = Field(None, description="how many nodes reported a rollback")
+    rolled_back: int | None = Field(None, description="how many nodes rolled back during this run")
+    no_stale_leader: bool = Field(True, description="no leader elected after a fault with a log missing what "
+                                                    "was committed before it")
     units_running: list[str] = Field(default_factory=list, description="units active at the end")
     units_moved: bool = Field(False, description="some unit changed machine during the run")
     service_max_unavailable_s: float | None = Field(
         None, gt=0, description="the probed service never had no replica answering for longer than this")
+
+
+class Slo(_Strict):
+    """A latency objective, judged over every sample of the run (and of earlier runs of the same scenario
+    in one `lab test`), never over one sample unless asked: the verdict's default is liveness only."""
+
+    new_leader_p99: float | None = Field(None, gt=0, le=600, description="seconds: the 99th percentile "
+                                                                         "(nearest rank) of time to new leader")
+    new_leader_p50: float | None = Field(None, gt=0, le=600, description="seconds: the median")
+    min_samples: int = Field(1, ge=1, le=10000, description="fewer samples than this: the objective fails as "
+                                                            "not measurable")
+
+    @field_validator("new_leader_p99", "new_leader_p50", mode="before")
+    @classmethod
+    def _seconds(cls, value: Any) -> Any:
+        # "2.5s" reads as 2.5: the way the objective is usually written.
+        if isinstance(value, str) and value.strip().endswith("s"):
+            try:
+                return float(value.strip()[:-1])
+            except ValueError:
+                return value
+        return value
 
 
 class WorkloadOptions(_Strict):
@@ -270,6 +317,7 @@ class ScenarioSpec(_Strict):
     workload: WorkloadOptions = Field(default_factory=WorkloadOptions)
     steps: list[Step] = Field(default_factory=list)
     expect: Expect = Field(default_factory=Expect)
+    slo: Slo | None = None
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """Background sampling while a scenario runs: etcd leadership, members down, unit placement.
 
 `LeaderMonitor` asks every etcd member for its status (one thread per
-member, every 50 ms): who it thinks leads, at which term. Leader changes and
-the wait-until conditions are read from it. `InvariantSampler` reads the
+member, every 50 ms): who it thinks leads, at which term, and its committed
+raft index. Leader changes and the wait-until conditions are read from it;
+the committed indexes let the verdict see a leader elected from a stale log
+(`stale_leaders`). `InvariantSampler` reads the
 monitor's latest samples from outside the nodes to count the members down
 at each instant (and whether quorum held), and follows where watched units
 run.
@@ -16,6 +18,7 @@ from typing import Any, Callable
 from lab.errors import LabError
 
 SAMPLE_INTERVAL = 0.05
+STATUS_TIMEOUT = 0.3  # one member's status answer; a member slower than this counts as not answering
 
 
 class LeaderMonitor:
@@ -31,8 +34,14 @@ class LeaderMonitor:
         self.ids: dict[str, str] = {}  # member id -> node
         # latest sample per node: (t, leader_node or None, term, is_self_leader)
         self.latest: dict[str, tuple[float, str | None, int, bool]] = {}
+        # {"t", "leader", "term"}, and while that leader leads its term: "index" (its highest committed
+        # raft index reported) and "last_t" (its latest sample as leader of that term)
         self.changes: list[dict[str, Any]] = []
         self._max_term = 0
+        # (t, index): every time the highest committed index any member reported went up
+        self.committed: list[tuple[float, int]] = []
+        # node -> (first, latest): when its failing probes since its last answer started
+        self._failing: dict[str, tuple[float, float]] = {}
 
     def start(self) -> None:
         for member in self.members:
@@ -49,7 +58,7 @@ class LeaderMonitor:
     def _sample(self, member) -> None:
         from lab.cluster.etcdclient import EtcdError
 
-        client = self.client_factory(0.3)
+        client = self.client_factory(STATUS_TIMEOUT)
         try:
             while not self._stop.is_set():
                 now = self.clock()
@@ -60,7 +69,10 @@ class LeaderMonitor:
                 with self._lock:
                     if status is None:
                         self.latest[member.node] = (now, None, 0, False)
+                        first = self._failing.get(member.node, (now, now))[0]
+                        self._failing[member.node] = (first, now)
                     else:
+                        self._failing.pop(member.node, None)
                         self.ids[status.member_id] = member.node
                         leader = self.ids.get(status.leader)
                         self.latest[member.node] = (now, leader, status.raft_term, status.is_leader)
@@ -68,10 +80,31 @@ class LeaderMonitor:
                         # leader still claiming its old term is not one.
                         if status.is_leader and status.raft_term > self._max_term:
                             self._max_term = status.raft_term
-                            self.changes.append({"t": now, "leader": member.node, "term": status.raft_term})
+                            self.changes.append({"t": now, "leader": member.node, "term": status.raft_term,
+                                                 "index": status.raft_index, "last_t": now})
+                        self._note_index(member.node, now, status.raft_term, status.raft_index, status.is_leader)
                 self._stop.wait(SAMPLE_INTERVAL)
         finally:
             client.close()
+
+    def _note_index(self, node: str, now: float, term: int, index: int, is_leader: bool) -> None:
+        """Called under the lock: the highest committed index so far, and the current leader's own."""
+        if not self.committed or index > self.committed[-1][1]:
+            self.committed.append((now, index))
+        if is_leader and self.changes and self.changes[-1]["leader"] == node and self.changes[-1]["term"] == term:
+            change = self.changes[-1]
+            change["index"] = max(change["index"], index)
+            change["last_t"] = now
+
+    def committed_before(self, t: float) -> int:
+        """The highest raft index any member reported committed at or before `t` (0: none seen)."""
+        with self._lock:
+            return max((index for at, index in self.committed if at <= t), default=0)
+
+    def failing(self) -> dict[str, tuple[float, float]]:
+        """Members whose probes fail since their last answer: node -> (first, latest failed probe's start)."""
+        with self._lock:
+            return dict(self._failing)
 
     def snapshot(self) -> dict[str, tuple[float, str | None, int, bool]]:
         """A consistent copy of the latest sample per node."""
@@ -97,12 +130,47 @@ class LeaderMonitor:
         return None
 
 
+# How long a new leader must have been seen leading before its log is judged: enough to commit the
+# entry of its own term (a vote round trip), and more, on a loaded machine.
+SETTLED_LEADER_S = 1.0
+
+
+def stale_leaders(faults: list[dict[str, Any]], changes: list[dict[str, Any]],
+                  committed_before: Callable[[float], int]) -> list[str]:
+    """Leaders elected after a fault whose log lacked what was committed before the fault.
+
+    Raft elects only a member holding every committed entry, and a new leader
+    commits an entry of its own term first, so its committed index soon
+    passes every index committed before the fault. A leader seen leading for
+    SETTLED_LEADER_S whose committed index stayed below that was elected
+    from a stale log. A leader seen for less is not judged.
+    """
+    found = []
+    for fault in faults:
+        if not fault.get("leader"):
+            continue
+        change = next((c for c in changes if c["t"] >= fault["requested"] and c["term"] > fault.get("term", 0)
+                       and c["leader"] != fault["leader"]), None)
+        if change is None or change.get("last_t", change["t"]) - change["t"] < SETTLED_LEADER_S:
+            continue
+        before = committed_before(fault["requested"])
+        if change.get("index", 0) < before:
+            found.append(f"{change['leader']} led term {change['term']} (from {change['t']:.2f} s, after the "
+                         f"{fault['action']} at {fault['requested']:.2f} s) with committed index at most "
+                         f"{change.get('index', 0)}, below the {before} committed before the fault")
+    return found
+
+
 class InvariantSampler:
     """Samples, from outside the nodes, how many etcd members are down and where units run."""
 
     def __init__(self, members, monitor: LeaderMonitor, client_factory: Callable[[float], Any],
-                 clock: Callable[[], float], interval: float = SAMPLE_INTERVAL) -> None:
+                 clock: Callable[[], float], interval: float = SAMPLE_INTERVAL, down_after: float = 1.0) -> None:
         self.members = members
+        # A member is down once its probes have kept failing this long: Raft's own patience (the election
+        # timeout). A shorter silence does not cost the cluster a member, and on a loaded CI runner one
+        # slow status answer, or a host stall that delays every probe at once, is not a member down.
+        self.down_after = down_after
         self.monitor = monitor
         self.client_factory = client_factory
         self.clock = clock
@@ -138,14 +206,14 @@ class InvariantSampler:
         while not self._stop.is_set():
             now = self.clock()
             latest = self.monitor.snapshot()
-            # Down: no fresh answer from the member (a failed probe, or none for 0.5 s).
-            down = sorted(node for node in nodes
-                          if node not in latest or latest[node][2] == 0 or now - latest[node][0] > 0.5)
+            failing = self.monitor.failing()
+            # Down: probes failing without an answer for down_after seconds, counted from the first.
+            down = sorted(node for node, (first, last) in failing.items() if last - first >= self.down_after)
             if len(latest) == len(nodes):  # every member probed at least once
                 self.samples += 1
                 for node in nodes:
                     if node in down:
-                        self._down_since.setdefault(node, now)
+                        self._down_since.setdefault(node, failing[node][0])
                     elif node in self._down_since:
                         self.downtime[node] = self.downtime.get(node, 0.0) + now - self._down_since.pop(node)
                 if len(down) > self.max_down:

@@ -31,7 +31,7 @@ def fake_lab(project, monkeypatch):
     monkeypatch.setattr(Lab, "up", lambda self, progress, bootstrap=True: real_up(self, progress, bootstrap=False))
 
     class StubRun:
-        def __init__(self, lab, found, spec, progress) -> None:
+        def __init__(self, lab, found, spec, progress, earlier=None) -> None:
             self.found = found
 
         def run(self):

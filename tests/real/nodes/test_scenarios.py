@@ -30,26 +30,13 @@ def image():
     return build_image("labos", "1")
 
 
-def _only_election_bound_failures(project: Path) -> bool:
-    failures = []
-    for run in (project / ".lab" / "runs").glob("*/result.json"):
-        failures += [step for step in json.loads(run.read_text())["steps"] if not step["ok"]]
-    return bool(failures) and all(step["step"] == "wait until new-leader" and "expected within" in step["detail"]
-                                  for step in failures)
-
-
 @needs_nodes
 def test_lab_test_runs_every_fault_scenario_on_one_lab_and_removes_it(image, tmp_path):
     scenarios = ["raft-failover", "partition", "full-restart"]
+    # Run once: the verdict fails only on a broken Raft promise (the liveness bound), never on a slow
+    # sample, so there is nothing to run again (tests/real/nodes/test_negative_controls.py: what must fail).
     result = run_cli(["test", *scenarios, "--provider", "nspawn", "--junit", str(tmp_path / "j.xml")],
                      cwd=tmp_path, timeout=900)
-    if result.returncode != 0 and _only_election_bound_failures(tmp_path):
-        # An unlucky split vote (two followers campaigning at once) can take a
-        # round or two more than 2x the election timeout: the scenario reports
-        # it, as it must; CI runs it once more before calling it a failure.
-        shutil.rmtree(tmp_path / ".lab")
-        result = run_cli(["test", *scenarios, "--provider", "nspawn", "--junit", str(tmp_path / "j.xml")],
-                         cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     runs = sorted((tmp_path / ".lab" / "runs").iterdir())
     assert [r.name.split("-lab-")[1] for r in runs] == scenarios  # back to back on the same lab
@@ -59,7 +46,8 @@ def test_lab_test_runs_every_fault_scenario_on_one_lab_and_removes_it(image, tmp
         assert (run / "timeline.svg").exists() and (run / "history.jsonl").stat().st_size > 0
         assert (run / "nodes" / "node-1" / "etcd.log").stat().st_size > 0
         if not run.name.endswith("full-restart"):
-            assert data["measurements"]["time_to_new_leader_s"]
+            leader_times = data["measurements"]["time_to_new_leader_s"]
+            assert leader_times and len(data["measurements"]["fault_latency_s"]) == len(leader_times)
     for scenario in scenarios:
         suite = ET.parse(tmp_path / f"j-{scenario}.xml").getroot()
         assert all(s.get("failures") in ("0", None) for s in suite.iter("testsuite"))
@@ -72,16 +60,20 @@ def test_rolling_update_and_rollback_on_one_lab(image, tmp_path):
 
     build_image("labos", "2")
     build_image("labos", "2-broken")
-    # Rollback first: it leaves every node on version 1 for the real roll.
-    scenarios = ["rolling-update-rollback", "rolling-update"]
-    result = run_cli(["test", *scenarios, "--provider", "nspawn"], cwd=tmp_path, timeout=900)
+    # The order that failed when expectations assumed a fresh lab: the roll leaves the nodes on 2, the
+    # failed roll must bring them back to 2 (the version they ran before), and the roll after that goes
+    # back to 1 (the other version).
+    scenarios = ["rolling-update", "rolling-update-rollback", "rolling-update"]
+    result = run_cli(["test", *scenarios, "--provider", "nspawn"], cwd=tmp_path, timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    runs = {r.name.split("-lab-")[1]: json.loads((r / "result.json").read_text())
-            for r in (tmp_path / ".lab" / "runs").iterdir()}
-    assert runs["rolling-update"]["ok"] and runs["rolling-update-rollback"]["ok"]
-    measured = runs["rolling-update"]["measurements"]
-    assert measured["max_members_down"] <= 1 and measured["lost_writes"] == 0
-    assert measured["roll_s"] > 0
+    runs = [json.loads((r / "result.json").read_text()) for r in sorted((tmp_path / ".lab" / "runs").iterdir())]
+    assert [r["scenario"] for r in runs] == scenarios and all(r["ok"] for r in runs)
+    rolled_to = [next(s["measurements"]["to"] for s in r["steps"] if s["step"].startswith("update:")) for r in runs]
+    assert rolled_to == ["2", "2-broken", "1"]
+    for run in (runs[0], runs[2]):
+        measured = run["measurements"]
+        assert measured["max_members_down"] <= 1 and measured["lost_writes"] == 0
+        assert measured["roll_s"] > 0
 
 
 @needs_nodes
