@@ -275,8 +275,12 @@ def service_expectation(run, bound: float) -> tuple[str, bool, str]:
     if not measured:
         return description, False, "no service was probed (a `service: {start: ...}` step is needed)"
     windows = measured["windows"]
-    shown = ", ".join(f"{w['duration_s']:.2f} s at {w['start_s']:.2f} s" + (" (still down at the end)" if w["open"]
-                                                                            else "") for w in windows)
-    return (description, measured["longest_s"] <= bound,
-            f"longest {measured['longest_s']:.2f} s over {measured['end_s'] - measured['begin_s']:.0f} s probed, "
+    shown = ", ".join(f"{w['duration_s']:.2f} s at {w['start_s']:.2f} s"
+                      + (f" ({w['unobserved_s']:.2f} s of it unobserved: the host sent nothing)"
+                         if w.get("unobserved_s") else "")
+                      + (" (still down at the end)" if w["open"] else "") for w in windows)
+    # Judged on what the probe saw: a host too starved to ask is not a service that did not answer.
+    longest = measured.get("longest_observed_s", measured["longest_s"])
+    return (description, longest <= bound,
+            f"longest {longest:.2f} s observed over {measured['end_s'] - measured['begin_s']:.0f} s probed, "
             f"{measured['requests']} requests; windows: {shown or 'none'}")

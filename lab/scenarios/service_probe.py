@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -50,13 +50,22 @@ class Window:
     end: float
     failed: int = 0  # requests that completed inside it without an answer
     open: bool = False  # nothing answered again before the measurement stopped
+    # Of the window, the time nobody asked: the probe's own threads sent no request for longer than
+    # two poll intervals (a starved host, not a silent service). Nothing is known of the service then.
+    unobserved: float = 0.0
 
     @property
     def duration(self) -> float:
         return self.end - self.start
 
+    @property
+    def observed(self) -> float:
+        """The part of the window the probe saw the service silent while it asked."""
+        return max(0.0, self.duration - self.unobserved)
+
     def to_json(self) -> dict:
         return {"start_s": round(self.start, 3), "end_s": round(self.end, 3), "duration_s": round(self.duration, 3),
+                "observed_s": round(self.observed, 3), "unobserved_s": round(self.unobserved, 3),
                 "failed_requests": self.failed, "open": self.open}
 
 
@@ -81,6 +90,13 @@ def unavailability_windows(answered: Iterable[float], begin: float, end: float, 
     return windows
 
 
+def unobserved_time(sent: list[float], start: float, end: float, interval: float = POLL_INTERVAL_S) -> float:
+    """Within [start, end], the time beyond one poll interval in each stretch longer than two intervals
+    where no request was sent (`sent` sorted): how long the host failed to ask at all."""
+    edges = [start] + [t for t in sent if start < t < end] + [end]
+    return sum((gap - interval for gap in (b - a for a, b in zip(edges, edges[1:])) if gap > 2 * interval), 0.0)
+
+
 def serving_periods(answered: list[float], *, min_gap: float = WINDOW_MIN_S) -> list[tuple[float, float]]:
     """When one node served: runs of answers with no silence longer than `min_gap` inside."""
     periods: list[tuple[float, float]] = []
@@ -94,14 +110,18 @@ def serving_periods(answered: list[float], *, min_gap: float = WINDOW_MIN_S) -> 
 
 def summarize(requests: list[Request], begin: float, end: float) -> dict:
     """The measurements of one probed run: windows, the longest, and when each node served."""
-    windows = unavailability_windows([r.done for r in requests if r.ok], begin, end,
-                                     failed=[r.done for r in requests if not r.ok])
+    sent = sorted(r.sent for r in requests)
+    windows = [replace(w, unobserved=unobserved_time(sent, w.start, w.end))
+               for w in unavailability_windows([r.done for r in requests if r.ok], begin, end,
+                                               failed=[r.done for r in requests if not r.ok])]
     nodes = sorted({r.node for r in requests})
     return {
         "begin_s": round(begin, 3), "end_s": round(end, 3), "requests": len(requests),
         "answered": sum(1 for r in requests if r.ok),
         "windows": [w.to_json() for w in windows],
         "longest_s": round(max((w.duration for w in windows), default=0.0), 3),
+        # What a verdict may judge: silence the probe saw while it kept asking.
+        "longest_observed_s": round(max((w.observed for w in windows), default=0.0), 3),
         "serving": {node: [[round(a, 3), round(b, 3)] for a, b in serving_periods(
             [r.done for r in requests if r.ok and r.node == node])] for node in nodes},
         "window_min_s": WINDOW_MIN_S, "poll_interval_s": POLL_INTERVAL_S,

@@ -45,8 +45,8 @@ def test_silence_at_the_edges_counts_and_one_reaching_the_end_is_open():
     windows = unavailability_windows(every(2.0, 5.0), 0.0, 10.0)
     assert windows == [Window(0.0, 2.0), Window(5.0, 10.0, open=True)]
     assert [w.duration for w in windows] == [2.0, 5.0]
-    assert windows[1].to_json() == {"start_s": 5.0, "end_s": 10.0, "duration_s": 5.0, "failed_requests": 0,
-                                    "open": True}
+    assert windows[1].to_json() == {"start_s": 5.0, "end_s": 10.0, "duration_s": 5.0, "observed_s": 5.0,
+                                    "unobserved_s": 0.0, "failed_requests": 0, "open": True}
 
 
 def test_no_answer_at_all_is_one_open_window_over_the_whole_span():
@@ -73,8 +73,8 @@ def test_summarize_two_replicas_one_moving():
                    for t in every(0.0, 10.0)])
     measured = summarize(requests, 0.0, 10.0)
     # Inside the window: node-1's timeout at 8.5, node-2's refusal at 8.5, node-3's at 8.1 ... 8.8.
-    assert measured["windows"] == [{"start_s": 8.0, "end_s": 8.9, "duration_s": 0.9, "failed_requests": 10,
-                                    "open": False}]
+    assert measured["windows"] == [{"start_s": 8.0, "end_s": 8.9, "duration_s": 0.9, "observed_s": 0.9,
+                                    "unobserved_s": 0.0, "failed_requests": 10, "open": False}]
     assert measured["longest_s"] == 0.9
     assert measured["serving"] == {"node-1": [[0.0, 3.0]], "node-2": [[0.0, 8.0]], "node-3": [[8.9, 10.0]]}
     assert measured["requests"] == len(requests)
@@ -241,8 +241,10 @@ def expectation_run(measured):
 def test_the_expectation_passes_within_the_bound_and_names_every_window():
     from lab.scenarios.expectations import service_expectation
 
+    # Silent from 3 to 4 s and from 9 s to the end while the probe kept asking.
     measured = summarize([Request("node-1", t, t, True, "200") for t in every(0.0, 3.0) + every(4.0, 9.0)]
-                         + [Request("node-1", 9.1, 9.1, False, "timeout")], 0.0, 10.0)
+                         + [Request("node-1", t, t + 0.05, False, "no connection")
+                            for t in every(3.05, 3.85) + every(9.05, 9.95)], 0.0, 10.0)
     description, ok, detail = service_expectation(expectation_run(measured), 1.5)
     assert ok and "1.5 s" in description
     assert "1.00 s at 3.00 s" in detail and "1.00 s at 9.00 s (still down at the end)" in detail
@@ -268,10 +270,11 @@ def test_the_report_puts_etcds_windows_next_to_the_services_in_json_text_and_svg
                                           + [Request("node-3", t, t, True, "200") for t in every(8.0, 11.0)],
                                           1.0, 11.0)}
     lanes = unavailability_lanes(ops, service)
-    assert lanes["etcd_writes"]["windows"] == [{"start_s": 4.0, "end_s": 5.5, "duration_s": 1.5,
-                                                "failed_requests": 1, "open": False}]
-    assert lanes["service"]["windows"] == [{"start_s": 7.0, "end_s": 8.0, "duration_s": 1.0,
-                                            "failed_requests": 0, "open": False}]
+    assert lanes["etcd_writes"]["windows"] == [{"start_s": 4.0, "end_s": 5.5, "duration_s": 1.5, "observed_s": 1.5,
+                                                "unobserved_s": 0.0, "failed_requests": 1, "open": False}]
+    # The probe sent nothing from 7 to 8 s in this record: that second is unobserved.
+    assert lanes["service"]["windows"] == [{"start_s": 7.0, "end_s": 8.0, "duration_s": 1.0, "observed_s": 0.1,
+                                            "unobserved_s": 0.9, "failed_requests": 0, "open": False}]
     assert unavailability_lanes([], None) == {}
 
     faults = [{"start": 3.9, "end": 6.0, "action": "kill", "targets": ["node-1"]}]
@@ -344,3 +347,20 @@ def test_a_service_whose_replicas_never_answer_fails_its_start_step(tmp_path):
     ok, detail, _ = run._service(ServiceStart(start="web", port=port, within=0.3))
     run._service("stop")
     assert not ok and "answering on no node" in detail and "expected 1 replica(s) within 0.3 s" in detail
+
+
+def test_silence_the_probe_did_not_ask_about_is_unobserved_and_not_judged():
+    from lab.scenarios.service_probe import Request, summarize
+
+    # Two nodes polled every 0.1 s; at 5.0 the host stalls for 3 s (no request sent), then all is well.
+    requests = [Request(node, t, t + 0.01, True, "200") for node in ("node-1", "node-2")
+                for t in [round(i * 0.1, 2) for i in range(50)] + [round(8.0 + i * 0.1, 2) for i in range(20)]]
+    measured = summarize(requests, 0.0, 10.0)
+    [window] = measured["windows"]
+    assert window["duration_s"] > 2.9
+    assert window["unobserved_s"] > 2.7 and measured["longest_observed_s"] < 0.3
+    # A silent service while the probe keeps asking is observed in full.
+    failing = [Request("node-1", round(5.0 + i * 0.1, 2), round(5.0 + i * 0.1, 2) + 0.01, False, "no connection")
+               for i in range(30)]
+    measured = summarize(requests + failing, 0.0, 10.0)
+    assert measured["longest_observed_s"] > 2.7
