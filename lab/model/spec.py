@@ -93,6 +93,8 @@ class Box(_Strict):
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$",
         description="Vagrant providers: boot this box, already added to Vagrant (e.g. debian/bookworm64), "
                     "instead of a Lab OS box; lab installs what it lacks (etcd, python3, nftables) over SSH")
+    docker: bool = Field(True, description="with `vagrant`: install Docker (docker.io) on the box too, if it lacks "
+                                           "it (Lab OS boxes carry it); minutes under software emulation")
 
     @field_validator("version", mode="before")
     @classmethod

@@ -174,6 +174,10 @@ def test_adoption_script_and_its_output() -> None:
     assert "printf '%s\\n' node-1 > /etc/hostname\nhostname node-1\n" in script
     for command, package in (("python3", "python3"), ("nft", "nftables"), ("etcd", "etcd-server")):
         assert f'command -v {command} >/dev/null 2>&1 || missing="$missing {package}"' in script
+    # Docker too, socket-activated as on the Lab OS, unless the spec says box.docker: false.
+    assert 'command -v docker >/dev/null 2>&1 || missing="$missing docker.io"' in script
+    assert "systemctl enable --now docker.socket" in script
+    assert "command -v docker" not in adoption_script("ssh-ed25519 AAAAC3 lab-x", "node-1", docker=False)
     output = "lab-installed etcd-server\nlab-host-key ssh-ed25519 AAAAkey root@node-1\n"
     assert parse_adoption_output(output, "node-1") == "ssh-ed25519 AAAAkey"
     with pytest.raises(ProviderError, match="node-1: adoption printed no host key"):

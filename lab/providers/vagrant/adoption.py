@@ -23,11 +23,11 @@ from lab.providers.base import LabContext, Progress
 ADOPT_TIMEOUT = 900.0
 
 # What lab needs on a node, by command, and the Debian/Ubuntu package that brings it.
-NODE_COMMANDS = {"python3": "python3", "nft": "nftables", "etcd": "etcd-server", "etcdctl": "etcd-client",
-                 "docker": "docker.io"}
+NODE_COMMANDS = {"python3": "python3", "nft": "nftables", "etcd": "etcd-server", "etcdctl": "etcd-client"}
+DOCKER_COMMANDS = {"docker": "docker.io"}
 
 
-def adoption_script(public_key: str, hostname: str) -> str:
+def adoption_script(public_key: str, hostname: str, docker: bool = True) -> str:
     """Shell run as root on a fresh machine: lab's key for root, its hostname, missing tools, the host key.
 
     Prints `lab-installed PKG...` when it had to install packages (a generic
@@ -37,8 +37,9 @@ def adoption_script(public_key: str, hostname: str) -> str:
     """
     key = shlex.quote(public_key)
     name = shlex.quote(hostname)
+    commands = {**NODE_COMMANDS, **(DOCKER_COMMANDS if docker else {})}
     checks = "\n".join(f"command -v {cmd} >/dev/null 2>&1 || missing=\"$missing {pkg}\""
-                       for cmd, pkg in NODE_COMMANDS.items())
+                       for cmd, pkg in commands.items())
     return f"""set -e
 install -d -m 0700 /root/.ssh
 touch /root/.ssh/authorized_keys
@@ -87,7 +88,7 @@ def adopt(context: LabContext, nodes: list[str], vagrant_endpoints: dict[str, SS
         if endpoint is None:
             raise ProviderError(f"{node}: `vagrant ssh-config` does not list it",
                                 hint=f"run `vagrant status` in {context.lab_dir}")
-        script = adoption_script(public_key, node)
+        script = adoption_script(public_key, node, docker=context.spec.box.docker)
         result = ssh_run(endpoint, f"sudo -n sh -c {shlex.quote(script)}", timeout=ADOPT_TIMEOUT, check=True)
         host_key = parse_adoption_output(result.stdout, node)
         installed = [line.split(None, 1)[1] for line in result.stdout.splitlines()

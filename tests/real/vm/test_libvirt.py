@@ -310,7 +310,10 @@ def test_a_generic_debian_box_gets_what_lab_needs_installed(libvirtd, tmp_path):
     lab = Lab.open(tmp_path / "lab.yaml", [
         Override(("nodes", "count"), 1, "--nodes"), Override(("provider",), "libvirt", "--provider"),
         Override(("name",), "generic", "--name"), Override(("box", "vagrant"), users_box, "--set box.vagrant"),
-        Override(("providers", "libvirt", "driver"), "qemu", "--set providers.libvirt.driver")])
+        Override(("providers", "libvirt", "driver"), "qemu", "--set providers.libvirt.driver"),
+        # Installing docker.io as well takes many minutes under software emulation: the script's Docker
+        # line is checked in tests/unit/test_vagrant_parsers.py.
+        Override(("box", "docker"), False, "--set box.docker")])
     context = lab.context("libvirt")
     from lab.providers.vagrant.render import libvirt_network_name, machine_prefix
 
