@@ -186,23 +186,30 @@ def _scenario_lab(scenarios: list[tuple[Any, Any]], file: Path, flags: Flags) ->
     lab = flags.open(file)
     if lab.created or not any(spec.lab for _, spec in scenarios):
         return lab
+    merged = merged_lab_settings(scenarios)
+    scenario_overrides = [Override(path, value, label) for path, (value, label) in merged.items()]
+    return Lab.open(file, scenario_overrides + flags.overrides())
+
+
+def merged_lab_settings(scenarios: list[tuple[Any, Any]]) -> dict[tuple, tuple[Any, str]]:
+    """Every scenario's `lab:` settings together, as key path -> (value, who asked for it); a UsageError
+    if two scenarios ask for different values of one setting."""
     merged: dict[tuple, tuple[Any, str]] = {}
     for found, spec in scenarios:
         label = f"{found.path}/scenario.yaml lab:"
-        for path, value in _flatten(spec.lab):
+        for path, value in flatten_settings(spec.lab):
             if path in merged and merged[path][0] != value:
                 raise UsageError(f"scenarios disagree on the lab they need: {merged[path][1]} sets "
                                  f"{'.'.join(path)}: {merged[path][0]!r}, {label} sets {value!r}",
                                  hint="run them in separate `lab test` commands")
             merged.setdefault(path, (value, label))
-    scenario_overrides = [Override(path, value, label) for path, (value, label) in merged.items()]
-    return Lab.open(file, scenario_overrides + flags.overrides())
+    return merged
 
 
 def unmet_settings(spec: LabSpec, wanted: dict) -> list[str]:
     """The settings of a scenario's `lab:` that the lab's spec does not have, each as `path: wanted (has)`."""
     unmet = []
-    for path, value in _flatten(wanted):
+    for path, value in flatten_settings(wanted):
         current: Any = spec
         for key in path:
             current = getattr(current, key, None)
@@ -211,11 +218,11 @@ def unmet_settings(spec: LabSpec, wanted: dict) -> list[str]:
     return unmet
 
 
-def _flatten(data: dict, prefix: tuple = ()) -> list[tuple[tuple, Any]]:
+def flatten_settings(data: dict, prefix: tuple = ()) -> list[tuple[tuple, Any]]:
     items = []
     for key, value in data.items():
         if isinstance(value, dict) and value:
-            items += _flatten(value, prefix + (key,))
+            items += flatten_settings(value, prefix + (key,))
         else:
             items.append((prefix + (key,), value))
     return items
