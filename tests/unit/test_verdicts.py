@@ -357,12 +357,12 @@ def test_scenarios_that_disagree_on_the_lab_are_refused_before_anything_is_made(
 
 
 def test_every_builtin_can_share_one_lab():
-    from lab.core.lifecycle import _flatten
+    from lab.core.lifecycle import flatten_settings
 
     seen: dict = {}
     for directory in sorted((REPO / "scenarios").iterdir()):
         if (directory / "scenario.yaml").exists():
-            for path, value in _flatten(parse(directory / "scenario.yaml").lab):
+            for path, value in flatten_settings(parse(directory / "scenario.yaml").lab):
                 assert seen.setdefault(path, value) == value, (directory.name, path)
 
 
