@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-from lab.cluster.remote import RemoteFile, check, put_if_changed
+from lab.cluster.remote import RemoteFile, check, put_if_changed, run_bounded
 from lab.host.registry import REGISTRY_PORT
 from lab.host.ssh import SSHEndpoint, connect
 from lab.providers.base import LabContext, Progress, no_progress
@@ -48,6 +48,8 @@ class DockerSetup:
 
     def configure(self, node: str) -> bool:
         with connect(self.endpoints[node]) as connection:
+            if run_bounded(connection, "command -v dockerd >/dev/null", node).exited != 0:
+                return False  # a generic box adopted without Docker (box.docker: false)
             changed = put_if_changed(connection, RemoteFile(DAEMON_CONFIG, self.text, 0o644), node)
             if changed:
                 check(connection, "systemctl try-restart docker.service", node)

@@ -108,7 +108,9 @@ def test_etcd_with_elections_effectively_disabled_fails_raft_failover_on_livenes
     # The lab declares etcd's defaults (lab.yaml: none, so T 1 s); its members are made to run an election
     # timeout far beyond the bound those defaults give. `lab up --set` rewrites each member's settings.
     bound = liveness_bound(1000, 100, 3, pre_vote=False)
-    reconfigured = run_cli(["up", "--provider", "nspawn", "--nodes", "3", "--set", "etcd.election_timeout_ms=50000"],
+    # 20 s: every election takes 20-40 s, beyond the 15.55 s bound, yet the restarted members still elect a
+    # first leader within `lab up`'s 60 s health wait (50 s did not, once).
+    reconfigured = run_cli(["up", "--provider", "nspawn", "--nodes", "3", "--set", "etcd.election_timeout_ms=20000"],
                            project)
     assert reconfigured.returncode == 0, reconfigured.stdout[-2000:] + reconfigured.stderr[-3000:]
     result, data = failed_run(project, "raft-failover")
