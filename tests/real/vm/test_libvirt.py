@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -278,14 +277,8 @@ def test_three_vms_pass_raft_failover_and_partition(box, tmp_path):
     args = ["test", "raft-failover", "partition", "--provider", "libvirt", "--nodes", "3",
             "--set", "providers.libvirt.driver=qemu", "--set", "etcd.pre_vote=true",
             "--set", "etcd.heartbeat_ms=250", "--set", "etcd.election_timeout_ms=2500"]
+    # No second try: the new-leader verdict allows the rounds Raft may need (the liveness bound).
     result = run_cli(args, tmp_path, timeout=1800)
-    failed_steps = [step for run in (tmp_path / ".lab" / "runs").glob("*/result.json")
-                    for step in json.loads(run.read_text())["steps"] if not step["ok"]]
-    if result.returncode != 0 and failed_steps and all(
-            s["step"] == "wait until new-leader" and "expected within" in s["detail"] for s in failed_steps):
-        # A split vote can take a round more than the bound (see test_scenarios): once more.
-        shutil.rmtree(tmp_path / ".lab")
-        result = run_cli(args, tmp_path, timeout=1800)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     runs = sorted((tmp_path / ".lab" / "runs").iterdir())
     assert [r.name.split("-lab-")[1] for r in runs] == ["raft-failover", "partition"]
