@@ -11,17 +11,16 @@ lab at once. The lock dies with its process, so a kill -9 never leaves it held.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from lab.errors import StateError
 from lab.host.files import write_atomic
+from lab.host.locks import try_flock
 from lab.images.cache import is_cached_rootfs
 
 STATE_FILE = "state.json"
@@ -307,19 +306,11 @@ def lab_lock(lab_dir: Path, command: str, wait: float = 0.0) -> Iterator[None]:
 
     locks = private_dir(state_home() / "locks")
     with open(locks / f"{lab_id(lab_dir)}.lock", "a+") as handle:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() < deadline:
-                    time.sleep(0.1)
-                    continue
+        if not try_flock(handle, wait):
             handle.seek(0)
             holder = handle.read().strip() or "another lab command"
             raise StateError(f"lab {lab_dir.name} ({lab_dir}) is busy: {holder} is running on it",
-                             hint="wait for it to finish (or stop it with Ctrl-C), then retry") from None
+                             hint="wait for it to finish (or stop it with Ctrl-C), then retry")
         handle.seek(0)
         handle.truncate()
         handle.write(f"`lab {command}` (pid {os.getpid()})\n")

@@ -17,7 +17,6 @@ kernel checks the inherited descriptors, not the 0700 parents.
 
 from __future__ import annotations
 
-import fcntl
 import grp
 import json
 import os
@@ -25,7 +24,6 @@ import pwd
 import shutil
 import socket
 import sys
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ from typing import Iterator
 
 from lab.errors import PrerequisiteError, ProviderError, StateError, UsageError
 from lab.host.files import write_atomic
+from lab.host.locks import try_flock
 from lab.host.paths import cache_dir
 from lab.host.run import run
 
@@ -197,17 +196,10 @@ def write_lock(wait: float = LOCK_WAIT, path: Path | None = None, what: str = "t
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another lab command"
-                    raise StateError(f"{what} is busy: {holder} still holds {path} after {wait:.0f} s",
-                                     hint="wait for that command to finish, then try again") from None
-                time.sleep(0.2)
+        if not try_flock(fd, wait, interval=0.2):
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another lab command"
+            raise StateError(f"{what} is busy: {holder} still holds {path} after {wait:.0f} s",
+                             hint="wait for that command to finish, then try again")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}: {' '.join(sys.argv[:3])}\n".encode(), 0)
         yield
