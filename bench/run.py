@@ -151,7 +151,6 @@ def bench_etcd() -> None:
         print("etcd: skipped (needs root)")
         return
     import shutil
-    import threading
 
     sys.path.insert(0, str(REPO))
     from lab.images.build import build_image
@@ -236,8 +235,7 @@ def bench_failover() -> None:
         print("failover: skipped (needs root)")
         return
     from lab.cluster.agents import AGENT_TTL
-    from lab.cluster.etcdclient import EtcdError
-    from lab.cluster.units import list_units, set_desired
+    from lab.cluster.units import set_desired
 
     runs = int(os.environ.get("LAB_BENCH_RUNS", "5"))
     print(f"scheduler failover: kill the machine running a unit, time until it is active elsewhere "

@@ -268,24 +268,15 @@ def lab_settings(chosen: list[tuple[Any, Any]]) -> tuple[dict[str, Any], list[st
     return settings, [f"{'.'.join(p)}={v!r} ({who})" for p, (v, who) in merged.items()]
 
 
-def needed_versions(spec) -> list[str]:
-    """The OS versions a scenario may roll to: its `update: {to: V}` steps (V, or a list to choose from)."""
-    versions: set[str] = set()
-    for step in spec.steps:
-        if step.kind == "update":
-            targets = step.update.to
-            versions.update([targets] if isinstance(targets, str) else targets)
-    return sorted(versions)
-
-
 def prepare_images(box: str, chosen: list[tuple[Any, Any]], build: bool) -> dict[str, str]:
     """Build what the scenarios roll to (or not); returns scenario -> why it is skipped."""
+    from lab.core.lifecycle import rolled_versions
     from lab.images.build import build_image
     from lab.images.cache import find_image
 
     skipped: dict[str, str] = {}
     for scenario, spec in chosen:
-        for version in needed_versions(spec):
+        for version in rolled_versions(spec):
             if find_image(box, version) is not None:
                 continue
             command = f"lab box build --version {version}"

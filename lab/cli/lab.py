@@ -4,6 +4,7 @@ destroy, ssh-config, ssh, exec, reboot (top-level: `lab up`, not `lab lab up`)."
 from __future__ import annotations
 
 import sys
+import time
 from typing import Annotated, Optional
 
 import typer
@@ -60,17 +61,22 @@ def up(file: FileOpt = DEFAULT_FILE, name: NameOpt = None, nodes: NodesOpt = Non
        ) -> None:
     """Create the lab (or start it again), wait for SSH, and bootstrap the etcd cluster."""
     lab = open_lab(file, name, nodes, provider, sets)
+    started = time.monotonic()
     with lab.lock("up"):
         result = lab.up(progress, bootstrap=not no_bootstrap)
+    took = time.monotonic() - started
     from lab.core.services import endpoints
 
     services = endpoints(lab.state)
     if as_json:
         print_json({"lab": lab.name, "provider": result.selection.name, "services": services,
-                    "ssh_config": str(result.ssh_config), "nodes": [s.to_json() for s in result.nodes]})
+                    "ssh_config": str(result.ssh_config), "nodes": [s.to_json() for s in result.nodes],
+                    "seconds": {"total": round(took, 3), **{k: round(v, 3) for k, v in result.seconds.items()}}})
         return
+    progress(f"up in {took:.1f} s ({result.phases()})")
     console = out()
-    console.print(node_table(result.nodes, title=f"lab {lab.name} is up ({result.selection.name})"))
+    console.print(node_table(result.nodes, title=f"lab {lab.name} is up ({result.selection.name})",
+                             roles=lab.roles()))
     first = result.nodes[0].name if result.nodes else "node-1"
     if not no_bootstrap:
         console.print(member_table(lab.etcd_status()))
@@ -87,17 +93,21 @@ def up(file: FileOpt = DEFAULT_FILE, name: NameOpt = None, nodes: NodesOpt = Non
 
 @verbs.command()
 def status(file: FileOpt = DEFAULT_FILE, name: NameOpt = None, as_json: JsonOpt = False) -> None:
-    """Show every node (state, IP, boot id) and every etcd member (health, leader, Raft term and index)."""
+    """Show every node (state, IP, boot id, etcd member or worker) and every etcd member (health, leader,
+    Raft term and index)."""
     lab = open_lab(file, name)
     statuses = lab.status()
     running = any(s.state.value == "running" for s in statuses)
     members = lab.etcd_status() if lab.created and running else []
     provider = lab.state.get("provider") if lab.state else None
+    roles = lab.roles()  # a lab not created yet: what its spec would make
     if as_json:
         print_json({"lab": lab.name, "created": lab.created, "provider": provider,
-                    "nodes": [s.to_json() for s in statuses], "etcd": [m.__dict__ for m in members]})
+                    "nodes": [{**s.to_json(), "role": roles.get(s.name)} for s in statuses],
+                    "etcd": [m.__dict__ for m in members]})
         return
-    out().print(node_table(statuses, title=f"lab {lab.name}" + (f" ({provider})" if lab.state else " (not created)")))
+    out().print(node_table(statuses, title=f"lab {lab.name}" + (f" ({provider})" if lab.state else " (not created)"),
+                           roles=roles))
     if members:
         out().print(member_table(members))
 
@@ -109,12 +119,12 @@ def etcdctl(ctx: typer.Context, file: FileOpt = DEFAULT_FILE, name: NameOpt = No
     import shutil
 
     from lab.errors import PrerequisiteError
+    from lab.host.ssh import exec_interactive
 
-    binary = shutil.which("etcdctl")
-    if binary is None:
+    if shutil.which("etcdctl") is None:
         raise PrerequisiteError("etcdctl not found on this host", hint="apt-get install etcd-client")
     env = {**os.environ, **open_lab(file, name).etcdctl_env()}
-    os.execve(binary, [binary, *ctx.args], env)
+    raise typer.Exit(exec_interactive(["etcdctl", *ctx.args], env))
 
 
 @verbs.command()
@@ -127,11 +137,15 @@ def halt(file: FileOpt = DEFAULT_FILE, name: NameOpt = None) -> None:
 
 
 @verbs.command()
-def destroy(file: FileOpt = DEFAULT_FILE, name: NameOpt = None) -> None:
+def destroy(file: FileOpt = DEFAULT_FILE, name: NameOpt = None,
+            forget_unreachable: Annotated[bool, typer.Option(
+                "--forget-unreachable",
+                help="provider: hosts: forget a host that does not answer (gone for good) instead of keeping "
+                     "the lab for another `lab destroy`; what lab put on it stays there")] = False) -> None:
     """Remove every node, mount, bridge, rule and file the lab created."""
     from lab.core import lifecycle
 
-    lab_name, existed = lifecycle.destroy(file, flags(name), progress)
+    lab_name, existed = lifecycle.destroy(file, flags(name), progress, forget_unreachable=forget_unreachable)
     out().print(f"lab {lab_name} destroyed" if existed else f"lab {lab_name} does not exist; nothing to do")
 
 
@@ -159,7 +173,7 @@ def ssh(node: Annotated[str, typer.Argument(help="Node to open a shell on.")], c
     lab = open_lab(file, name)
     endpoint = _endpoints(lab, [node])[node]
     lab.write_ssh_config(lab.provider())
-    exec_interactive(ssh_argv(endpoint, lab.ssh_config_path, list(ctx.args) or None))
+    raise typer.Exit(exec_interactive(ssh_argv(endpoint, lab.ssh_config_path, list(ctx.args) or None)))
 
 
 @verbs.command("exec", context_settings=PASS_THROUGH)

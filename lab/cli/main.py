@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from lab.cli import box, fault, image, node, scenario, snapshot, spec, unit, update
+from lab.cli import box, doctor, fault, image, node, scenario, snapshot, spec, unit, update
 from lab.cli import lab as lab_verbs
 from lab.cli.output import err, print_error
 from lab.errors import LabError
@@ -49,7 +49,9 @@ Typical use:
   lab status                  nodes, their IPs and state
   lab exec -- uptime          run a command on every node
   lab fault kill node-2       hurt the cluster
+  lab scenario rolling-update a fault scenario with its checks (lab scenario list)
   lab destroy                 remove everything the lab created
+  lab doctor                  what this host can run, and how to fix what it lacks
 
 Settings come from, lowest to highest: defaults, lab.yaml, LAB_* variables,
 flags (--nodes, --provider, --name, --set key.path=value).
@@ -74,7 +76,7 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_show_vers
 
 
 # Top-level verbs first, then the groups: the order `lab --help` lists them in.
-for verbs in (lab_verbs.verbs, unit.verbs, scenario.verbs):
+for verbs in (lab_verbs.verbs, unit.verbs, scenario.verbs, doctor.verbs):
     app.add_typer(verbs)
 for name, group in (("box", box.app), ("fault", fault.app), ("image", image.app), ("scenario", scenario.app),
                     ("snapshot", snapshot.app), ("spec", spec.app), ("node", node.app), ("unit", unit.app),

@@ -74,12 +74,16 @@ def show_rows(rows: Sequence[Any], as_json: bool, columns: Sequence[str], cells:
         out().print(table(columns, [cells(row) for row in rows]) if rows or empty is None else empty)
 
 
-def node_table(statuses, title: str | None = None):
-    """NODE, IP, STATE, BOOT ID, and MEMORY (used / limit) when the provider reports it."""
+def node_table(statuses, title: str | None = None, roles: dict[str, str] | None = None):
+    """NODE, IP, STATE, BOOT ID, ETCD (member or worker) when `roles` are given, and MEMORY (used / limit)
+    when the provider reports it."""
     colors = {"running": "green", "paused": "yellow", "stopped": "red", "not_created": "dim"}
     columns = ("NODE", "IP", "STATE", "BOOT ID")
     rows = [(s.name, s.ip or "-", f"[{colors.get(s.state.value, 'white')}]{s.state.value}[/]",
              (s.boot_id or "-")[:12]) for s in statuses]
+    if roles:
+        columns += ("ETCD",)
+        rows = [row + (roles.get(s.name, "-"),) for row, s in zip(rows, statuses)]
     if any(s.memory_bytes is not None for s in statuses):
         columns += ("MEMORY",)
         rows = [row + (memory(s.memory_bytes, s.memory_limit_bytes),) for row, s in zip(rows, statuses)]

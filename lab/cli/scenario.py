@@ -8,11 +8,37 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from lab.cli.options import DEFAULT_FILE, FileOpt, JsonOpt, NameOpt, NodesOpt, ProviderOpt, SetOpt, flags
 from lab.cli.output import out, print_json, progress, show_rows
 
-app = typer.Typer(help="List and run fault scenarios.", no_args_is_help=True, rich_markup_mode=None)
+
+class ScenarioGroup(TyperGroup):
+    """`lab scenario NAME ...` is `lab scenario run NAME ...`: the product's usage line names a
+    scenario right after the verb. A word that is a command (list, new, run) stays that command;
+    an unknown name reaches `run`, whose load phase refuses it listing the scenarios there are."""
+
+    def resolve_command(self, ctx, args):
+        if args and not args[0].startswith("-") and self.get_command(ctx, args[0]) is None:
+            return "run", self.get_command(ctx, "run"), args
+        return super().resolve_command(ctx, args)
+
+
+HELP = """\
+Run fault scenarios, list them, scaffold new ones.
+
+\b
+  lab scenario NAME [OPTIONS]   run scenario NAME: the same as `lab scenario run NAME`,
+                                with all its options (`lab scenario NAME --help` lists them)
+  lab scenario list             the built-in scenarios and the ones in ./scenarios
+  lab scenario new NAME         scaffold ./scenarios/NAME
+
+A scenario named like a command (list, new, run) runs with `lab scenario run NAME`.
+"""
+
+app = typer.Typer(cls=ScenarioGroup, help=HELP, no_args_is_help=True, rich_markup_mode=None,
+                  subcommand_metavar="NAME|COMMAND [ARGS]...")
 verbs = typer.Typer(rich_markup_mode=None)  # top-level: `lab test`
 
 

@@ -119,7 +119,7 @@ def unit_journal(unit: UnitArg, file: FileOpt = DEFAULT_FILE, name: NameOpt = No
     if follow and len(found) == 1:
         lab.write_ssh_config(lab.provider())
         # ssh hands the remote shell one string: pass the command as one.
-        exec_interactive(ssh_argv(found[0], lab.ssh_config_path, [command]))
+        raise typer.Exit(exec_interactive(ssh_argv(found[0], lab.ssh_config_path, [command])))
     run_many(found, command, echo=True)
 
 

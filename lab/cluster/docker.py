@@ -18,12 +18,12 @@ a running daemon is restarted only when the file changed.
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
+from typing import Collection
 
-from lab.cluster.remote import RemoteFile, check, put_if_changed, run_bounded
+from lab.cluster.remote import check, put_files, run_bounded
 from lab.host.registry import REGISTRY_PORT
-from lab.host.ssh import SSHEndpoint, connect
-from lab.providers.base import LabContext, Progress, no_progress
+from lab.host.ssh import SSHEndpoint, connect, parallel_map
+from lab.providers.base import LabContext, NodeFile, NodeSeed, Progress, no_progress
 
 DAEMON_CONFIG = "/etc/docker/daemon.json"
 
@@ -50,15 +50,19 @@ class DockerSetup:
         with connect(self.endpoints[node]) as connection:
             if run_bounded(connection, "command -v dockerd >/dev/null", node).exited != 0:
                 return False  # a generic box adopted without Docker (box.docker: false)
-            changed = put_if_changed(connection, RemoteFile(DAEMON_CONFIG, self.text, 0o644), node)
+            changed = put_files(connection, [NodeFile(DAEMON_CONFIG, self.text, 0o644)], node)
             if changed:
                 check(connection, "systemctl try-restart docker.service", node)
             return changed
 
-    def run(self, progress: Progress = no_progress) -> None:
-        nodes = [n.name for n in self.context.nodes]
-        with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
-            changed = list(pool.map(self.configure, nodes))
+    def first_boot_seeds(self) -> dict[str, NodeSeed]:
+        """daemon.json for nodes that boot with it: in place before Docker's first start."""
+        return {n.name: NodeSeed((NodeFile(DAEMON_CONFIG, self.text, 0o644),)) for n in self.context.nodes}
+
+    def run(self, progress: Progress = no_progress, seeded: Collection[str] = ()) -> None:
+        """Write daemon.json over SSH on every node but those that booted with it (`seeded`)."""
+        nodes = [n.name for n in self.context.nodes if n.name not in seeded]
+        changed = parallel_map(self.configure, nodes)
         touched = [n for n, c in zip(nodes, changed) if c]
         if touched:
             progress(f"docker: configured on {', '.join(touched)}")

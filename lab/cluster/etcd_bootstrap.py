@@ -15,23 +15,33 @@ peers: only holders of a lab certificate (the host's tools, the node agents,
 the other members) can talk to etcd. The mode is fixed when the lab is
 created (recorded in the state as etcd.tls): members, agents and their
 certificates are set up for it, so a spec that flips it later is refused.
+
+Not every node need be a member: etcd advises 3 to 7, and every member more
+slows each write and each election. The first `etcd.members` nodes are members
+(recorded in the state as etcd.members when the lab is created); the others
+are workers, whose etcd.service runs etcd's TCP gateway on 127.0.0.1:2379,
+forwarding each connection to a member (the next one that accepts it), so
+agents and units use 127.0.0.1:2379 on every node. It forwards bytes, not
+requests: TLS goes through untouched, and a client on a worker checks the
+member's certificate (which names 127.0.0.1) and shows its own, as on a
+member.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Collection
 
-from lab.cluster.etcdclient import EtcdClient, EtcdError, TlsFiles
-from lab.cluster.remote import (APT_TIMEOUT, BootstrapError, RemoteFile, check, journal_tail, put_files,
+from lab.cluster.etcdclient import EtcdClient, EtcdError, EtcdUnknown, TlsFiles
+from lab.cluster.remote import (APT_TIMEOUT, BootstrapError, check, journal_tail, put_files,
                                run_bounded, units_active)
 from lab.errors import ProviderError, StateError, UsageError
 from lab.host.pki import LabPki
-from lab.host.ssh import SSHEndpoint, connect, run
+from lab.host.ssh import SSHEndpoint, connect, parallel_map, run
 from lab.node.layout import CLIENT_PORT, NODE_PKI_DIR
-from lab.providers.base import LabContext, Progress, no_progress
+from lab.providers.base import LabContext, NodeFile, NodeSeed, Progress, no_progress
 
 PEER_PORT = 2380
 ETCD_ENV_FILE = "/etc/default/etcd"
@@ -69,9 +79,68 @@ class EtcdMember:
         return f"{self.scheme}://{self.ip}:{PEER_PORT}"
 
 
+MEMBER, WORKER = "member", "worker"
+ROLES = (MEMBER, WORKER)
+
+
+def member_names(context: LabContext) -> list[str]:
+    """The nodes that are etcd members, in node order.
+
+    As the state records them; a lab created before nodes had roles made
+    every node a member; a lab not created yet has the spec's first
+    `etcd.members` nodes.
+    """
+    names = [n.name for n in context.nodes]
+    if context.state is None:
+        return names[:context.spec.etcd_member_count(len(names))]
+    recorded = (context.state.get("etcd") or {}).get("members")
+    if recorded is None:
+        return names
+    return [name for name in names if name in recorded]
+
+
+def roles(context: LabContext) -> dict[str, str]:
+    """Each node's part in etcd: member or worker."""
+    chosen = set(member_names(context))
+    return {n.name: MEMBER if n.name in chosen else WORKER for n in context.nodes}
+
+
+def new_node_role(spec, members_now: int, nodes_after: int) -> str:
+    """The role of a node added without --role: a member while the lab has fewer members than its spec
+    wants for its new size (`etcd.members`, or the default for that many nodes), else a worker."""
+    return MEMBER if members_now < spec.etcd_member_count(nodes_after) else WORKER
+
+
 def members(context: LabContext) -> list[EtcdMember]:
     tls = tls_mode(context)
-    return [EtcdMember(n.name, context.addresses[n.name], tls) for n in context.nodes]
+    chosen = set(member_names(context))
+    return [EtcdMember(n.name, context.addresses[n.name], tls) for n in context.nodes if n.name in chosen]
+
+
+def record_members(context: LabContext, names: list[str]) -> None:
+    """Record which nodes are members (before a member is added, after one is removed)."""
+    etcd_state = dict(context.state.get("etcd") or {})
+    etcd_state["members"] = list(names)
+    context.state.set("etcd", etcd_state)
+
+
+def local_url(tls: bool) -> str:
+    """etcd on the node itself: its member, or on a worker the gateway."""
+    return f"{'https' if tls else 'http'}://127.0.0.1:{CLIENT_PORT}"
+
+
+def agent_endpoints(context: LabContext, node: str) -> list[str]:
+    """The etcd endpoints a node's agents use, in the order they try them.
+
+    A member lists its own first (its agents keep working when only their side
+    of a partition is up), then the others; a worker has its gateway, which
+    itself moves on to another member when one does not take the connection.
+    """
+    cluster = members(context)
+    own = next((m for m in cluster if m.node == node), None)
+    if own is None:
+        return [local_url(tls_mode(context))]
+    return [own.client_url] + [m.client_url for m in cluster if m.node != node]
 
 
 def recorded_tls(context: LabContext) -> bool | None:
@@ -137,13 +206,45 @@ def etcd_environment(member: EtcdMember, cluster: list[EtcdMember], token: str, 
     return "\n".join(lines) + "\n"
 
 
+def gateway_environment(turn: int, cluster: list[EtcdMember]) -> str:
+    """A worker's `/etc/default/etcd`: the members its gateway forwards to (pure: tested on fixed input).
+
+    Each worker starts its round-robin at another member (`turn`: the last byte of its address, which
+    never changes, so removing another worker rewrites nothing here), so the workers' connections
+    spread over the members instead of all landing on the first.
+    """
+    addresses = [f"{m.ip}:{CLIENT_PORT}" for m in cluster]
+    start = turn % len(addresses) if addresses else 0
+    return ("# Written by lab: `lab up` rewrites it. This node is an etcd worker: etcd.service runs\n"
+            "# etcd's gateway on 127.0.0.1, forwarding to these members (see 10-lab.conf).\n"
+            f"ETCD_GATEWAY_ENDPOINTS={','.join(addresses[start:] + addresses[:start])}\n")
+
+
+# A member that is down is tried again after a second (etcd's default is a minute): a worker whose
+# gateway had put every member aside after a partition would otherwise stay cut off long after it healed.
+GATEWAY_DROPIN_TEXT = f"""\
+# Written by lab. This node is an etcd worker, not a member: etcd.service runs
+# etcd's TCP gateway on 127.0.0.1:{CLIENT_PORT} instead, forwarding each connection to
+# a member (ETCD_GATEWAY_ENDPOINTS in {ETCD_ENV_FILE}), so agents and units use
+# the same address on every node. TLS passes through it untouched.
+[Service]
+Type=simple
+ExecStart=
+ExecStart=/usr/bin/etcd gateway start --listen-addr=127.0.0.1:{CLIENT_PORT} --endpoints=${{ETCD_GATEWAY_ENDPOINTS}} --retry-delay=1s
+Restart=on-failure
+RestartSec=1
+"""
+
+
 class EtcdBootstrap:
-    """Configure and start etcd on every node, then wait for a healthy cluster."""
+    """Configure and start etcd on every node (members, and workers' gateways), then wait for a healthy cluster."""
 
     def __init__(self, context: LabContext, endpoints: dict[str, SSHEndpoint]) -> None:
         self.context = context
         self.endpoints = endpoints
         self.members = members(context)
+        chosen = {m.node for m in self.members}
+        self.workers = [n.name for n in context.nodes if n.name not in chosen]
         self.pki = LabPki(context.lab_dir / "pki")
 
     # -- the cluster's identity, kept in the lab state so re-runs agree
@@ -176,65 +277,138 @@ class EtcdBootstrap:
 
     # -- bootstrap
 
-    def run(self, progress: Progress = no_progress, timeout: float = HEALTH_TIMEOUT) -> None:
+    def first_boot_seeds(self) -> dict[str, NodeSeed]:
+        """Every node's etcd files and etcd.service enabled, for nodes that boot with them: a member's
+        etcd then starts with its node (all members at once, as a static bootstrap wants) and a
+        worker's gateway too, with no SSH round trip."""
+        if tls_mode(self.context):
+            self.pki.ensure(self.context.spec.name, self.context.addresses)
+        token = self.token()
+        seeds = {m.node: NodeSeed(tuple(self._member_files(m, token, *self._initial(m))), ("etcd.service",))
+                 for m in self.members}
+        seeds.update({node: NodeSeed(tuple(self._gateway_files(node)), ("etcd.service",)) for node in self.workers})
+        return seeds
+
+    def run(self, progress: Progress = no_progress, timeout: float = HEALTH_TIMEOUT,
+            seeded: Collection[str] = ()) -> None:
+        """Configure etcd on every node over SSH, except those that booted with it (`seeded`), and wait
+        until the cluster is healthy."""
         if self.context.spec.etcd.tls:
             self.pki.ensure(self.context.spec.name, self.context.addresses)
         else:
             progress("etcd: WARNING: etcd.tls is false: plain HTTP without client certificates, open to every "
                      "local user (any of them can run units as root on the nodes)")
+        self._note_members_target(progress)
         token = self.token()
         started = time.monotonic()
         initial = {m.node: self._initial(m) for m in self.members}  # state writes stay on this thread
-        with ThreadPoolExecutor(max_workers=max(1, len(self.members))) as pool:
-            changed = list(pool.map(lambda m: self._configure(m, token, *initial[m.node]), self.members))
-        touched = [m.node for m, c in zip(self.members, changed) if c]
-        progress(f"etcd: configured {', '.join(touched)}" if touched else "etcd: configuration unchanged")
+        jobs = [(m.node, lambda m=m: self._configure(m.node, self._member_files(m, token, *initial[m.node])))
+                for m in self.members if m.node not in seeded]
+        jobs += [(node, lambda node=node: self._configure(node, self._gateway_files(node), gateway=True))
+                 for node in self.workers if node not in seeded]
+        changed = parallel_map(lambda job: job[1](), jobs)
+        touched = [node for (node, _), c in zip(jobs, changed) if c]
+        if touched:
+            progress(f"etcd: configured {', '.join(touched)}")
+        elif not seeded:
+            progress("etcd: configuration unchanged")
         self.wait_healthy(progress, timeout)
         progress(f"etcd: {len(self.members)}/{len(self.members)} members healthy "
-                 f"{time.monotonic() - started:.1f} s after the nodes were ready")
+                 f"{time.monotonic() - started:.1f} s after the nodes were ready"
+                 + (f"; {len(self.workers)} worker(s) reach them through a local gateway" if self.workers else ""))
 
-    def _files(self, member: EtcdMember, token: str, cluster: list[EtcdMember], state: str) -> list[RemoteFile]:
+    def _note_members_target(self, progress: Progress) -> None:
+        wanted, nodes = self.context.spec.etcd.members, len(self.context.nodes)
+        if wanted is None or wanted == len(self.members):
+            return
+        if wanted > nodes and len(self.members) == nodes:
+            progress(f"etcd: etcd.members is {wanted} but the lab has {nodes} node(s): every node is a member")
+        else:
+            progress(f"etcd: the lab has {len(self.members)} members, the spec asks for {wanted}: members "
+                     "change only through `lab node add --role member` and `lab node remove`")
+
+    def _pki_files(self, node: str) -> list[NodeFile]:
+        """The lab CA and the node's certificate: a member serves with it, every node's agents show it."""
+        if not tls_mode(self.context):
+            return []
+        pair = self.pki.node(node)
+        return [NodeFile(f"{NODE_PKI_DIR}/ca.crt", self.pki.ca.read_bytes(), 0o644),
+                NodeFile(f"{NODE_PKI_DIR}/node.crt", pair.cert.read_bytes(), 0o644),
+                NodeFile(f"{NODE_PKI_DIR}/node.key", pair.key.read_bytes(), 0o600, owner="etcd")]
+
+    def _member_files(self, member: EtcdMember, token: str, cluster: list[EtcdMember] | None = None,
+                      state: str = "new") -> list[NodeFile]:
         spec = self.context.spec.etcd
-        env = etcd_environment(member, cluster, token, spec.heartbeat_ms, spec.election_timeout_ms, state,
-                               pre_vote=spec.pre_vote)
-        files = [RemoteFile(ETCD_ENV_FILE, env.encode(), 0o644),
-                 RemoteFile(ETCD_DROPIN, ETCD_DROPIN_TEXT.encode(), 0o644)]
-        if member.tls:
-            pair = self.pki.node(member.node)
-            files += [RemoteFile(f"{NODE_PKI_DIR}/ca.crt", self.pki.ca.read_bytes(), 0o644),
-                      RemoteFile(f"{NODE_PKI_DIR}/node.crt", pair.cert.read_bytes(), 0o644),
-                      RemoteFile(f"{NODE_PKI_DIR}/node.key", pair.key.read_bytes(), 0o600, owner="etcd")]
-        return files
+        env = etcd_environment(member, cluster or self.members, token, spec.heartbeat_ms, spec.election_timeout_ms,
+                               state, pre_vote=spec.pre_vote)
+        return [NodeFile(ETCD_ENV_FILE, env.encode(), 0o644),
+                NodeFile(ETCD_DROPIN, ETCD_DROPIN_TEXT.encode(), 0o644)] + self._pki_files(member.node)
 
-    def _configure(self, member: EtcdMember, token: str, cluster: list[EtcdMember] | None = None,
-                   state: str = "new") -> bool:
-        """Write the member's files and (re)start etcd if anything changed. Returns whether it did."""
-        endpoint = self.endpoints[member.node]
-        files = self._files(member, token, cluster or self.members, state)
-        with connect(endpoint) as connection:
-            self._ensure_etcd_installed(connection, member.node)
-            changed = put_files(connection, files, member.node)
-            active = units_active(connection, member.node, "etcd")
+    def _gateway_files(self, node: str) -> list[NodeFile]:
+        env = gateway_environment(int(self.context.addresses[node].rsplit(".", 1)[1]), self.members)
+        return [NodeFile(ETCD_ENV_FILE, env.encode(), 0o644),
+                NodeFile(ETCD_DROPIN, GATEWAY_DROPIN_TEXT.encode(), 0o644)] + self._pki_files(node)
+
+    def _configure(self, node: str, files: list[NodeFile], gateway: bool = False) -> bool:
+        """Write a node's etcd files and (re)start etcd if anything changed. Returns whether it did."""
+        with connect(self.endpoints[node]) as connection:
+            self._ensure_etcd_installed(connection, node)
+            changed = put_files(connection, files, node)
+            active = units_active(connection, node, "etcd")
             if changed or not active:
                 # --no-block: a member only reports ready once a quorum is up,
                 # so starting them one by one would wait forever on the first.
                 verb = "restart" if active else "start"
                 check(connection, "systemctl daemon-reload && systemctl enable --quiet etcd && "
-                                  f"systemctl {verb} --no-block etcd", member.node)
+                                  f"systemctl {verb} --no-block etcd", node)
+                if gateway:
+                    self._wait_gateway(connection, node)
             return changed or not active
 
+    def _wait_gateway(self, connection, node: str, timeout: float = 10.0) -> None:
+        # The gateway listens at once or not at all (its port taken, a bad flag): say so here,
+        # with its journal, rather than as agents that never register.
+        tries = int(timeout / 0.1)
+        waited = run_bounded(connection, f"for i in $(seq {tries}); do ss -Hltn 'sport = :{CLIENT_PORT}' | "
+                                         f"grep -q 127.0.0.1: && exit 0; sleep 0.1; done; exit 1", node,
+                             timeout=timeout + 5)
+        if waited.exited != 0:
+            raise BootstrapError(f"the etcd gateway on worker {node} is not listening on 127.0.0.1:{CLIENT_PORT} "
+                                 f"after {timeout:.0f} s:\n" + journal_tail(self.endpoints[node], "etcd"),
+                                 hint=f"`lab exec --node {node} -- journalctl -u etcd` shows the whole log")
+
+    def configure_gateways(self, progress: Progress = no_progress) -> None:
+        """Point every worker's gateway at the members as they are now (after one joined or left)."""
+        if not self.workers:
+            return
+        changed = parallel_map(lambda node: self._configure(node, self._gateway_files(node), gateway=True),
+                              self.workers)
+        touched = [node for node, c in zip(self.workers, changed) if c]
+        if touched:
+            progress(f"etcd: gateways of {', '.join(touched)} now forward to {', '.join(m.node for m in self.members)}")
+
+    def start_gateway(self, node: str, progress: Progress = no_progress) -> None:
+        """Start a new worker's gateway (its certificate first, on a TLS lab)."""
+        if tls_mode(self.context):
+            self.pki.ensure(self.context.spec.name, self.context.addresses)
+        self._configure(node, self._gateway_files(node), gateway=True)
+        progress(f"etcd: {node} is a worker: its gateway forwards to {', '.join(m.node for m in self.members)}")
+
     def join(self, node: str, progress: Progress = no_progress) -> None:
-        """Add `node` as a new member through the member API, then start its etcd."""
+        """Add `node` as a new member through the member API, then start its etcd (it must be recorded a member)."""
         member = next(m for m in self.members if m.node == node)
         if self.context.spec.etcd.tls:
             self.pki.ensure(self.context.spec.name, self.context.addresses)  # the new node's certificate
-        client = self.client()
+        client = self.client(timeout=self._reconfigure_timeout())
+
+        def added() -> bool:
+            return any(member.peer_url in m.get("peerURLs", []) for m in client.members())
+
         try:
-            existing = client.members()
-            if not any(member.peer_url in m.get("peerURLs", []) for m in existing):
+            if not added():
                 progress(f"etcd: adding member {node} ({member.peer_url})")
-                self._reconfigure(lambda: client.member_add(member.peer_url))
-                existing = client.members()
+                self._reconfigure(lambda: client.member_add(member.peer_url), applied=added)
+            existing = client.members()
         finally:
             client.close()
         # The initial cluster of a joining member is every current member, itself included.
@@ -247,37 +421,71 @@ class EtcdBootstrap:
         etcd_state = dict(self.context.state.get("etcd") or {})
         etcd_state["joined"] = {**etcd_state.get("joined", {}), node: {"cluster": cluster}}
         self.context.state.set("etcd", etcd_state)
-        self._configure(member, self.token(), *self._initial(member))
+        self._configure(node, self._member_files(member, self.token(), *self._initial(member)))
         self.wait_healthy(progress)
         progress(f"etcd: {node} joined; {len(self.members)} members healthy")
+        self.configure_gateways(progress)
+
+    def _reconfigure_timeout(self) -> float:
+        # A member change answers once the member that took it has applied the
+        # configuration change: a raft round trip plus fsyncs, seconds on a
+        # loaded machine. etcd's own request timeout is 5 s plus two election
+        # timeouts; wait that long before calling the outcome unknown.
+        return 5.0 + 2 * self.context.spec.etcd.election_timeout_ms / 1000
 
     @staticmethod
-    def _reconfigure(call, timeout: float = 30.0):
-        # etcd refuses reconfiguration ("unhealthy cluster") until every member
-        # has been connected for a few seconds, e.g. right after bootstrap.
+    def _reconfigure(call, applied, timeout: float = 30.0):
+        """Make one member change. `applied()` reads the member list to settle a change whose answer was lost
+        (a timeout after sending): a change is not idempotent, so it is never sent twice blindly."""
         deadline = time.monotonic() + timeout
+        uncertain = False  # a change was sent and its answer lost: it may have applied
         while True:
             try:
                 return call()
+            except EtcdUnknown:
+                uncertain = True
+                if time.monotonic() > deadline:
+                    raise
             except EtcdError as exc:
+                # After a lost answer, etcd refusing the same change again because it is done is success.
+                if uncertain and ("already exists" in exc.message or "member not found" in exc.message):
+                    return None
+                # etcd refuses reconfiguration ("unhealthy cluster") until every
+                # member has been connected for a few seconds, e.g. right after bootstrap.
                 if "unhealthy cluster" not in exc.message or time.monotonic() > deadline:
                     raise
-                time.sleep(0.5)
+            if uncertain:
+                try:
+                    if applied():
+                        return None
+                except EtcdError:
+                    pass  # no answer to the list either (an election): ask again below
+            time.sleep(0.5)
 
     def leave(self, node: str, progress: Progress = no_progress) -> None:
-        """Remove `node`'s member through the member API (the cluster stays available)."""
-        member = next(m for m in self.members if m.node == node)
-        client = self.client()
+        """Remove `node`'s member through the member API (the cluster stays available), record it gone, and
+        point the workers' gateways at the members left. A worker has no member: nothing to do."""
+        member = next((m for m in self.members if m.node == node), None)
+        if member is None:
+            return
+        client = self.client(timeout=self._reconfigure_timeout())
         try:
             for entry in client.members():
                 if entry.get("name") == node or member.peer_url in entry.get("peerURLs", []):
                     progress(f"etcd: removing member {node} ({entry['ID']})")
-                    self._reconfigure(lambda entry=entry: client.member_remove(entry["ID"]))
+
+                    def removed(member_id: str = entry["ID"]) -> bool:
+                        return all(m.get("ID") != member_id for m in client.members())
+
+                    self._reconfigure(lambda entry=entry: client.member_remove(entry["ID"]), applied=removed)
         finally:
             client.close()
+        self.members = [m for m in self.members if m.node != node]
+        record_members(self.context, [m.node for m in self.members])
         etcd_state = dict(self.context.state.get("etcd") or {})
         etcd_state["joined"] = {k: v for k, v in etcd_state.get("joined", {}).items() if k != node}
         self.context.state.set("etcd", etcd_state)
+        self.configure_gateways(progress)
 
     @staticmethod
     def _ensure_etcd_installed(connection, node: str) -> None:

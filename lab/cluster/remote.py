@@ -8,55 +8,70 @@ re-running `lab up` changes nothing on a node that is already right.
 from __future__ import annotations
 
 import io
+import secrets
 import shlex
-from dataclasses import dataclass
-from pathlib import Path
+import tarfile
+from pathlib import PurePosixPath
 
 from lab.errors import CommandError, LabError, ProviderError
+from lab.host.files import to_lf
 from lab.host.ssh import SSHEndpoint, timed_out
+from lab.providers.base import NodeFile
 
 # Every command lab runs on a node during bootstrap; apt-get gets its own, longer bound.
 COMMAND_TIMEOUT = 120.0
 APT_TIMEOUT = 900.0
+# Where a node receives a bundle of files before they are swapped into place (removed right after).
+UPLOAD_DIR = "/var/tmp"
 
 
 class BootstrapError(LabError):
     exit_code = 8
 
 
-@dataclass(frozen=True)
-class RemoteFile:
-    path: str
-    content: bytes
-    mode: int
-    owner: str = "root"
+def put_files(connection, files: list[NodeFile], node: str) -> bool:
+    """Write every file whose content differs, in two round trips whatever their number: one upload
+    of them all as one tar, one script that swaps each changed one in. Returns whether any changed.
 
-
-def put_files(connection, files: list[RemoteFile], node: str) -> bool:
-    """Upload every file (each only if it differs). Returns whether any changed."""
-    return any([put_if_changed(connection, file, node) for file in files])  # a list: upload them all
-
-
-def put_if_changed(connection, file: RemoteFile, node: str) -> bool:
-    """Upload through a temp file and swap it in only if the content differs."""
-    temporary = f"{file.path}.lab-new"
-    directory = str(Path(file.path).parent)
-    check(connection, f"mkdir -p {shlex.quote(directory)}", node)
+    Each file is checked and swapped on its own (`PATH.lab-new`, compared, fsynced, renamed), so a
+    file already right is never touched and a reader never sees half of one.
+    """
+    if not files:
+        return False
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as bundle:
+        for index, file in enumerate(files):
+            # LF on the node even from a CRLF checkout (a Windows clone): a unit or script with CR breaks there.
+            content = to_lf(file.content)
+            entry = tarfile.TarInfo(str(index))
+            entry.size = len(content)
+            bundle.addfile(entry, io.BytesIO(content))
+    archive.seek(0)
+    remote_bundle = f"{UPLOAD_DIR}/lab-put-{secrets.token_hex(8)}.tar"
     # SFTP has no timeout of its own: bound every read/write on its channel.
     connection.sftp().get_channel().settimeout(COMMAND_TIMEOUT)
-    connection.put(io.BytesIO(file.content), remote=temporary)
-    quoted, quoted_tmp = shlex.quote(file.path), shlex.quote(temporary)
+    connection.put(archive, remote=remote_bundle)
+    script = [f"bundle={shlex.quote(remote_bundle)}", 'trap \'rm -f "$bundle"\' EXIT', "set -e"]
+    for index, file in enumerate(files):
+        script.append(_swap_in(file, f'tar -xOf "$bundle" {index}', f"CHANGED {index}"))
+    result = check(connection, "\n".join(script), node)
+    return "CHANGED" in result.stdout
+
+
+def _swap_in(file: NodeFile, content_command: str, changed_marker: str) -> str:
+    """Shell that writes `content_command`'s output as `file` only if it differs, printing the marker then."""
+    quoted, temporary = shlex.quote(file.path), shlex.quote(f"{file.path}.lab-new")
+    directory = shlex.quote(str(PurePosixPath(file.path).parent))
     # fsync the file before the rename and the directory after it: a VM whose
     # power is pulled (`lab fault kill`) seconds later otherwise comes back with
     # the new name on an empty file (ext4 delayed allocation), e.g. a unit file
     # systemd then reads as masked. Container nodes share the host's page cache
     # and never showed it.
-    script = (f"chmod {file.mode:o} {quoted_tmp} && chown {file.owner} {quoted_tmp} && "
-              f"if cmp -s {quoted_tmp} {quoted}; then rm -f {quoted_tmp}; "
-              f"else sync {quoted_tmp} && mv -f {quoted_tmp} {quoted} && sync {shlex.quote(directory)} "
-              f"&& echo CHANGED; fi")
-    result = check(connection, script, node)
-    return "CHANGED" in result.stdout
+    # The new file is made under umask 077: never readable by others before its own mode is set (a key).
+    return (f"mkdir -p {directory}; (umask 077; {content_command} > {temporary}); "
+            f"chmod {file.mode:o} {temporary}; chown {shlex.quote(file.owner)} {temporary}; "
+            f"if cmp -s {temporary} {quoted}; then rm -f {temporary}; "
+            f"else sync {temporary}; mv -f {temporary} {quoted}; sync {directory}; echo {changed_marker}; fi")
 
 
 def units_active(connection, node: str, *units: str) -> bool:

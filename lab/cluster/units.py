@@ -57,6 +57,7 @@ def unit_source(path: Path) -> Path | None:
 def _read_unit_file(path: Path) -> fleet.Unit:
     source = unit_source(path) or path
     try:
+        # Text mode reads a CRLF checkout's unit as LF: the text stored in etcd is what nodes write.
         text = source.read_text(encoding="utf-8")
     except OSError as exc:
         raise UnitUsageError(f"{path}: cannot be read ({exc.strerror or exc})") from None

@@ -19,15 +19,15 @@ from pathlib import Path
 from typing import Iterator
 
 from lab.host import network
+from lab.host.paths import effective_uid
 from lab.errors import LabError, StateError, UsageError
 from lab.node.layout import BOOT_SLOTS
 from lab.providers import Selection, select
 from lab.providers.base import LabContext, NodeState, NodeStatus, Progress, Provider, no_progress
 from lab.model.spec import LabSpec, LoadedSpec, Override, ResolvedNode, load_spec
 from lab.core.services import prepare_containers, stop_services
-from lab.core.state import LabState, lab_lock
+from lab.core.state import LABS_DIR, LabState, lab_lock
 
-LABS_DIR = ".lab"
 # A command that changes a running lab (a fault, a node, a unit) waits this
 # long for another to let go of the lab's lock, then says which one holds it.
 CHANGE_WAIT = 5.0
@@ -40,7 +40,7 @@ def check_lab_dir(lab_dir: Path) -> None:
     a symlink (to /, say) or a directory another user owns (who could swap its
     contents for symlinks) must never be acted on.
     """
-    euid = os.geteuid() if hasattr(os, "geteuid") else None
+    euid = effective_uid()  # None on Windows, where the folder's ACL decides
     for path in (lab_dir.parent, lab_dir):
         if path.is_symlink():
             raise StateError(f"{path} is a symlink (to {os.readlink(path)}); lab keeps its labs only in a real "
@@ -112,6 +112,11 @@ class Lab:
         return network.choose_subnet(self.lab_id, pool, taken)
 
     def context(self, provider: str, *, claim: bool = False) -> LabContext:
+        from lab.providers import provider_class
+
+        # What the spec leaves to the host (libvirt's driver: auto), as the provider runs this lab: in
+        # the lab's own spec too, as scenarios read etcd's timings from it for their liveness bounds.
+        self.spec = provider_class(provider).settled_spec(self.spec, self.state)
         nodes = self.spec.node_specs()
         if self.state is not None and self.state.get("nodes"):
             # The nodes the lab has (created, added, removed) win over a spec
@@ -124,7 +129,8 @@ class Lab:
         subnet = self.subnet_for(provider, claim)
         # Addresses are kept in the state once given: removing node-2 must not move node-3.
         recorded = dict(self.state.get("addresses") or {}) if self.state is not None else {}
-        addresses = network.assign_addresses(subnet, [n.name for n in nodes], recorded)
+        addresses = (provider_class(provider).fixed_addresses(self.spec, [n.name for n in nodes], recorded)
+                     or network.assign_addresses(subnet, [n.name for n in nodes], recorded))
         ssh_dir = self.lab_dir / "ssh"
         return LabContext(spec=self.spec, lab_dir=self.lab_dir, lab_id=self.lab_id, nodes=nodes,
                           addresses=addresses, subnet=str(subnet), ssh_key=ssh_dir / "id_ed25519",
@@ -146,37 +152,58 @@ class Lab:
             self.check_ssh_key(progress)
         run = UpRun(lab=self, progress=progress, new_lab=self.state is None)
         run_steps(run, up_steps(bootstrap))
-        return UpResult(selection=run.selection, nodes=run.provider.status(), ssh_config=self.ssh_config_path)
+        self.spec = run.provider.context.spec  # as the provider settled it while booting (libvirt: a KVM probe)
+        return UpResult(selection=run.selection, nodes=run.provider.status(), ssh_config=self.ssh_config_path,
+                        seconds=run.seconds)
 
-    def node_add(self, progress: Progress = no_progress) -> str:
-        """Boot one more node and join it to etcd as a new member (runtime reconfiguration)."""
-        from lab.cluster.etcd_bootstrap import EtcdBootstrap
+    def node_add(self, progress: Progress = no_progress, role: str | None = None) -> str:
+        """Boot one more node: an etcd member joined at run time (member add before its etcd starts), or a
+        worker whose etcd gateway forwards to the members. Default: a member while the lab has fewer
+        members than its spec's `etcd.members` (its default for the new node count), else a worker."""
+        from lab.cluster.etcd_bootstrap import (MEMBER, ROLES, EtcdBootstrap, member_names, new_node_role,
+                                                record_members)
 
         self.require_created("add a node to")
+        if role is not None and role not in ROLES:
+            raise UsageError(f"--role {role!r} is not a node role", hint=f"use one of: {', '.join(ROLES)}")
         self.check_ssh_key(progress)
         names = list(self.state["nodes"])
         index = len(names) + 1
         while f"{self.spec.nodes.prefix}-{index}" in names:
             index += 1
         new = f"{self.spec.nodes.prefix}-{index}"
-        self.state.set("nodes", names + [new])  # recorded before it exists
+        # A provider that gives addresses itself (existing hosts) may have none left: said before anything
+        # is recorded, or every later command would fail on a node without an address.
+        from lab.providers import provider_class
+
+        provider_class(self.selection().name).fixed_addresses(self.spec, names + [new],
+                                                               dict(self.state.get("addresses") or {}))
+        current = member_names(self.context(self.selection().name))
+        role = role or new_node_role(self.spec, len(current), len(names) + 1)
+        # Recorded before it exists: the node, and whether it is a member (a lab recorded before roles
+        # existed gets its list written out here, every node so far a member).
+        record_members(self.context(self.selection().name), current + ([new] if role == MEMBER else []))
+        self.state.set("nodes", names + [new])
         context = self.context(self.selection().name)
         self.state.set("addresses", context.addresses)
         provider = self.provider()
-        progress(f"adding {new} at {context.addresses[new]}")
+        progress(f"adding {new} at {context.addresses[new]} as an etcd {role}")
         try:
             provider.up(progress)
             self.write_ssh_config(provider)
             prepare_containers(provider, progress)
             endpoints = provider.ssh_endpoints()
-            EtcdBootstrap(provider.context, endpoints).join(new, progress)
+            if role == MEMBER:
+                EtcdBootstrap(provider.context, endpoints).join(new, progress)
+            else:
+                EtcdBootstrap(provider.context, endpoints).start_gateway(new, progress)
             from lab.cluster.agents import SchedulerBootstrap
 
             SchedulerBootstrap(provider.context, endpoints).run(progress, nodes=[new])
         except BaseException:
             progress(f"rolling back: removing {new}")
             try:  # a member added but never started would cost the cluster its fault tolerance
-                EtcdBootstrap(provider.context, {}).leave(new, progress)
+                EtcdBootstrap(provider.context, provider.ssh_endpoints()).leave(new, progress)
             except LabError:
                 progress(f"could not remove {new}'s etcd member; `lab etcdctl -- member list` shows it")
             self._forget_node(provider, new, progress)
@@ -185,23 +212,40 @@ class Lab:
 
     def _forget_node(self, provider: Provider, node: str, progress: Progress) -> None:
         provider.remove_node(node, progress)
+        etcd_state = dict(self.state.get("etcd") or {})
+        if node in etcd_state.get("members", []):  # a member whose removal from etcd failed: it is gone all the same
+            self.state.set("etcd", {**etcd_state, "members": [n for n in etcd_state["members"] if n != node]})
         self.state.set("nodes", [n for n in self.state["nodes"] if n != node])
         self.state.set("addresses", {n: ip for n, ip in self.state["addresses"].items() if n != node})
         self.write_ssh_config(self.provider())
 
     def node_remove(self, node: str, progress: Progress = no_progress) -> None:
-        """Remove a node's etcd member cleanly, then destroy the node."""
-        from lab.cluster.etcd_bootstrap import EtcdBootstrap
+        """Remove a member from etcd cleanly (and from the workers' gateways), then destroy the node.
+        A worker's node is destroyed at once: nothing of it is in etcd's membership."""
+        from lab.cluster.etcd_bootstrap import EtcdBootstrap, member_names
 
         self.require_created("remove a node from")
         context = self.context(self.selection().name)
         context.node(node)
         if len(context.nodes) == 1:
             raise UsageError(f"{node} is the lab's last node", hint="use `lab destroy` to remove the whole lab")
+        if member_names(context) == [node]:
+            raise UsageError(f"{node} is the lab's last etcd member: without it no node reaches etcd",
+                             hint="add a member first (`lab node add --role member`), or `lab destroy` the lab")
         provider = self.provider()
         EtcdBootstrap(context, provider.ssh_endpoints()).leave(node, progress)
         self._forget_node(provider, node, progress)
         prepare_containers(self.provider(), progress)  # the lab DNS forgets the node's name
+
+    def roles(self) -> dict[str, str]:
+        """Each node's part in etcd: "member" or "worker" (a lab not created yet: what the spec would make)."""
+        from lab.cluster.etcd_bootstrap import MEMBER, WORKER, roles
+
+        if self.state is None:  # without choosing a provider: nothing but the spec decides
+            names = [n.name for n in self.spec.node_specs()]
+            count = self.spec.etcd_member_count(len(names))
+            return {name: MEMBER if index < count else WORKER for index, name in enumerate(names)}
+        return roles(self.context(self.selection().name))
 
     def status(self) -> list[NodeStatus]:
         if self.state is None:
@@ -216,8 +260,12 @@ class Lab:
         stop_services(self.state, progress)
         self.provider().halt(progress)
 
-    def destroy(self, progress: Progress = no_progress) -> bool:
-        """Remove everything of the lab. Returns False if there was nothing to remove."""
+    def destroy(self, progress: Progress = no_progress, forget_unreachable: bool = False) -> bool:
+        """Remove everything of the lab. Returns False if there was nothing to remove. `forget_unreachable`:
+        a node that cannot be reached (an existing host gone for good) is forgotten, not waited for."""
+        # What is on disk, not what this object read when it opened the lab: another command (a `lab node
+        # add` that restarted the lab DNS, say) may have recorded resources since, which would be left running.
+        self.state = LabState.load(self.lab_dir)
         if self.state is None:
             existed = self.lab_dir.exists()  # a rendered Vagrantfile, say
             if existed:
@@ -234,7 +282,9 @@ class Lab:
 
         close_masters(self.ssh_config_path, self.state.get("nodes", []))
         stop_services(self.state, progress)
-        self.provider().destroy(progress)
+        provider = self.provider()
+        provider.forget_unreachable = forget_unreachable
+        provider.destroy(progress)
         network.release_subnet(self.lab_dir)
         shutil.rmtree(self.lab_dir, ignore_errors=True)
         self._remove_labs_dir_if_empty()
@@ -350,7 +400,9 @@ class Lab:
         if note:
             report.append(note)
         if shutil.which("vagrant") is None:
-            report.append("vagrant is not installed: skipped `vagrant validate` (apt-get install vagrant)")
+            from lab.host.vagrant import VAGRANT_HINT
+
+            report.append(f"vagrant is not installed: skipped `vagrant validate` ({VAGRANT_HINT})")
             return report
         from lab.providers.vagrant.provider import validate
 
@@ -455,3 +507,8 @@ class UpResult:
     selection: Selection
     nodes: list[NodeStatus]
     ssh_config: Path
+    seconds: dict[str, float]  # wall time of each step of `lab up` that ran
+
+    def phases(self) -> str:
+        """The steps that took a noticeable time, e.g. "boot nodes 1.6 s, etcd 0.2 s"."""
+        return ", ".join(f"{name} {took:.1f} s" for name, took in self.seconds.items() if took >= 0.05)

@@ -71,7 +71,7 @@ def init(file: Path, flags: Flags, force: bool = False) -> None:
                          ) from None
 
 
-def destroy(file: Path, flags: Flags, progress: Progress) -> tuple[str, bool]:
+def destroy(file: Path, flags: Flags, progress: Progress, forget_unreachable: bool = False) -> tuple[str, bool]:
     """Remove the lab; returns its name and whether there was anything to remove."""
     try:
         lab = flags.open(file)
@@ -84,7 +84,7 @@ def destroy(file: Path, flags: Flags, progress: Progress) -> tuple[str, bool]:
         progress(f"{exc.message.splitlines()[0]}; destroying lab {lab.name!r} from its recorded state")
     # destroy waits a little: a command killed a moment ago may still be letting go.
     with lab.lock("destroy", wait=10):
-        return lab.name, lab.destroy(progress)
+        return lab.name, lab.destroy(progress, forget_unreachable=forget_unreachable)
 
 
 def _recorded_lab(file: Path, name: str | None) -> Lab | None:
@@ -228,6 +228,35 @@ def flatten_settings(data: dict, prefix: tuple = ()) -> list[tuple[tuple, Any]]:
     return items
 
 
+def rolled_versions(spec: Any) -> list[str]:
+    """The OS versions a scenario may roll to: its `update: {to: V}` steps (V, or a list to choose from)."""
+    versions: set[str] = set()
+    for step in spec.steps:
+        if step.kind == "update":
+            targets = step.update.to
+            versions.update([targets] if isinstance(targets, str) else targets)
+    return sorted(versions)
+
+
+def _images(runs: ScenarioRuns) -> None:
+    """Build the OS versions the scenarios roll to that this host has not built yet, before anything is
+    created: `lab scenario rolling-update` works as written where only `lab box build` was run. Only the
+    nspawn provider rolls today; on another a scenario's update step says so itself."""
+    from lab.images.cache import find_image
+
+    box = runs.lab.spec.box.name
+    missing = [v for v in sorted({v for _, spec in runs.scenarios for v in rolled_versions(spec)})
+               if find_image(box, v) is None]
+    if not missing or runs.lab.selection().name != "nspawn":
+        return
+    from lab.images.build import build_image
+
+    for version in missing:
+        runs.progress(f"building the node OS image {box} {version}, which a scenario rolls to (as `lab box build"
+                      f"{'' if box == 'labos' else ' --name ' + box} --version {version}`; once per host, ~1 min)")
+        build_image(box, version, progress=runs.progress)
+
+
 def _create(runs: ScenarioRuns) -> None:
     if runs.created_here or runs.flags.sets:
         # On a running lab, --set changes (etcd settings, say) are applied
@@ -276,13 +305,14 @@ def _destroy(runs: ScenarioRuns) -> None:
 PHASES = {phase.name: phase for phase in (
     Phase("check", _check_new),
     Phase("load", _load),
+    Phase("images", _images),
     Phase("create", _create),
     Phase("verify", _verify),
     Phase("destroy", _destroy, always=True),
 )}
 SEQUENCES = {
-    "test": ("check", "load", "create", "verify", "destroy"),
-    "scenario": ("load", "create", "verify", "destroy"),
+    "test": ("check", "load", "images", "create", "verify", "destroy"),
+    "scenario": ("load", "images", "create", "verify", "destroy"),
 }
 
 

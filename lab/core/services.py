@@ -12,13 +12,13 @@ port 53 there), see the README.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Collection
 
 from lab.errors import LabError
 from lab.host import daemons, dns
 from lab.host.registry import REGISTRY_PORT
 from lab.host.files import write_atomic
-from lab.providers.base import LabContext, Progress, Provider, no_progress
+from lab.providers.base import LabContext, NodeSeed, Progress, Provider, no_progress
 
 if TYPE_CHECKING:
     from lab.core.state import LabState
@@ -43,16 +43,28 @@ def endpoints(state: "LabState") -> dict[str, str]:
     return {name: f"{address}:{port}" for name, port in ports.items() if running(state, name)}
 
 
-def prepare_containers(provider: Provider, progress: Progress = no_progress) -> None:
-    """The lab's services (on providers that have them), then every node's Docker settings pointing at them.
-    Re-run after a node is added or removed: the DNS learns the names, the new node its settings."""
+def prepare_containers(provider: Provider, progress: Progress = no_progress, seeded: Collection[str] = ()) -> None:
+    """The lab's services (on providers that have them), then every node's Docker settings pointing at them
+    (but on `seeded` nodes, which booted with them). Re-run after a node is added or removed: the DNS
+    learns the names, the new node its settings."""
     from lab.cluster.docker import DockerSetup
 
     state = provider.context.state
     if wanted(provider.name):
         start_services(provider.context, progress)
+    if not provider.configures_docker:
+        return
     DockerSetup(provider.context, provider.ssh_endpoints(),
-                registry=running(state, "registry"), dns=running(state, "dns")).run(progress)
+                registry=running(state, "registry"), dns=running(state, "dns")).run(progress, seeded=seeded)
+
+
+def docker_seeds(provider: Provider) -> "dict[str, NodeSeed]":
+    """Docker settings for nodes that boot with them: pointing at the services `prepare_containers`
+    starts right after the nodes boot (before anything on them can pull)."""
+    from lab.cluster.docker import DockerSetup
+
+    return DockerSetup(provider.context, {}, registry=wanted(provider.name),
+                       dns=wanted(provider.name)).first_boot_seeds()
 
 
 def start_services(context: LabContext, progress: Progress = no_progress) -> None:

@@ -20,9 +20,10 @@ from typing import Any, Callable, Iterator
 
 from lab.errors import StateError
 from lab.host.files import write_atomic
-from lab.host.locks import try_flock
+from lab.host.locks import holding
 from lab.images.cache import is_cached_rootfs
 
+LABS_DIR = ".lab"  # next to lab.yaml: one directory per lab, LABS_DIR/NAME
 STATE_FILE = "state.json"
 SCHEMA_VERSION = 1
 
@@ -89,14 +90,24 @@ class LabState:
 
     def record(self, kind: str, ident: str, **details: Any) -> dict[str, Any]:
         """Record a resource before creating it (updates details if already recorded)."""
+        res = self._remember(kind, ident, details)
+        self.save()
+        return res
+
+    def record_all(self, kind: str, idents: list[str]) -> None:
+        """Record several resources of one kind before creating them, in one write of the state (a node's
+        cgroups: one write instead of one per hierarchy, which made a 100-node `lab up` write it ~1 500 times)."""
+        for ident in idents:
+            self._remember(kind, ident, {})
+        self.save()
+
+    def _remember(self, kind: str, ident: str, details: dict[str, Any]) -> dict[str, Any]:
         for res in self.resources:
             if res["kind"] == kind and res["id"] == ident:
                 res.update(details)
-                break
-        else:
-            res = {"kind": kind, "id": ident, **details}
-            self.resources.append(res)
-        self.save()
+                return res
+        res = {"kind": kind, "id": ident, **details}
+        self.resources.append(res)
         return res
 
     def find(self, kind: str, ident: str | None = None) -> list[dict[str, Any]]:
@@ -114,6 +125,7 @@ SHARED_LIBVIRT_NETWORK = "vagrant-libvirt"
 LIBVIRT_POOL = "default"  # the only storage pool vagrant-libvirt (and so lab) puts volumes in
 SERVICE_NAMES = ("registry", "dns")  # lab.core.services: what a lab runs on the host for its nodes
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]{0,99}(:[a-z0-9]+)?")  # a Debian package name (with :arch)
 ResourceRule = Callable[[dict[str, Any], Path, str], "str | None"]
 
 
@@ -196,6 +208,33 @@ def _cgroup(res: dict[str, Any], lab_dir: Path, lab_id: str) -> str | None:
     return None
 
 
+def _host(res: dict[str, Any], lab_dir: Path, lab_id: str) -> str | None:
+    """An existing machine lab adopted (provider: hosts): destroy logs in there as root and removes what
+    lab installed, so a forged record must not name a package lab never installs (openssh-server, say)."""
+    import ipaddress
+
+    from lab.node.layout import LAB_DIRS
+
+    if not (isinstance(res.get("id"), str) and NAME.fullmatch(res["id"])):
+        return f"node name {res.get('id')!r} is not a node name"
+    try:
+        ipaddress.IPv4Address(res.get("address"))
+    except ValueError:
+        return f"address {res.get('address')!r} is not an IPv4 address"
+    # What lab's install brought, dependencies too. Destroy purges only the packages the host's own record
+    # (written by the adoption, before installing) names as well: a forged list here removes nothing more.
+    installed = res.get("installed", [])
+    if not (isinstance(installed, list) and all(isinstance(p, str) and PACKAGE.fullmatch(p) for p in installed)):
+        return f"installed {installed!r} is not a list of Debian package names"
+    port = res.get("port", 22)
+    if not (isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535):
+        return f"port {port!r} is not a TCP port"
+    preexisting = res.get("preexisting", [])
+    if not (isinstance(preexisting, list) and all(p in LAB_DIRS for p in preexisting)):
+        return f"preexisting {preexisting!r} names directories lab never writes in (only {', '.join(LAB_DIRS)})"
+    return None
+
+
 def _libvirt_network(res: dict[str, Any], lab_dir: Path, lab_id: str) -> str | None:
     if res.get("shared") is True and res.get("id") == SHARED_LIBVIRT_NETWORK:
         return None
@@ -213,6 +252,10 @@ ETCD_FIELDS: dict[str, Callable[[Any], bool]] = {
     "joined": lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(j, dict)
                                                     and _str_map(j.get("cluster")) for k, j in v.items()),
     "initial_cluster": _str_map,
+    # The nodes that are etcd members, in node order; the others are workers (a local etcd gateway).
+    # Absent in a lab created before roles existed: every node is a member.
+    "members": lambda v: isinstance(v, list) and bool(v) and all(isinstance(n, str) and NAME.fullmatch(n)
+                                                                 for n in v),
 }
 
 # The sections every lab's state has, with their types: a state file whose
@@ -257,6 +300,7 @@ def section_problems(data: dict[str, Any]) -> list[str]:
 # provider is even imported.
 RESOURCE_RULES: dict[str, ResourceRule] = {
     "node": _node,
+    "host": _host,
     "mount": _path_inside_lab("id"),
     "cgroup": _cgroup,
     "service": _service,
@@ -305,18 +349,7 @@ def lab_lock(lab_dir: Path, command: str, wait: float = 0.0) -> Iterator[None]:
     from lab.host.paths import private_dir, state_home
 
     locks = private_dir(state_home() / "locks")
-    with open(locks / f"{lab_id(lab_dir)}.lock", "a+") as handle:
-        if not try_flock(handle, wait):
-            handle.seek(0)
-            holder = handle.read().strip() or "another lab command"
-            raise StateError(f"lab {lab_dir.name} ({lab_dir}) is busy: {holder} is running on it",
-                             hint="wait for it to finish (or stop it with Ctrl-C), then retry")
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"`lab {command}` (pid {os.getpid()})\n")
-        handle.flush()
-        try:
-            yield
-        finally:
-            handle.seek(0)
-            handle.truncate()
+    with holding(locks / f"{lab_id(lab_dir)}.lock", f"`lab {command}` (pid {os.getpid()})", wait,
+                 busy=lambda holder: StateError(f"lab {lab_dir.name} ({lab_dir}) is busy: {holder} is running on it",
+                                                hint="wait for it to finish (or stop it with Ctrl-C), then retry")):
+        yield

@@ -13,7 +13,6 @@ them the host's root.
 from __future__ import annotations
 
 import os
-import pwd
 import signal
 import subprocess
 import time
@@ -23,7 +22,7 @@ from typing import Callable, Sequence
 
 from lab.errors import PrerequisiteError, ProviderError
 from lab.host.files import append_nofollow
-from lab.host.processes import alive, start_time, wait_gone
+from lab.host.processes import alive, keep_detached, start_time, wait_gone
 
 LOG_TAIL_BYTES = 2000
 
@@ -44,6 +43,8 @@ def start_daemon(argv: Sequence[str | Path], *, log: Path, what: str, user: str 
     args = [str(a) for a in argv]
     account = None
     if user is not None:
+        import pwd  # POSIX-only: only a service run as its own user needs it
+
         try:
             account = pwd.getpwnam(user)
         except KeyError:
@@ -59,6 +60,7 @@ def start_daemon(argv: Sequence[str | Path], *, log: Path, what: str, user: str 
     except FileNotFoundError:
         raise PrerequisiteError(f"{args[0]} is not installed (needed for {what})",
                                 hint="run tools/install.sh, which installs every host tool lab uses") from None
+    keep_detached(process)
     started = start_time(process.pid) or ""
     daemon = Daemon(process.pid, started)
     deadline = time.monotonic() + timeout

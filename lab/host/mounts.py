@@ -57,10 +57,21 @@ def mount_points_below(top: Path) -> list[Path]:
                   key=lambda p: len(p.parts), reverse=True)
 
 
+def is_mount_point(path: Path) -> bool:
+    """Whether something is mounted at `path` (a bind mount of the same filesystem too, which
+    os.path.ismount does not see)."""
+    path = path.resolve()
+    return any(m.mount_point == path for m in mounted())
+
+
 def unmount_below(top: Path) -> None:
-    """Unmount everything mounted at or below `top`, deepest first."""
-    for mount_point in mount_points_below(top):
-        if not run(["umount", mount_point], check=False).ok:
-            # Busy (a process of an interrupted build still inside): detach it
-            # now; the kernel finishes the unmount when the last user is gone.
-            run(["umount", "--lazy", mount_point], check=False)
+    """Unmount everything mounted at or below `top`, deepest first (mounts stacked on one point too)."""
+    for _ in range(8):  # each pass takes one layer of every stack
+        points = mount_points_below(top)
+        if not points:
+            return
+        for mount_point in points:
+            if not run(["umount", mount_point], check=False).ok:
+                # Busy (a process of an interrupted build still inside): detach it
+                # now; the kernel finishes the unmount when the last user is gone.
+                run(["umount", "--lazy", mount_point], check=False)

@@ -9,7 +9,6 @@ subnets, and a subnet already routed on the host is never used.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import ipaddress
 import json
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from lab.errors import PrerequisiteError, StateError
+from lab.host.locks import holding
 from lab.host.paths import private_dir, state_home
 from lab.host.processes import alive, start_time
 from lab.host.files import write_atomic
@@ -31,6 +31,8 @@ DEFAULT_POOL = ipaddress.IPv4Network("10.77.0.0/16")
 # VirtualBox (6.1.28+) only allows host-only networks in 192.168.56.0/21 by default.
 VIRTUALBOX_POOL = ipaddress.IPv4Network("192.168.56.0/21")
 FIRST_NODE_HOST = 11  # node-1 is .11, node-2 .12, ...; .1 is the host's side
+# A claim holds the registry lock for milliseconds plus one `ip route` (itself bounded at 30 s).
+REGISTRY_LOCK_WAIT = 60.0
 
 
 def host_address(subnet: str) -> str:
@@ -82,9 +84,11 @@ def _registry_dir() -> Path:
 
 @contextmanager
 def _registry_lock() -> Iterator[None]:
-    directory = _registry_dir()
-    with open(directory / ".lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    path = _registry_dir() / ".lock"
+    with holding(path, f"a lab command (pid {os.getpid()}) claiming a subnet", REGISTRY_LOCK_WAIT,
+                 busy=lambda holder: StateError(f"the registry of lab subnets ({path}) is busy: {holder} still holds "
+                                                f"it after {REGISTRY_LOCK_WAIT:.0f} s",
+                                                hint="wait for that command to finish, then retry")):
         yield
 
 

@@ -48,3 +48,16 @@ def wait_gone(process: tuple[int | None, str | None], timeout: float) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+# Detached children (node supervisors, the lab's registry and DNS) outlive the command that starts them.
+# A Popen object collected while its process runs warns from its __del__, and a Ctrl-C that arrives during
+# that __del__ is swallowed ("Exception ignored in: Popen.__del__"): `lab up` then went on instead of
+# rolling back. Holding them until the command exits keeps __del__ out of the way.
+_DETACHED: list = []
+
+
+def keep_detached(process) -> None:
+    """Keep the Popen of a process meant to outlive this command referenced until the command exits."""
+    _DETACHED.append(process)
+

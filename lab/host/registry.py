@@ -17,10 +17,8 @@ kernel checks the inherited descriptors, not the 0700 parents.
 
 from __future__ import annotations
 
-import grp
 import json
 import os
-import pwd
 import shutil
 import socket
 import sys
@@ -31,7 +29,7 @@ from typing import Iterator
 
 from lab.errors import PrerequisiteError, ProviderError, StateError, UsageError
 from lab.host.files import write_atomic
-from lab.host.locks import try_flock
+from lab.host.locks import holding
 from lab.host.paths import cache_dir
 from lab.host.run import run
 
@@ -92,6 +90,9 @@ def registry_account() -> tuple[int, int]:
     if not Path(REGISTRY_BINARY).is_file():
         raise PrerequisiteError("docker-registry (Docker Distribution) is not installed: the lab registry needs it",
                                 hint=INSTALL_HINT)
+    import grp  # POSIX-only, like the registry itself: not imported where lab merely loads this module
+    import pwd
+
     try:
         account = pwd.getpwnam(REGISTRY_USER)
         group = grp.getgrgid(account.pw_gid)
@@ -194,17 +195,10 @@ def write_lock(wait: float = LOCK_WAIT, path: Path | None = None, what: str = "t
     `path` and `what` name another lock of the same kind (the seeded images' builds)."""
     path = path or lock_file()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        if not try_flock(fd, wait, interval=0.2):
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another lab command"
-            raise StateError(f"{what} is busy: {holder} still holds {path} after {wait:.0f} s",
-                             hint="wait for that command to finish, then try again")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}: {' '.join(sys.argv[:3])}\n".encode(), 0)
+    with holding(path, f"pid {os.getpid()}: {' '.join(sys.argv[:3])}", wait, interval=0.2,
+                 busy=lambda holder: StateError(f"{what} is busy: {holder} still holds {path} after {wait:.0f} s",
+                                                hint="wait for that command to finish, then try again")):
         yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def free_loopback_port() -> int:

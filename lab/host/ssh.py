@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import signal
+import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Callable, Iterable, TextIO
 
-from lab.errors import CommandError, ProviderError
+from lab.errors import CommandError, PrerequisiteError, ProviderError
 from lab.host.files import write_atomic
 
 # paramiko logs a traceback from its transport thread for every refused banner
@@ -102,8 +105,15 @@ def _quote(value: str) -> str:
     return f'"{value}"' if any(c.isspace() for c in value) else value
 
 
-def control_path(lab_id: str) -> str:
-    """Where a multiplexing ssh master for a node listens (ssh expands %n to the node).
+def config_path(path: PurePath) -> str:
+    """A host path as ssh_config takes it on every OS: forward slashes (C:/Users/... on Windows,
+    which Windows' OpenSSH reads; a backslash there may be taken for an escape), quoted if it has spaces."""
+    return _quote(path.as_posix())
+
+
+def control_path(lab_id: str) -> str | None:
+    """Where a multiplexing ssh master for a node listens (ssh expands %n to the node); None on Windows,
+    whose OpenSSH has no multiplexing.
 
     Short and outside the lab directory: unix socket paths are limited to
     about 100 bytes. Inert unless a client asks for ControlMaster, as
@@ -112,6 +122,8 @@ def control_path(lab_id: str) -> str:
     """
     from lab.host.paths import private_dir, runtime_dir
 
+    if sys.platform == "win32":
+        return None
     # Not /tmp: a socket another user planted there would see every command.
     return str(private_dir(runtime_dir() / "ssh") / f"{lab_id}-%n")
 
@@ -120,12 +132,12 @@ def render_ssh_config(endpoints: Iterable[SSHEndpoint], control: str | None = No
     blocks = []
     for ep in endpoints:
         lines = [f"Host {ep.node}", f"  HostName {ep.host}", f"  Port {ep.port}", f"  User {ep.user}",
-                 f"  IdentityFile {_quote(str(ep.identity_file))}", "  IdentitiesOnly yes",
+                 f"  IdentityFile {config_path(ep.identity_file)}", "  IdentitiesOnly yes",
                  "  LogLevel ERROR", "  ServerAliveInterval 5", "  ServerAliveCountMax 3"]
         if control:
             lines.append(f"  ControlPath {control}")
         if ep.known_hosts is not None:
-            lines += [f"  UserKnownHostsFile {_quote(str(ep.known_hosts))}", "  StrictHostKeyChecking yes",
+            lines += [f"  UserKnownHostsFile {config_path(ep.known_hosts)}", "  StrictHostKeyChecking yes",
                       f"  HostKeyAlias {ep.node}"]
         else:
             lines += ["  UserKnownHostsFile /dev/null", "  StrictHostKeyChecking no"]
@@ -136,10 +148,7 @@ def render_ssh_config(endpoints: Iterable[SSHEndpoint], control: str | None = No
 
 def close_masters(ssh_config: Path, nodes: Iterable[str]) -> None:
     """End multiplexing ssh masters left by testinfra, so nothing outlives a command."""
-    import shutil
-    import subprocess
-
-    if not ssh_config.exists() or shutil.which("ssh") is None:
+    if sys.platform == "win32" or not ssh_config.exists() or shutil.which("ssh") is None:
         return
     for node in nodes:
         try:
@@ -300,6 +309,20 @@ def run(endpoint: SSHEndpoint, command: str, *, timeout: float | None = None,
     return node_result
 
 
+# SSH sessions lab keeps open at once: each costs a key exchange (CPU on this host and the node's) and a
+# thread; a 100-node lab set up 100 at a time only makes every handshake slower.
+SSH_CONCURRENCY = 16
+
+
+def parallel_map(function: Callable, items: Iterable, limit: int = SSH_CONCURRENCY) -> list:
+    """function(item) for every item, at most `limit` at a time, results in order; the first error raises."""
+    items = list(items)
+    if not items:
+        return []
+    with ThreadPoolExecutor(max_workers=min(limit, len(items))) as pool:
+        return list(pool.map(function, items))
+
+
 def run_many(endpoints: list[SSHEndpoint], command: str, *, timeout: float | None = None,
              echo: bool = False) -> list[NodeResult]:
     """Run a command on several nodes in parallel; output prefixed by node name when echoed."""
@@ -307,7 +330,7 @@ def run_many(endpoints: list[SSHEndpoint], command: str, *, timeout: float | Non
         return []
     lock = threading.Lock()
     width = max(len(ep.node) for ep in endpoints)
-    with ThreadPoolExecutor(max_workers=min(32, len(endpoints))) as pool:
+    with ThreadPoolExecutor(max_workers=min(SSH_CONCURRENCY, len(endpoints))) as pool:
         futures = [pool.submit(run, ep, command, timeout=timeout, lock=lock,
                                echo_prefix=f"{ep.node:<{width}} | " if echo else None)
                    for ep in endpoints]
@@ -345,6 +368,40 @@ def wait_for_ssh(endpoint: SSHEndpoint, deadline: float, is_alive: Callable[[], 
                         f"(last error: {last_error})", hint="look at the node's console log in the lab directory")
 
 
-def exec_interactive(argv: list[str]) -> None:
-    """Replace this process with ssh, so the terminal belongs to it entirely."""
-    os.execvp(argv[0], argv)
+INSTALL_HINTS = {
+    "win32": {"ssh": "install Windows' OpenSSH client: Settings > System > Optional features > OpenSSH Client "
+                     "(or, as administrator: `Add-WindowsCapability -Online -Name OpenSSH.Client~~~~0.0.1.0`)"},
+    "darwin": {"ssh": "macOS ships ssh as /usr/bin/ssh: put /usr/bin on PATH"},
+    "linux": {"ssh": "apt-get install openssh-client (dnf install openssh-clients on Fedora)"},
+}
+
+
+def find_program(name: str) -> str:
+    """The path of `name` on PATH (with PATHEXT on Windows); a PrerequisiteError saying how to install it."""
+    found = shutil.which(name)
+    if found is None:
+        hints = INSTALL_HINTS.get(sys.platform, INSTALL_HINTS["linux"])
+        raise PrerequisiteError(f"{name} not found on PATH", hint=hints.get(name, f"install {name}"))
+    return found
+
+
+def exec_interactive(argv: list[str], env: dict[str, str] | None = None) -> int:
+    """Hand the terminal to `argv` (ssh, mostly); its exit status, for the caller to exit with.
+
+    On Linux and macOS this process becomes the program (exec): the terminal,
+    signals and exit status are entirely its own, and this never returns.
+    Windows has no exec: os.exec* there starts a new process and ends this
+    one at once, so the shell's prompt would come back while ssh still reads
+    the console. There the program runs as a child, waited for without a
+    timeout (an interactive session ends when its user says so), with Ctrl-C
+    left to it.
+    """
+    binary = find_program(argv[0])
+    environment = dict(os.environ if env is None else env)
+    if sys.platform != "win32":
+        os.execve(binary, [argv[0], *argv[1:]], environment)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return subprocess.call([binary, *argv[1:]], env=environment)
+    finally:
+        signal.signal(signal.SIGINT, previous)

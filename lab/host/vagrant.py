@@ -17,6 +17,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 import threading
 from collections import deque
 from pathlib import Path
@@ -28,8 +29,13 @@ from lab.host.run import Result, run, text_of
 T = TypeVar("T")
 Progress = Callable[[str], None]
 
-VAGRANT_HINT = ("install Vagrant: `apt-get install vagrant` on Debian and Ubuntu, "
-                "or the package for your system from Vagrant's downloads page")
+VAGRANT_HINT = {
+    "win32": "install Vagrant: `winget install --id Hashicorp.Vagrant -e`, or the installer from Vagrant's "
+             "downloads page; then open a new terminal (the installer puts vagrant on PATH)",
+    "darwin": "install Vagrant: `brew tap hashicorp/tap && brew install hashicorp/tap/hashicorp-vagrant`, "
+              "or the installer from Vagrant's downloads page",
+}.get(sys.platform, "install Vagrant: `apt-get install vagrant` on Debian and Ubuntu, "
+                    "or the package for your system from Vagrant's downloads page")
 # Variables that would make Vagrant look at another directory, another
 # Vagrantfile, another .vagrant, or a provider other than the lab's.
 _FOREIGN_VARIABLES = ("VAGRANT_CWD", "VAGRANT_VAGRANTFILE", "VAGRANT_DOTFILE_PATH", "VAGRANT_DEFAULT_PROVIDER")
@@ -171,6 +177,71 @@ class _OutputSink:
                         pass
 
 
+# What Vagrant prints when a Ctrl-C reached it: it is finishing (or undoing) the step it is in.
+_VAGRANT_CLEANING_UP = "Waiting for cleanup before exiting"
+# How long Vagrant may take over that after a Ctrl-C before lab kills it: an emulated VM's
+# domain is created or destroyed in seconds, a box upload into libvirt's pool in a minute.
+VAGRANT_CLEANUP_WAIT = 90.0
+
+
+@contextlib.contextmanager
+def vagrant_cleans_up_on_ctrl_c(sink: "_OutputSink", progress: Progress,
+                                wait: float = VAGRANT_CLEANUP_WAIT) -> Iterator[Callable[[], bool]]:
+    """While a Vagrant command runs, a first Ctrl-C lets Vagrant finish its own clean-up; yields "was it?".
+
+    python-vagrant kills its child on any exception, KeyboardInterrupt
+    included: a Vagrant killed while creating machines leaves a half-made VM
+    that lab's rollback may not find. So the first SIGINT raises nothing here:
+    from a terminal Vagrant got it too (it prints "Waiting for cleanup"); one
+    sent to lab's pid alone (a CI runner stopping a job) is passed on once (a
+    second makes Vagrant exit at once, uncleaned). Vagrant then exits and the
+    caller raises KeyboardInterrupt. A second Ctrl-C, or `wait` seconds, stop
+    it at once. Only the main thread gets signals: elsewhere nothing changes.
+    """
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    interrupted: list[float] = []
+
+    def pass_on() -> None:
+        import time
+
+        import psutil
+
+        try:
+            vagrants = [child for child in psutil.Process().children(recursive=False)
+                        if any("vagrant" in part for part in child.cmdline()[:3])]
+        except psutil.Error:
+            return
+        deadline = time.monotonic() + 2.0  # Vagrant's own Ctrl-C, if it had one, shows within this
+        while time.monotonic() < deadline and _VAGRANT_CLEANING_UP not in sink.text():
+            time.sleep(0.1)
+        if _VAGRANT_CLEANING_UP not in sink.text() and sys.platform != "win32":  # Windows: one console, one Ctrl-C
+            for child in vagrants:
+                with contextlib.suppress(psutil.Error):
+                    child.send_signal(signal.SIGINT)
+        _, alive = psutil.wait_procs(vagrants, timeout=wait)
+        for child in alive:
+            with contextlib.suppress(psutil.Error):
+                for process in [*child.children(recursive=True), child]:
+                    process.kill()
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if interrupted:
+            raise KeyboardInterrupt  # the second: python-vagrant kills Vagrant now
+        interrupted.append(1.0)
+        progress(f"interrupted: letting Vagrant clean up (up to {wait:.0f} s; Ctrl-C again stops it at once)")
+        threading.Thread(target=pass_on, name="vagrant-ctrl-c", daemon=True).start()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield lambda: bool(interrupted)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_vagrant(root: Path, provider: str, call: Callable[[Any], T], progress: Progress, *, where: str) -> T:
     """Run one python-vagrant call on the Vagrantfile in `root`; its output goes to `progress` line by line.
 
@@ -182,13 +253,23 @@ def run_vagrant(root: Path, provider: str, call: Callable[[Any], T], progress: P
 
     sink = _OutputSink(progress)
     machine = vagrant.Vagrant(root=str(root), env=vagrant_environment(provider), out_cm=sink.cm, err_cm=sink.cm)
-    try:
-        return call(machine)
-    except subprocess.CalledProcessError as exc:
-        command = exc.cmd if isinstance(exc.cmd, str) else shlex.join(
-            ["vagrant", *[str(part) for part in exc.cmd[1:]]])
-        output = "\n".join(filter(None, [sink.text(), text_of(exc.output).rstrip()]))
-        raise CommandError(command, where=where, exit_status=exc.returncode, output=output,
-                           hint=f"run `{command}` in {root} to see Vagrant's whole output") from None
-    except OSError as exc:
-        raise ProviderError(f"cannot run vagrant in {root}: {exc}") from None
+    with vagrant_cleans_up_on_ctrl_c(sink, progress) as interrupted:
+        try:
+            result = call(machine)
+        except subprocess.CalledProcessError as exc:
+            if interrupted():  # Vagrant stopped because of the Ctrl-C, once it had cleaned up
+                raise KeyboardInterrupt from None
+            raise _vagrant_failed(exc, sink, root, where) from None
+        except OSError as exc:
+            raise ProviderError(f"cannot run vagrant in {root}: {exc}") from None
+    if interrupted():  # Vagrant finished before it heard of the Ctrl-C: lab stops all the same
+        raise KeyboardInterrupt
+    return result
+
+
+def _vagrant_failed(exc: subprocess.CalledProcessError, sink: "_OutputSink", root: Path, where: str) -> CommandError:
+    """A failing Vagrant command as a CommandError: the command, its exit status, the tail of its output."""
+    command = exc.cmd if isinstance(exc.cmd, str) else shlex.join(["vagrant", *[str(part) for part in exc.cmd[1:]]])
+    output = "\n".join(filter(None, [sink.text(), text_of(exc.output).rstrip()]))
+    return CommandError(command, where=where, exit_status=exc.returncode, output=output,
+                        hint=f"run `{command}` in {root} to see Vagrant's whole output")

@@ -10,20 +10,22 @@ interrupted one leaves nothing behind.
 from __future__ import annotations
 
 import collections
-import fcntl
 import json
 import os
 import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from lab.errors import BoxError, PrerequisiteError
+from lab.errors import BoxError, PrerequisiteError, StateError
+from lab.host.files import copy_as_lf
+from lab.host.locks import holding
 from lab.host.run import run
 from lab.images.cache import (Image, delete_tree, find_image, image_key, image_path, lock_path, read_image,
                               refuse_if_in_use)
@@ -35,6 +37,8 @@ _OUTPUT_TAIL_LINES = 25
 # debootstrap takes ~3.5 min from a good mirror; a chroot step (apt, update-initramfs) a minute or two.
 DEBOOTSTRAP_TIMEOUT = 30 * 60
 CHROOT_TIMEOUT = 15 * 60
+# A second build of the same image waits for the first: debootstrap and a chroot step or two at most.
+BUILD_LOCK_WAIT = DEBOOTSTRAP_TIMEOUT + 2 * CHROOT_TIMEOUT
 
 
 def build_image(name: str, version: str, *, mirror: str | None = None,
@@ -52,7 +56,10 @@ def build_image(name: str, version: str, *, mirror: str | None = None,
 
     # Two `lab up` at once must not both spend minutes building the same image:
     # the second waits here and then finds the first one's result.
-    with _build_lock(final):
+    with holding(lock_path(final), f"`lab` (pid {os.getpid()}) building {final.name}", BUILD_LOCK_WAIT,
+                 busy=lambda holder: StateError(f"{final.name} is still being built by {holder} after "
+                                                f"{BUILD_LOCK_WAIT / 60:.0f} min",
+                                                hint="wait for that build to finish (or stop it), then retry")):
         if not force and (image := read_image(final)) is not None:
             return image
         temp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
@@ -73,6 +80,11 @@ def build_image(name: str, version: str, *, mirror: str | None = None,
 
 
 def _check_build_prerequisites() -> None:
+    if not sys.platform.startswith("linux"):
+        raise PrerequisiteError("building a node image needs Linux (debootstrap, chroot)",
+                                hint="build the box on a Linux machine (`lab box build --format virtualbox`) and "
+                                     "add its .box here (`vagrant box add --name NAME FILE.box`), or set "
+                                     "box.vagrant to a box from Vagrant's catalog, e.g. debian/bookworm64")
     if os.geteuid() != 0:
         raise PrerequisiteError("building a node image needs root (debootstrap, chroot)",
                                 hint="run lab as root, e.g. with sudo")
@@ -81,20 +93,6 @@ def _check_build_prerequisites() -> None:
         if shutil.which(tool) is None:
             raise PrerequisiteError(f"`{tool}` is not on PATH",
                                     hint=f"apt-get install {package}")
-
-
-class _build_lock:
-    """An exclusive flock on a lock file next to the image, held while building."""
-
-    def __init__(self, final: Path) -> None:
-        self.path = lock_path(final)
-
-    def __enter__(self) -> None:
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc: object) -> None:
-        os.close(self.fd)   # releases the lock; the empty file may stay
 
 
 def _debootstrap(recipe: Recipe, mirror: str, rootfs: Path, report: Progress) -> None:
@@ -224,7 +222,7 @@ def _copy_overlay(overlay: Path, rootfs: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.is_symlink() or target.exists():
             target.unlink()
-        shutil.copy2(source, target, follow_symlinks=False)
+        copy_as_lf(source, target)  # LF: a CRLF checkout's units and scripts would break in the image
 
 
 def _write_os_release(recipe: Recipe, key: str, rootfs: Path) -> None:

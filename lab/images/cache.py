@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Mapping
 
 from lab.errors import BoxError
+from lab.host.files import to_lf
 from lab.host.mounts import is_below, mounted, unmount_below
 from lab.host.paths import cache_dir
 from lab.images import recipes
@@ -138,7 +139,8 @@ def image_key(name: str, version: str, flavor: str = "container") -> str:
     for file in recipes.recipe_files(directory):
         relative = file.relative_to(directory).as_posix().encode()
         # Lengths first, so no two different trees can hash the same byte stream.
-        content = file.read_bytes() if not file.is_symlink() else os.readlink(file).encode()
+        # As the build copies it (LF): a CRLF checkout builds, and so names, the same image.
+        content = to_lf(file.read_bytes()) if not file.is_symlink() else os.readlink(file).encode()
         for part in (relative, content):
             digest.update(len(part).to_bytes(8, "big"))
             digest.update(part)

@@ -64,13 +64,18 @@ class NodeSpec(_Strict):
     metadata: dict[str, str] = Field(default_factory=dict)
 
 
+# The lab's /24 has room for 244 nodes (.11 up); past 200 a lab is better split over hosts.
+MAX_NODES = 200
+
+
 class Nodes(_Strict):
-    count: Int = Field(3, ge=1, le=64, description="number of nodes (ignored when `list` is given)")
+    count: Int = Field(3, ge=1, le=MAX_NODES, description="number of nodes (ignored when `list` is given)")
     prefix: Name = Field("node", description="nodes are named PREFIX-1 .. PREFIX-N")
     cpus: Int = Field(1, ge=1, le=64)
     memory: Int = Field(1024, ge=256, le=262144, description="MiB per node")
     metadata: dict[str, str] = Field(default_factory=dict, description="scheduler metadata of every node, e.g. role: worker")
-    members: list[NodeSpec] | None = Field(None, alias="list", description="explicit nodes with per-node overrides")
+    members: list[NodeSpec] | None = Field(None, alias="list", max_length=MAX_NODES,
+                                           description="explicit nodes with per-node overrides")
 
     @field_validator("members")
     @classmethod
@@ -137,12 +142,27 @@ class Network(_Strict):
         return value
 
 
+# etcd advises 3 to 7 members: every member more slows each write and each election. Small labs make
+# every node a member (the lab is its etcd cluster); a big one keeps 3 members and makes the rest workers.
+ALL_MEMBERS_UP_TO = 5
+MEMBERS_OF_A_BIG_LAB = 3
+
+
+def default_members(node_count: int) -> int:
+    """How many etcd members a lab of `node_count` nodes has when the spec does not say."""
+    return node_count if node_count <= ALL_MEMBERS_UP_TO else MEMBERS_OF_A_BIG_LAB
+
+
 class Etcd(_Strict):
     heartbeat_ms: Int = Field(100, ge=10, le=5000, description="Raft heartbeat interval")
     election_timeout_ms: Int = Field(1000, ge=50, le=50000, description="Raft election timeout")
     tls: bool = Field(True, description="per-lab CA, TLS and client-certificate auth (false: plain HTTP, open to all)")
     pre_vote: bool = Field(False, description="Raft pre-vote: a member rejoining after a partition does not "
                                               "force an election (off by default in etcd 3.4)")
+    members: Int | None = Field(None, ge=1, le=64, description=(
+        "how many nodes (the first ones, in node order) are etcd members; the others are workers that reach "
+        f"etcd through a local gateway on 127.0.0.1:2379. Default: every node up to {ALL_MEMBERS_UP_TO} nodes, "
+        f"else {MEMBERS_OF_A_BIG_LAB}"))
 
     @model_validator(mode="after")
     def _election_vs_heartbeat(self) -> "Etcd":
@@ -198,8 +218,10 @@ def leaves_directory(path: str) -> bool:
 
 
 class LibvirtOptions(_Strict):
-    driver: Literal["kvm", "qemu"] = Field(
-        "kvm", description="qemu (software emulation) where KVM is missing or unusable")
+    driver: Literal["auto", "kvm", "qemu"] = Field(
+        "auto", description="auto: kvm where a KVM guest boots on this host (checked once per host and box, "
+                            "cached), else qemu (software emulation, with etcd timings that suit it); "
+                            "kvm or qemu: exactly that")
     uri: str = Field("qemu:///system", description="libvirt connection: qemu:///system, qemu:///session, "
                                                   "qemu+ssh://... or qemu+tls://...")
 
@@ -240,10 +262,47 @@ class Registry(_Strict):
         return value
 
 
+class HostEntry(_Strict):
+    """One existing machine of `provider: hosts`: how lab first reaches it (it then uses its own key, as root)."""
+
+    address: ipaddress.IPv4Address = Field(description="the host's IPv4 address: etcd's peers and the "
+                                                       "partitions address it, lab reaches it there over SSH")
+    user: str = Field("root", pattern=r"^[a-z_][a-z0-9_-]{0,31}$",
+                      description="who lab logs in as the first time; not root: password-less sudo")
+    port: Int = Field(22, ge=1, le=65535)
+    key: str | None = Field(None, description="private key for that first login (~ and paths relative to "
+                                              "lab.yaml work); default: the user's ~/.ssh/id_ed25519, "
+                                              "id_ecdsa or id_rsa")
+
+    @field_validator("address", mode="before")
+    @classmethod
+    def _address_only(cls, value: Any) -> Any:
+        if isinstance(value, str) and not re.fullmatch(r"[0-9.]+", value):
+            raise ValueError(f"{value!r} is not an IPv4 address: give the host's address (etcd's peer URLs and "
+                             "the partitions' firewall rules name it)")
+        return value
+
+    @field_validator("address")
+    @classmethod
+    def _a_host(cls, value: ipaddress.IPv4Address) -> ipaddress.IPv4Address:
+        if value.is_loopback or value.is_multicast or value.is_unspecified or value.is_link_local:
+            raise ValueError(f"{value} cannot be another machine's address")
+        return value
+
+
+class HostsOptions(_Strict):
+    inventory: list[HostEntry] = Field(default_factory=list, max_length=MAX_NODES,
+                                       description="provider: hosts: the machines, one node each, in node order")
+    power_cut: bool = Field(False, description="`lab fault kill` reboots the host at once without syncing its "
+                                              "disks (sysrq b), a real power cut; default: SIGKILL of lab's "
+                                              "services only")
+
+
 class ProviderOptions(_Strict):
     libvirt: LibvirtOptions = Field(default_factory=LibvirtOptions)
     virtualbox: VirtualboxOptions = Field(default_factory=VirtualboxOptions)
     nspawn: NspawnOptions = Field(default_factory=NspawnOptions)
+    hosts: HostsOptions = Field(default_factory=HostsOptions)
 
 
 class LabSpec(_Strict):
@@ -263,6 +322,8 @@ class LabSpec(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "LabSpec":
+        if self.provider == "hosts":
+            self._one_node_per_host()
         names = {node.name for node in self.node_specs()}
         for index, port in enumerate(self.forwarded_ports):
             if port.node is not None and port.node not in names:
@@ -276,6 +337,44 @@ class LabSpec(_Strict):
                                        f"host port {key[0]}/{key[1]} is forwarded twice",
                                        related=(("forwarded_ports", hosts.index(key)),))
         return self
+
+    def _one_node_per_host(self) -> None:
+        inventory = self.providers.hosts.inventory
+        if not inventory:
+            raise _KeyedValueError(("providers", "hosts", "inventory"),
+                                   "provider: hosts needs the machines to use: list them here "
+                                   "(- {address: 192.168.1.21, user: admin, key: ~/.ssh/id_ed25519})",
+                                   related=(("provider",),))
+        seen: dict[ipaddress.IPv4Address, int] = {}
+        for index, entry in enumerate(inventory):
+            if entry.address in seen:
+                raise _KeyedValueError(("providers", "hosts", "inventory", index, "address"),
+                                       f"{entry.address} is listed twice: one node per host",
+                                       related=(("providers", "hosts", "inventory", seen[entry.address]),))
+            seen[entry.address] = index
+        if not self.etcd.tls:
+            # etcd on the hosts' own network, open to whoever reaches it; its agents run as root the units
+            # etcd holds: plain HTTP would hand every host to anyone on that network.
+            raise _KeyedValueError(("etcd", "tls"), "provider: hosts needs etcd.tls: true (etcd listens on the "
+                                                    "hosts' own network, and the units in it run as root there)",
+                                   related=(("provider",),))
+        wanted = len(self.nodes.members) if self.nodes.members is not None else (
+            self.nodes.count if "count" in self.nodes.model_fields_set else None)
+        if wanted is not None and wanted > len(inventory):
+            raise _KeyedValueError(("nodes",), f"{wanted} nodes asked for, but providers.hosts.inventory lists "
+                                               f"{len(inventory)} host(s): one node per host",
+                                   related=(("providers", "hosts", "inventory"),))
+        if self.nodes.members is None and "count" not in self.nodes.model_fields_set:
+            self.nodes.count = len(inventory)  # one node per host unless fewer are asked for
+
+    def etcd_member_count(self, node_count: int | None = None) -> int:
+        """How many etcd members a lab of this spec has (`node_count`: its nodes, when not the spec's).
+
+        More members than nodes is not an error but every node: a scenario's `nodes:` may shrink the
+        count of a spec written for a bigger lab, and the lab it runs on keeps its own nodes anyway.
+        """
+        count = len(self.node_specs()) if node_count is None else node_count
+        return min(count, self.etcd.members) if self.etcd.members is not None else default_members(count)
 
     def node_specs(self) -> list["ResolvedNode"]:
         """Every node with inherited values filled in, in a stable order."""
@@ -583,6 +682,8 @@ etcd:
   heartbeat_ms: 100
   election_timeout_ms: 1000
   tls: true               # false: plain HTTP, etcd open to every local user
+  # members: 3            # the first N nodes are etcd members, the others workers reaching etcd through
+                          # a local gateway on 127.0.0.1:2379 (default: every node up to 5 nodes, else 3)
 updates:
   strategy: etcd-lock     # etcd-lock | reboot | off
   max_concurrent_reboots: 1
@@ -592,9 +693,12 @@ synced_folders: []
   # - {{host: ./src, guest: /src}}
 providers:
   libvirt:
-    driver: kvm           # qemu where KVM is missing or unusable
+    driver: auto          # kvm where a KVM guest boots here, else qemu (software emulation)
   nspawn:
     privileged: false     # true: node root is host root (podman, privileged containers)
+  # hosts:                # provider: hosts: machines you have, one node each (lab installs etcd there)
+  #   inventory:
+  #     - {{address: 192.168.1.21, user: admin, key: ~/.ssh/id_ed25519}}
 registry:
   upstream: null          # a registry URL to cache pulls through (needs internet); default: offline
 """

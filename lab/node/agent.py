@@ -42,6 +42,16 @@ def systemctl(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["systemctl", *args], capture_output=True, text=True, check=False)
 
 
+# Where systemd finds a machine's own units (the agent writes its own into /etc/systemd/system).
+SYSTEM_UNIT_DIRS = (Path("/etc/systemd/system"), Path("/run/systemd/system"), Path("/lib/systemd/system"),
+                    Path("/usr/lib/systemd/system"))
+
+
+def machine_has_unit(name: str, directories: tuple[Path, ...] = SYSTEM_UNIT_DIRS) -> bool:
+    """Whether a unit of this name exists on the machine already (one the agent did not write)."""
+    return any((directory / name).exists() for directory in directories)
+
+
 class Agent:
     def __init__(self, config: dict) -> None:
         self.config = config
@@ -56,6 +66,7 @@ class Agent:
         self.lease: str | None = None
         self.last_renewal = time.monotonic()
         self.fenced = False
+        self.refused: set[str] = set()  # scheduled units that are named like one of the machine's own
 
     def log(self, message: str) -> None:
         print(message, flush=True)  # journald keeps it, with the unit's name
@@ -106,6 +117,10 @@ class Agent:
         for name in sorted(self.managed()):
             self.log(f"draining: stopping {name}")
             systemctl("stop", name)
+            # Its file goes with it: a unit file here that the agent does not list as its own is the
+            # machine's (apply never takes one), so none of the agent's may stay unlisted.
+            (layout.UNIT_DIR / name).unlink(missing_ok=True)
+        systemctl("daemon-reload")
         self.save_managed(set())
         # Revoking the lease removes our machine key, our unit states and the
         # engine key if we held it, all at once.
@@ -186,6 +201,16 @@ class Agent:
             plan = fleet.place(global_units, self.machines(), {})
             mine |= {name for name, targets in plan.global_targets.items() if self.id in targets}
         managed = self.managed()
+        # A unit the machine has of its own (ssh.service, on an existing host nginx.service) is never
+        # overwritten, killed by a fault or removed at destroy as if it were the scheduler's.
+        theirs = {name for name in mine if name not in managed and machine_has_unit(name)}
+        for name in sorted(theirs - self.refused):
+            self.log(f"agent: {name} is a unit of this machine's own: not running the scheduler's unit of that name")
+        self.refused = theirs
+        mine -= theirs
+        # Recorded as ours before any file is written: an agent killed between the two (a fault) must not
+        # find its own unit file next time and take it for the machine's.
+        self.save_managed(managed | mine)
         reload = False
         for name in sorted(mine):
             path = layout.UNIT_DIR / name

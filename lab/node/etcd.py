@@ -85,6 +85,11 @@ class Etcd:
                     continue
                 raise
             if response.status != 200:
+                # Not kept for the next request: through a worker's gateway a connection stays with the
+                # one member it reached, and a member that answers only errors (cut off from the others)
+                # must not keep this client; a new connection goes to the next member.
+                connection.close()
+                connections.pop(endpoint, None)
                 text = data[:200].decode(errors="replace")
                 raise ConnectionError(f"{endpoint}{path}: HTTP {response.status}: {text}")
             return data

@@ -32,6 +32,14 @@ DRAIN_FLAG = Path("/run/lab/draining")
 AGENT_SERVICE = "lab-agent"                     # systemd units running agent.py and updater.py
 UPDATE_SERVICE = "lab-update"
 
+# What lab needs on a machine it did not build (a generic Vagrant box, an existing host), by command,
+# and the Debian/Ubuntu package that brings it: installed from the machine's own apt sources.
+NODE_COMMANDS = {"python3": "python3", "nft": "nftables", "etcd": "etcd-server", "etcdctl": "etcd-client"}
+DOCKER_COMMANDS = {"docker": "docker.io"}
+# The directories lab writes into on such a machine. One that was there before lab keeps what else it
+# holds when lab leaves (only lab's own files go); one lab made goes whole.
+LAB_DIRS = (str(CONFIG_DIR), str(NODE_DIR), "/etc/etcd", "/run/lab")
+
 # ---------------------------------------------------------------- in etcd
 
 FLEET = "/lab/fleet"                            # the scheduler (layout in agent.py)

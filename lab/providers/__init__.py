@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from lab.errors import PrerequisiteError, UsageError
-from lab.model.catalog import AUTO_ORDER, PROVIDERS
+from lab.model.catalog import AUTO_ORDER, PROVIDER_FOR_SYSTEM, PROVIDERS, SYSTEM_NAMES
 from lab.providers.base import Availability, Provider
 
 # name -> "module:Class": the one list, in lab.model.catalog (the spec validates against it too).
@@ -23,6 +23,19 @@ _REGISTRY = {name: entry.target for name, entry in PROVIDERS.items()}
 
 def names() -> list[str]:
     return list(_REGISTRY)
+
+
+def elsewhere(name: str) -> PrerequisiteError | None:
+    """Why provider `name` cannot run on this host's system (it is Linux-only, say), else None."""
+    entry = PROVIDERS.get(name)
+    here = platform.system()
+    if entry is None or not entry.systems or here in entry.systems:
+        return None
+    instead = PROVIDER_FOR_SYSTEM.get(here, "virtualbox")
+    only = " and ".join(SYSTEM_NAMES.get(system, system) for system in entry.systems)
+    return PrerequisiteError(f"the {name} provider runs on {only} only; this host runs {SYSTEM_NAMES.get(here, here)}",
+                             hint=f"use the {instead} provider here: `lab up --provider {instead}` "
+                                  f"(or `provider: {instead}` in lab.yaml)")
 
 
 def provider_class(name: str) -> type[Provider]:
@@ -50,16 +63,21 @@ class Selection:
 
 def select(requested: str) -> Selection:
     if requested != "auto":
+        # A Linux-only provider on a Mac says so here, before its modules (which need Linux) are imported.
+        problem = elsewhere(requested)
+        if problem is not None:
+            raise problem
         provider_class(requested)  # validate the name early
         return Selection(requested, automatic=False, considered={})
     considered: dict[str, Availability] = {}
     for name in AUTO_ORDER:
-        availability = provider_class(name).availability()
+        problem = elsewhere(name)
+        availability = Availability(False, problem.message) if problem else provider_class(name).availability()
         considered[name] = availability
         if availability.usable:
             return Selection(name, automatic=True, considered=considered)
     reasons = "\n".join(f"  {n}: {a.reason}" for n, a in considered.items())
-    hint = ("install VirtualBox, or vagrant + vagrant-libvirt with libvirtd running"
+    hint = ("install VirtualBox and Vagrant (`lab doctor` says how on this system)"
             if platform.system() != "Linux" else
             "run as root with systemd-nspawn installed (apt-get install systemd-container), "
             "or install VirtualBox / vagrant-libvirt")

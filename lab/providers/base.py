@@ -76,6 +76,28 @@ class SnapshotTaken:
     running: list[str]  # the nodes that ran (and were frozen); the others were stopped
 
 
+@dataclass(frozen=True)
+class NodeFile:
+    """A file lab writes on a node: over SSH once it runs, or into its disk before its first boot."""
+
+    path: str  # absolute, on the node
+    content: bytes
+    mode: int
+    owner: str = "root"  # a user of the node's own /etc/passwd
+
+
+@dataclass(frozen=True)
+class NodeSeed:
+    """What a node should boot with the first time: files, and units started at boot (enabled in
+    multi-user.target), so that its services start with it instead of being set up over SSH after."""
+
+    files: tuple[NodeFile, ...] = ()
+    enabled_units: tuple[str, ...] = ()
+
+    def __add__(self, other: "NodeSeed") -> "NodeSeed":
+        return NodeSeed(self.files + other.files, self.enabled_units + other.enabled_units)
+
+
 @dataclass
 class LabContext:
     """What a provider is given about the lab it serves."""
@@ -109,9 +131,28 @@ class Provider(ABC):
     """One way of making nodes. Subclasses live one per module in this package."""
 
     name: ClassVar[str]
+    # Set by `lab destroy --forget-unreachable`: a node that cannot be reached to be cleaned is forgotten
+    # (what lab put there stays) instead of keeping the lab for another try. Only nodes lab did not make
+    # (existing hosts) can be unreachable for good.
+    forget_unreachable: bool = False
+    # Whether `lab up` writes its Docker settings (/etc/docker/daemon.json) on the nodes: not on machines
+    # lab did not make, whose Docker belongs to someone else.
+    configures_docker: ClassVar[bool] = True
 
     def __init__(self, context: LabContext) -> None:
         self.context = context
+
+    @classmethod
+    def fixed_addresses(cls, spec: LabSpec, nodes: list[str], recorded: dict[str, str]) -> dict[str, str] | None:
+        """Each node's address when the provider, not the lab's subnet, decides it (existing hosts have
+        theirs); None: lab gives addresses on the lab's subnet. `recorded`: what the lab's state holds."""
+        return None
+
+    @classmethod
+    def settled_spec(cls, spec: LabSpec, state: Any = None) -> LabSpec:
+        """The spec as this provider runs a lab of it here: what the spec leaves to the host (libvirt's
+        `driver: auto`) settled, from the lab's state where it recorded it. Cheap, never boots anything."""
+        return spec
 
     @classmethod
     @abstractmethod
@@ -125,6 +166,12 @@ class Provider(ABC):
     @abstractmethod
     def up(self, progress: Progress = no_progress) -> None:
         """Create and start every node (or start stopped ones); return when all answer SSH."""
+
+    def seed_first_boot(self, seeds: dict[str, NodeSeed]) -> set[str]:
+        """Have the next `up` write each node's seed into its disk before that node first boots. Returns
+        the nodes it will seed: those not created yet, on a provider that can write a node's disk before
+        it boots. The rest are set up over SSH as before (here: every node)."""
+        return set()
 
     @abstractmethod
     def status(self) -> list[NodeStatus]:

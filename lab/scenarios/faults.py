@@ -68,15 +68,26 @@ class FaultInjector:
         self.killed_etcd: set[str] = set()
 
     def targets(self, target: str) -> list[str]:
-        """The nodes `leader`, `followers`, `all`, `old-leader` or a node name stand for right now."""
+        """The nodes `leader`, `followers`, `all`, `members`, `workers`, `old-leader` or a node name stand for
+        right now. Followers are the members the leader leads; workers are no one's followers."""
+        from lab.cluster.etcd_bootstrap import member_names
+
         nodes = [n.name for n in self.context.nodes]
         if target == "all":
             return nodes
+        members = member_names(self.context)
+        if target in ("members", "workers"):
+            chosen = members if target == "members" else [n for n in nodes if n not in members]
+            if not chosen:
+                raise LabError(f"lab {self.context.spec.name!r} has no {target}: every node is an etcd member",
+                               hint="set etcd.members below the node count, or add one with `lab node add "
+                                    "--role worker`")
+            return chosen
         if target in ("leader", "followers"):
             leader, _ = self.monitor.leader()
             if leader is None:
                 raise LabError("no leader to target right now")
-            return [leader] if target == "leader" else [n for n in nodes if n != leader]
+            return [leader] if target == "leader" else [n for n in members if n != leader]
         if target == "old-leader":
             if not self.last or not self.last.get("leader"):
                 raise LabError("no earlier fault recorded a leader")

@@ -48,13 +48,14 @@ SCENARIO_FILE = "scenario.yaml"
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
 
 # Targets resolved at run time: the leader as observed just before the fault,
-# its followers, every node, a node by name, or the node(s) a scheduled unit
-# runs on ("node-of:hello.service"). Partition also takes groups:
-# "partition node-1|node-2,node-3".
-SPECIAL_TARGETS = ("leader", "followers", "all", "old-leader")
+# its followers (the other etcd members), every node, the etcd members, the
+# workers (nodes that reach etcd through a local gateway), a node by name, or
+# the node(s) a scheduled unit runs on ("node-of:hello.service"). Partition
+# also takes groups: "partition node-1|node-2,node-3".
+SPECIAL_TARGETS = ("leader", "followers", "all", "members", "workers", "old-leader")
 NODE_OF = "node-of:"
 UNIT_NAME_RE = re.compile(r"^[A-Za-z0-9:_.@\\-]{1,255}$")
-TARGET_HELP = "leader, followers, all, old-leader, node-of:UNIT or a node name"
+TARGET_HELP = "leader, followers, all, members, workers, old-leader, node-of:UNIT or a node name"
 
 
 def check_target(target: str) -> str:

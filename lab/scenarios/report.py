@@ -168,7 +168,7 @@ def summary_markdown(result: RunResult) -> str:
         lines += [f"- {c['t']:.2f} s: {c['leader']} (term {c['term']})" for c in result.leader_changes]
     lines += ["", "## Files", "", "- `history.jsonl`: every workload operation (invoke, complete, outcome)",
               "- `junit.xml`: steps, checkers and testinfra checks", "- `nodes/NODE/journal.txt`, "
-              "`nodes/NODE/etcd.log`: each node's journal", "- `result.json`: all of the above as data"]
+              "`nodes/NODE/etcd.log`: each node's journal and etcd's log during the run", "- `result.json`: all of the above as data"]
     if m.get("service"):
         lines.append("- `service.jsonl`: every request of the service probe (node, sent, done, outcome)")
     lines.append("")

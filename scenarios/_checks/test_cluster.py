@@ -1,4 +1,5 @@
-"""After the faults: every node runs a healthy etcd member of one cluster.
+"""After the faults: every node reaches one healthy etcd cluster, through its own member or (a worker)
+through its local etcd gateway on 127.0.0.1:2379: the same unit and the same checks answer on both.
 
 `host` is testinfra's; `etcdctl` runs etcdctl on the node with the lab's
 certificates when TLS is on (lab.scenarios.checks_plugin).

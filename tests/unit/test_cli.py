@@ -334,8 +334,8 @@ def lab_exists(project: Path, name: str = "lab") -> bool:
 def test_the_sequences_are_named_phases():
     from lab.core.lifecycle import PHASES, SEQUENCES
 
-    assert SEQUENCES["test"] == ("check", "load", "create", "verify", "destroy")
-    assert SEQUENCES["scenario"] == ("load", "create", "verify", "destroy")
+    assert SEQUENCES["test"] == ("check", "load", "images", "create", "verify", "destroy")
+    assert SEQUENCES["scenario"] == ("load", "images", "create", "verify", "destroy")
     assert [name for name, phase in PHASES.items() if phase.always] == ["destroy"]
 
 

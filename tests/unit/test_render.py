@@ -107,7 +107,8 @@ def test_no_provisioners_and_default_share_disabled(tmp_path: Path) -> None:
     assert ".vm.provision" not in text
     assert 'config.vm.synced_folder ".", "/vagrant", disabled: true' in text
     assert 'Vagrant.require_version ">= 2.2"' in text
-    assert "config.ssh.insert_key = true" in text
+    # No key swap by Vagrant: lab puts its own key in at adoption (see adoption.py).
+    assert "config.ssh.insert_key = false" in text and "insert_key = true" not in text
 
 
 def test_unknown_provider_is_refused(tmp_path: Path) -> None:
@@ -150,7 +151,7 @@ def test_per_node_overrides(tmp_path: Path) -> None:
 
 def test_private_network_netmask_follows_the_lab_subnet(tmp_path: Path) -> None:
     text = render_vagrantfile(make_context(tmp_path, GOLDEN_SPEC, subnet="10.78.0.0/16"), "virtualbox")
-    assert 'node.vm.network "private_network", ip: "10.78.0.11", netmask: "255.255.0.0"' in text
+    assert 'node.vm.network "private_network", ip: "10.78.0.11", netmask: "255.255.0.0",' in text
 
 
 def test_provider_options_from_the_spec(tmp_path: Path) -> None:

@@ -49,7 +49,7 @@ def test_defaults_without_a_file(tmp_path):
     assert (s.etcd.heartbeat_ms, s.etcd.election_timeout_ms, s.etcd.tls) == (100, 1000, True)
     assert (s.updates.strategy, s.updates.max_concurrent_reboots) == ("etcd-lock", 1)
     assert s.forwarded_ports == [] and s.synced_folders == []
-    assert s.providers.libvirt.driver == "kvm"
+    assert s.providers.libvirt.driver == "auto"  # settled per host by the libvirt provider
 
 
 def test_default_nodes_are_node_1_to_3():
@@ -277,7 +277,7 @@ def test_relative_path_is_named_as_given(tmp_path, monkeypatch):
     ({}, [parse_set_option("updates.strategy=rolling")], "--set updates.strategy=rolling"),
     ({}, [Override(("nodes", "count"), 0, "--nodes 0")], "--nodes 0"),
     ({}, [Override(("provider",), "docker", "--provider docker")], "--provider docker"),
-    ({"LAB_NODES": "0"}, [Override(("nodes", "count"), 99, "--nodes 99")], "--nodes 99"),
+    ({"LAB_NODES": "0"}, [Override(("nodes", "count"), 201, "--nodes 201")], "--nodes 201"),
 ])
 def test_error_from_env_or_flag_names_it_not_the_file(tmp_path, environ, overrides, origin):
     message = error_of(tmp_path, FILE, overrides, environ)
@@ -320,7 +320,7 @@ def test_every_problem_is_reported_with_its_line(tmp_path):
 
 def test_unknown_key_without_a_close_match_lists_valid_keys(tmp_path):
     message = error_of(tmp_path, "etcd:\n  xyzzy: 1\n")
-    assert "etcd.xyzzy: unknown key (valid keys: heartbeat_ms, election_timeout_ms, tls, pre_vote)" in message
+    assert "etcd.xyzzy: unknown key (valid keys: heartbeat_ms, election_timeout_ms, tls, pre_vote, members)" in message
 
 
 def test_unknown_key_under_a_list_suggests_by_alias(tmp_path):

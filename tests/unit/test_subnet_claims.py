@@ -104,3 +104,33 @@ def test_private_directories_are_0700_and_refuse_symlinks(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(StateError, match="symlink"):
         private_dir(tmp_path / "link")
+
+
+def test_nodes_that_would_run_out_of_inotify_instances_are_refused_with_the_sysctl_that_fixes_it():
+    from lab.providers.nspawn.limits import INOTIFY_PER_NODE, inotify_problem
+
+    assert inotify_problem(3, limit=128, used=20) is None
+    assert inotify_problem(0, limit=128, used=500) is None  # nothing to start (every node runs)
+    refused = inotify_problem(50, limit=128, used=24)
+    assert f"50 node(s) need about {50 * INOTIFY_PER_NODE} inotify instances" in refused.message
+    assert "root has 104 of fs.inotify.max_user_instances=128 left" in refused.message
+    assert "`sysctl -w fs.inotify.max_user_instances=1024`" in refused.hint and "(10 fit now)" in refused.hint
+    assert "max_user_instances=1536" in inotify_problem(100, limit=1024, used=400).hint
+
+
+def test_a_node_gets_a_free_uid_range_of_nspawns_region_where_its_name_hashes(tmp_path):
+    from lab.providers.nspawn import userns
+
+    first = userns.choose_range("lab-abc123-node-1", set())
+    assert userns.PICK_FIRST <= first < userns.PICK_END and first % userns.RANGE == 0
+    assert userns.choose_range("lab-abc123-node-1", set()) == first  # the same name, the same range
+    assert userns.choose_range("lab-abc123-node-1", {first}) == first + userns.RANGE  # taken: the next one
+    last = userns.PICK_END - userns.RANGE
+    assert userns.choose_range("x", {b for b in range(userns.PICK_FIRST, last, userns.RANGE)}) == last
+    # Ranges in use on the host, as /proc/PID/uid_map shows them (the host's own processes map 0 to 0).
+    for pid, line in (("1", "0 0 4294967295"), ("2041", "0 2097217536 65536"), ("2042", "0 2097217536 65536"),
+                      ("3000", "0 524288 65536")):
+        (tmp_path / pid).mkdir()
+        (tmp_path / pid / "uid_map").write_text(f"         {line}\n")
+    (tmp_path / "self").mkdir()
+    assert userns.ranges_in_use(tmp_path) == {2097217536, 524288}

@@ -39,7 +39,7 @@ def leftovers(tmp_path: Path) -> list[str]:
 
 
 NEW_LAB_STEPS = ["select provider", "preflight", "claim subnet", "record state", "assign addresses", "ssh keypair",
-                 "boot nodes", "ssh config"]
+                 "provider", "boot nodes", "ssh config"]
 
 
 def test_a_new_lab_runs_every_step_in_order(fake, tmp_path):
@@ -55,8 +55,11 @@ def test_a_new_lab_runs_every_step_in_order(fake, tmp_path):
     assert [c.subnet for c in network.claims()] == [state["subnet"]]
 
 
-def test_bootstrap_adds_the_etcd_and_scheduler_steps():
-    assert [s.name for s in up_module.up_steps(bootstrap=True)][-2:] == ["etcd", "scheduler"]
+def test_bootstrap_adds_the_first_boot_files_and_the_etcd_and_scheduler_steps():
+    names = [s.name for s in up_module.up_steps(bootstrap=True)]
+    # The files go into the nodes' disks before they boot, so their services start with them.
+    assert names[names.index("provider"):] == ["provider", "first-boot files", "boot nodes", "ssh config",
+                                               "containers", "etcd", "scheduler"]
 
 
 def test_an_existing_lab_skips_creation_and_checks_its_claim(fake, tmp_path):
@@ -65,7 +68,7 @@ def test_an_existing_lab_skips_creation_and_checks_its_claim(fake, tmp_path):
     lab = open_lab(tmp_path)
     run = up_module.UpRun(lab=lab, progress=lambda _m: None, new_lab=False)
     up_module.run_steps(run, up_module.up_steps(bootstrap=False))
-    assert run.done == ["select provider", "preflight", "check subnet claim", "boot nodes", "ssh config"]
+    assert run.done == ["select provider", "preflight", "check subnet claim", "provider", "boot nodes", "ssh config"]
 
 
 @pytest.mark.parametrize("failing", NEW_LAB_STEPS)
@@ -135,3 +138,20 @@ def test_an_existing_lab_whose_spec_flips_etcd_tls_is_refused_before_any_node_bo
         lab.up(bootstrap=False)
     assert not any(call.startswith("up ") for call in fake.calls)
     assert (tmp_path / ".lab" / "lab" / "state.json").exists()
+
+
+def test_a_lab_too_big_for_the_hosts_memory_is_refused_before_anything_exists(fake, tmp_path, monkeypatch):
+    from lab.core import doctor
+
+    monkeypatch.setattr(doctor, "memory_mib", lambda: (24_000, 250))  # MiB total, available
+    with pytest.raises(PrerequisiteError) as refused:
+        open_lab(tmp_path).up(bootstrap=False)
+    assert "a 3-node nspawn lab does not fit on this host: memory needs 300 MiB" in refused.value.message
+    assert "250 MiB available" in refused.value.message
+    assert "--nodes 2 fits" in refused.value.hint and "lab doctor --nodes 3 --provider nspawn" in refused.value.hint
+    assert fake.calls == ["preflight"] and leftovers(tmp_path) == []
+    # An existing lab is not measured again: its nodes are made.
+    monkeypatch.setattr(doctor, "memory_mib", lambda: (24_000, 24_000))
+    open_lab(tmp_path).up(bootstrap=False)
+    monkeypatch.setattr(doctor, "memory_mib", lambda: (24_000, 250))
+    open_lab(tmp_path).up(bootstrap=False)

@@ -11,10 +11,11 @@ import pytest
 
 from lab.errors import ProviderError
 from lab.providers.base import NodeState
-from lab.providers.vagrant.adoption import adoption_script, parse_adoption_output
+from lab.providers.guest import printed_host_key
+from lab.providers.vagrant.adoption import PrivateAddress, adoption_script
 from lab.providers.vagrant.parsers import (SSHConfigEntry, node_state, parse_ssh_config, parse_vagrant_error,
                                            ssh_endpoint)
-from lab.providers.vagrant.provider import partition_scripts
+from lab.providers.guest import partition_scripts
 
 
 # ---------------------------------------------------------------- state mapping
@@ -168,17 +169,21 @@ def test_partition_scripts_sort_addresses_numerically_and_skip_empty_sides() -> 
     assert "{ 10.77.9.12, 10.77.9.20 }" in scripts["node-1"]
 
 
+PRIVATE = PrivateAddress(mac="0a:fb:02:88:00:01", address="10.77.9.11", prefixlen=24)
+
+
 def test_adoption_script_and_its_output() -> None:
-    script = adoption_script("ssh-ed25519 AAAAC3 lab-x", "node-1")
-    assert "grep -qxF 'ssh-ed25519 AAAAC3 lab-x' /root/.ssh/authorized_keys" in script
+    script = adoption_script("ssh-ed25519 AAAAC3 lab-x", "node-1", private=PRIVATE)
+    assert "grep -qF AAAAC3 /root/.ssh/authorized_keys || printf '%s\\n' 'ssh-ed25519 AAAAC3 lab-x'" in script
     assert "printf '%s\\n' node-1 > /etc/hostname\nhostname node-1\n" in script
     for command, package in (("python3", "python3"), ("nft", "nftables"), ("etcd", "etcd-server")):
         assert f'command -v {command} >/dev/null 2>&1 || missing="$missing {package}"' in script
     # Docker too, socket-activated as on the Lab OS, unless the spec says box.docker: false.
     assert 'command -v docker >/dev/null 2>&1 || missing="$missing docker.io"' in script
     assert "systemctl enable --now docker.socket" in script
-    assert "command -v docker" not in adoption_script("ssh-ed25519 AAAAC3 lab-x", "node-1", docker=False)
+    assert "command -v docker" not in adoption_script("ssh-ed25519 AAAAC3 lab-x", "node-1", docker=False,
+                                                      private=PRIVATE)
     output = "lab-installed etcd-server\nlab-host-key ssh-ed25519 AAAAkey root@node-1\n"
-    assert parse_adoption_output(output, "node-1") == "ssh-ed25519 AAAAkey"
+    assert printed_host_key(output, "node-1") == "ssh-ed25519 AAAAkey"
     with pytest.raises(ProviderError, match="node-1: adoption printed no host key"):
-        parse_adoption_output("sudo: a password is required\n", "node-1")
+        printed_host_key("sudo: a password is required\n", "node-1")

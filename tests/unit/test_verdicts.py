@@ -32,6 +32,19 @@ def test_the_liveness_bound_for_etcds_defaults_is_rounds_of_2t_plus_a_tick():
     assert "liveness bound 15.55 s" in bound.describe() and "pre-vote off" in bound.describe()
 
 
+def test_a_units_move_bound_allows_the_dead_machine_to_have_led_etcd():
+    from lab.cluster.agents import AGENT_TTL, unit_move_bound
+    from lab.model.spec import LabSpec
+    from lab.testing.bounds import unit_move_seconds
+
+    # Election (15.55 s) + leases extended by T on the new leader (1 s) + the TTL + two agent rounds + margin.
+    assert unit_move_bound(15.55, 1.0) == pytest.approx(15.55 + 1.0 + AGENT_TTL + 1.0 + 3.0)
+    spec = LabSpec.model_validate({"provider": "nspawn", "nodes": {"count": 3}})
+    assert unit_move_seconds(SimpleNamespace(spec=spec)) == pytest.approx(25.55)
+    quick = LabSpec.model_validate({"provider": "nspawn", "nodes": {"count": 3}, "etcd": {"pre_vote": True}})
+    assert unit_move_seconds(SimpleNamespace(spec=quick)) < 25.55
+
+
 def test_the_split_rounds_are_the_fewest_that_meet_the_target():
     for members in (3, 4, 5, 7):
         for timeout_ms in (500, 1000, 2500, 10000):

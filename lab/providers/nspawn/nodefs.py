@@ -124,13 +124,34 @@ def write_node_file(root: "os.PathLike | str", relpath: str, data: bytes, mode: 
                 view = view[os.write(fd, view):]
         finally:
             os.close(fd)
-        try:
-            os.rename(tmp, parts[-1], src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except OSError as exc:  # EISDIR: the node put a directory there
-            os.unlink(tmp, dir_fd=dir_fd)
-            raise UnsafeNodePath(f"{os.path.join(root, *parts)}: {os.strerror(exc.errno)}: refused") from None
+        _replace(dir_fd, tmp, root, parts)
     finally:
         os.close(dir_fd)
+
+
+def link_node_file(root: "os.PathLike | str", relpath: str, target: str,
+                   owner: tuple[int, int] | None = None) -> None:
+    """Make root/relpath a symlink to `target` (a path as the node sees it, never followed here),
+    replacing what was there, making missing directories, refusing symlinks on the way."""
+    root, parts = os.fspath(root), _parts(relpath)
+    dir_fd = _open_dirs(root, parts[:-1], create=True, owner=owner)
+    tmp = f".{parts[-1]}.{secrets.token_hex(8)}.lab-tmp"
+    try:
+        os.symlink(target, tmp, dir_fd=dir_fd)
+        if owner is not None:
+            os.chown(tmp, *owner, dir_fd=dir_fd, follow_symlinks=False)
+        _replace(dir_fd, tmp, root, parts)
+    finally:
+        os.close(dir_fd)
+
+
+def _replace(dir_fd: int, tmp: str, root: str, parts: list[str]) -> None:
+    """Rename `tmp` over the last of `parts` in dir_fd: a planted symlink is replaced, never followed."""
+    try:
+        os.rename(tmp, parts[-1], src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except OSError as exc:  # EISDIR: the node put a directory there
+        os.unlink(tmp, dir_fd=dir_fd)
+        raise UnsafeNodePath(f"{os.path.join(root, *parts)}: {os.strerror(exc.errno)}: refused") from None
 
 
 def _kind(mode: int) -> str:

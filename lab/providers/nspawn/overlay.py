@@ -16,9 +16,11 @@ import shutil
 import uuid
 from pathlib import Path
 
+from lab.host.files import to_lf
 from lab.host.run import run
 from lab.node import layout
-from lab.providers.base import LabContext
+from lab.providers.base import LabContext, NodeSeed
+from lab.providers.nspawn import nodefs
 from lab.providers.nspawn.nodefs import write_node_file
 
 
@@ -79,6 +81,45 @@ def fact_files(context: LabContext, node: str) -> dict[str, str]:
             json.dumps({"lab": context.spec.name, "lab_id": context.lab_id, "node": node, "ip": ip,
                         "peers": context.addresses, "metadata": context.node(node).metadata}) + "\n",
     }
+
+
+def write_seed(merged: Path, image: Path, seed: NodeSeed) -> None:
+    """A node's first-boot files and enabled units (see NodeSeed), written into its layer before it first
+    boots, as `systemctl enable` would leave them. A file's owner is a user of the node's own passwd; ids
+    are offset like the owner of the node's / (nspawn shifts them all into its user namespace at boot)."""
+    root = merged.stat()
+    users = _users(merged)
+    for file in seed.files:
+        if file.owner not in users:
+            raise nodefs.UnsafeNodePath(f"{file.path}: no user {file.owner!r} in the node's /etc/passwd")
+        uid = users[file.owner][0]  # the group stays root's, as `chown USER` over SSH leaves it
+        nodefs.write_node_file(merged, file.path.lstrip("/"), to_lf(file.content), file.mode,
+                               owner=(root.st_uid + uid, root.st_gid))
+    seeded = {file.path for file in seed.files}
+    for unit in seed.enabled_units:
+        nodefs.link_node_file(merged, f"etc/systemd/system/multi-user.target.wants/{unit}",
+                              _unit_path(unit, seeded, merged, image), owner=(root.st_uid, root.st_gid))
+
+
+def _users(merged: Path) -> dict[str, tuple[int, int]]:
+    users = {}
+    for line in (nodefs.read_node_text(merged, "etc/passwd", cap=1 << 20) or "").splitlines():
+        fields = line.split(":")
+        if len(fields) >= 4 and fields[2].isdigit() and fields[3].isdigit():
+            users[fields[0]] = (int(fields[2]), int(fields[3]))
+    return users
+
+
+def _unit_path(unit: str, seeded: set[str], merged: Path, image: Path) -> str:
+    """Where the node finds `unit`, as the target of its enablement link: a seeded file, the node's /etc,
+    or the image's /usr (read from the image: a node in a user namespace has its /usr masked)."""
+    local = f"/etc/systemd/system/{unit}"
+    if local in seeded or (merged / local.lstrip("/")).is_file():
+        return local
+    for directory in ("/lib/systemd/system", "/usr/lib/systemd/system"):  # where Debian's systemctl links
+        if (image / directory.lstrip("/") / unit).is_file():
+            return f"{directory}/{unit}"
+    raise nodefs.UnsafeNodePath(f"no unit {unit} in the image {image} nor in the node's /etc")
 
 
 def write_into_node(merged: Path, files: dict[str, str]) -> None:

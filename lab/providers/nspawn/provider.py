@@ -40,17 +40,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from lab.errors import PrerequisiteError, ProviderError, StateError, UsageError
+from lab.errors import LabError, PrerequisiteError, ProviderError, StateError, UsageError
 from lab.host.files import append_nofollow, write_atomic
-from lab.host.mounts import unmount_below
+from lab.host.mounts import is_mount_point, unmount_below
 from lab.host.ssh import SSHEndpoint
 from lab.images.cache import is_cached_rootfs
 from lab.node import layout
-from lab.providers.base import (Availability, NodeSnapshot, NodeState, NodeStatus, Progress, Provider, SnapshotTaken,
-                                no_progress)
-from lab.providers.nspawn import bridge, cgroups, nodefs, overlay, supervisor
+from lab.providers.base import (Availability, LabContext, NodeSeed, NodeSnapshot, NodeState, NodeStatus, Progress,
+                                Provider, SnapshotTaken, no_progress)
+from lab.providers.nspawn import bridge, cgroups, limits, nodefs, overlay, supervisor, userns
 from lab.providers.nspawn.snapshot import copy_tree, frozen, remove_tree
-from lab.host.processes import alive, parent_of, start_time, wait_gone
+from lab.host.processes import alive, keep_detached, parent_of, start_time, wait_gone
 from lab.providers.nspawn.processes import boot_id, container_init, read_value, runs_file
 
 BOOT_TIMEOUT = 90.0  # seconds until a node must answer SSH; nodes boot in ~1 s warm
@@ -65,6 +65,11 @@ SUPERVISOR = Path(supervisor.__file__)  # run as a plain file: `python -I -S sup
 
 class NspawnProvider(Provider):
     name = "nspawn"
+
+    def __init__(self, context: LabContext) -> None:
+        super().__init__(context)
+        self._first_boot_seeds: dict[str, NodeSeed] = {}
+        self._ranges_taken: set[int] | None = None  # uid ranges in use, as this command found and chose them
 
     # -- names (all derived from the lab id, so labs never collide)
 
@@ -142,6 +147,11 @@ class NspawnProvider(Provider):
         recorded = (self.context.state.get("image") if self.context.state is not None else None) or {}
         if not Path(recorded.get("rootfs", "/nonexistent")).is_dir():
             self.image()
+        created = self.context.state is not None
+        problem = limits.inotify_problem(sum(1 for n in self.context.nodes
+                                             if not (created and self._supervisor_alive(n.name))))
+        if problem is not None:
+            raise problem
 
     def image(self):
         from lab.images.cache import find_image
@@ -188,6 +198,15 @@ class NspawnProvider(Provider):
             self._spawn(node, rootfs)
         self._wait_ssh(to_start)
         progress(f"{len(to_start)} node(s) answer SSH after {time.monotonic() - started:.1f} s")
+
+    def seed_first_boot(self, seeds: dict[str, NodeSeed]) -> set[str]:
+        # Written by _prepare_node into the node's layer, with its identity, before its first boot.
+        self._first_boot_seeds = {node: seed for node, seed in seeds.items() if not self._provisioned(node)}
+        return set(self._first_boot_seeds)
+
+    def _provisioned(self, node: str) -> bool:
+        marker = self.node_dir(node) / "provisioned"
+        return marker.is_file() and not marker.is_symlink()
 
     def start(self, node: str, progress: Progress = no_progress) -> None:
         self.context.node(node)
@@ -242,6 +261,7 @@ class NspawnProvider(Provider):
         merged = str(self.node_dir(node) / "merged")
         unmount_below(self.node_dir(node))
         self.state.forget("mount", merged)
+        self.state.forget("mount", str(self.node_dir(node) / "lower"))
         for cgroup in self.cgroups(node):
             cgroups.remove_cgroup(cgroup)
             self.state.forget("cgroup", str(cgroup))
@@ -471,28 +491,86 @@ class NspawnProvider(Provider):
     def _prepare_node(self, node: str, rootfs: Path) -> None:
         directory = self.node_dir(node)
         upper, work, merged = directory / "upper", directory / "work", directory / "merged"
-        fresh = not (directory / "provisioned").is_file() or (directory / "provisioned").is_symlink()
+        fresh = not self._provisioned(node)
         # Decided when the node is made and kept: its files' owners depend on it.
         extra = {"private_users": not self.privileged and overlay.metacopy_available()} if fresh else {}
         self.state.record("node", node, dir=str(directory), docker_dir=str(self.docker_dir(node)), **extra)
         for path in (upper, work, merged, self.docker_dir(node)):
             path.mkdir(parents=True, exist_ok=True)
+        # The node's root owns what is below (its layer, its Docker directory, the image shown in its range):
+        # no other user of the host walks in there.
+        os.chmod(directory, 0o700)
         slot_a = directory / "slot-a"
         if not (slot_a.is_symlink() and is_cached_rootfs(os.readlink(slot_a))):
             slot_a.unlink(missing_ok=True)  # a link a checkout planted, to anywhere: replaced
             slot_a.symlink_to(rootfs)  # the image the node was created with
+        lower = self._idmapped_lower(node, rootfs, fresh) if self._private_users(node) else rootfs
         self.state.record("mount", str(merged))
         mask = overlay.usr_mask(self.context.lab_dir / "usr-mask", rootfs) if self._private_users(node) else None
-        overlay.mount_overlay(rootfs, upper, work, merged, unprivileged=mask)
+        try:
+            overlay.mount_overlay(lower, upper, work, merged, unprivileged=mask)
+        except LabError:
+            if not (fresh and lower != rootfs):
+                raise
+            # Overlayfs takes an idmapped lower layer from Linux 5.19 on (idmapped mounts exist from 5.12).
+            self._without_idmapped_lower(node)
+            overlay.mount_overlay(rootfs, upper, work, merged, unprivileged=mask)
         try:
             if fresh:
                 self._write_identity(node, merged)
+                seed = self._first_boot_seeds.pop(node, None)
+                if seed is not None:
+                    overlay.write_seed(merged, rootfs, seed)
                 write_atomic(directory / "provisioned", time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
             overlay.write_into_node(merged, overlay.fact_files(self.context, node))
         except nodefs.UnsafeNodePath as exc:
             raise ProviderError(f"{node}: cannot write its files: {exc}",
                                 hint=f"a path lab writes in the node was replaced by a link or a device; "
                                      f"remove the node (`lab node remove {node}` or `lab destroy`)") from None
+
+    def _idmapped_lower(self, node: str, rootfs: Path, fresh: bool) -> Path:
+        """The overlay's lower layer of a node in a user namespace: the image idmapped into the node's range,
+        so nspawn chowns nothing (userns.py); the image itself for a node made before, or where the kernel
+        cannot idmap (nspawn then chowns the tree at the first boot, as it always did)."""
+        directory = self.node_dir(node)
+        upper, target = directory / "upper", directory / "lower"
+        if fresh:
+            # A node never booted: what an interrupted attempt mounted goes, so that its lower layer, its
+            # layer's root and the overlay agree on the range chosen now.
+            unmount_below(directory / "merged")
+            unmount_below(target)
+            if self._ranges_taken is None:  # once per command: /proc is scanned once, not once per node
+                self._ranges_taken = userns.ranges_in_use() | {
+                    self.node_dir(n.name).joinpath("upper").stat().st_uid for n in self.context.nodes
+                    if n.name != node and self.node_dir(n.name).joinpath("upper").is_dir()}
+            base = userns.choose_range(self.machine(node), self._ranges_taken)
+            self._ranges_taken.add(base)
+            self.state.record("node", node, idmapped_lower=True)
+            os.chown(upper, base, base)  # the overlay's root is the upper layer's: nspawn reads the range there
+        if not any(res.get("idmapped_lower") for res in self.state.find("node", node)):
+            return rootfs
+        base = upper.stat().st_uid  # the node's range, as nspawn last chose it
+        if is_mount_point(target):
+            return target
+        target.mkdir(exist_ok=True)
+        self.state.record("mount", str(target))
+        try:
+            userns.mount_idmapped(rootfs, target, base)
+        except OSError as exc:
+            if not fresh:
+                raise ProviderError(f"{node}: cannot mount its image idmapped: {exc}",
+                                    hint="the node was made on a kernel with idmapped mounts: boot it there, or "
+                                         f"`lab node remove {node}` and add it again") from None
+            self._without_idmapped_lower(node)
+            return rootfs
+        return target
+
+    def _without_idmapped_lower(self, node: str) -> None:
+        """A new node where the kernel cannot take the image idmapped: it is made as before, its layer's root
+        the host's, and nspawn picks a range and chowns the tree into it at the first boot."""
+        unmount_below(self.node_dir(node) / "lower")
+        self.state.record("node", node, idmapped_lower=False)
+        os.chown(self.node_dir(node) / "upper", 0, 0)
 
     def _write_identity(self, node: str, merged: Path) -> None:
         """The node's identity, written into its own layer before its first boot."""
@@ -534,8 +612,8 @@ class NspawnProvider(Provider):
         for stale in set(self.cgroups(node)) - set(node_cgroups):  # recorded by a caller in other cgroups
             cgroups.remove_cgroup(stale)
             self.state.forget("cgroup", str(stale))
+        self.state.record_all("cgroup", [str(cgroup) for cgroup in node_cgroups])
         for cgroup in node_cgroups:
-            self.state.record("cgroup", str(cgroup))
             cgroups.make_cgroup(cgroup)
         spec = self.context.node(node)
         cgroups.set_limits(node_cgroups, spec.memory, spec.cpus)
@@ -554,6 +632,7 @@ class NspawnProvider(Provider):
             process = subprocess.Popen([sys.executable, "-I", "-S", str(SUPERVISOR), json.dumps(config)],
                                        stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                        start_new_session=True, close_fds=True)
+        keep_detached(process)
         self.state.record("node", node, dir=str(directory), supervisor_pid=process.pid,
                           supervisor_start=start_time(process.pid))
 

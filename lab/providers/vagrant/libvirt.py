@@ -7,6 +7,17 @@ libvirt directly (`virsh`, or SIGKILL to the domain's QEMU for a kill), as a
 `vagrant up`, so `destroy` removes it even after lab or Vagrant died half-way.
 Earlier builds' copies of the box in the storage pool are removed at `up`
 (lab.images.vagrantbox owns the pool copies of boxes).
+
+`providers.libvirt.driver: auto` (the default) is settled here, never passed
+on: `kvm` where a KVM guest boots on this host (lab.providers.vagrant.kvmprobe
+asks once per host and box, and caches the answer), `qemu` (software
+emulation) where it does not or there is no /dev/kvm, with Raft timings that
+suit emulation for the etcd keys the spec leaves unset. `lab up` probes when
+nothing else tells and records the driver in the lab's state, so a lab keeps
+the driver its domains were made with. Everything else (render, validate,
+status, destroy) settles without probing: the lab's recorded driver, else the
+cached verdict, else `kvm`, the answer a passing probe would give (`lab up`
+probes before Vagrant ever sees it).
 """
 
 from __future__ import annotations
@@ -16,16 +27,89 @@ import os
 import signal
 import socket
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-from lab.errors import ProviderError
+from lab.errors import LabError, ProviderError
 from lab.host.run import Result, run
-from lab.images.vagrantbox import current_libvirt_volume, remove_stale_libvirt_volumes
-from lab.providers.base import Availability, Progress, no_progress
+from lab.host.vagrant import added_box_dirs, vagrant_home
+from lab.images.vagrantbox import current_libvirt_volume, remove_stale_libvirt_volumes, vagrant_box_name_for
+from lab.model.spec import Etcd, LabSpec, LibvirtOptions
+from lab.providers.base import Availability, LabContext, Progress, no_progress
+from lab.providers.vagrant.kvmprobe import (DriverChoice, NotProbeable, cached_kvm_verdict, choose_driver,
+                                            host_facts, kvm_device_state, kvm_verdict)
 from lab.providers.vagrant.provider import VagrantProvider
 from lab.providers.vagrant.render import libvirt_network_name, vagrant_box_name
 
 LIBVIRT_SOCKETS = (Path("/var/run/libvirt/libvirt-sock"), Path("/var/run/libvirt/virtqemud-sock"))
+# URIs whose QEMU runs on this host (and so uses this host's /dev/kvm).
+LOCAL_URIS = ("qemu:///system", "qemu:///session")
+# Raft under software emulation (README, "VMs"): three emulated CPUs on two
+# host cores delay heartbeats and let a follower's log lag; pre-vote keeps the
+# lagging follower from forcing elections it cannot win. Measured: 4.9 s to a
+# new leader with 100/1000 ms, about 20 s once with 250/2500 ms and no pre-vote.
+EMULATION_ETCD = {"heartbeat_ms": 250, "election_timeout_ms": 2500, "pre_vote": True}
+STATE_SECTION = "libvirt"  # {"driver": "kvm" | "qemu"}: what the lab's domains were made with
+
+
+def requested_driver(spec: LabSpec) -> str:
+    """What the spec asks for: kvm, qemu or auto. A spec `with_driver` settled still says auto: its
+    options count `driver` as set only when the user set it to kvm or qemu."""
+    options = spec.providers.libvirt
+    return options.driver if "driver" in options.model_fields_set else "auto"
+
+
+def recorded_driver(state: Any) -> str | None:
+    section = state.get(STATE_SECTION) if state is not None else None
+    driver = section.get("driver") if isinstance(section, dict) else None
+    return driver if driver in ("kvm", "qemu") else None
+
+
+def with_driver(spec: LabSpec, driver: str) -> LabSpec:
+    """`spec` as a lab with this driver runs: providers.libvirt.driver `driver`, and etcd's timings and
+    pre-vote, where the spec leaves them unset, those of emulation (qemu) or the defaults (kvm).
+
+    Idempotent and reversible: the keys lab fills in are not marked as set,
+    so settling a settled spec again (say with the driver a lab recorded)
+    starts from what the user wrote. The two timings go together: a spec that
+    sets either keeps both as they are (etcd needs election >= 5x heartbeat).
+    """
+    options = spec.providers.libvirt
+    user_set = options.model_fields_set - {"driver"}
+    if requested_driver(spec) != "auto":
+        user_set = user_set | {"driver"}
+    libvirt = LibvirtOptions.model_construct(_fields_set=user_set, **{**dict(options), "driver": driver})
+    etcd = spec.etcd
+    wanted = EMULATION_ETCD if driver == "qemu" else {key: Etcd.model_fields[key].default for key in EMULATION_ETCD}
+    values = dict(etcd)
+    if not etcd.model_fields_set & {"heartbeat_ms", "election_timeout_ms"}:
+        values.update(heartbeat_ms=wanted["heartbeat_ms"], election_timeout_ms=wanted["election_timeout_ms"])
+    if "pre_vote" not in etcd.model_fields_set:
+        values["pre_vote"] = wanted["pre_vote"]
+    settled_etcd = Etcd.model_construct(_fields_set=set(etcd.model_fields_set), **values)
+    providers = spec.providers.model_copy(update={"libvirt": libvirt})
+    return spec.model_copy(update={"providers": providers, "etcd": settled_etcd})
+
+
+def driver_choice(spec: LabSpec, state: Any = None, *, probe: bool = False,
+                  progress: Progress = no_progress) -> DriverChoice:
+    """The driver a lab of `spec` gets here; with `probe`, a KVM probe runs if nothing else tells
+    (and the choice's driver is then never None)."""
+    requested, recorded = requested_driver(spec), recorded_driver(state)
+    remote = spec.providers.libvirt.uri not in LOCAL_URIS
+    if requested != "auto" or recorded or remote:
+        return choose_driver(requested, recorded=recorded, remote=remote)
+    device = kvm_device_state()
+    if device == "absent":
+        return choose_driver(requested, kvm_device=device)
+    box = vagrant_box_name(spec)
+    if not probe:
+        return choose_driver(requested, kvm_device=device, verdict=cached_kvm_verdict(box))
+    try:
+        return choose_driver(requested, kvm_device=device, verdict=kvm_verdict(box, progress))
+    except NotProbeable as exc:
+        return choose_driver(requested, kvm_device=device, unprobeable=exc.message)
 
 
 def libvirt_socket_problem(sockets: tuple[Path, ...] = LIBVIRT_SOCKETS) -> str | None:
@@ -57,6 +141,39 @@ class LibvirtProvider(VagrantProvider):
                    "or `vagrant plugin install vagrant-libvirt`")
     box_formats = ("libvirt",)
 
+    def __init__(self, context: LabContext) -> None:
+        super().__init__(replace(context, spec=self.settled_spec(context.spec, context.state)))
+
+    @classmethod
+    def settled_spec(cls, spec: LabSpec, state: Any = None) -> LabSpec:
+        """The spec with `driver: auto` settled without probing (see the module's docstring)."""
+        return with_driver(spec, driver_choice(spec, state).driver or "kvm")
+
+    def up(self, progress: Progress = no_progress) -> None:
+        self._settle_driver(progress)
+        super().up(progress)
+
+    def _settle_driver(self, progress: Progress) -> None:
+        """Settle `driver: auto` for good before anything boots, probing KVM if nothing else tells;
+        record it, and say so in one line when the lab gets emulation or an unchecked KVM."""
+        spec = self.context.spec
+        choice = driver_choice(spec, self.context.state, probe=True, progress=progress)
+        driver = choice.driver or "kvm"
+        spec = with_driver(spec, driver)
+        self.context = replace(self.context, spec=spec)
+        if choice.note:
+            etcd = spec.etcd
+            timings = (f"; etcd for emulation: heartbeat {etcd.heartbeat_ms} ms, election timeout "
+                       f"{etcd.election_timeout_ms} ms, pre-vote {'on' if etcd.pre_vote else 'off'}"
+                       if driver == "qemu" else "")
+            progress(f"note: {choice.note}{timings}")
+        elif choice.why and requested_driver(spec) == "auto" and recorded_driver(self.context.state) is None:
+            progress(f"libvirt driver {driver}: {choice.why}")
+        state = self.context.state
+        if state is not None and recorded_driver(state) is None:
+            # Before the domains exist; theirs for good (vagrant-libvirt does not redefine a domain's type).
+            state.set(STATE_SECTION, {"driver": driver})
+
     @classmethod
     def daemon_problem(cls) -> tuple[str, str] | None:
         problem = libvirt_socket_problem()
@@ -77,7 +194,33 @@ class LibvirtProvider(VagrantProvider):
         found = super().availability()
         if found.usable and not cls.lab_boxes_added():
             return Availability(False, "no Lab OS box for libvirt yet (lab box add --format libvirt)")
+        if found.usable:
+            # "Linux without a hypervisor" gets the embedded default: VMs under
+            # software emulation boot in minutes and stretch Raft's timings, where
+            # nspawn nodes boot in seconds. `--provider libvirt` still runs them.
+            slow = cls.emulation_only()
+            if slow:
+                return Availability(False, f"{slow}: VMs would run under software emulation "
+                                           "(--provider libvirt uses it anyway)")
         return found
+
+    @classmethod
+    def emulation_only(cls) -> str | None:
+        """Why this host's libvirt VMs would run without KVM, else None: no usable /dev/kvm, or every added
+        Lab OS box's KVM probe (cached, else run now: once per host and box) saw the guest not boot."""
+        host = host_facts()
+        if host.kvm != "usable":
+            return "no usable /dev/kvm"
+        verdicts = []
+        for box in sorted(path.name for path in (vagrant_home() / "boxes").glob(vagrant_box_name_for("*", "*"))
+                          if added_box_dirs(path.name, "libvirt")):
+            try:
+                verdicts.append(kvm_verdict(box))
+            except LabError:  # not probeable, or another probe holds the lock: this box cannot tell
+                continue
+        if verdicts and not any(v.boots for v in verdicts):
+            return f"KVM does not boot guests on this host ({verdicts[-1].reason})"
+        return None
 
     # What vagrant-libvirt makes on the host, by name: recorded before `vagrant
     # up` so destroy finds them even if lab or Vagrant died half-way.
@@ -87,14 +230,15 @@ class LibvirtProvider(VagrantProvider):
     def _vagrant_up(self, nodes: list[str], progress: Progress) -> None:
         etcd = self.context.spec.etcd
         if self.context.spec.providers.libvirt.driver == "qemu" and (
-                etcd.election_timeout_ms < 2500 or not etcd.pre_vote):
-            # Under emulation a follower's log lags by a few entries; without
-            # pre-vote it campaigns in vain, each time raising the term and
-            # restarting the timer of the one follower that could win.
+                etcd.election_timeout_ms < EMULATION_ETCD["election_timeout_ms"] or not etcd.pre_vote):
+            # Only a spec that sets etcd's keys gets here (with_driver fills in the
+            # unset ones). Under emulation a follower's log lags by a few entries;
+            # without pre-vote it campaigns in vain, each time raising the term
+            # and restarting the timer of the one follower that could win.
             progress("note: software emulation (driver qemu) slows Raft down; with etcd "
                      f"{etcd.heartbeat_ms}/{etcd.election_timeout_ms} ms"
                      f"{'' if etcd.pre_vote else ' and no pre-vote'} elections can take several rounds: consider "
-                     "--set etcd.heartbeat_ms=250 --set etcd.election_timeout_ms=2500 --set etcd.pre_vote=true")
+                     + " ".join(f"--set etcd.{key}={str(value).lower()}" for key, value in EMULATION_ETCD.items()))
         # Copies of earlier builds that `lab box add` could not remove (libvirtd
         # was not running then): 700 MiB each in the pool.
         box = vagrant_box_name(self.context.spec)
@@ -270,7 +414,8 @@ class LibvirtProvider(VagrantProvider):
         return False
 
     def lab_problem(self) -> tuple[str, str] | None:
-        if self.context.spec.providers.libvirt.driver == "kvm" and not Path("/dev/kvm").exists():
+        options = self.context.spec.providers.libvirt
+        if options.driver == "kvm" and options.uri in LOCAL_URIS and not Path("/dev/kvm").exists():
             return ("providers.libvirt.driver is kvm but /dev/kvm does not exist",
                     "set providers.libvirt.driver: qemu (software emulation, slow) or enable KVM on this host")
         return super().lab_problem()

@@ -21,8 +21,11 @@ How lab drives Vagrant:
   `vagrant up NODE` per node at once after the first (see
   `up_concurrently` in lab.providers.vagrant.virtualbox). Other providers
   boot one after another.
-- After `vagrant up`, lab *adopts* each machine over Vagrant's own SSH
-  access (lab.providers.vagrant.adoption): from then on everything goes to
+- `vagrant up` does nothing in the guest after it answers SSH (no key
+  swap, no network setup: see Vagrantfile.j2). Then lab *adopts* each
+  machine in one SSH session over Vagrant's own access
+  (lab.providers.vagrant.adoption): lab's key in place of Vagrant's insecure
+  one, the hostname, the private address. From then on everything goes to
   root@PRIVATE-IP with host keys verified, exactly as on nspawn nodes, and
   no command needs `vagrant ssh-config` (a second or more per call).
 - Faults go to the hypervisor directly where that is fast (virsh for
@@ -36,18 +39,15 @@ How lab drives Vagrant:
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar, TypeVar
 
 from lab.errors import CommandError, PrerequisiteError, ProviderError, UsageError
 from lab.host.network import node_addresses
-from lab.host.ssh import run as ssh_run
 from lab.host.ssh import run_many, wait_for_ssh
 from lab.host.vagrant import (NATIVE_PARALLEL, VAGRANT_HINT, added_box_dirs, plugin_installed, require_vagrant,
                               run_vagrant, vagrant_validate)
@@ -55,45 +55,16 @@ from lab.images.vagrantbox import BOX_FORMATS, box_options, lab_boxes_added
 from lab.model.spec import ResolvedNode
 from lab.providers.base import (Availability, LabContext, NodeState, NodeStatus, Progress, Provider, SSHEndpoint,
                                 no_progress)
+from lab.providers.guest import BOOT_ID_PATH, GuestPartitions, reboot_over_ssh
 from lab.providers.vagrant.adoption import adopt
-from lab.providers.vagrant.parsers import node_state, parse_ssh_config, parse_vagrant_error, ssh_endpoint
+from lab.providers.vagrant.parsers import (SSHConfigEntry, node_state, parse_ssh_config, parse_vagrant_error,
+                                          ssh_endpoint)
 from lab.providers.vagrant.render import VAGRANTFILE, machine_prefix, vagrant_box_name, write_vagrantfile
 
 T = TypeVar("T")
 
 # Software-emulated VMs (QEMU without KVM) take a minute or more to boot.
 VM_BOOT_TIMEOUT = 300.0
-BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
-PARTITION_TABLE = "lab_partition"
-
-
-def partition_scripts(groups: list[list[str]], addresses: dict[str, str]) -> dict[str, str]:
-    """An `nft -f` script per node: drop IP to and from every node of the other groups.
-
-    Every node gets one: a node in no group (or alone with nobody to cut off)
-    has its table removed, so a new partition replaces the last one whole.
-    Only the lab's node addresses are dropped: the host (and lab's SSH) still
-    reach every node, as with a firewall between racks.
-    """
-    group_of = {node: index for index, group in enumerate(groups) for node in group}
-    scripts = {}
-    for node in addresses:
-        reset = f"table inet {PARTITION_TABLE}\ndelete table inet {PARTITION_TABLE}\n"
-        if node not in group_of:
-            scripts[node] = reset
-            continue
-        others = sorted((addresses[other] for other, index in group_of.items() if index != group_of[node]),
-                        key=lambda ip: tuple(int(part) for part in ip.split(".")))
-        if not others:
-            scripts[node] = reset
-            continue
-        peers = ", ".join(others)
-        scripts[node] = (reset + f"table inet {PARTITION_TABLE} {{\n"
-                         f"  chain input {{ type filter hook input priority 0; policy accept; "
-                         f"ip saddr {{ {peers} }} drop; }}\n"
-                         f"  chain output {{ type filter hook output priority 0; policy accept; "
-                         f"ip daddr {{ {peers} }} drop; }}\n}}\n")
-    return scripts
 
 
 # Errors of `vagrant validate` that say no provider could be used here, not
@@ -122,7 +93,7 @@ def validate(context: LabContext, provider: str) -> None:
                             hint="fix the lab spec (or Vagrantfile.j2) so that Vagrant accepts the Vagrantfile")
 
 
-class VagrantProvider(Provider):
+class VagrantProvider(GuestPartitions, Provider):
     """Nodes as Vagrant machines of one Vagrant provider."""
 
     name: ClassVar[str]
@@ -247,7 +218,10 @@ class VagrantProvider(Provider):
         started = time.monotonic()
         self._vagrant_up(nodes, progress)
         progress(f"{len(nodes)} machine(s) booted by Vagrant in {time.monotonic() - started:.0f} s; adopting them")
-        adopt(self.context, nodes, self.vagrant_ssh_endpoints(), progress)
+        entries = self._vagrant_ssh_entries()
+        adopt(self.context, nodes, self._endpoints_of(entries), progress, vagrant_provider=self.vagrant_provider,
+              vagrant_identities={name: tuple(Path(path).expanduser() for path in entry.identity_files)
+                                  for name, entry in entries.items()})
 
     def _vagrant_up(self, nodes: list[str], progress: Progress) -> None:
         """`vagrant up` returns once every machine answers SSH (as Vagrant's user)."""
@@ -370,7 +344,14 @@ class VagrantProvider(Provider):
                 for node in self.context.nodes}
 
     def vagrant_ssh_endpoints(self) -> dict[str, SSHEndpoint]:
-        """Vagrant's own way in (user vagrant), for adoption and diagnosis."""
+        """Vagrant's own way in (user vagrant; after adoption with the lab's key), for adoption and diagnosis."""
+        return self._endpoints_of(self._vagrant_ssh_entries())
+
+    def _endpoints_of(self, entries: dict[str, SSHConfigEntry]) -> dict[str, SSHEndpoint]:
+        return {node.name: ssh_endpoint(node.name, entries[node.name])
+                for node in self.context.nodes if node.name in entries}
+
+    def _vagrant_ssh_entries(self) -> dict[str, SSHConfigEntry]:
         try:
             text = self._run(lambda v: v.ssh_config())
         except CommandError:
@@ -378,32 +359,17 @@ class VagrantProvider(Provider):
             # for the running ones by name instead.
             running = [s.name for s in self.status() if s.state is NodeState.RUNNING]
             text = "\n".join(self._run(lambda v, name=name: v.ssh_config(vm_name=name)) for name in running)
-        entries = parse_ssh_config(text)
-        return {node.name: ssh_endpoint(node.name, entries[node.name])
-                for node in self.context.nodes if node.name in entries}
+        return parse_ssh_config(text)
 
     # -- faults: the hypervisor where a provider class knows a fast way, else Vagrant
 
     def reboot(self, node: str, progress: Progress = no_progress) -> None:
         """A clean reboot from inside the guest; returns once it answers SSH with a new boot id."""
         self._require_created(node, "reboot")
-        endpoint = self.ssh_endpoints()[node]
-        old_boot = ssh_run(endpoint, f"cat {BOOT_ID_PATH}", timeout=30, check=True).stdout.strip()
-        # The connection may drop before systemctl answers: that is the reboot working.
-        with contextlib.suppress(ProviderError):
-            ssh_run(endpoint, "systemctl reboot", timeout=30)
-        deadline = time.monotonic() + VM_BOOT_TIMEOUT
-        while time.monotonic() < deadline:
-            wait_for_ssh(endpoint, deadline)
-            with contextlib.suppress(ProviderError):
-                new_boot = ssh_run(endpoint, f"cat {BOOT_ID_PATH}", timeout=10).stdout.strip()
-                if new_boot and new_boot != old_boot:
-                    self._reapply_partition(node)
-                    progress(f"{node} rebooted")
-                    return
-            time.sleep(1)
-        raise ProviderError(f"{node}: did not come back from a reboot within {VM_BOOT_TIMEOUT:.0f} s",
-                            hint="look at the machine's console (virt-manager, VirtualBox GUI) or `lab status`")
+        reboot_over_ssh(self.ssh_endpoints()[node], VM_BOOT_TIMEOUT,
+                        hint="look at the machine's console (virt-manager, VirtualBox GUI) or `lab status`")
+        self._reapply_partition(node)
+        progress(f"{node} rebooted")
 
     def kill(self, node: str) -> None:
         self._require_created(node, "kill")
@@ -434,63 +400,6 @@ class VagrantProvider(Provider):
         if node not in self.machines_on_disk():
             raise ProviderError(f"cannot {action} {node}: Vagrant has not created it in {self.context.lab_dir}",
                                 hint="run `lab up` first")
-
-    def partition(self, groups: list[list[str]]) -> None:
-        """nftables inside every guest of a group: drop all IP traffic to and from the other groups."""
-        self.check_partition_groups(groups)
-        self.context.state.set("partition", groups)
-        scripts = partition_scripts(groups, self.context.addresses)
-        failures = self._run_on_guests({node: f"nft -f - <<'LAB_EOF'\n{script}LAB_EOF"
-                                        for node, script in scripts.items()})
-        if failures:
-            raise ProviderError("partition not applied on " + "; ".join(failures),
-                                hint="check the nodes are running (`lab status`), then `lab fault heal`")
-
-    def heal(self) -> None:
-        self.context.state.set("partition", None)
-        # A node that is down or paused cannot be reached now: a down one
-        # loses its rules with its next boot, a paused one is healed when it
-        # is resumed (`_reapply_partition`).
-        failures = self._run_on_guests({node.name: f"nft delete table inet {PARTITION_TABLE} 2>/dev/null; true"
-                                        for node in self.context.nodes})
-        self.context.state.set("partition_stale", sorted(f.split(":", 1)[0] for f in failures))
-
-    def _reapply_partition(self, node: str) -> None:
-        """A node back from a power cycle or a pause gets the lab's current partition again.
-
-        The rules live in the guest's kernel: a reboot or a kill drops them,
-        while the lab's state still says partitioned (nspawn's live on the
-        host and need none of this); a node that was paused during `heal`
-        still has the old ones.
-        """
-        state = self.context.state
-        if state is None:
-            return
-        groups = state.get("partition") or []
-        stale = list(state.get("partition_stale") or [])
-        if not groups and node not in stale:
-            return
-        script = partition_scripts(groups, self.context.addresses)[node]
-        failures = self._run_on_guests({node: f"nft -f - <<'LAB_EOF'\n{script}LAB_EOF"})
-        if failures:
-            raise ProviderError("partition not restored on " + "; ".join(failures),
-                                hint="`lab fault heal` or `lab fault partition ...` once the node answers")
-        if node in stale:
-            state.set("partition_stale", [n for n in stale if n != node])
-
-    def _run_on_guests(self, commands: dict[str, str]) -> list[str]:
-        """Run one command per node as root, in parallel; returns 'node: why' for each failure."""
-        endpoints = self.ssh_endpoints()
-
-        def one(node: str) -> str | None:
-            try:
-                result = ssh_run(endpoints[node], commands[node], timeout=20)
-            except ProviderError as exc:
-                return f"{node}: {exc.message}"
-            return None if result.ok else f"{node}: exit {result.exit_status}: {(result.stdout + result.stderr).strip()}"
-
-        with ThreadPoolExecutor(max_workers=max(1, len(commands))) as pool:
-            return [failure for failure in pool.map(one, list(commands)) if failure]
 
     # -- checks
 

@@ -16,9 +16,10 @@ missing, even for a lab that was never created there.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import posixpath
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any, Mapping
 
 from lab.errors import ProviderError
@@ -59,6 +60,22 @@ def machine_prefix(context: "LabContext") -> str:
 
 def libvirt_network_name(context: "LabContext") -> str:
     return f"lab-{context.lab_id}"
+
+
+def private_mac(provider: str, lab_id: str, index: int) -> str:
+    """The MAC of node `index`'s NIC on the lab's private network, as Vagrant's providers take it: 12 hex digits.
+
+    lab chooses it so that adoption finds the NIC by it (Vagrant configures
+    nothing in the guest). Locally administered and unicast, with the lab id
+    in it, so two labs' nodes never share one; VMware takes static addresses
+    only in 00:50:56:00:00:00-00:50:56:3F:FF:FF.
+    """
+    digest = hashlib.sha256(lab_id.encode()).digest()
+    if provider == "vmware_desktop":
+        prefix = bytes([0x00, 0x50, 0x56, digest[0] & 0x3F])
+    else:
+        prefix = bytes([0x0A, digest[0], digest[1], digest[2]])
+    return (prefix + index.to_bytes(2, "big")).hex().upper()
 
 
 # ---------------------------------------------------------------- Ruby literals
@@ -202,10 +219,11 @@ def _template_values(context: "LabContext", provider: str) -> dict[str, Any]:
             # VirtualBox, Hyper-V, VMware and Parallels names are global on the host:
             # the lab id keeps two labs with the same name apart.
             "vm_name": ruby_str(prefix + node.name),
+            "mac": ruby_str(private_mac(provider, context.lab_id, node.index)),
             "forwarded_ports": ports,
         })
     project_dir = context.lab_dir.parent.parent
-    folders = [{"host": ruby_str(_host_path(folder.host, project_dir, context.lab_dir)),
+    folders = [{"host": ruby_str(vagrant_host_path(folder.host, project_dir, context.lab_dir)),
                 "guest": ruby_str(folder.guest), "disabled": ruby_bool(folder.disabled)}
                for folder in spec.synced_folders]
     options = spec.providers
@@ -229,15 +247,26 @@ def _template_values(context: "LabContext", provider: str) -> dict[str, Any]:
     }
 
 
-def _host_path(host: str, project_dir: Path, lab_dir: Path) -> str:
-    """A synced folder's host path as the Vagrantfile should name it.
+def vagrant_host_path(host: str, project_dir: PurePath, lab_dir: PurePath) -> str:
+    """A synced folder's host path as the Vagrantfile should name it, with forward slashes on every OS.
 
     lab.yaml names it relative to its own directory; Vagrant resolves relative
     host paths against the Vagrantfile's directory (the lab dir). Writing it
     relative to the lab dir keeps the Vagrantfile the same wherever the project
-    lives. Absolute and `~` paths are passed through.
+    lives. Absolute, drive (`C:\\src`), UNC and `~` paths are passed through.
+    The path is read by the host's rules (a backslash separates on Windows,
+    where `project_dir` is a Windows path) and written with `/`, which Vagrant
+    and Ruby take on Windows too: no backslash reaches the Vagrantfile.
     """
-    if host.startswith("~") or PurePosixPath(host).is_absolute() or PureWindowsPath(host).is_absolute():
-        return host
-    relative_root = posixpath.relpath(project_dir.resolve().as_posix(), lab_dir.resolve().as_posix())
-    return posixpath.normpath(posixpath.join(relative_root, host))
+    flavor = PureWindowsPath if isinstance(project_dir, PureWindowsPath) else PurePosixPath
+    path = flavor(host)
+    if host.startswith("~") or path.anchor:
+        return path.as_posix()
+    # The lab dir is PROJECT/.lab/NAME: one `..` per level up to the project.
+    up = [".."] * len(lab_dir.relative_to(project_dir).parts)
+    return posixpath.normpath(posixpath.join(*up, path.as_posix()))
+
+
+def ruby_path(path: PurePath) -> str:
+    """A host path as a Ruby string literal: forward slashes (`C:/Users/...` on Windows), escaped as ruby_str."""
+    return ruby_str(path.as_posix())

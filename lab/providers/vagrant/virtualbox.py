@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -63,6 +64,12 @@ def _virtualbox_manage() -> str | None:
     return None
 
 
+VIRTUALBOX_HINT = {
+    "win32": "install VirtualBox: `winget install --id Oracle.VirtualBox -e`, or the installer from virtualbox.org",
+    "darwin": "install VirtualBox: `brew install --cask virtualbox`, or the installer from virtualbox.org",
+}.get(sys.platform, "install VirtualBox from virtualbox.org (it is not in Debian)")
+
+
 class VirtualboxProvider(VagrantProvider):
     name = "virtualbox"
     vagrant_provider = "virtualbox"
@@ -72,7 +79,7 @@ class VirtualboxProvider(VagrantProvider):
     @classmethod
     def hypervisor_problem(cls) -> tuple[str, str] | None:
         if _virtualbox_manage() is None:
-            return "VBoxManage not found", "install VirtualBox from virtualbox.org (it is not in Debian)"
+            return "VBoxManage not found", VIRTUALBOX_HINT
         return None
 
     def _vagrant_up(self, nodes: list[str], progress: Progress) -> None:
@@ -86,7 +93,7 @@ class VirtualboxProvider(VagrantProvider):
     def _vboxmanage(self, *args: str) -> None:
         binary = _virtualbox_manage()
         if binary is None:
-            raise PrerequisiteError("VBoxManage not found", hint="install VirtualBox from virtualbox.org")
+            raise PrerequisiteError("VBoxManage not found", hint=VIRTUALBOX_HINT)
         run([binary, *args], shown_as="VBoxManage", where=f"{self.name} lab {self.context.spec.name}", timeout=60)
 
     def kill(self, node: str) -> None:

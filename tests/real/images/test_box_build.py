@@ -167,7 +167,9 @@ def test_boots_to_sshd_with_read_only_usr(image, overlay, tmp_path):
         # The first-boot unit made host keys in the node's own layer, not the image.
         assert _in_container(init_pid, "ls", "/etc/ssh/ssh_host_ed25519_key")
         assert list((image.rootfs / "etc/ssh").glob("ssh_host_*")) == []
-        assert boot_seconds < 30, f"boot took {boot_seconds:.1f} s"
+        # How fast is bench/'s business (a shared, loaded host makes any timed assertion flaky):
+        # this test only needs the boot to finish within BOOT_TIMEOUT.
+        print(f"booted to running in {boot_seconds:.1f} s")
     finally:
         nspawn.send_signal(signal.SIGTERM)
         try:

@@ -75,6 +75,70 @@ def test_nodefs_writes_replace_links_and_never_follow_them(tmp_path):
     assert list(victim.iterdir()) == []
 
 
+def test_nodefs_links_replace_what_is_there_and_never_follow_a_directory_link(tmp_path):
+    root, victim = tmp_path / "root", tmp_path / "victim"
+    (root / "etc" / "systemd" / "system").mkdir(parents=True)
+    victim.mkdir()
+    os.symlink(victim, root / "etc" / "systemd" / "system" / "multi-user.target.wants")
+    with pytest.raises(nodefs.UnsafeNodePath, match="not a directory"):
+        nodefs.link_node_file(root, "etc/systemd/system/multi-user.target.wants/etcd.service", "/lib/x")
+    (root / "etc" / "unit").write_text("a file in the way")
+    nodefs.link_node_file(root, "etc/unit", "/lib/systemd/system/etcd.service", owner=(4242, 4243))
+    assert os.readlink(root / "etc" / "unit") == "/lib/systemd/system/etcd.service"
+    assert (root / "etc" / "unit").lstat().st_uid == 4242
+    assert list(victim.iterdir()) == []
+
+
+def test_a_seed_is_written_as_systemctl_enable_and_the_nodes_own_users_would_leave_it(tmp_path):
+    from lab.providers.base import NodeFile, NodeSeed
+    from lab.providers.nspawn import overlay
+
+    image, merged = tmp_path / "image", tmp_path / "merged"
+    (image / "usr/lib/systemd/system").mkdir(parents=True)
+    (image / "usr/lib/systemd/system/etcd.service").write_text("[Unit]\n")
+    os.symlink("usr/lib", image / "lib")
+    (merged / "etc").mkdir(parents=True)
+    (merged / "etc/passwd").write_text("root:x:0:0::/root:/bin/sh\netcd:x:100:101::/var/lib/etcd:/bin/false\n")
+    os.chown(merged, 100000, 100000)  # a user-namespaced node's root after its first boot
+    seed = NodeSeed((NodeFile("/etc/etcd/pki/node.key", b"key", 0o600, owner="etcd"),
+                     NodeFile("/etc/systemd/system/lab-agent.service", b"[Unit]\r\n", 0o644)),
+                    ("etcd.service", "lab-agent.service"))
+    overlay.write_seed(merged, image, seed)
+    key = (merged / "etc/etcd/pki/node.key").stat()
+    assert (key.st_mode & 0o777, key.st_uid, key.st_gid) == (0o600, 100100, 100000)  # group root's, as over SSH
+    assert (merged / "etc/systemd/system/lab-agent.service").read_bytes() == b"[Unit]\n"  # LF on nodes
+    wants = merged / "etc/systemd/system/multi-user.target.wants"
+    assert os.readlink(wants / "etcd.service") == "/lib/systemd/system/etcd.service"
+    assert os.readlink(wants / "lab-agent.service") == "/etc/systemd/system/lab-agent.service"
+    with pytest.raises(nodefs.UnsafeNodePath, match="no user 'nobody-here'"):
+        overlay.write_seed(merged, image, NodeSeed((NodeFile("/etc/x", b"", 0o644, owner="nobody-here"),)))
+    with pytest.raises(nodefs.UnsafeNodePath, match="no unit absent.service"):
+        overlay.write_seed(merged, image, NodeSeed((), ("absent.service",)))
+
+
+def test_an_idmapped_image_shows_every_owner_moved_into_the_nodes_range_and_cannot_be_written(tmp_path):
+    import subprocess
+
+    from lab.providers.nspawn import userns
+
+    image, target, base = tmp_path / "image", tmp_path / "lower", 0x00A00000
+    (image / "var/lib/etcd").mkdir(parents=True)
+    os.chown(image / "var/lib/etcd", 100, 101)
+    (image / "etc").mkdir()
+    (image / "etc/shadow").write_text("root:*:1::::::\n")
+    target.mkdir()
+    userns.mount_idmapped(image, target, base)
+    try:
+        assert (os.stat(target / "var/lib/etcd").st_uid, os.stat(target / "var/lib/etcd").st_gid) == \
+            (base + 100, base + 101)
+        assert os.stat(target / "etc/shadow").st_uid == base
+        with pytest.raises(OSError):
+            (target / "etc/shadow").write_text("changed")
+        assert os.stat(image / "etc/shadow").st_uid == 0  # the image itself is untouched
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+
+
 @pytest.mark.parametrize("text, expected", [
     ('{"slot": "b", "try": true, "previous": "a"}', {"slot": "b", "try": True, "previous": "a"}),
     ('{"slot": "a/../../../../evil"}', {"slot": "a"}),

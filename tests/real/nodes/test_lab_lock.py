@@ -105,11 +105,12 @@ def running(project: Path) -> list[str]:
 
 
 def holds_lock(project: Path, verb: str) -> bool:
+    from lab.host.locks import ExclusiveLock
     from lab.host.network import lab_id
     from lab.host.paths import state_home
 
     lock = state_home() / "locks" / f"{lab_id(project / '.lab' / 'lock')}.lock"
-    return lock.exists() and f"`lab {verb}`" in lock.read_text()
+    return f"`lab {verb}`" in ExclusiveLock(lock, "the test").holder()
 
 
 def assert_every_record_kept(project: Path) -> None:
@@ -119,7 +120,10 @@ def assert_every_record_kept(project: Path) -> None:
     assert set(current["nodes"]) == recorded
     assert {p.name for p in (project / ".lab" / "lock" / "nodes").iterdir()} == recorded
     mounts = {r["id"] for r in current["resources"] if r["kind"] == "mount"}
-    assert mounts == {str(project / ".lab" / "lock" / "nodes" / n / "merged") for n in recorded}
+    nodes_dir = project / ".lab" / "lock" / "nodes"
+    # Every node's overlay, and (user-namespaced nodes) the image idmapped as its lower layer.
+    assert {str(nodes_dir / n / "merged") for n in recorded} <= mounts
+    assert mounts <= {str(nodes_dir / n / layer) for n in recorded for layer in ("merged", "lower")}
     assert sorted(running(project)) == sorted(current["nodes"])
 
 

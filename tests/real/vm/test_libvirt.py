@@ -143,6 +143,7 @@ def test_one_vm_boots_bootstraps_takes_every_fault_and_leaves_nothing(box, tmp_p
         assert facts.splitlines()[:2] == ["root", "node-1"]
         assert facts.splitlines()[2] in ("running", "degraded"), facts
         assert f"inet {ip}/24" in facts
+        adopted_by_lab(lab, "node-1", ip, progress)
         [row] = wait_healthy(lab)
         assert row.leader and row.endpoint == f"https://{ip}:2379"  # TLS, the default
         client = lab.etcd_client()
@@ -180,6 +181,27 @@ def test_one_vm_boots_bootstraps_takes_every_fault_and_leaves_nothing(box, tmp_p
         lab.destroy()
         virsh("vol-delete", "--pool", "default", stale)  # when up failed before removing it
     assert libvirt_leftovers(prefix, network, before, lab_dir) == []
+
+
+def adopted_by_lab(lab: Lab, node: str, ip: str, progress: list[str]) -> None:
+    """Vagrant did nothing in the guest once SSH answered; lab's adoption swapped the keys and set the address,
+    and Vagrant itself gets in with the lab's key."""
+    from lab.host.vagrant import vagrant_environment
+
+    assert not [line for line in progress if "insecure key detected" in line or "Inserting generated" in line
+                or "Configuring and enabling network interfaces" in line], progress
+    context = lab.context("libvirt")
+    lab_key = context.ssh_key.with_suffix(".pub").read_text().split()[1]
+    insecure_rsa = "AAAAB3NzaC1yc2EAAAABIwAAAQEA6NF8iallvQVp22WDkTkyrtvp9eWW6A8YVr"
+    authorized = ssh(lab, node, "cat /home/vagrant/.ssh/authorized_keys").stdout
+    assert lab_key in authorized and insecure_rsa not in authorized, authorized
+    network = ssh(lab, node, "cat /etc/systemd/network/10-lab-private.network; ls /etc/systemd/network").stdout
+    assert f"Address={ip}/24" in network and "50-vagrant" not in network, network
+    machine_key = context.lab_dir / ".vagrant" / "machines" / node / "libvirt" / "private_key"
+    assert machine_key.read_text() == context.ssh_key.read_text()
+    result = subprocess.run(["vagrant", "ssh", node, "-c", "hostname"], cwd=context.lab_dir, capture_output=True,
+                            text=True, timeout=120, env=vagrant_environment("libvirt"))
+    assert result.returncode == 0 and result.stdout.strip() == node, result.stdout + result.stderr
 
 
 def wait_active(lab: Lab, node: str, unit: str, timeout: float = 90) -> None:

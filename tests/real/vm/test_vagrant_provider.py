@@ -44,7 +44,9 @@ def test_real_vagrant_validates_and_reports_not_created(name: str, tmp_path: Pat
     })
     provider = provider_class(name)(context)
     provider.validate()
-    assert (context.lab_dir / "Vagrantfile").is_file()
+    # What Vagrant accepted leaves the guest to lab's adoption: no key swap, the private NIC unconfigured.
+    text = (context.lab_dir / "Vagrantfile").read_text()
+    assert "config.ssh.insert_key = false" in text and text.count(", auto_config: false") == 3
     statuses = provider.status()
     assert [s.name for s in statuses] == ["node-1", "node-2", "node-3"]
     assert all(s.state is NodeState.NOT_CREATED for s in statuses), statuses
