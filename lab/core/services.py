@@ -94,13 +94,14 @@ def start_services(context: LabContext, progress: Progress = no_progress) -> Non
 
 def _start(state: "LabState", name: str, argv: list[str], log: Path, *, what: str, ready, user: str | None = None,
            **details) -> None:
-    # Recorded before it starts: a crash between start and the second record
-    # leaves a record without a pid, which destroy skips (it never signals a
-    # process it cannot identify) and the next `lab up` replaces.
+    # Recorded before it starts, and its pid as soon as it exists: a crash
+    # (kill -9) between the two leaves a record without a pid, which destroy
+    # skips (it never signals a process it cannot identify) and the next
+    # `lab up` replaces.
     state.forget("service", name)
     state.record("service", name, log=str(log), **details)
-    daemon = daemons.start_daemon(argv, log=log, what=what, user=user, ready=ready)
-    state.record("service", name, pid=daemon.pid, start=daemon.start)
+    daemons.start_daemon(argv, log=log, what=what, user=user, ready=ready,
+                         on_start=lambda daemon: state.record("service", name, pid=daemon.pid, start=daemon.start))
 
 
 def stop_services(state: "LabState", progress: Progress = no_progress, only: str | None = None) -> None:

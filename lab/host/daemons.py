@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 from lab.errors import PrerequisiteError, ProviderError
 from lab.host.files import append_nofollow
-from lab.host.processes import alive, keep_detached, start_time, wait_gone
+from lab.host.processes import alive, interrupts_held, keep_detached, start_time, wait_gone
 
 LOG_TAIL_BYTES = 2000
 
@@ -34,9 +34,12 @@ class Daemon:
 
 
 def start_daemon(argv: Sequence[str | Path], *, log: Path, what: str, user: str | None = None,
-                 ready: Callable[[], bool] | None = None, timeout: float = 15.0) -> Daemon:
+                 ready: Callable[[], bool] | None = None, timeout: float = 15.0,
+                 on_start: Callable[[Daemon], None] | None = None) -> Daemon:
     """Start argv detached, output appended to `log`; return once ready() holds.
 
+    on_start(daemon) runs as soon as the process exists, before a Ctrl-C can
+    land: the caller records it there, so nothing it starts goes unrecorded.
     If the process exits, or `timeout` passes before it is ready, it is stopped
     and a ProviderError names `what` with the end of its log.
     """
@@ -50,19 +53,21 @@ def start_daemon(argv: Sequence[str | Path], *, log: Path, what: str, user: str 
         except KeyError:
             raise PrerequisiteError(f"{what} runs as the system user {user!r}, which does not exist",
                                     hint="run tools/install.sh (its packages create that user)") from None
-    try:
-        with append_nofollow(log) as output:
-            process = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True,
-                close_fds=True, cwd="/",
-                user=account.pw_uid if account else None, group=account.pw_gid if account else None,
-                extra_groups=[] if account else None)
-    except FileNotFoundError:
-        raise PrerequisiteError(f"{args[0]} is not installed (needed for {what})",
-                                hint="run tools/install.sh, which installs every host tool lab uses") from None
-    keep_detached(process)
-    started = start_time(process.pid) or ""
-    daemon = Daemon(process.pid, started)
+    with interrupts_held():
+        try:
+            with append_nofollow(log) as output:
+                process = subprocess.Popen(
+                    args, stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True,
+                    close_fds=True, cwd="/",
+                    user=account.pw_uid if account else None, group=account.pw_gid if account else None,
+                    extra_groups=[] if account else None)
+        except FileNotFoundError:
+            raise PrerequisiteError(f"{args[0]} is not installed (needed for {what})",
+                                    hint="run tools/install.sh, which installs every host tool lab uses") from None
+        keep_detached(process)
+        daemon = Daemon(process.pid, start_time(process.pid) or "")
+        if on_start is not None:
+            on_start(daemon)
     deadline = time.monotonic() + timeout
     try:
         while not (ready is None or ready()):

@@ -8,8 +8,12 @@ only while both still match.
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 def stat_fields(pid: int) -> list[str] | None:
@@ -61,3 +65,29 @@ def keep_detached(process) -> None:
     """Keep the Popen of a process meant to outlive this command referenced until the command exits."""
     _DETACHED.append(process)
 
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) until the block ends, then deliver it.
+
+    For starting a detached process and recording it: a KeyboardInterrupt
+    between the two left a process nobody knew of (the rollback, and destroy,
+    found no record of it). Only the main thread receives Python's signal
+    handlers, so elsewhere this holds nothing and needs to hold nothing. The
+    handler is swapped, not the signal mask: a child inherits the mask, and a
+    supervisor started with SIGINT blocked would never see it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    if previous is None:  # installed outside Python: Python's own takes its place afterwards
+        previous = signal.default_int_handler
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            signal.raise_signal(signal.SIGINT)

@@ -222,12 +222,14 @@ def writable() -> Iterator[str]:
         endpoint = f"127.0.0.1:{port}"
         config = logs / "writable.yml"
         write_atomic(config, writable_config(port))
-        daemon = start_daemon(registry_argv(config, "serve"), log=logs / "writable.log",
-                              what="the lab registry (writable, on loopback)", ready=lambda: answers(endpoint))
+        started = []  # filled the moment it exists: a Ctrl-C while it starts up stops it too
         try:
+            start_daemon(registry_argv(config, "serve"), log=logs / "writable.log", on_start=started.append,
+                         what="the lab registry (writable, on loopback)", ready=lambda: answers(endpoint))
             yield endpoint
         finally:
-            stop_daemon(daemon.pid, daemon.start)
+            for daemon in started:
+                stop_daemon(daemon.pid, daemon.start)
 
 
 def garbage_collect() -> str:

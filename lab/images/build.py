@@ -26,6 +26,7 @@ from typing import Callable
 from lab.errors import BoxError, PrerequisiteError, StateError
 from lab.host.files import copy_as_lf
 from lab.host.locks import holding
+from lab.host.processes import interrupts_held
 from lab.host.run import run
 from lab.images.cache import (Image, delete_tree, find_image, image_key, image_path, lock_path, read_image,
                               refuse_if_in_use)
@@ -107,20 +108,23 @@ def debootstrap(suite: str, mirror: str, rootfs: Path, report: Progress, package
     tail: collections.deque[str] = collections.deque(maxlen=_OUTPUT_TAIL_LINES)
     # Its own session: on an interrupt we stop debootstrap *and* the dpkg and
     # chroot processes it started, before unmounting and deleting their tree.
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL, text=True, errors="replace",
-                               start_new_session=True)
+    process: subprocess.Popen | None = None
     # A mirror that stalls would otherwise hang the build forever: stop it at a deadline.
     timed_out = threading.Event()
 
     def expire() -> None:
         timed_out.set()
-        _stop(process)
+        if process is not None:
+            _stop(process)
 
     watchdog = threading.Timer(DEBOOTSTRAP_TIMEOUT, expire)
     watchdog.daemon = True
-    watchdog.start()
     try:
+        with interrupts_held():  # a Ctrl-C lands inside the try, once there is a process to stop
+            process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, text=True, errors="replace",
+                                       start_new_session=True)
+        watchdog.start()
         assert process.stdout is not None
         for line in process.stdout:
             line = line.rstrip()
@@ -128,7 +132,8 @@ def debootstrap(suite: str, mirror: str, rootfs: Path, report: Progress, package
             report(line)
         status = process.wait()
     except BaseException:
-        _stop(process)
+        if process is not None:
+            _stop(process)
         raise
     finally:
         watchdog.cancel()

@@ -50,7 +50,7 @@ from lab.providers.base import (Availability, LabContext, NodeSeed, NodeSnapshot
                                 Provider, SnapshotTaken, no_progress)
 from lab.providers.nspawn import bridge, cgroups, limits, nodefs, overlay, supervisor, userns
 from lab.providers.nspawn.snapshot import copy_tree, frozen, remove_tree
-from lab.host.processes import alive, keep_detached, parent_of, start_time, wait_gone
+from lab.host.processes import alive, interrupts_held, keep_detached, parent_of, start_time, wait_gone
 from lab.providers.nspawn.processes import boot_id, container_init, read_value, runs_file
 
 BOOT_TIMEOUT = 90.0  # seconds until a node must answer SSH; nodes boot in ~1 s warm
@@ -628,13 +628,15 @@ class NspawnProvider(Provider):
         # network namespace alive (up to minutes); nspawn would then fail with
         # "File exists". Deleting one end deletes the pair.
         bridge.delete_link(self.veth(node))
-        with append_nofollow(directory / "console.log") as log:
+        # A Ctrl-C between the start and the record would leave a supervisor nobody knows of: the
+        # rollback found no record, and its nspawn joined the node's cgroups after they were emptied.
+        with interrupts_held(), append_nofollow(directory / "console.log") as log:
             process = subprocess.Popen([sys.executable, "-I", "-S", str(SUPERVISOR), json.dumps(config)],
                                        stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                        start_new_session=True, close_fds=True)
-        keep_detached(process)
-        self.state.record("node", node, dir=str(directory), supervisor_pid=process.pid,
-                          supervisor_start=start_time(process.pid))
+            keep_detached(process)
+            self.state.record("node", node, dir=str(directory), supervisor_pid=process.pid,
+                              supervisor_start=start_time(process.pid))
 
     def _delegate(self, node: str) -> None:
         """Hand the node's root its cgroup directories and its Docker directory, once nspawn has chowned

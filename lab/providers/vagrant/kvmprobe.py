@@ -54,6 +54,7 @@ from typing import Callable, Literal, Sequence
 from lab.errors import LabError, ProviderError
 from lab.host.files import write_atomic
 from lab.host.locks import holding
+from lab.host.processes import interrupts_held
 from lab.host.paths import cache_dir
 from lab.host.run import run
 from lab.host.vagrant import added_box_dirs
@@ -218,16 +219,19 @@ def run_probe(argv: Sequence[str], timeout: float = PROBE_TIMEOUT) -> tuple[str,
     reaped, so no guest outlives the probe.
     """
     started = time.monotonic()
-    process = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, start_new_session=True)
+    process: subprocess.Popen | None = None
     exit_code: int | None = None
+    console, errors = b"", b""
     try:
+        with interrupts_held():  # a Ctrl-C lands inside the try, once there is a group to kill
+            process = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, start_new_session=True)
         console, errors = process.communicate(timeout=timeout)
         exit_code = process.returncode
     except subprocess.TimeoutExpired:
         console, errors = b"", b""
     finally:
-        if process.returncode is None:  # not reaped yet: its group id cannot have been reused
+        if process is not None and process.returncode is None:  # not reaped: its group id is still its own
             try:
                 os.killpg(process.pid, signal.SIGKILL)
             except ProcessLookupError:
