@@ -14,7 +14,8 @@ does on each node what CoreOS's update_engine and locksmith did together:
     holds it: etcd locks alone cannot guarantee mutual exclusion when a
     process pauses between acquiring and acting (Jepsen, 2020);
   * it drains the node (the scheduler agent stops and deregisters, so its
-    units move), writes /etc/lab/boot.json {"slot": passive, "try": true}
+    units move) once every unit placed on another node runs there, so a
+    drain never takes a service's last running replica; it writes /etc/lab/boot.json {"slot": passive, "try": true}
     and reboots; the node comes up on the new slot with /etc and /var kept;
   * after boot, a health check (the etcd member healthy, the scheduler agent
     registered) either confirms the slot and releases the lock, or rolls
@@ -44,6 +45,39 @@ except ImportError:  # pragma: no cover - the node's way
     from semaphore import Semaphore  # type: ignore[no-redef]
 
 HEALTH_TIMEOUT = 60.0
+# How long a drain waits for units placed on other machines to run. A unit that never starts (a broken
+# unit file, an image that cannot be pulled) must not stop the roll for ever: past this, drain anyway.
+SETTLE_TIMEOUT = 60.0
+
+
+def units_starting_elsewhere(units: dict[str, str], schedule: dict[str, str], states: dict[str, str],
+                             machine: str) -> list[str]:
+    """The launched units placed on another machine that do not run there yet, sorted.
+
+    Keys as etcd holds them (UNITS+name, SCHEDULE+name, STATES+name/machine). A drain stops this machine's
+    units so they move; if another replica of the same service is itself still starting (it moved here
+    during the last node's reboot, its node's Docker is starting), nothing serves in between. Units
+    with no machine (pending) are not waited for: no drain makes room for them.
+    """
+    starting = []
+    for key, value in units.items():
+        try:
+            record = json.loads(value)
+        except ValueError:
+            continue
+        name = key[len(layout.UNITS):]
+        if not isinstance(record, dict) or record.get("desired") != "launched":
+            continue
+        placed_on = schedule.get(f"{layout.SCHEDULE}{name}")
+        if placed_on is None or placed_on == machine:
+            continue
+        try:
+            state = json.loads(states.get(f"{layout.STATES}{name}/{placed_on}", "{}"))
+        except ValueError:
+            state = {}
+        if not isinstance(state, dict) or state.get("active") != "active":
+            starting.append(name)
+    return sorted(starting)
 
 
 # ---------------------------------------------------------------- the node's side
@@ -180,9 +214,10 @@ class Updater:
             # given back, or no other update could ever start.
             self.release_if_holding()
             return
+        if self.strategy == "etcd-lock" and not self.semaphore.acquire(self.node, self.max_holders):
+            return
+        self.wait_units_settled(Path("/etc/machine-id").read_text().strip())
         if self.strategy == "etcd-lock":
-            if not self.semaphore.acquire(self.node, self.max_holders):
-                return
             # Check the lock again right before acting: a pause between
             # acquiring and rebooting must not let two holders too many reboot.
             if not self.semaphore.holds(self.node, self.max_holders):
@@ -196,6 +231,25 @@ class Updater:
         write_boot({"slot": staged["slot"], "try": True, "previous": boot["slot"],
                     "staging": staged.get("at")})
         self.reboot()
+
+    def wait_units_settled(self, machine: str) -> None:
+        """Until every unit placed on another machine runs (see units_starting_elsewhere), at most
+        SETTLE_TIMEOUT: a disruption budget of one node, so a drain never takes a service's last replica."""
+        deadline = time.monotonic() + float(self.config.get("settle_timeout", SETTLE_TIMEOUT))
+        logged = None
+        while True:
+            starting = units_starting_elsewhere(self.etcd.get_prefix(layout.UNITS),
+                                                self.etcd.get_prefix(layout.SCHEDULE),
+                                                self.etcd.get_prefix(layout.STATES), machine)
+            if not starting:
+                return
+            if time.monotonic() > deadline:
+                self.log(f"drain: {', '.join(starting)} still not running elsewhere; draining anyway")
+                return
+            if starting != logged:
+                self.log(f"drain: waiting for {', '.join(starting)} to run on their machines first")
+                logged = starting
+            time.sleep(0.5)
 
     def drain(self) -> None:
         """Ask the scheduler agent to stop its units and deregister, so they move before we go."""
