@@ -179,6 +179,9 @@ class _OutputSink:
 
 # What Vagrant prints when a Ctrl-C reached it: it is finishing (or undoing) the step it is in.
 _VAGRANT_CLEANING_UP = "Waiting for cleanup before exiting"
+# Vagrant's own Ctrl-C (a terminal's reaches it too) shows its clean-up message within this; if it does not,
+# lab passes the Ctrl-C on.
+VAGRANT_HEARD_CTRL_C_WITHIN = 2.0
 # How long Vagrant may take over that after a Ctrl-C before lab kills it: an emulated VM's
 # domain is created or destroyed in seconds, a box upload into libvirt's pool in a minute.
 VAGRANT_CLEANUP_WAIT = 90.0
@@ -215,7 +218,7 @@ def vagrant_cleans_up_on_ctrl_c(sink: "_OutputSink", progress: Progress,
                         if any("vagrant" in part for part in child.cmdline()[:3])]
         except psutil.Error:
             return
-        deadline = time.monotonic() + 2.0  # Vagrant's own Ctrl-C, if it had one, shows within this
+        deadline = time.monotonic() + VAGRANT_HEARD_CTRL_C_WITHIN
         while time.monotonic() < deadline and _VAGRANT_CLEANING_UP not in sink.text():
             time.sleep(0.1)
         if _VAGRANT_CLEANING_UP not in sink.text() and sys.platform != "win32":  # Windows: one console, one Ctrl-C

@@ -305,9 +305,11 @@ def test_the_cli_on_a_lab_not_created_says_so(fake, run_lab):
     assert result.exit_code == 5 and "does not exist yet" in result.stderr and "Traceback" not in result.output
 
 
-def test_a_busy_lab_is_refused(lab, run_lab):
+def test_a_busy_lab_is_refused(lab, run_lab, monkeypatch):
+    from lab.core import lab as core_lab
     from lab.core.state import lab_lock
 
+    monkeypatch.setattr(core_lab, "CHANGE_WAIT", 0.05)  # the refusal, not the wait for the holder, is tested
     with lab_lock(lab.lab_dir, "up"):
         result = run_lab("snapshot", "save", "base")
     assert result.exit_code == 5 and "is busy: `lab up`" in result.stderr
