@@ -546,4 +546,4 @@ def client_for(context: LabContext, timeout: float = 2.0) -> EtcdClient:
     if tls_mode(context):
         pki = LabPki(context.lab_dir / "pki")
         tls = TlsFiles(ca=str(pki.ca), cert=str(pki.client.cert), key=str(pki.client.key))
-    return EtcdClient([m.client_url for m in cluster], tls=tls, timeout=timeout)
+    return EtcdClient([m.client_url for m in cluster], tls=tls, timeout=timeout, jump=context.jump)

@@ -65,11 +65,13 @@ class MemberStatus:
 
 
 class EtcdClient:
-    def __init__(self, endpoints: list[str], tls: TlsFiles | None = None, timeout: float = 2.0) -> None:
+    def __init__(self, endpoints: list[str], tls: TlsFiles | None = None, timeout: float = 2.0,
+                 jump: Any = None) -> None:
         if not endpoints:
             raise ValueError("no etcd endpoints")
         self.endpoints = list(endpoints)
         self.tls = tls
+        self.jump = jump  # the SSH jump host the members are reached through (lab.host.reach), or None
         self.timeout = timeout
         self._current = 0
         self._lock = threading.Lock()
@@ -82,7 +84,7 @@ class EtcdClient:
     def _client(self):
         client = getattr(self._local, "client", None)
         if client is None:
-            import httpx
+            from lab.host.reach import http_client
 
             kwargs: dict[str, Any] = {"timeout": self.timeout}
             if self.tls is not None:
@@ -91,7 +93,7 @@ class EtcdClient:
                 context = ssl.create_default_context(cafile=self.tls.ca)
                 context.load_cert_chain(self.tls.cert, self.tls.key)
                 kwargs["verify"] = context
-            client = self._local.client = httpx.Client(**kwargs)
+            client = self._local.client = http_client(self.jump, **kwargs)
         return client
 
     def close(self) -> None:

@@ -21,7 +21,7 @@ from typing import Iterator
 from lab.host import network
 from lab.host.paths import effective_uid
 from lab.errors import LabError, StateError, UsageError
-from lab.node.layout import BOOT_SLOTS
+from lab.node.layout import BOOT_SLOTS, NODE_PKI_DIR
 from lab.providers import Selection, select
 from lab.providers.base import LabContext, NodeState, NodeStatus, Progress, Provider, no_progress
 from lab.model.spec import LabSpec, LoadedSpec, Override, ResolvedNode, load_spec
@@ -134,7 +134,8 @@ class Lab:
         ssh_dir = self.lab_dir / "ssh"
         return LabContext(spec=self.spec, lab_dir=self.lab_dir, lab_id=self.lab_id, nodes=nodes,
                           addresses=addresses, subnet=str(subnet), ssh_key=ssh_dir / "id_ed25519",
-                          known_hosts=ssh_dir / "known_hosts", state=self.state)
+                          known_hosts=ssh_dir / "known_hosts", state=self.state,
+                          jump=provider_class(provider).jump_host(self.spec, self.lab_dir, ssh_dir / "known_hosts"))
 
     def provider(self) -> Provider:
         from lab.providers import provider_class
@@ -365,6 +366,12 @@ class Lab:
 
         self.require_created("reach")
         context = self.context(self.selection().name)
+        if context.jump is not None:  # a program of its own: the tunnels of lab.host.reach live in lab's process
+            raise UsageError("`lab etcdctl` reaches etcd from this machine directly, and this lab's nodes are "
+                             f"behind the jump host {context.jump.host}",
+                             hint="run etcdctl on a member: `lab ssh node-1 -- etcdctl --cacert "
+                                  f"{NODE_PKI_DIR}/ca.crt --cert {NODE_PKI_DIR}/node.crt --key "
+                                  f"{NODE_PKI_DIR}/node.key endpoint status` (its endpoint is 127.0.0.1:2379)")
         env = {"ETCDCTL_API": "3", "ETCDCTL_ENDPOINTS": ",".join(m.client_url for m in members(context))}
         if self.spec.etcd.tls:
             pki = LabPki(self.lab_dir / "pki")

@@ -43,6 +43,8 @@ class SSHEndpoint:
     # None means the provider cannot vouch for host keys (Vagrant's own boxes).
     known_hosts: Path | None = None
     extra_options: dict[str, str] = field(default_factory=dict)
+    # The bastion this node is reached through (lab.host.reach), or None: reached directly.
+    jump: "SSHEndpoint | None" = None
 
 
 def ensure_keypair(private_key: Path, comment: str) -> Path:
@@ -130,10 +132,15 @@ def control_path(lab_id: str) -> str | None:
 
 def render_ssh_config(endpoints: Iterable[SSHEndpoint], control: str | None = None) -> str:
     blocks = []
+    jumps: dict[str, SSHEndpoint] = {}
     for ep in endpoints:
         lines = [f"Host {ep.node}", f"  HostName {ep.host}", f"  Port {ep.port}", f"  User {ep.user}",
                  f"  IdentityFile {config_path(ep.identity_file)}", "  IdentitiesOnly yes",
                  "  LogLevel ERROR", "  ServerAliveInterval 5", "  ServerAliveCountMax 3"]
+        if ep.jump is not None:
+            # ssh runs the jump as `ssh -F THIS_FILE -W ... JUMP`: its block below is found there.
+            jumps[ep.jump.node] = ep.jump
+            lines.append(f"  ProxyJump {ep.jump.node}")
         if control:
             lines.append(f"  ControlPath {control}")
         if ep.known_hosts is not None:
@@ -143,6 +150,8 @@ def render_ssh_config(endpoints: Iterable[SSHEndpoint], control: str | None = No
             lines += ["  UserKnownHostsFile /dev/null", "  StrictHostKeyChecking no"]
         lines += [f"  {key} {value}" for key, value in ep.extra_options.items()]
         blocks.append("\n".join(lines))
+    if jumps:
+        blocks += render_ssh_config(jumps.values()).rstrip("\n").split("\n\n")
     return "\n\n".join(blocks) + "\n"
 
 
@@ -204,8 +213,16 @@ def connect(endpoint: SSHEndpoint, timeout: float = 10.0):
                             hint="the nodes trust only that key: restore it from a backup, or `lab destroy` "
                                  "and `lab up` to make the lab anew")
     config = Config(overrides={"load_ssh_configs": False, "run": {"warn": True, "hide": True}})
+    gateway = None
+    if endpoint.jump is not None:
+        from lab.host.reach import jump_connection
+
+        try:
+            gateway = jump_connection(endpoint.jump)  # Fabric opens a direct-tcpip channel through it
+        except ssh_errors() as exc:
+            raise NodeUnreachable(endpoint, exc) from None
     connection = Connection(endpoint.host, user=endpoint.user, port=endpoint.port, config=config,
-                            connect_timeout=timeout,
+                            connect_timeout=timeout, gateway=gateway,
                             connect_kwargs={"key_filename": [str(endpoint.identity_file)],
                                             "look_for_keys": False, "allow_agent": False,
                                             "banner_timeout": timeout, "auth_timeout": timeout})

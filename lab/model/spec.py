@@ -290,9 +290,23 @@ class HostEntry(_Strict):
         return value
 
 
+class JumpHost(_Strict):
+    """The bastion `provider: hosts` reaches the hosts through (OpenSSH's ProxyJump): SSH, etcd and a scenario's
+    service probe all go through it. Lab changes nothing on it."""
+
+    address: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}$",
+                         description="the jump host's address or DNS name, as this machine reaches it")
+    user: str = Field("root", pattern=r"^[a-z_][a-z0-9_-]{0,31}$", description="who lab logs in as there")
+    port: Int = Field(22, ge=1, le=65535)
+    key: str | None = Field(None, description="private key for that login (~ and paths relative to lab.yaml "
+                                              "work); default: the user's ~/.ssh/id_ed25519, id_ecdsa or id_rsa")
+
+
 class HostsOptions(_Strict):
     inventory: list[HostEntry] = Field(default_factory=list, max_length=MAX_NODES,
                                        description="provider: hosts: the machines, one node each, in node order")
+    jump: JumpHost | None = Field(None, description="reach the hosts through this SSH jump host; default: "
+                                                    "directly (their addresses are routable from here)")
     power_cut: bool = Field(False, description="`lab fault kill` reboots the host at once without syncing its "
                                               "disks (sysrq b), a real power cut; default: SIGKILL of lab's "
                                               "services only")
@@ -699,6 +713,7 @@ providers:
   # hosts:                # provider: hosts: machines you have, one node each (lab installs etcd there)
   #   inventory:
   #     - {{address: 192.168.1.21, user: admin, key: ~/.ssh/id_ed25519}}
+  #   jump: {{address: 192.168.1.2, user: admin}}   # reach them through a bastion (ProxyJump)
 registry:
   upstream: null          # a registry URL to cache pulls through (needs internet); default: offline
 """

@@ -113,6 +113,8 @@ class LabContext:
     # The lab's LabState: providers record what they create in it *before*
     # creating it, so destroy can undo everything after a crash.
     state: Any = None
+    # The SSH jump host every connection to a node goes through (lab.host.reach), or None: directly.
+    jump: Any = None
 
     @property
     def host_address(self) -> str:
@@ -146,6 +148,11 @@ class Provider(ABC):
     def fixed_addresses(cls, spec: LabSpec, nodes: list[str], recorded: dict[str, str]) -> dict[str, str] | None:
         """Each node's address when the provider, not the lab's subnet, decides it (existing hosts have
         theirs); None: lab gives addresses on the lab's subnet. `recorded`: what the lab's state holds."""
+        return None
+
+    @classmethod
+    def jump_host(cls, spec: LabSpec, lab_dir: Path, known_hosts: Path) -> Any:
+        """The SSHEndpoint of the jump host this machine reaches the nodes through, or None (directly)."""
         return None
 
     @classmethod

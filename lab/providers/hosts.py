@@ -32,6 +32,9 @@ theirs: lab writes no daemon.json there).
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import hashlib
 import secrets
 import shlex
 import threading
@@ -74,6 +77,25 @@ LAB_SERVICES = f"etcd {layout.AGENT_SERVICE} {layout.UPDATE_SERVICE}"
 MANAGED_UNITS = (f"python3 -c \"import json,re,sys; print(' '.join(u for u in json.load(open('{layout.MANAGED}')) "
                  f"if re.fullmatch(r'[A-Za-z0-9@._:-]+[.](service|socket|timer|path|mount|target)', u)))\" "
                  "2>/dev/null || true")
+
+
+JUMP_ALIAS = "lab-jump"  # the jump host's name in the lab's ssh_config and known_hosts
+
+
+def login_key(key: str | None, lab_yaml_dir: Path, who: str, where: str) -> Path:
+    """The private key a login of lab.yaml names (~ and paths relative to lab.yaml), else the user's own."""
+    if key is None:
+        found = default_key()
+        if found is None:
+            raise PrerequisiteError(f"no SSH key for {who}: ~/.ssh has no id_ed25519, id_ecdsa or id_rsa",
+                                    hint=f"give its `key:` in {where}")
+        return found
+    path = Path(key).expanduser()
+    if not path.is_absolute():
+        path = lab_yaml_dir / path
+    if not path.is_file():
+        raise PrerequisiteError(f"the SSH key {path} for {who} is not a file", hint=f"fix `key:` in {where}")
+    return path
 
 
 def default_key() -> Path | None:
@@ -286,19 +308,66 @@ class HostsProvider(GuestPartitions, Provider):
                               "clean it")
 
     def first_key(self, entry: HostEntry) -> Path:
-        if entry.key is None:
-            key = default_key()
-            if key is None:
-                raise PrerequisiteError(f"no SSH key for {entry.user}@{entry.address}: ~/.ssh has no id_ed25519, "
-                                        "id_ecdsa or id_rsa", hint="give the host's `key:` in providers.hosts.inventory")
-            return key
-        key = Path(entry.key).expanduser()
-        if not key.is_absolute():
-            key = self.context.lab_dir.parent.parent / key  # relative to lab.yaml's directory
-        if not key.is_file():
-            raise PrerequisiteError(f"the SSH key {key} for {entry.user}@{entry.address} is not a file",
-                                    hint="fix `key:` of that host in providers.hosts.inventory")
-        return key
+        return login_key(entry.key, self.context.lab_dir.parent.parent, f"{entry.user}@{entry.address}",
+                         "that host of providers.hosts.inventory")
+
+    @classmethod
+    def jump_host(cls, spec: LabSpec, lab_dir: Path, known_hosts: Path) -> SSHEndpoint | None:
+        """providers.hosts.jump as an endpoint; its host key pinned in the lab's known_hosts (pin_jump)."""
+        jump = spec.providers.hosts.jump
+        if jump is None:
+            return None
+        # Its key as the lab pinned it, else as the user's known_hosts has it, else none yet: the first
+        # `lab up` takes the key it is shown (as ssh asks you to) and pins it (pin_jump).
+        known = next((path for path in (known_hosts, Path.home() / ".ssh" / "known_hosts")
+                      if _lists_host(path, jump.address, jump.port)), None)
+        return SSHEndpoint(node=JUMP_ALIAS, host=jump.address, port=jump.port, user=jump.user,
+                           identity_file=login_key(jump.key, lab_dir.parent.parent, f"{jump.user}@{jump.address}",
+                                                   "providers.hosts.jump"),
+                           known_hosts=known)
+
+    @property
+    def jump(self) -> SSHEndpoint | None:
+        """The jump host, checked against the lab's pin once there is one (pinned during this command too)."""
+        jump = self.context.jump
+        if jump is not None and _lists_host(self.context.known_hosts, jump.host, jump.port):
+            return dataclasses.replace(jump, known_hosts=self.context.known_hosts)
+        return jump
+
+    def pin_jump(self) -> None:
+        """Pin the jump host's key in the lab's known_hosts, for ssh_config and every later command: the one
+        the user's known_hosts has for it, else the one this command was shown (first contact)."""
+        jump = self.context.jump
+        if jump is None or _lists_host(self.context.known_hosts, jump.host, jump.port):
+            return
+        name = jump.host if jump.port == 22 else f"[{jump.host}]:{jump.port}"
+        import paramiko
+
+        user_known = Path.home() / ".ssh" / "known_hosts"
+        key = paramiko.HostKeys(str(user_known)).lookup(name) if _lists_host(user_known, jump.host, jump.port) \
+            else None
+        if key:
+            shown = next(iter(key.values()))
+        else:
+            from lab.host.reach import jump_connection
+
+            shown = jump_connection(jump).transport.get_remote_server_key()
+        record_host_key(self.context.known_hosts, JUMP_ALIAS, name, f"{shown.get_name()} {shown.get_base64()}")
+
+    def jump_line(self) -> str | None:
+        """What `lab up` says of the jump host: where it is and the key lab pinned for it."""
+        jump = self.jump
+        if jump is None:
+            return None
+        import paramiko
+
+        name = jump.host if jump.port == 22 else f"[{jump.host}]:{jump.port}"
+        keys = paramiko.HostKeys(str(jump.known_hosts)).lookup(name) if jump.known_hosts else None
+        shown = next(iter(keys.values())) if keys else None
+        how = ("as ~/.ssh/known_hosts has it" if _lists_host(Path.home() / ".ssh" / "known_hosts", jump.host, jump.port)
+               else "taken at first contact: compare it with the jump host's `ssh-keygen -lf` of its host keys")
+        return (f"through jump host {jump.user}@{jump.host}:{jump.port}"
+                + (f", its key {shown.get_name()} SHA256:{_fingerprint(shown)} ({how})" if shown else ""))
 
     def first_contact(self, node: str) -> SSHEndpoint:
         """The inventory's login: the host key checked against the user's known_hosts when it lists the host."""
@@ -307,17 +376,18 @@ class HostsProvider(GuestPartitions, Provider):
         known = next((path for path in (self.context.known_hosts, Path.home() / ".ssh" / "known_hosts")
                       if _lists_host(path, str(entry.address), entry.port)), None)
         return SSHEndpoint(node=node, host=str(entry.address), port=entry.port, user=entry.user,
-                           identity_file=self.first_key(entry), known_hosts=known)
+                           identity_file=self.first_key(entry), known_hosts=known, jump=self.jump)
 
     def adopted(self) -> set[str]:
         return set(self.records())
 
     def ssh_endpoints(self) -> dict[str, SSHEndpoint]:
         """root@ADDRESS with the lab's key, for every host adopted (its port as recorded at adoption)."""
-        found = self.records()
+        found, jump = self.records(), self.jump
         return {node.name: SSHEndpoint(node=node.name, host=found[node.name]["address"],
                                        port=int(found[node.name].get("port", 22)), user="root",
-                                       identity_file=self.context.ssh_key, known_hosts=self.context.known_hosts)
+                                       identity_file=self.context.ssh_key, known_hosts=self.context.known_hosts,
+                                       jump=jump)
                 for node in self.context.nodes if node.name in found}
 
     # -- lifecycle
@@ -362,6 +432,9 @@ class HostsProvider(GuestPartitions, Provider):
                     self._record(node, address=self.context.addresses[node], port=self.entry(node).port,
                                  installed=[], condition="adopting")
             progress(f"adopting {len(new)} host(s): {', '.join(f'{n} ({self.context.addresses[n]})' for n in new)}")
+            if self.context.jump is not None:
+                self.pin_jump()
+                progress(self.jump_line())
             parallel_map(lambda node: self._adopt(node, progress), new)
         stopped = [n.name for n in self.context.nodes
                    if n.name not in new and self._condition(n.name) in ("stopped", "paused")]
@@ -557,6 +630,11 @@ class HostsProvider(GuestPartitions, Provider):
         self._set_condition(node, "running")
         self._reapply_partition(node)
         progress(f"{node} rebooted")
+
+
+def _fingerprint(key) -> str:
+    """A host key's SHA256 fingerprint as ssh-keygen -l prints it (after "SHA256:")."""
+    return base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
 
 
 def _lists_host(known_hosts: Path, address: str, port: int) -> bool:

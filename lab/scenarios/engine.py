@@ -316,7 +316,7 @@ class ScenarioRun:
         if probe is not None and probe.running:
             raise LabError(f"the service {probe.name} is already being probed (two `service: {{start: ...}}` steps)")
         probe = self.conditions.service = ServiceProbe(service.start, self.context.addresses, service.port,
-                                                       service.path, self.clock)
+                                                       service.path, self.clock, jump=self.context.jump)
         probe.start()
         deadline = time.monotonic() + service.within
         while len(probe.serving()) < service.replicas and time.monotonic() < deadline:
@@ -376,7 +376,7 @@ class ScenarioRun:
             raise LabError(f"{node} is an etcd worker, not a member: a probe writes through a member",
                            hint="write via leader, old-leader or a member's name")
         shared = self.client_factory(probe.timeout)
-        client = EtcdClient([member.client_url], tls=shared.tls, timeout=probe.timeout)
+        client = EtcdClient([member.client_url], tls=shared.tls, timeout=probe.timeout, jump=shared.jump)
         try:
             client.put("/lab/probe", f"via {node} at {self.clock():.3f}")
             outcome, reason = "ok", "the write was acknowledged"

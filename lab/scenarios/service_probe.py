@@ -21,7 +21,7 @@ import json
 import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 POLL_INTERVAL_S = 0.1
 REQUEST_TIMEOUT_S = 0.5
@@ -132,8 +132,9 @@ class ServiceProbe:
     """Polls one HTTP endpoint on every node, from the host, until stopped."""
 
     def __init__(self, name: str, addresses: dict[str, str], port: int, path: str, clock: Callable[[], float],
-                 *, interval: float = POLL_INTERVAL_S, timeout: float = REQUEST_TIMEOUT_S) -> None:
+                 *, interval: float = POLL_INTERVAL_S, timeout: float = REQUEST_TIMEOUT_S, jump: Any = None) -> None:
         self.name = name
+        self.jump = jump  # the SSH jump host the nodes are reached through (lab.host.reach), or None
         self.urls = {node: f"http://{ip}:{port}{path}" for node, ip in sorted(addresses.items())}
         self.clock = clock
         self.interval = interval
@@ -184,11 +185,12 @@ class ServiceProbe:
     def _poll(self, node: str, url: str) -> None:
         import httpx
 
+        from lab.host.reach import http_client
+
         # No keep-alive: each request opens its own connection, as a new
         # client would, so a replica that went away is noticed on the next one.
-        # trust_env=False: a proxy from the environment would send requests out of the lab.
-        with httpx.Client(timeout=self.timeout, trust_env=False,
-                          limits=httpx.Limits(max_keepalive_connections=0)) as client:
+        # (http_client never takes a proxy from the environment: that would send requests out of the lab.)
+        with http_client(self.jump, timeout=self.timeout, limits=httpx.Limits(max_keepalive_connections=0)) as client:
             while not self._stop.is_set():
                 sent = self.clock()
                 try:

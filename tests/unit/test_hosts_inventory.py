@@ -224,3 +224,44 @@ def test_a_unit_the_machine_has_is_not_the_schedulers(tmp_path):
     (tmp_path / "lib" / "ssh.service").write_text("[Service]\n")
     assert machine_has_unit("ssh.service", (tmp_path / "etc", tmp_path / "lib"))
     assert not machine_has_unit("hello.service", (tmp_path / "etc", tmp_path / "lib"))
+
+
+# ---------------------------------------------------------------- the jump host
+
+
+def jumped_spec(**jump) -> LabSpec:
+    return LabSpec.model_validate({"provider": "hosts", "providers": {"hosts": {
+        "inventory": [{"address": "10.1.0.5"}, {"address": "10.1.0.6"}], "jump": jump}}})
+
+
+def test_a_jump_host_is_an_endpoint_of_its_own_and_none_without_one(tmp_path):
+    key = tmp_path / "bastion_key"
+    key.write_text("private")
+    lab_dir = tmp_path / ".lab" / "lab"
+    jump = HostsProvider.jump_host(jumped_spec(address="bastion-1.lan", user="admin", port=2200, key="bastion_key"),
+                                   lab_dir, lab_dir / "ssh" / "known_hosts")
+    assert (jump.node, jump.host, jump.port, jump.user, jump.identity_file) == (
+        "lab-jump", "bastion-1.lan", 2200, "admin", key)  # a relative key: beside lab.yaml
+    assert jump.known_hosts is None  # nothing pinned yet: the first `lab up` pins what it is shown
+    assert HostsProvider.jump_host(hosts_spec("10.1.0.5"), lab_dir, lab_dir / "ssh" / "known_hosts") is None
+
+
+def test_a_jump_host_that_is_not_an_address_is_refused(tmp_path):
+    message = spec_error(tmp_path, "provider: hosts\nproviders:\n  hosts:\n    inventory: [{address: 10.1.0.5}]\n"
+                                   "    jump: {address: 'bastion; rm -rf /'}\n")
+    assert "providers.hosts.jump.address" in message
+
+
+def test_nodes_behind_a_jump_get_proxyjump_and_the_jump_its_own_pinned_block(tmp_path):
+    from lab.host.ssh import SSHEndpoint, render_ssh_config
+
+    known = tmp_path / "known_hosts"
+    jump = SSHEndpoint("lab-jump", "192.168.1.2", 2200, "admin", tmp_path / "bastion_key", known_hosts=known)
+    nodes = [SSHEndpoint(f"node-{i}", f"10.1.0.{4 + i}", 22, "root", tmp_path / "id_ed25519", known_hosts=known,
+                         jump=jump) for i in (1, 2)]
+    blocks = render_ssh_config(nodes).strip().split("\n\n")
+    assert [block.splitlines()[0] for block in blocks] == ["Host node-1", "Host node-2", "Host lab-jump"]
+    assert all("  ProxyJump lab-jump" in block for block in blocks[:2])
+    assert "  HostName 192.168.1.2" in blocks[2] and "  Port 2200" in blocks[2] and "  User admin" in blocks[2]
+    assert "  HostKeyAlias lab-jump" in blocks[2] and "  StrictHostKeyChecking yes" in blocks[2]
+    assert "ProxyJump" not in blocks[2]

@@ -309,7 +309,7 @@ def test_the_engines_service_steps_wait_for_the_replicas_then_measure_and_keep_e
     replica = Replica("127.0.0.1")
     t0 = time.monotonic()
     run = ScenarioRun.__new__(ScenarioRun)
-    run.context = SimpleNamespace(addresses={"node-1": "127.0.0.1"})
+    run.context = SimpleNamespace(addresses={"node-1": "127.0.0.1"}, jump=None)
     run.conditions = SimpleNamespace(service=None)
     run.clock = lambda: time.monotonic() - t0
     run.measurements = {}
@@ -339,7 +339,7 @@ def test_a_service_whose_replicas_never_answer_fails_its_start_step(tmp_path):
     port = free.port
     free.stop()  # nothing listens there now
     run = ScenarioRun.__new__(ScenarioRun)
-    run.context = SimpleNamespace(addresses={"node-1": "127.0.0.1"})
+    run.context = SimpleNamespace(addresses={"node-1": "127.0.0.1"}, jump=None)
     run.conditions = SimpleNamespace(service=None)
     run.clock = time.monotonic
     run.measurements = {}

@@ -8,7 +8,8 @@ bootstraps etcd and the agents; raft-failover and partition pass unchanged;
 pause, kill, start and a real reboot act on the hosts; a host another lab
 holds and a host that does not answer are refused before anything changes;
 `lab destroy` leaves every host as it was (same packages, same root keys,
-nothing of lab's on disk, etcd gone).
+nothing of lab's on disk, etcd gone). Hosts this machine may not connect to are
+reached through a jump host (ProxyJump): everything, scenarios included.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("systemd-nspawn") is None,
                                 reason="needs root and systemd-nspawn")
@@ -173,3 +177,59 @@ def test_a_host_that_does_not_answer_stops_lab_up_before_any_host_is_changed(hos
     assert "nothing was changed on any host" in output, output
     assert hosts.run("node-1", BASELINE) == before
     assert not (project / ".lab" / "silent").exists()
+
+
+@contextmanager
+def new_connections_refused(addresses: list[str]):
+    """This machine may not open a connection to `addresses` (replies to theirs still go out): a network
+    only a jump host reaches. Yields a function counting the connections refused so far."""
+    table = "labtest_jump"
+    subprocess.run(["nft", "-f", "-"], check=True, text=True, input=f"""
+table inet {table} {{
+  chain out {{
+    type filter hook output priority 0;
+    meta l4proto tcp ip daddr {{ {", ".join(addresses)} }} ct state new counter reject with tcp reset
+  }}
+}}""")
+
+    def refused() -> int:
+        rules = json.loads(subprocess.run(["nft", "-j", "list", "table", "inet", table], check=True,
+                                          capture_output=True, text=True).stdout)["nftables"]
+        return sum(item["counter"]["packets"] for entry in rules if "rule" in entry
+                   for item in entry["rule"]["expr"] if "counter" in item)
+
+    try:
+        yield refused
+    finally:
+        subprocess.run(["nft", "delete", "table", "inet", table], check=False)
+
+
+def test_hosts_behind_a_jump_host_are_reached_only_through_it(hosts, tmp_path):
+    reached, jump = ["node-1", "node-2"], "node-3"
+    before = {node: hosts.run(node, BASELINE) for node in [*reached, jump]}
+    spec = yaml.safe_load(hosts.lab_yaml("jumped", nodes={"count": 2}))
+    spec["providers"]["hosts"]["jump"] = {"address": hosts.addresses[jump], "key": str(hosts.key)}
+    project = tmp_path / "jumped"
+    project.mkdir()
+    (project / "lab.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    with new_connections_refused([hosts.addresses[n] for n in reached]) as refused:
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((hosts.addresses["node-1"], 22), timeout=5)
+        assert refused() == 1
+
+        code, output = lab(project, "up")
+        assert code == 0, output
+        assert f"through jump host root@{hosts.addresses[jump]}:22, its key " in output, output
+        assert {n: s["state"] for n, s in statuses(project).items()} == {n: "running" for n in reached}
+        # OpenSSH's way (lab ssh, testinfra): ProxyJump in the lab's ssh_config
+        code, output = lab(project, "ssh", "node-2", "--", "cat", "/etc/hostname")
+        assert code == 0, output
+        # etcd, the workload, the faults and testinfra's checks, all through the jump
+        code, output = lab(project, "scenario", "raft-failover")
+        assert code == 0, output
+        code, output = lab(project, "etcdctl", "endpoint", "status")
+        assert code != 0 and "behind the jump host" in output and "lab ssh node-1 -- etcdctl" in output, output
+        code, output = lab(project, "destroy")
+        assert code == 0, output
+        assert refused() == 1, "lab tried a host directly"
+    assert {node: hosts.run(node, BASELINE) for node in [*reached, jump]} == before
