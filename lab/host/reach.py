@@ -32,13 +32,19 @@ def _key(jump: "SSHEndpoint") -> tuple:
 
 def jump_connection(jump: "SSHEndpoint"):
     """The open Fabric connection to the jump host (made once per command; again if it dropped)."""
-    from lab.host.ssh import connect
+    from lab.host.ssh import NodeUnreachable, connect
 
     with _jumps_lock:  # Connection.open is not safe to race: the first caller opens it for the others
         connection = _jumps.get(_key(jump))
         if connection is None or connection.transport is None or not connection.transport.is_active():
             connection = connect(jump)
-            connection.open()
+            try:
+                connection.open()
+            except NodeUnreachable as exc:
+                raise ProviderError(f"cannot reach the jump host {jump.user}@{jump.host}:{jump.port}: "
+                                    f"{exc.cause or type(exc.cause).__name__}",
+                                    hint="check providers.hosts.jump in lab.yaml (address, user, port, key) and "
+                                         "that it answers SSH from this machine") from None
             connection.transport.set_keepalive(5)
             _jumps[_key(jump)] = connection
         return connection
@@ -53,16 +59,14 @@ def close_jumps() -> None:
 
 
 def channel_to(jump: "SSHEndpoint", host: str, port: int, timeout: float | None = None):
-    """A direct-tcpip channel to host:port, opened by the jump host: a socket-like paramiko Channel."""
-    from lab.host.ssh import ssh_errors
+    """A direct-tcpip channel to host:port, opened by the jump host: a socket-like paramiko Channel.
 
-    try:
-        transport = jump_connection(jump).transport
-        return transport.open_channel("direct-tcpip", (host, int(port)), ("", 0), timeout=timeout)
-    except ssh_errors() as exc:
-        raise ProviderError(f"the jump host {jump.user}@{jump.host}:{jump.port} did not open a connection to "
-                            f"{host}:{port}: {exc or type(exc).__name__}",
-                            hint=f"check that {host} answers on port {port} from the jump host") from None
+    A host that does not answer raises what paramiko raises (ChannelException), as a direct connection
+    raises OSError: callers that wait for a booting node retry on it; a jump host that cannot be
+    reached at all is a ProviderError saying so.
+    """
+    transport = jump_connection(jump).transport
+    return transport.open_channel("direct-tcpip", (host, int(port)), ("", 0), timeout=timeout)
 
 
 def tunnel_socket(jump: "SSHEndpoint", host: str, port: int, timeout: float | None = None) -> socket.socket:
@@ -131,9 +135,14 @@ def _tunnel_backend_class():
             self.jump = jump
 
         def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+            from lab.host.ssh import ssh_errors
+
             try:
                 return SyncStream(tunnel_socket(self.jump, host, port, timeout))
-            except ProviderError as exc:  # httpx reports it as a ConnectError, as a refused connection
+            except ProviderError as exc:  # httpx reports these as a ConnectError, as a refused connection
                 raise httpcore.ConnectError(exc.message) from None
+            except ssh_errors() as exc:
+                raise httpcore.ConnectError(f"through the jump host {self.jump.host}: "
+                                            f"{exc or type(exc).__name__}") from None
 
     return TunnelBackend

@@ -217,10 +217,7 @@ def connect(endpoint: SSHEndpoint, timeout: float = 10.0):
     if endpoint.jump is not None:
         from lab.host.reach import jump_connection
 
-        try:
-            gateway = jump_connection(endpoint.jump)  # Fabric opens a direct-tcpip channel through it
-        except ssh_errors() as exc:
-            raise NodeUnreachable(endpoint, exc) from None
+        gateway = jump_connection(endpoint.jump)
     connection = Connection(endpoint.host, user=endpoint.user, port=endpoint.port, config=config,
                             connect_timeout=timeout, gateway=gateway,
                             connect_kwargs={"key_filename": [str(endpoint.identity_file)],
@@ -235,6 +232,11 @@ def connect(endpoint: SSHEndpoint, timeout: float = 10.0):
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
     else:
         client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+    if endpoint.jump is not None:
+        from lab.host.reach import channel_to
+
+        # Fabric's own opens the channel with paramiko's default wait (an hour) for a host that never answers.
+        connection.open_gateway = lambda: channel_to(endpoint.jump, endpoint.host, endpoint.port, timeout)
     # Fabric's run/sudo/put/sftp all open through `self.open()`: the instance
     # attributes below win over the class's methods.
     for name in ("open", "run", "sudo"):
