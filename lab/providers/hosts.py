@@ -25,9 +25,12 @@ state: its services and files, the packages it installed, its partition
 table, its key. A host that does not answer keeps its record, and `lab
 destroy` says which and tries again next time.
 
+Hosts behind a bastion (`providers.hosts.jump`) are reached through it for
+everything: SSH, etcd and the service probe (lab.host.reach).
+
 Not here (see the README): OS updates (the hosts run their own OS, not lab's
-A/B slots), a jump host, lab's registry and DNS (the hosts' Docker is
-theirs: lab writes no daemon.json there).
+A/B slots), lab's registry and DNS (the hosts' Docker is theirs: lab writes
+no daemon.json there).
 """
 
 from __future__ import annotations
