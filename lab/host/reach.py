@@ -50,14 +50,6 @@ def jump_connection(jump: "SSHEndpoint"):
         return connection
 
 
-def close_jumps() -> None:
-    """Close every jump connection this command opened (the channels through them end with them)."""
-    with _jumps_lock:
-        for connection in _jumps.values():
-            connection.close()
-        _jumps.clear()
-
-
 def channel_to(jump: "SSHEndpoint", host: str, port: int, timeout: float | None = None):
     """A direct-tcpip channel to host:port, opened by the jump host: a socket-like paramiko Channel.
 
