@@ -5,7 +5,9 @@ VM network, a LAN). Machines behind a bastion (`providers.hosts.jump`) are reach
 as OpenSSH's ProxyJump reaches them: one SSH connection to the jump host per
 command, and a `direct-tcpip` channel through it for every connection to a node
 (SSH, etcd's client port, a service's port). The node's own address stays in
-every URL, host-key check and TLS check: only the socket is carried.
+every URL, host-key check and TLS check: only the socket is carried. SSH's own
+part (the shared jump connection, its channels) is in lab.host.ssh; this module
+gives what speaks HTTP a socket through it.
 """
 
 from __future__ import annotations
@@ -22,43 +24,6 @@ if TYPE_CHECKING:
     from lab.host.ssh import SSHEndpoint
 
 _PUMP_CHUNK = 65536
-_jumps: dict[tuple, Any] = {}  # one open connection to each jump host, shared by every thread of this command
-_jumps_lock = threading.Lock()
-
-
-def _key(jump: "SSHEndpoint") -> tuple:
-    return jump.host, jump.port, jump.user, str(jump.identity_file), str(jump.known_hosts)
-
-
-def jump_connection(jump: "SSHEndpoint"):
-    """The open Fabric connection to the jump host (made once per command; again if it dropped)."""
-    from lab.host.ssh import NodeUnreachable, connect
-
-    with _jumps_lock:  # Connection.open is not safe to race: the first caller opens it for the others
-        connection = _jumps.get(_key(jump))
-        if connection is None or connection.transport is None or not connection.transport.is_active():
-            connection = connect(jump)
-            try:
-                connection.open()
-            except NodeUnreachable as exc:
-                raise ProviderError(f"cannot reach the jump host {jump.user}@{jump.host}:{jump.port}: "
-                                    f"{exc.cause or type(exc.cause).__name__}",
-                                    hint="check providers.hosts.jump in lab.yaml (address, user, port, key) and "
-                                         "that it answers SSH from this machine") from None
-            connection.transport.set_keepalive(5)
-            _jumps[_key(jump)] = connection
-        return connection
-
-
-def channel_to(jump: "SSHEndpoint", host: str, port: int, timeout: float | None = None):
-    """A direct-tcpip channel to host:port, opened by the jump host: a socket-like paramiko Channel.
-
-    A host that does not answer raises what paramiko raises (ChannelException), as a direct connection
-    raises OSError: callers that wait for a booting node retry on it; a jump host that cannot be
-    reached at all is a ProviderError saying so.
-    """
-    transport = jump_connection(jump).transport
-    return transport.open_channel("direct-tcpip", (host, int(port)), ("", 0), timeout=timeout)
 
 
 def tunnel_socket(jump: "SSHEndpoint", host: str, port: int, timeout: float | None = None) -> socket.socket:
@@ -68,6 +33,8 @@ def tunnel_socket(jump: "SSHEndpoint", host: str, port: int, timeout: float | No
     pair; a thread copies between the other end and the SSH channel until
     either side closes.
     """
+    from lab.host.ssh import channel_to
+
     channel = channel_to(jump, host, port, timeout)
     ours, theirs = socket.socketpair()
     threading.Thread(target=_pump, args=(theirs, channel), name=f"tunnel-{host}:{port}", daemon=True).start()

@@ -19,7 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from typing import Callable, Iterable, TextIO
+from typing import Any, Callable, Iterable, TextIO
 
 from lab.errors import CommandError, PrerequisiteError, ProviderError
 from lab.host.files import write_atomic
@@ -215,8 +215,6 @@ def connect(endpoint: SSHEndpoint, timeout: float = 10.0):
     config = Config(overrides={"load_ssh_configs": False, "run": {"warn": True, "hide": True}})
     gateway = None
     if endpoint.jump is not None:
-        from lab.host.reach import jump_connection
-
         gateway = jump_connection(endpoint.jump)
     connection = Connection(endpoint.host, user=endpoint.user, port=endpoint.port, config=config,
                             connect_timeout=timeout, gateway=gateway,
@@ -233,8 +231,6 @@ def connect(endpoint: SSHEndpoint, timeout: float = 10.0):
     else:
         client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
     if endpoint.jump is not None:
-        from lab.host.reach import channel_to
-
         # Fabric's own opens the channel with paramiko's default wait (an hour) for a host that never answers.
         connection.open_gateway = lambda: channel_to(endpoint.jump, endpoint.host, endpoint.port, timeout)
     # Fabric's run/sudo/put/sftp all open through `self.open()`: the instance
@@ -242,6 +238,45 @@ def connect(endpoint: SSHEndpoint, timeout: float = 10.0):
     for name in ("open", "run", "sudo"):
         setattr(connection, name, _guarded(getattr(connection, name), endpoint))
     return connection
+
+
+# ---------------------------------------------------------------- jump hosts (see lab.host.reach)
+
+_jumps: dict[tuple, Any] = {}  # one open connection to each jump host, shared by every thread of this command
+_jumps_lock = threading.Lock()
+
+
+def _key(jump: SSHEndpoint) -> tuple:
+    return jump.host, jump.port, jump.user, str(jump.identity_file), str(jump.known_hosts)
+
+
+def jump_connection(jump: SSHEndpoint):
+    """The open Fabric connection to the jump host (made once per command; again if it dropped)."""
+    with _jumps_lock:  # Connection.open is not safe to race: the first caller opens it for the others
+        connection = _jumps.get(_key(jump))
+        if connection is None or connection.transport is None or not connection.transport.is_active():
+            connection = connect(jump)
+            try:
+                connection.open()
+            except NodeUnreachable as exc:
+                raise ProviderError(f"cannot reach the jump host {jump.user}@{jump.host}:{jump.port}: "
+                                    f"{exc.cause or type(exc.cause).__name__}",
+                                    hint="check providers.hosts.jump in lab.yaml (address, user, port, key) and "
+                                         "that it answers SSH from this machine") from None
+            connection.transport.set_keepalive(5)
+            _jumps[_key(jump)] = connection
+        return connection
+
+
+def channel_to(jump: SSHEndpoint, host: str, port: int, timeout: float | None = None):
+    """A direct-tcpip channel to host:port, opened by the jump host: a socket-like paramiko Channel.
+
+    A host that does not answer raises what paramiko raises (ChannelException), as a direct connection
+    raises OSError: callers that wait for a booting node retry on it; a jump host that cannot be
+    reached at all is a ProviderError saying so.
+    """
+    transport = jump_connection(jump).transport
+    return transport.open_channel("direct-tcpip", (host, int(port)), ("", 0), timeout=timeout)
 
 
 def _guarded(method: Callable, endpoint: SSHEndpoint) -> Callable:
