@@ -80,10 +80,13 @@ def up(file: FileOpt = DEFAULT_FILE, name: NameOpt = None, nodes: NodesOpt = Non
     first = result.nodes[0].name if result.nodes else "node-1"
     if not no_bootstrap:
         console.print(member_table(lab.etcd_status()))
+    try:
+        etcd = f"lab etcdctl -- endpoint status   (endpoints {lab.etcdctl_env()['ETCDCTL_ENDPOINTS']})"
+    except UsageError as exc:  # nodes behind a jump host: the hint says how to reach etcd there
+        etcd = exc.hint or exc.message
     console.print(f"  shell:    lab ssh {first}\n"
                   f"  command:  lab exec -- uptime\n"
-                  f"  etcd:     lab etcdctl -- endpoint status   "
-                  f"(endpoints {lab.etcdctl_env()['ETCDCTL_ENDPOINTS']})\n"
+                  f"  etcd:     {etcd}\n"
                   + (f"  docker:   lab ssh {first} -- docker run ubuntu /bin/echo hello world   "
                      f"(registry {services['registry']}: lab image list)\n" if "registry" in services else "")
                   + f"  ssh:      ssh -F {result.ssh_config} {first}\n"

@@ -352,7 +352,7 @@ class HostsProvider(GuestPartitions, Provider):
         if key:
             shown = next(iter(key.values()))
         else:
-            from lab.host.reach import jump_connection
+            from lab.host.ssh import jump_connection
 
             shown = jump_connection(jump).transport.get_remote_server_key()
         record_host_key(self.context.known_hosts, JUMP_ALIAS, name, f"{shown.get_name()} {shown.get_base64()}")
