@@ -66,8 +66,13 @@ def start_daemon(argv: Sequence[str | Path], *, log: Path, what: str, user: str 
                                     hint="run tools/install.sh, which installs every host tool lab uses") from None
         keep_detached(process)
         daemon = Daemon(process.pid, start_time(process.pid) or "")
-        if on_start is not None:
-            on_start(daemon)
+        try:
+            if on_start is not None:
+                on_start(daemon)
+        except BaseException:  # it could not be recorded: it must not run on unrecorded
+            stop_daemon(daemon.pid, daemon.start)
+            process.poll()
+            raise
     deadline = time.monotonic() + timeout
     try:
         while not (ready is None or ready()):

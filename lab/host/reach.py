@@ -100,6 +100,8 @@ def _tunnel_backend_class():
                 return SyncStream(tunnel_socket(self.jump, host, port, timeout))
             except ProviderError as exc:  # httpx reports these as a ConnectError, as a refused connection
                 raise httpcore.ConnectError(exc.message) from None
+            except socket.timeout as exc:
+                raise httpcore.ConnectTimeout(str(exc)) from None
             except ssh_errors() as exc:
                 raise httpcore.ConnectError(f"through the jump host {self.jump.host}: "
                                             f"{exc or type(exc).__name__}") from None

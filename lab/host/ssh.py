@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -250,6 +251,23 @@ def _key(jump: SSHEndpoint) -> tuple:
     return jump.host, jump.port, jump.user, str(jump.identity_file), str(jump.known_hosts)
 
 
+class JumpUnreachable(NodeUnreachable):
+    """The jump host itself did not answer: every node behind it is unreachable from here."""
+
+    def __init__(self, endpoint: SSHEndpoint, cause: BaseException) -> None:
+        ProviderError.__init__(self, f"cannot reach the jump host {endpoint.user}@{endpoint.host}:{endpoint.port}: "
+                                     f"{cause or type(cause).__name__}",
+                               hint="check providers.hosts.jump in lab.yaml (address, user, port, key) and that it "
+                                    "answers SSH from this machine; a jump host changed since the last `lab up` is "
+                                    "pinned by the next one")
+        self.cause = cause
+
+
+# How long the jump host may take to connect a channel at most; a caller waiting less gives up on it
+# and the channel is closed whenever it does open (channel_to).
+CHANNEL_OPEN_LIMIT = 150.0
+
+
 def jump_connection(jump: SSHEndpoint):
     """The open Fabric connection to the jump host (made once per command; again if it dropped)."""
     with _jumps_lock:  # Connection.open is not safe to race: the first caller opens it for the others
@@ -259,10 +277,7 @@ def jump_connection(jump: SSHEndpoint):
             try:
                 connection.open()
             except NodeUnreachable as exc:
-                raise ProviderError(f"cannot reach the jump host {jump.user}@{jump.host}:{jump.port}: "
-                                    f"{exc.cause or type(exc.cause).__name__}",
-                                    hint="check providers.hosts.jump in lab.yaml (address, user, port, key) and "
-                                         "that it answers SSH from this machine") from None
+                raise JumpUnreachable(jump, exc.cause) from None
             connection.transport.set_keepalive(5)
             _jumps[_key(jump)] = connection
         return connection
@@ -271,12 +286,36 @@ def jump_connection(jump: SSHEndpoint):
 def channel_to(jump: SSHEndpoint, host: str, port: int, timeout: float | None = None):
     """A direct-tcpip channel to host:port, opened by the jump host: a socket-like paramiko Channel.
 
-    A host that does not answer raises what paramiko raises (ChannelException), as a direct connection
-    raises OSError: callers that wait for a booting node retry on it; a jump host that cannot be
-    reached at all is a ProviderError saying so.
+    A host that does not answer raises what paramiko raises (ChannelException), or socket.timeout
+    after `timeout`, as a direct connection raises OSError: callers that wait for a booting node retry
+    on it. paramiko gives up waiting on a channel but keeps it: one the jump host opens after the
+    caller gave up would stay open, one per retry of a poller (the sshd there runs out of them during a
+    long partition). Here the channel is opened in a thread that closes it if nobody waits any more.
     """
     transport = jump_connection(jump).transport
-    return transport.open_channel("direct-tcpip", (host, int(port)), ("", 0), timeout=timeout)
+    opened: dict[str, Any] = {}
+    done, abandoned = threading.Event(), threading.Event()
+
+    def open_it() -> None:
+        try:
+            opened["channel"] = transport.open_channel("direct-tcpip", (host, int(port)), ("", 0),
+                                                       timeout=CHANNEL_OPEN_LIMIT)
+        except Exception as exc:  # noqa: BLE001 - handed to the caller as it is
+            opened["error"] = exc
+        done.set()
+        if abandoned.is_set() and "channel" in opened:
+            opened["channel"].close()
+
+    threading.Thread(target=open_it, name=f"channel-{host}:{port}", daemon=True).start()
+    wait = CHANNEL_OPEN_LIMIT if timeout is None else timeout
+    if not done.wait(wait):
+        abandoned.set()
+        if "channel" in opened:  # it opened just now: closed here or by the thread (closing twice is harmless)
+            opened["channel"].close()
+        raise socket.timeout(f"the jump host {jump.host} did not connect {host}:{port} within {wait:g} s")
+    if "error" in opened:
+        raise opened["error"]
+    return opened["channel"]
 
 
 def _guarded(method: Callable, endpoint: SSHEndpoint) -> Callable:

@@ -366,6 +366,12 @@ class LabSpec(_Strict):
                                        f"{entry.address} is listed twice: one node per host",
                                        related=(("providers", "hosts", "inventory", seen[entry.address]),))
             seen[entry.address] = index
+        jump = self.providers.hosts.jump
+        if jump is not None and jump.address in {str(address) for address in seen}:
+            raise _KeyedValueError(("providers", "hosts", "jump", "address"),
+                                   f"the jump host {jump.address} is one of the hosts: a partition cuts a host "
+                                   "off from the others' addresses, and lab would be cut off with them; give a "
+                                   "machine that is not a node", related=(("providers", "hosts", "inventory"),))
         if not self.etcd.tls:
             # etcd on the hosts' own network, open to whoever reaches it; its agents run as root the units
             # etcd holds: plain HTTP would hand every host to anyone on that network.

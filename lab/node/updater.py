@@ -14,8 +14,9 @@ does on each node what CoreOS's update_engine and locksmith did together:
     holds it: etcd locks alone cannot guarantee mutual exclusion when a
     process pauses between acquiring and acting (Jepsen, 2020);
   * it drains the node (the scheduler agent stops and deregisters, so its
-    units move) once every unit placed on another node runs there, so a
-    drain never takes a service's last running replica; it writes /etc/lab/boot.json {"slot": passive, "try": true}
+    units move) once every unit placed on another node runs there, so with
+    one holder at a time a drain never takes a service's last running
+    replica; it writes /etc/lab/boot.json {"slot": passive, "try": true}
     and reboots; the node comes up on the new slot with /etc and /var kept;
   * after boot, a health check (the etcd member healthy, the scheduler agent
     registered) either confirms the slot and releases the lock, or rolls
@@ -241,7 +242,7 @@ class Updater:
             starting = units_starting_elsewhere(self.etcd.get_prefix(layout.UNITS),
                                                 self.etcd.get_prefix(layout.SCHEDULE),
                                                 self.etcd.get_prefix(layout.STATES), machine)
-            if not starting:
+            if not starting or self.etcd.get(layout.HALTED):  # a halted roll: step() gives the lock back
                 return
             if time.monotonic() > deadline:
                 self.log(f"drain: {', '.join(starting)} still not running elsewhere; draining anyway")

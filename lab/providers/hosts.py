@@ -320,10 +320,13 @@ class HostsProvider(GuestPartitions, Provider):
         jump = spec.providers.hosts.jump
         if jump is None:
             return None
-        # Its key as the lab pinned it, else as the user's known_hosts has it, else none yet: the first
-        # `lab up` takes the key it is shown (as ssh asks you to) and pins it (pin_jump).
+        # Its key as the lab pinned it, else as the user's known_hosts has it, else none yet for a new lab:
+        # its first `lab up` takes the key it is shown (as ssh asks you to) and pins it (pin_jump). A lab
+        # that exists checks against its own pin: a jump host changed in lab.yaml since is refused until
+        # the next `lab up` pins it, never trusted silently.
         known = next((path for path in (known_hosts, Path.home() / ".ssh" / "known_hosts")
-                      if _lists_host(path, jump.address, jump.port)), None)
+                      if _lists_host(path, jump.address, jump.port)),
+                     known_hosts if (lab_dir / "state.json").exists() else None)
         return SSHEndpoint(node=JUMP_ALIAS, host=jump.address, port=jump.port, user=jump.user,
                            identity_file=login_key(jump.key, lab_dir.parent.parent, f"{jump.user}@{jump.address}",
                                                    "providers.hosts.jump"),
@@ -337,12 +340,13 @@ class HostsProvider(GuestPartitions, Provider):
             return dataclasses.replace(jump, known_hosts=self.context.known_hosts)
         return jump
 
-    def pin_jump(self) -> None:
+    def pin_jump(self) -> bool:
         """Pin the jump host's key in the lab's known_hosts, for ssh_config and every later command: the one
-        the user's known_hosts has for it, else the one this command was shown (first contact)."""
+        the user's known_hosts has for it, else the one this command was shown (first contact). True if it
+        pinned one now."""
         jump = self.context.jump
         if jump is None or _lists_host(self.context.known_hosts, jump.host, jump.port):
-            return
+            return False
         name = jump.host if jump.port == 22 else f"[{jump.host}]:{jump.port}"
         import paramiko
 
@@ -354,8 +358,10 @@ class HostsProvider(GuestPartitions, Provider):
         else:
             from lab.host.ssh import jump_connection
 
-            shown = jump_connection(jump).transport.get_remote_server_key()
+            first_contact = dataclasses.replace(jump, known_hosts=None)
+            shown = jump_connection(first_contact).transport.get_remote_server_key()
         record_host_key(self.context.known_hosts, JUMP_ALIAS, name, f"{shown.get_name()} {shown.get_base64()}")
+        return True
 
     def jump_line(self) -> str | None:
         """What `lab up` says of the jump host: where it is and the key lab pinned for it."""
@@ -399,6 +405,10 @@ class HostsProvider(GuestPartitions, Provider):
         """Every host not adopted yet answers its login, runs systemd, has (or can install) what lab needs,
         and is not another lab's: checked on all of them before any is changed."""
         pending = [n.name for n in self.context.nodes if n.name not in self.adopted()]
+        if pending and self.jump is not None:
+            from lab.host.ssh import jump_connection
+
+            jump_connection(self.jump)  # a jump host that does not answer: said once, not once per host
         problems = [p for p in parallel_map(self._probe, pending) if p]
         if problems:
             raise PrerequisiteError("these hosts cannot become nodes:\n  " + "\n  ".join(problems),
@@ -426,6 +436,8 @@ class HostsProvider(GuestPartitions, Provider):
         adopted = self.adopted()
         new = [n.name for n in self.context.nodes
                if n.name not in adopted or self._condition(n.name) == "adopting"]  # not done: again
+        if self.pin_jump() or (new and self.context.jump is not None):
+            progress(self.jump_line())
         if new:
             if self.owner() is None:
                 self.context.state.set("hosts", {"owner": secrets.token_hex(16)})
@@ -435,9 +447,6 @@ class HostsProvider(GuestPartitions, Provider):
                     self._record(node, address=self.context.addresses[node], port=self.entry(node).port,
                                  installed=[], condition="adopting")
             progress(f"adopting {len(new)} host(s): {', '.join(f'{n} ({self.context.addresses[n]})' for n in new)}")
-            if self.context.jump is not None:
-                self.pin_jump()
-                progress(self.jump_line())
             parallel_map(lambda node: self._adopt(node, progress), new)
         stopped = [n.name for n in self.context.nodes
                    if n.name not in new and self._condition(n.name) in ("stopped", "paused")]
@@ -648,6 +657,6 @@ def _lists_host(known_hosts: Path, address: str, port: int) -> bool:
 
     try:
         keys = paramiko.HostKeys(str(known_hosts))
-    except (OSError, paramiko.SSHException):
-        return False
+    except (OSError, ValueError, paramiko.SSHException, paramiko.hostkeys.InvalidHostKey):
+        return False  # unreadable or a line paramiko cannot parse: nothing lab can trust there
     return keys.lookup(address if port == 22 else f"[{address}]:{port}") is not None

@@ -13,7 +13,9 @@ then provisioned as a site would provision its machines:
 Root logs in with the outer lab's key: that is the inventory's `key:`. On the
 last host, so does `admin`, a user with password-less sudo (as cloud images
 have), which that host's inventory entry names; the second host's sshd also
-listens on port 2222, which its entry names.
+listens on port 2222, which its entry names. With `bastions`, the last hosts
+are left out of the inventory: machines to reach the others through (a jump
+host is never one of the hosts).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class PlainHosts:
 
     sudo_host: str  # the host whose entry logs in as SUDO_USER
     port_host: str  # the host whose entry names OTHER_PORT
+    bastions: dict[str, str]  # hosts left out of the inventory: node -> address (root with `key` logs in)
 
     def inventory(self, extra: list[dict] | None = None) -> list[dict]:
         """providers.hosts.inventory naming every host (root, or SUDO_USER on `sudo_host`, with the outer
@@ -81,24 +84,28 @@ class PlainHosts:
 
 
 @contextmanager
-def plain_debian_hosts(directory: Path, count: int = 3) -> Iterator[PlainHosts]:
+def plain_debian_hosts(directory: Path, count: int = 3, bastions: int = 0) -> Iterator[PlainHosts]:
     from lab.images.build import build_image
 
     build_image(*IMAGE)
     directory.mkdir(parents=True, exist_ok=True)
     spec = directory / "lab.yaml"
     spec.write_text(yaml.safe_dump({"name": "plainhosts", "provider": "nspawn",
-                                    "box": {"name": IMAGE[0], "version": IMAGE[1]}, "nodes": {"count": count},
+                                    "box": {"name": IMAGE[0], "version": IMAGE[1]},
+                                    "nodes": {"count": count + bastions},
                                     "providers": {"nspawn": {"privileged": True}}}))
     lab = Lab.open(spec)
     try:
         with lab.lock("up"):
             lab.up(bootstrap=False)
         context = lab.context("nspawn")
-        endpoints = lab.ssh_endpoints()
+        every = lab.ssh_endpoints()
+        names = [node.name for node in context.nodes]  # node order: node-10 after node-9
+        endpoints = {node: every[node] for node in names[:count]}
         with AptProxy(context.host_address, host_debian_mirror()) as proxy:
-            hosts = PlainHosts(lab, endpoints, dict(context.addresses), context.ssh_key, proxy,
-                               sudo_host=sorted(endpoints)[-1], port_host=sorted(endpoints)[1])
+            hosts = PlainHosts(lab, endpoints, {node: context.addresses[node] for node in endpoints},
+                               context.ssh_key, proxy, sudo_host=names[count - 1], port_host=names[1],
+                               bastions={node: context.addresses[node] for node in names[count:]})
             hosts.run(hosts.port_host, f"printf 'Port 22\\nPort {OTHER_PORT}\\n' > /etc/ssh/sshd_config.d/90-test.conf && "
                                        "systemctl restart ssh")
             for node in endpoints:

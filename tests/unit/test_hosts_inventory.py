@@ -265,3 +265,36 @@ def test_nodes_behind_a_jump_get_proxyjump_and_the_jump_its_own_pinned_block(tmp
     assert "  HostName 192.168.1.2" in blocks[2] and "  Port 2200" in blocks[2] and "  User admin" in blocks[2]
     assert "  HostKeyAlias lab-jump" in blocks[2] and "  StrictHostKeyChecking yes" in blocks[2]
     assert "ProxyJump" not in blocks[2]
+
+
+def test_a_jump_host_that_is_one_of_the_hosts_is_refused(tmp_path):
+    message = spec_error(tmp_path, "provider: hosts\nproviders:\n  hosts:\n"
+                                   "    inventory: [{address: 10.1.0.5}, {address: 10.1.0.6}]\n"
+                                   "    jump: {address: 10.1.0.6}\n")
+    assert "providers.hosts.jump.address" in message and "is one of the hosts" in message
+
+
+def test_a_channel_the_jump_host_opens_after_the_caller_gave_up_is_closed(monkeypatch):
+    import socket
+    import threading
+    from types import SimpleNamespace
+
+    from lab.host import ssh
+
+    closed, release = threading.Event(), threading.Event()
+
+    class LateChannel:
+        def close(self):
+            closed.set()
+
+    def open_channel(kind, dest, src, timeout):
+        release.wait(5)  # the jump host answers only after the caller's timeout
+        return LateChannel()
+
+    monkeypatch.setattr(ssh, "jump_connection", lambda jump: SimpleNamespace(
+        transport=SimpleNamespace(open_channel=open_channel)))
+    jump = ssh.SSHEndpoint("lab-jump", "192.168.1.2", 22, "admin", Path("key"))
+    with pytest.raises(socket.timeout, match="did not connect 10.1.0.5:2379 within 0.05 s"):
+        ssh.channel_to(jump, "10.1.0.5", 2379, timeout=0.05)
+    release.set()
+    assert closed.wait(5), "the late channel stayed open"

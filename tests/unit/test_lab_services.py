@@ -94,3 +94,16 @@ def test_a_missing_program_or_user_is_a_prerequisite_error(tmp_path):
         daemons.start_daemon(["lab-no-such-program"], log=tmp_path / "x.log", what="x")
     with pytest.raises(PrerequisiteError):
         daemons.start_daemon(["true"], log=tmp_path / "x.log", what="x", user="lab-no-such-user")
+
+
+def test_a_daemon_that_cannot_be_recorded_is_stopped(tmp_path):
+    started = []
+
+    def record(daemon):
+        started.append(daemon)
+        raise OSError("state.json: no space left on device")
+
+    with pytest.raises(OSError):
+        daemons.start_daemon([sys.executable, "-c", "import time; time.sleep(60)"], log=tmp_path / "d.log",
+                             what="x", on_start=record)
+    assert started and not daemons.daemon_alive(started[0].pid, started[0].start)

@@ -27,6 +27,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lab.host.ssh import run as ssh_run
+
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("systemd-nspawn") is None,
                                 reason="needs root and systemd-nspawn")
 
@@ -41,7 +43,7 @@ BASELINE = ("dpkg-query -W -f '${Package} ${Version}\\n' | sort | sha256sum; cat
 def hosts(tmp_path_factory):
     from lab.testing.plainhosts import plain_debian_hosts
 
-    with plain_debian_hosts(tmp_path_factory.mktemp("plainhosts")) as made:
+    with plain_debian_hosts(tmp_path_factory.mktemp("plainhosts"), bastions=1) as made:
         yield made
 
 
@@ -205,23 +207,25 @@ table inet {table} {{
 
 
 def test_hosts_behind_a_jump_host_are_reached_only_through_it(hosts, tmp_path):
-    # Three hosts, for raft-failover's quorum: the third is the bastion too (as a rack's first machine
-    # may be), the other two take no connection from this machine but through it.
-    reached, jump = ["node-1", "node-2"], "node-3"
+    # Three hosts (raft-failover's quorum) this machine may not connect to; a fourth machine, not a
+    # node, is the bastion.
+    (bastion, address), = hosts.bastions.items()
+    on_bastion = hosts.lab.ssh_endpoints()[bastion]
     before = {node: hosts.run(node, BASELINE) for node in NODES}
+    bastion_before = ssh_run(on_bastion, BASELINE).stdout
     spec = yaml.safe_load(hosts.lab_yaml("jumped"))
-    spec["providers"]["hosts"]["jump"] = {"address": hosts.addresses[jump], "key": str(hosts.key)}
+    spec["providers"]["hosts"]["jump"] = {"address": address, "key": str(hosts.key)}
     project = tmp_path / "jumped"
     project.mkdir()
     (project / "lab.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    with new_connections_refused([hosts.addresses[n] for n in reached]) as refused:
+    with new_connections_refused([hosts.addresses[n] for n in NODES]) as refused:
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection((hosts.addresses["node-1"], 22), timeout=5)
         assert refused() == 1
 
         code, output = lab(project, "up")
         assert code == 0, output
-        assert f"through jump host root@{hosts.addresses[jump]}:22, its key " in output, output
+        assert f"through jump host root@{address}:22, its key " in output, output
         assert {n: s["state"] for n, s in statuses(project).items()} == {n: "running" for n in NODES}
         # OpenSSH's way (lab ssh, testinfra): ProxyJump in the lab's ssh_config
         code, output = lab(project, "ssh", "node-2", "--", "cat", "/etc/hostname")
@@ -235,3 +239,4 @@ def test_hosts_behind_a_jump_host_are_reached_only_through_it(hosts, tmp_path):
         assert code == 0, output
         assert refused() == 1, "lab tried a host directly"
     assert {node: hosts.run(node, BASELINE) for node in NODES} == before
+    assert ssh_run(on_bastion, BASELINE).stdout == bastion_before  # lab changes nothing on the jump host
