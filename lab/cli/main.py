@@ -28,11 +28,24 @@ class LabGroup(TyperGroup):
     """The root group: every verb below it runs inside this handler."""
 
     def invoke(self, ctx):  # noqa: D401 - click API
+        import signal
+        import threading
+
+        from lab.host.processes import Terminated, raise_terminated
+
+        # SIGTERM (a CI runner cancelling the job) stops lab as a Ctrl-C does, rollback and cleanup
+        # included, instead of killing it halfway.
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
+            signal.signal(signal.SIGTERM, raise_terminated)
         try:
             return super().invoke(ctx)
         except LabError as exc:
             print_error(exc)
             raise typer.Exit(exc.exit_code) from None
+        except Terminated:
+            err().print("[yellow]terminated[/yellow]")
+            raise typer.Exit(143) from None
         except KeyboardInterrupt:
             err().print("[yellow]interrupted[/yellow]")
             raise typer.Exit(130) from None

@@ -67,9 +67,20 @@ def keep_detached(process) -> None:
 
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI runner cancelling a job, `kill PID`), raised where a Ctrl-C would be: the same
+    rollback and cleanup run, and the command exits 143 instead of 130."""
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    """The SIGTERM handler a command installs (lab.cli.main): stop as on Ctrl-C."""
+    raise Terminated()
+
+
 @contextmanager
 def interrupts_held() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) until the block ends, then deliver it.
+    """Hold a Ctrl-C (SIGINT), and a SIGTERM the command turned into one, until the block ends; then
+    deliver them.
 
     For starting a detached process and recording it: a KeyboardInterrupt
     between the two left a process nobody knew of (the rollback, and destroy,
@@ -81,13 +92,17 @@ def interrupts_held() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    if previous is None:  # installed outside Python: Python's own takes its place afterwards
-        previous = signal.default_int_handler
+    received: list[int] = []
+    held = [signal.SIGINT] + ([signal.SIGTERM] if signal.getsignal(signal.SIGTERM) is raise_terminated else [])
+    previous = {}
+    for signum in held:
+        previous[signum] = signal.signal(signum, lambda signum, frame: received.append(signum))
+        if previous[signum] is None:  # installed outside Python: Python's own takes its place afterwards
+            previous[signum] = signal.default_int_handler
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         if received:
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(received[0])

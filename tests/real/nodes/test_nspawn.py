@@ -365,15 +365,17 @@ def test_destroy_works_after_lab_yaml_breaks(image, tmp_path):
     assert leftovers(lab.lab_id, lab.lab_dir) == []
 
 
-def test_ctrl_c_during_first_up_rolls_back_everything(image, tmp_path):
+@pytest.mark.parametrize("sent, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_during_first_up_rolls_back_everything(image, tmp_path, sent, code):
+    """Ctrl-C, or SIGTERM as a CI runner cancelling the job sends it."""
     (tmp_path / "lab.yaml").write_text("name: interrupted\nprovider: nspawn\nnodes:\n  count: 3\n")
     lab_dir = tmp_path / ".lab" / "interrupted"
     up = subprocess.Popen([sys.executable, "-m", "lab.cli", "up", "--file", str(tmp_path / "lab.yaml")],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_until_nodes_start(lab_dir)
     lab_id = json.loads((lab_dir / "state.json").read_text())["lab_id"]
-    up.send_signal(signal.SIGINT)
+    up.send_signal(sent)
     _, stderr = up.communicate(timeout=120)
-    assert up.returncode == 130, stderr
+    assert up.returncode == code, stderr
     assert "rolling back" in stderr and "Traceback" not in stderr
     assert leftovers(lab_id, lab_dir) == []
