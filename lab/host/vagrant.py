@@ -238,11 +238,16 @@ def vagrant_cleans_up_on_ctrl_c(sink: "_OutputSink", progress: Progress,
         progress(f"interrupted: letting Vagrant clean up (up to {wait:.0f} s; Ctrl-C again stops it at once)")
         threading.Thread(target=pass_on, name="vagrant-ctrl-c", daemon=True).start()
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    from lab.host.processes import raise_terminated
+
+    # A SIGTERM the command turned into an interrupt (lab.cli.main) gets the same clean-up wait.
+    caught = [signal.SIGINT] + ([signal.SIGTERM] if signal.getsignal(signal.SIGTERM) is raise_terminated else [])
+    previous = {signum: signal.signal(signum, on_sigint) for signum in caught}
     try:
         yield lambda: bool(interrupted)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def run_vagrant(root: Path, provider: str, call: Callable[[Any], T], progress: Progress, *, where: str) -> T:
