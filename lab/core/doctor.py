@@ -233,6 +233,13 @@ def vagrant_check(probe: HostProbe) -> Check:
     return Check("vagrant", True, f"vagrant {probe.versions.get('vagrant', '(version unknown)')}")
 
 
+def tool_check(probe: HostProbe, name: str, tool: str, product: str, fix: str) -> Check:
+    """`name`'s command-line tool on PATH, or how to install `product`, which brings it."""
+    if tool in probe.tools:
+        return Check(name, True, f"{tool} found")
+    return Check(name, False, f"{tool} not found ({product})", fix)
+
+
 def plugin_check(probe: HostProbe, plugin: str, fix: str) -> Check:
     if probe.vagrant_plugins is not None and plugin in probe.vagrant_plugins:
         return Check(f"{plugin} plugin", True, f"{plugin} plugin installed")
@@ -401,16 +408,11 @@ def check_hyperv(probe: HostProbe) -> Verdict:
 
 
 def check_vmware_desktop(probe: HostProbe) -> Verdict:
-    checks = []
-    if "vmrun" in probe.tools:
-        checks.append(Check("VMware", True, "vmrun found"))
-    else:
-        checks.append(Check("VMware", False, "vmrun not found (VMware Workstation or Fusion)",
-                            install(probe, "VMware", brew="brew install --cask vmware-fusion",
-                                    winget="winget install --id VMware.WorkstationPro -e",
-                                    otherwise="install VMware Workstation Pro from VMware's site and put vmrun "
-                                              "on PATH")))
-    checks.append(vagrant_check(probe))
+    checks = [tool_check(probe, "VMware", "vmrun", "VMware Workstation or Fusion",
+                         install(probe, "VMware", brew="brew install --cask vmware-fusion",
+                                 winget="winget install --id VMware.WorkstationPro -e",
+                                 otherwise="install VMware Workstation Pro from VMware's site and put vmrun on PATH")),
+              vagrant_check(probe)]
     utility = ("brew install --cask vagrant-vmware-utility" if probe.system == "Darwin"
                else "the Vagrant VMware Utility from HashiCorp's downloads page")
     checks.append(plugin_check(probe, "vagrant-vmware-desktop",
@@ -419,14 +421,10 @@ def check_vmware_desktop(probe: HostProbe) -> Verdict:
 
 
 def check_parallels(probe: HostProbe) -> Verdict:
-    checks = []
-    if "prlctl" in probe.tools:
-        checks.append(Check("Parallels", True, "prlctl found"))
-    else:
-        checks.append(Check("Parallels", False, "prlctl not found (Parallels Desktop Pro or Business)",
-                            "brew install --cask parallels"))
-    checks.append(vagrant_check(probe))
-    checks.append(plugin_check(probe, "vagrant-parallels", "vagrant plugin install vagrant-parallels"))
+    checks = [tool_check(probe, "Parallels", "prlctl", "Parallels Desktop Pro or Business",
+                         "brew install --cask parallels"),
+              vagrant_check(probe),
+              plugin_check(probe, "vagrant-parallels", "vagrant plugin install vagrant-parallels")]
     return Verdict("parallels", tuple(checks), box_next_step(probe, "parallels"))
 
 

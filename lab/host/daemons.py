@@ -53,28 +53,27 @@ def start_daemon(argv: Sequence[str | Path], *, log: Path, what: str, user: str 
         except KeyError:
             raise PrerequisiteError(f"{what} runs as the system user {user!r}, which does not exist",
                                     hint="run tools/install.sh (its packages create that user)") from None
-    with interrupts_held():
-        try:
-            with append_nofollow(log) as output:
-                process = subprocess.Popen(
-                    args, stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True,
-                    close_fds=True, cwd="/",
-                    user=account.pw_uid if account else None, group=account.pw_gid if account else None,
-                    extra_groups=[] if account else None)
-        except FileNotFoundError:
-            raise PrerequisiteError(f"{args[0]} is not installed (needed for {what})",
-                                    hint="run tools/install.sh, which installs every host tool lab uses") from None
-        keep_detached(process)
-        daemon = Daemon(process.pid, start_time(process.pid) or "")
-        try:
+    daemon = None
+    try:
+        # A Ctrl-C is held from the start to the record, and lands inside this try: whatever stops the
+        # start (the Ctrl-C, a record that fails, a daemon never ready) stops the daemon too.
+        with interrupts_held():
+            try:
+                with append_nofollow(log) as output:
+                    process = subprocess.Popen(
+                        args, stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True,
+                        close_fds=True, cwd="/",
+                        user=account.pw_uid if account else None, group=account.pw_gid if account else None,
+                        extra_groups=[] if account else None)
+            except FileNotFoundError:
+                raise PrerequisiteError(f"{args[0]} is not installed (needed for {what})",
+                                        hint="run tools/install.sh, which installs every host tool lab "
+                                             "uses") from None
+            keep_detached(process)
+            daemon = Daemon(process.pid, start_time(process.pid) or "")
             if on_start is not None:
                 on_start(daemon)
-        except BaseException:  # it could not be recorded: it must not run on unrecorded
-            stop_daemon(daemon.pid, daemon.start)
-            process.poll()
-            raise
-    deadline = time.monotonic() + timeout
-    try:
+        deadline = time.monotonic() + timeout
         while not (ready is None or ready()):
             if process.poll() is not None:
                 raise ProviderError(f"{what} exited at start (status {process.returncode})",
@@ -84,8 +83,9 @@ def start_daemon(argv: Sequence[str | Path], *, log: Path, what: str, user: str 
                                     hint=f"its log {log} ends with:\n{log_tail(log)}")
             time.sleep(0.05)
     except BaseException:
-        stop_daemon(daemon.pid, daemon.start)
-        process.poll()  # reap it: it is our child
+        if daemon is not None:
+            stop_daemon(daemon.pid, daemon.start)
+            process.poll()  # reap it: it is our child
         raise
     return daemon
 

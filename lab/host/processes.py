@@ -77,6 +77,11 @@ def raise_terminated(signum: int, frame: object) -> None:
     raise Terminated()
 
 
+def interrupt_signals() -> list[int]:
+    """The signals that interrupt this command: SIGINT, and SIGTERM once the command made it one."""
+    return [signal.SIGINT] + ([signal.SIGTERM] if signal.getsignal(signal.SIGTERM) is raise_terminated else [])
+
+
 @contextmanager
 def interrupts_held() -> Iterator[None]:
     """Hold a Ctrl-C (SIGINT), and a SIGTERM the command turned into one, until the block ends; then
@@ -93,9 +98,8 @@ def interrupts_held() -> Iterator[None]:
         yield
         return
     received: list[int] = []
-    held = [signal.SIGINT] + ([signal.SIGTERM] if signal.getsignal(signal.SIGTERM) is raise_terminated else [])
     previous = {}
-    for signum in held:
+    for signum in interrupt_signals():
         previous[signum] = signal.signal(signum, lambda signum, frame: received.append(signum))
         if previous[signum] is None:  # installed outside Python: Python's own takes its place afterwards
             previous[signum] = signal.default_int_handler

@@ -62,6 +62,11 @@ def ensure_keypair(private_key: Path, comment: str) -> Path:
     return private_key
 
 
+def known_hosts_name(address: str, port: int) -> str:
+    """How ssh and paramiko name a host in known_hosts: ADDRESS on port 22, else [ADDRESS]:PORT."""
+    return address if port == 22 else f"[{address}]:{port}"
+
+
 def record_host_key(known_hosts: Path, node: str, ip: str, public_line: str) -> None:
     """Pin a node's host key under its name and address, replacing what was pinned before."""
     key_type, key_data = public_line.split()[:2]

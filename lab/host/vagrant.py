@@ -238,11 +238,10 @@ def vagrant_cleans_up_on_ctrl_c(sink: "_OutputSink", progress: Progress,
         progress(f"interrupted: letting Vagrant clean up (up to {wait:.0f} s; Ctrl-C again stops it at once)")
         threading.Thread(target=pass_on, name="vagrant-ctrl-c", daemon=True).start()
 
-    from lab.host.processes import raise_terminated
+    from lab.host.processes import interrupt_signals
 
     # A SIGTERM the command turned into an interrupt (lab.cli.main) gets the same clean-up wait.
-    caught = [signal.SIGINT] + ([signal.SIGTERM] if signal.getsignal(signal.SIGTERM) is raise_terminated else [])
-    previous = {signum: signal.signal(signum, on_sigint) for signum in caught}
+    previous = {signum: signal.signal(signum, on_sigint) for signum in interrupt_signals()}
     try:
         yield lambda: bool(interrupted)
     finally:

@@ -55,7 +55,7 @@ def machine_has_unit(name: str, directories: tuple[Path, ...] = SYSTEM_UNIT_DIRS
 class Agent:
     def __init__(self, config: dict) -> None:
         self.config = config
-        self.id = Path("/etc/machine-id").read_text().strip()
+        self.id = layout.machine_id()
         self.ttl = int(config.get("ttl", 5))
         # Short per-endpoint timeouts: one call that tries every endpoint must
         # fail well inside the lease, so a cut-off machine fences itself before

@@ -28,6 +28,7 @@ NODE_PKI_DIR = "/etc/etcd/pki"                  # the node's etcd CA, certificat
 # Set by the update agent before a reboot: the scheduler agent stops its units
 # and leaves the cluster so the engine moves them now, not when its lease runs out.
 DRAIN_FLAG = Path("/run/lab/draining")
+MACHINE_ID = Path("/etc/machine-id")             # the machine's id: its key in the scheduler's etcd prefixes
 
 AGENT_SERVICE = "lab-agent"                     # systemd units running agent.py and updater.py
 UPDATE_SERVICE = "lab-update"
@@ -78,3 +79,8 @@ def read_config(argv: list[str]) -> dict:
         print(f"usage: {Path(argv[0]).name} CONFIG.json", file=sys.stderr)
         raise SystemExit(2)
     return json.loads(Path(argv[1]).read_text())
+
+
+def machine_id() -> str:
+    """This machine's id, as the scheduler knows it (machines/ID, states/NAME/ID)."""
+    return MACHINE_ID.read_text().strip()

@@ -187,7 +187,7 @@ class Updater:
         return False, reason
 
     def _registered(self) -> bool:
-        machine = Path("/etc/machine-id").read_text().strip()
+        machine = layout.machine_id()
         try:
             return self.etcd.get(f"{layout.MACHINES}{machine}") is not None
         except ConnectionError:
@@ -217,7 +217,7 @@ class Updater:
             return
         if self.strategy == "etcd-lock" and not self.semaphore.acquire(self.node, self.max_holders):
             return
-        self.wait_units_settled(Path("/etc/machine-id").read_text().strip())
+        self.wait_units_settled(layout.machine_id())
         if self.strategy == "etcd-lock":
             # Check the lock again right before acting: a pause between
             # acquiring and rebooting must not let two holders too many reboot.
@@ -256,7 +256,7 @@ class Updater:
         """Ask the scheduler agent to stop its units and deregister, so they move before we go."""
         layout.DRAIN_FLAG.parent.mkdir(parents=True, exist_ok=True)
         layout.DRAIN_FLAG.write_text(str(time.time()))
-        machine = Path("/etc/machine-id").read_text().strip()
+        machine = layout.machine_id()
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.etcd.get(f"{layout.MACHINES}{machine}") is None:

@@ -46,7 +46,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from lab.errors import PrerequisiteError, ProviderError, UsageError
-from lab.host.ssh import NodeUnreachable, SSHEndpoint, parallel_map, public_key_line, record_host_key, wait_for_ssh
+from lab.host.ssh import (NodeUnreachable, SSHEndpoint, known_hosts_name, parallel_map, public_key_line,
+                          record_host_key, wait_for_ssh)
 from lab.host.ssh import run as ssh_run
 from lab.model.spec import HostEntry, LabSpec
 from lab.node import layout
@@ -324,9 +325,8 @@ class HostsProvider(GuestPartitions, Provider):
         # its first `lab up` takes the key it is shown (as ssh asks you to) and pins it (pin_jump). A lab
         # that exists checks against its own pin: a jump host changed in lab.yaml since is refused until
         # the next `lab up` pins it, never trusted silently.
-        known = next((path for path in (known_hosts, Path.home() / ".ssh" / "known_hosts")
-                      if _lists_host(path, jump.address, jump.port)),
-                     known_hosts if (lab_dir / "state.json").exists() else None)
+        known = _listing(jump.address, jump.port, known_hosts) or (
+            known_hosts if (lab_dir / "state.json").exists() else None)
         return SSHEndpoint(node=JUMP_ALIAS, host=jump.address, port=jump.port, user=jump.user,
                            identity_file=login_key(jump.key, lab_dir.parent.parent, f"{jump.user}@{jump.address}",
                                                    "providers.hosts.jump"),
@@ -347,20 +347,14 @@ class HostsProvider(GuestPartitions, Provider):
         jump = self.context.jump
         if jump is None or _lists_host(self.context.known_hosts, jump.host, jump.port):
             return False
-        name = jump.host if jump.port == 22 else f"[{jump.host}]:{jump.port}"
-        import paramiko
-
-        user_known = Path.home() / ".ssh" / "known_hosts"
-        key = paramiko.HostKeys(str(user_known)).lookup(name) if _lists_host(user_known, jump.host, jump.port) \
-            else None
-        if key:
-            shown = next(iter(key.values()))
-        else:
+        shown = _host_key(_user_known_hosts(), jump.host, jump.port)
+        if shown is None:
             from lab.host.ssh import jump_connection
 
             first_contact = dataclasses.replace(jump, known_hosts=None)
             shown = jump_connection(first_contact).transport.get_remote_server_key()
-        record_host_key(self.context.known_hosts, JUMP_ALIAS, name, f"{shown.get_name()} {shown.get_base64()}")
+        record_host_key(self.context.known_hosts, JUMP_ALIAS, known_hosts_name(jump.host, jump.port),
+                        f"{shown.get_name()} {shown.get_base64()}")
         return True
 
     def jump_line(self) -> str | None:
@@ -368,12 +362,8 @@ class HostsProvider(GuestPartitions, Provider):
         jump = self.jump
         if jump is None:
             return None
-        import paramiko
-
-        name = jump.host if jump.port == 22 else f"[{jump.host}]:{jump.port}"
-        keys = paramiko.HostKeys(str(jump.known_hosts)).lookup(name) if jump.known_hosts else None
-        shown = next(iter(keys.values())) if keys else None
-        how = ("as ~/.ssh/known_hosts has it" if _lists_host(Path.home() / ".ssh" / "known_hosts", jump.host, jump.port)
+        shown = _host_key(jump.known_hosts, jump.host, jump.port) if jump.known_hosts else None
+        how = ("as ~/.ssh/known_hosts has it" if _lists_host(_user_known_hosts(), jump.host, jump.port)
                else "taken at first contact: compare it with the jump host's `ssh-keygen -lf` of its host keys")
         return (f"through jump host {jump.user}@{jump.host}:{jump.port}"
                 + (f", its key {shown.get_name()} SHA256:{_fingerprint(shown)} ({how})" if shown else ""))
@@ -382,8 +372,7 @@ class HostsProvider(GuestPartitions, Provider):
         """The inventory's login: the host key checked against the user's known_hosts when it lists the host."""
         entry = self.entry(node)
         # The lab's own pin once it adopted the host (a retry, a cleanup), else the user's, else none yet.
-        known = next((path for path in (self.context.known_hosts, Path.home() / ".ssh" / "known_hosts")
-                      if _lists_host(path, str(entry.address), entry.port)), None)
+        known = _listing(str(entry.address), entry.port, self.context.known_hosts)
         return SSHEndpoint(node=node, host=str(entry.address), port=entry.port, user=entry.user,
                            identity_file=self.first_key(entry), known_hosts=known, jump=self.jump)
 
@@ -480,7 +469,7 @@ class HostsProvider(GuestPartitions, Provider):
         host_key = printed_host_key(result.stdout, node)
         address, port = self.context.addresses[node], endpoint.port
         # Pinned as ssh names the host (HostKeyAlias NODE) and as paramiko does ([ADDRESS]:PORT off port 22).
-        record_host_key(self.context.known_hosts, node, address if port == 22 else f"[{address}]:{port}", host_key)
+        record_host_key(self.context.known_hosts, node, known_hosts_name(address, port), host_key)
         self._record(node, condition="running")
 
     def _condition(self, node: str) -> str | None:
@@ -649,14 +638,30 @@ def _fingerprint(key) -> str:
     return base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
 
 
-def _lists_host(known_hosts: Path, address: str, port: int) -> bool:
-    """Whether a known_hosts file has a key for the host (as ssh names it: ADDRESS, or [ADDRESS]:PORT)."""
+def _user_known_hosts() -> Path:
+    return Path.home() / ".ssh" / "known_hosts"
+
+
+def _host_key(known_hosts: Path, address: str, port: int):
+    """The key a known_hosts file has for the host (as ssh names it: ADDRESS, or [ADDRESS]:PORT), or None."""
     if not known_hosts.is_file():
-        return False
+        return None
     import paramiko
 
     try:
         keys = paramiko.HostKeys(str(known_hosts))
     except (OSError, ValueError, paramiko.SSHException, paramiko.hostkeys.InvalidHostKey):
-        return False  # unreadable or a line paramiko cannot parse: nothing lab can trust there
-    return keys.lookup(address if port == 22 else f"[{address}]:{port}") is not None
+        return None  # unreadable or a line paramiko cannot parse: nothing lab can trust there
+    found = keys.lookup(known_hosts_name(address, port))
+    return next(iter(found.values())) if found else None
+
+
+def _lists_host(known_hosts: Path, address: str, port: int) -> bool:
+    return _host_key(known_hosts, address, port) is not None
+
+
+def _listing(address: str, port: int, lab_known_hosts: Path) -> Path | None:
+    """The known_hosts to check the host against: the lab's when it pinned the host, else the user's when
+    it lists the host, else None (nothing vouches for it yet)."""
+    return next((path for path in (lab_known_hosts, _user_known_hosts()) if _lists_host(path, address, port)),
+                None)
