@@ -539,11 +539,12 @@ class EtcdBootstrap:
         return failed
 
 
-def client_for(context: LabContext, timeout: float = 2.0) -> EtcdClient:
-    """An etcd client for the lab, with its certificates when TLS is on."""
+def client_for(context: LabContext, timeout: float = 2.0, connect_timeout: float | None = None) -> EtcdClient:
+    """An etcd client for the lab, with its certificates when TLS is on (connect_timeout: see EtcdClient)."""
     cluster = members(context)
     tls = None
     if tls_mode(context):
         pki = LabPki(context.lab_dir / "pki")
         tls = TlsFiles(ca=str(pki.ca), cert=str(pki.client.cert), key=str(pki.client.key))
-    return EtcdClient([m.client_url for m in cluster], tls=tls, timeout=timeout, jump=context.jump)
+    return EtcdClient([m.client_url for m in cluster], tls=tls, timeout=timeout, jump=context.jump,
+                      connect_timeout=connect_timeout)

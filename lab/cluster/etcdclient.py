@@ -66,13 +66,17 @@ class MemberStatus:
 
 class EtcdClient:
     def __init__(self, endpoints: list[str], tls: TlsFiles | None = None, timeout: float = 2.0,
-                 jump: Any = None) -> None:
+                 jump: Any = None, connect_timeout: float | None = None) -> None:
         if not endpoints:
             raise ValueError("no etcd endpoints")
         self.endpoints = list(endpoints)
         self.tls = tls
         self.jump = jump  # the SSH jump host the members are reached through (lab.host.reach), or None
         self.timeout = timeout
+        # Connecting (with TLS, the handshake) may get longer than an answer: on a starved host a
+        # handshake with an emulated node took up to 1.6 s where a status answer took 0.14 s. A
+        # client whose every new connection is cut off at the answer's timeout never reconnects.
+        self.connect_timeout = timeout if connect_timeout is None else max(timeout, connect_timeout)
         self._current = 0
         self._lock = threading.Lock()
         self._local = threading.local()  # one httpx.Client per thread: they are not shared safely across forks
@@ -86,7 +90,9 @@ class EtcdClient:
         if client is None:
             from lab.host.reach import http_client
 
-            kwargs: dict[str, Any] = {"timeout": self.timeout}
+            import httpx
+
+            kwargs: dict[str, Any] = {"timeout": httpx.Timeout(self.timeout, connect=self.connect_timeout)}
             if self.tls is not None:
                 import ssl
 

@@ -67,6 +67,8 @@ class Agent:
         self.last_renewal = time.monotonic()
         self.fenced = False
         self.refused: set[str] = set()  # scheduled units that are named like one of the machine's own
+        self.registered: tuple[str | None, str] | None = None  # (lease, machine JSON) last written
+        self.reported: dict[str, tuple[str, str]] = {}  # unit -> (lease, state JSON) last written
 
     def log(self, message: str) -> None:
         print(message, flush=True)  # journald keeps it, with the unit's name
@@ -93,11 +95,21 @@ class Agent:
             self.drain()
             return
         self.renew()
-        if self.etcd.create_if_absent(layout.ENGINE, self.id, self.lease):
+        fleet_keys = self.read_fleet()
+        self.register(fleet_keys)
+        engine = fleet_keys.get(layout.ENGINE)
+        if engine is None and self.etcd.create_if_absent(layout.ENGINE, self.id, self.lease):
             self.log("became the engine")
-        if self.etcd.get(layout.ENGINE) == self.id:
-            self.reconcile()
-        self.apply()
+            engine = self.id
+        if engine == self.id and self.reconcile(fleet_keys):
+            fleet_keys = self.read_fleet()  # what it just scheduled, so its own units start this round
+        self.apply(fleet_keys)
+
+    def read_fleet(self) -> dict[str, str]:
+        """Every scheduler key, in one read at one revision: an idle round costs a keepalive and
+        this, and writes nothing (under emulation a round of writes and reads per node per second
+        kept the VMs' CPUs busy)."""
+        return self.etcd.get_prefix(f"{layout.FLEET}/")
 
     def renew(self) -> None:
         if self.lease is not None and self.etcd.keepalive(self.lease) <= 0:
@@ -105,11 +117,20 @@ class Agent:
             self.lease = None
         if self.lease is None:
             self.lease = self.etcd.grant(self.ttl)
-        machine = {"id": self.id, "name": self.config["name"], "ip": self.config["ip"],
-                   "metadata": self.config.get("metadata", {})}
-        self.etcd.put(f"{layout.MACHINES}{self.id}", json.dumps(machine, sort_keys=True), self.lease)
         self.last_renewal = time.monotonic()
         self.fenced = False
+
+    def register(self, fleet_keys: dict[str, str]) -> None:
+        """The machine's key, written again only when it is missing or another lease holds it (a new
+        lease, or a key left by this machine's previous agent, which goes when that lease ends)."""
+        machine = json.dumps({"id": self.id, "name": self.config["name"], "ip": self.config["ip"],
+                              "metadata": self.config.get("metadata", {})}, sort_keys=True)
+        key = f"{layout.MACHINES}{self.id}"
+        if self.registered != (self.lease, machine) or fleet_keys.get(key) != machine:
+            self.etcd.put(key, machine, self.lease)
+            fleet_keys[key] = machine
+            self.registered = (self.lease, machine)
+            self.reported.clear()  # the states went with the old lease
 
     def drain(self) -> None:
         if self.lease is None:
@@ -140,9 +161,9 @@ class Agent:
 
     # ------------------------------------------------------------ engine
 
-    def units(self) -> dict[str, tuple[fleet.Unit, str]]:
+    def units(self, fleet_keys: dict[str, str]) -> dict[str, tuple[fleet.Unit, str]]:
         found = {}
-        for key, value in self.etcd.get_prefix(layout.UNITS).items():
+        for key, value in under(fleet_keys, layout.UNITS).items():
             record = json.loads(value)
             try:
                 found[record["name"]] = (fleet.parse_unit(record["name"], record["text"]), record["desired"])
@@ -150,32 +171,38 @@ class Agent:
                 self.log(f"ignoring {key}: {exc}")
         return found
 
-    def machines(self) -> list[fleet.Machine]:
+    @staticmethod
+    def machines(fleet_keys: dict[str, str]) -> list[fleet.Machine]:
         return [fleet.Machine(id=m["id"], name=m["name"], ip=m["ip"], metadata=m.get("metadata", {}))
-                for m in (json.loads(v) for v in self.etcd.get_prefix(layout.MACHINES).values())]
+                for m in (json.loads(v) for v in under(fleet_keys, layout.MACHINES).values())]
 
-    def reconcile(self) -> None:
-        units = self.units()
-        machines = self.machines()
-        schedule = {k.rsplit("/", 1)[1]: v for k, v in self.etcd.get_prefix(layout.SCHEDULE).items()}
+    def reconcile(self, fleet_keys: dict[str, str]) -> bool:
+        """Place the units and write what changed; True if anything was written."""
+        units = self.units(fleet_keys)
+        machines = self.machines(fleet_keys)
+        schedule = under(fleet_keys, layout.SCHEDULE)
         schedulable = [unit for unit, desired in units.values() if desired in ("loaded", "launched")]
         plan = fleet.place(schedulable, machines, schedule)
         names = {m.id: m.name for m in machines}
+        wrote = False
         for name, machine in plan.assignments.items():
             if schedule.get(name) != machine:
                 self.log(f"engine: {name} -> {names.get(machine, machine)}"
                          + (f" (was {names.get(schedule[name], schedule[name])})" if name in schedule else ""))
                 self.etcd.put(f"{layout.SCHEDULE}{name}", machine)
+                wrote = True
         for name in schedule:
             if name not in plan.assignments:
                 self.etcd.delete(f"{layout.SCHEDULE}{name}")
-        pending = {k.rsplit("/", 1)[1]: v for k, v in self.etcd.get_prefix(layout.PENDING).items()}
+                wrote = True
+        pending = under(fleet_keys, layout.PENDING)
         for name, reason in plan.pending.items():
             if pending.get(name) != reason:
                 self.etcd.put(f"{layout.PENDING}{name}", reason)
         for name in pending:
             if name not in plan.pending:
                 self.etcd.delete(f"{layout.PENDING}{name}")
+        return wrote
 
     # ------------------------------------------------------------ agent
 
@@ -191,14 +218,14 @@ class Agent:
         tmp.write_text(json.dumps(sorted(names)))
         os.replace(tmp, layout.MANAGED)
 
-    def apply(self) -> None:
-        units = self.units()
-        schedule = {k.rsplit("/", 1)[1]: v for k, v in self.etcd.get_prefix(layout.SCHEDULE).items()}
+    def apply(self, fleet_keys: dict[str, str]) -> None:
+        units = self.units(fleet_keys)
+        schedule = under(fleet_keys, layout.SCHEDULE)
         mine = {name for name, machine in schedule.items() if machine == self.id and name in units}
         global_units = [unit for unit, desired in units.values()
                         if unit.options.global_ and desired in ("loaded", "launched")]
         if global_units:
-            plan = fleet.place(global_units, self.machines(), {})
+            plan = fleet.place(global_units, self.machines(fleet_keys), {})
             mine |= {name for name, targets in plan.global_targets.items() if self.id in targets}
         managed = self.managed()
         # A unit the machine has of its own (ssh.service, on an existing host nginx.service) is never
@@ -223,27 +250,56 @@ class Agent:
             systemctl("stop", name)
             (layout.UNIT_DIR / name).unlink(missing_ok=True)
             self.etcd.delete(f"{layout.STATES}{name}/{self.id}")
+            self.reported.pop(name, None)
             reload = True
         if reload:
             systemctl("daemon-reload")
         self.save_managed(mine)
+        states = unit_states(sorted(mine))
+        acted = []
         for name in sorted(mine):
             desired = units[name][1]
-            active = systemctl("is-active", "--quiet", name).returncode == 0
+            active = states[name]["active"] in ("active", "reloading")
             if desired == "launched" and not active:
                 self.log(f"agent: starting {name}")
                 systemctl("start", "--no-block", name)
+                acted.append(name)
             elif desired == "loaded" and active:
                 self.log(f"agent: stopping {name}")
                 systemctl("stop", "--no-block", name)
-            self.report(name)
+                acted.append(name)
+        states.update(unit_states(acted))
+        for name in sorted(mine):
+            self.report(name, states[name], fleet_keys)
 
-    def report(self, name: str) -> None:
-        shown = systemctl("show", name, "-p", "ActiveState", "-p", "SubState", "-p", "LoadState").stdout
-        fields = dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
-        state = {"active": fields.get("ActiveState", "unknown"), "sub": fields.get("SubState", "unknown"),
-                 "load": fields.get("LoadState", "unknown"), "machine": self.id, "updated": time.time()}
-        self.etcd.put(f"{layout.STATES}{name}/{self.id}", json.dumps(state, sort_keys=True), self.lease)
+    def report(self, name: str, state: dict[str, str], fleet_keys: dict[str, str]) -> None:
+        """The unit's state here, written only when it changed (or went with an old lease)."""
+        key = f"{layout.STATES}{name}/{self.id}"
+        value = json.dumps({**state, "machine": self.id}, sort_keys=True)
+        if self.reported.get(name) != (self.lease, value) or fleet_keys.get(key) != value:
+            self.etcd.put(key, value, self.lease)
+            self.reported[name] = (self.lease, value)
+
+
+def under(fleet_keys: dict[str, str], prefix: str) -> dict[str, str]:
+    """The keys below `prefix` by the rest of their name (units/web.service -> web.service)."""
+    return {key[len(prefix):]: value for key, value in fleet_keys.items() if key.startswith(prefix)}
+
+
+def unit_states(names: list[str]) -> dict[str, dict[str, str]]:
+    """{"active", "sub", "load"} of each unit, from one `systemctl show` (a process per unit and
+    round is dear on an emulated CPU)."""
+    states = {name: {"active": "unknown", "sub": "unknown", "load": "unknown"} for name in names}
+    if not names:
+        return states
+    shown = systemctl("show", "-p", "ActiveState", "-p", "SubState", "-p", "LoadState",
+                      "--", *names).stdout
+    # One block per unit, in the order asked, separated by an empty line.
+    for name, block in zip(names, shown.strip().split("\n\n")):
+        fields = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+        states[name] = {"active": fields.get("ActiveState", "unknown"), "sub": fields.get("SubState", "unknown"),
+                        "load": fields.get("LoadState", "unknown")}
+    return states
 
 
 def main(argv: list[str]) -> int:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from lab.errors import LabError
 from lab.scenarios.model import ScenarioFailed, WaitUntil
-from lab.scenarios.monitor import SAMPLE_INTERVAL, STATUS_TIMEOUT
+from lab.scenarios.monitor import HANDSHAKE_TIMEOUT, SAMPLE_INTERVAL, status_timeout
 from lab.scenarios.results import Outcome
 
 # The chance, in the model below, that a correct cluster needs longer than
@@ -81,8 +81,8 @@ def liveness_bound(election_timeout_ms: int, heartbeat_ms: int, members: int, pr
     So k = 1 + lagging + s rounds, where s is the fewest split rounds with
     p^(s+1) <= target (no more than s splits in a row, but for that chance),
     each round at most 2T + h: bound = k (2T + h) + the monitor's
-    observation delay (one sample interval and a status answer) + a host
-    margin. etcd's defaults (T 1 s, h 100 ms) with 3 members and pre-vote
+    observation delay (one sample interval and a status answer, see
+    monitor.status_timeout) + a host margin. etcd's defaults (T 1 s, h 100 ms) with 3 members and pre-vote
     off: p = 0.1, s = 5, k = 7, bound 15.55 s. Beyond it the cluster has
     lost liveness (elections disabled or never concluding, no quorum), which
     is what this bound is for; how fast elections usually are is a latency
@@ -96,7 +96,7 @@ def liveness_bound(election_timeout_ms: int, heartbeat_ms: int, members: int, pr
         split += 1
     lagging = 0 if pre_vote else voters - 1
     rounds = 1 + lagging + split
-    seconds = rounds * (2 * t + h) + SAMPLE_INTERVAL + STATUS_TIMEOUT + HOST_MARGIN_S
+    seconds = rounds * (2 * t + h) + SAMPLE_INTERVAL + status_timeout(heartbeat_ms) + HOST_MARGIN_S
     return LivenessBound(round(seconds, 2), rounds, lagging, split, chance, t, h, members, pre_vote)
 
 
@@ -107,7 +107,7 @@ def wait_timeout(timeout: float, bound: float | None) -> float:
 
 
 class Conditions:
-    def __init__(self, lab, members, monitor, faults, client_factory: Callable[[float], Any],
+    def __init__(self, lab, members, monitor, faults, client_factory: Callable[..., Any],
                  clock: Callable[[], float], measurements: dict[str, Any]) -> None:
         self.lab = lab
         self.members = members  # bootstrap.EtcdMember list
@@ -119,6 +119,12 @@ class Conditions:
         self.update_target: str | None = None
         self.service = None  # the ServiceProbe of a `service` step, for service-moved
         self.update_started = 0.0
+        self._status_client = None  # kept across polls: a new one each poll is a TLS handshake per member
+
+    def close(self) -> None:
+        if self._status_client is not None:
+            self._status_client.close()
+            self._status_client = None
 
     def roll_started(self, version: str) -> None:
         """An update step staged `version`: `updated` waits for it, and measures from now."""
@@ -227,19 +233,18 @@ class Conditions:
             return self.monitor.new_leader_since(last.get("leader"), last.get("term", 0), since)
         if condition == "service-moved":
             return self._service_moved(since)
-        client = self.client_factory(0.5)
-        try:
-            if condition == "healthy":
-                ok = all(client.health(m.client_url) for m in self.members)
-                return True if ok else None
-            statuses = []
-            for member in self.members:
-                try:
-                    statuses.append(client.status(member.client_url))
-                except LabError:
-                    statuses.append(None)
-        finally:
-            client.close()
+        if self._status_client is None:
+            self._status_client = self.client_factory(max(0.5, self.monitor.status_timeout),
+                                                      connect_timeout=HANDSHAKE_TIMEOUT)
+        client = self._status_client
+        if condition == "healthy":
+            return True if all(client.health(m.client_url) for m in self.members) else None
+        statuses = []
+        for member in self.members:
+            try:
+                statuses.append(client.status(member.client_url))
+            except LabError:
+                statuses.append(None)
         answered = [s for s in statuses if s is not None]
         if condition == "leader":
             majority = len(self.members) // 2 + 1

@@ -31,7 +31,7 @@ from lab.scenarios.expectations import (check_expectations, choose_version, read
 from lab.scenarios.faults import FaultInjector
 from lab.scenarios.model import (NODE_OF, Fault, Probe, RunStep, Scenario, ScenarioSpec, ServiceStart, Step,
                                   UnitStep, UpdateStep)
-from lab.scenarios.monitor import InvariantSampler, LeaderMonitor
+from lab.scenarios.monitor import InvariantSampler, LeaderMonitor, status_timeout
 from lab.scenarios.results import Outcome, RunResult, StepResult, progress_line
 
 # testinfra checks on every node take seconds; a node that stops answering must not hang the run.
@@ -55,7 +55,8 @@ class ScenarioRun:
         self.context = lab.context(lab.selection().name)
         self.provider = lab.provider()
         self.members = members(self.context)
-        self.client_factory = lambda timeout: client_for(self.context, timeout=timeout)
+        self.client_factory = lambda timeout, connect_timeout=None: client_for(
+            self.context, timeout=timeout, connect_timeout=connect_timeout)
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         # Beside the lab, not inside it: the evidence outlives `lab destroy`
         # (and the lab a scenario created and removed).
@@ -63,7 +64,8 @@ class ScenarioRun:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.t0 = time.monotonic()
         self.started_wall = time.time()  # for the nodes' journals: what was logged during this run
-        self.monitor = LeaderMonitor(self.members, self.client_factory, self.clock)
+        self.monitor = LeaderMonitor(self.members, self.client_factory, self.clock,
+                                     status_timeout=status_timeout(lab.spec.etcd.heartbeat_ms))
         self.faults = FaultInjector(self.provider, self.context, self.monitor, self.clock)
         self.measurements: dict[str, Any] = {}
         self.conditions = Conditions(lab, self.members, self.monitor, self.faults, self.client_factory, self.clock,
@@ -112,6 +114,7 @@ class ScenarioRun:
             self._restore()
             self.invariants.stop()
             self.monitor.stop()
+            self.conditions.close()
         verify_history(self)
         check_expectations(self)
         self._collect_journals()

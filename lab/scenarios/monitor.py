@@ -19,15 +19,28 @@ from lab.errors import LabError
 
 SAMPLE_INTERVAL = 0.05
 STATUS_TIMEOUT = 0.3  # one member's status answer; a member slower than this counts as not answering
+# A new connection's TLS handshake: never cut off at an answer's timeout. With three emulated VMs on a
+# loaded two-core host a handshake took 0.6 s (p50) to 1.6 s where an answer took 0.14 s; a 0.3 s
+# limit on both left the monitor unable to reconnect after one slow answer, blind for the whole fault.
+HANDSHAKE_TIMEOUT = 5.0
+
+
+def status_timeout(heartbeat_ms: int) -> float:
+    """How long a member's status answer may take before it counts as not answering: STATUS_TIMEOUT,
+    or three heartbeats where the lab's heartbeat says its members are slower to reach (etcd's
+    heartbeat is meant to be about the round trip between members: 250 ms for emulated VMs)."""
+    return max(STATUS_TIMEOUT, 3 * heartbeat_ms / 1000)
 
 
 class LeaderMonitor:
     """Samples each member's status: who it thinks leads, at which term."""
 
-    def __init__(self, members, client_factory: Callable[[float], Any], clock: Callable[[], float]) -> None:
+    def __init__(self, members, client_factory: Callable[..., Any], clock: Callable[[], float],
+                 status_timeout: float = STATUS_TIMEOUT) -> None:
         self.members = members  # bootstrap.EtcdMember list
-        self.client_factory = client_factory
+        self.client_factory = client_factory  # (timeout, connect_timeout=None) -> EtcdClient
         self.clock = clock
+        self.status_timeout = status_timeout
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -58,7 +71,7 @@ class LeaderMonitor:
     def _sample(self, member) -> None:
         from lab.cluster.etcdclient import EtcdError
 
-        client = self.client_factory(STATUS_TIMEOUT)
+        client = self.client_factory(self.status_timeout, connect_timeout=HANDSHAKE_TIMEOUT)
         try:
             while not self._stop.is_set():
                 now = self.clock()
@@ -111,8 +124,10 @@ class LeaderMonitor:
         with self._lock:
             return dict(self.latest)
 
-    def leader(self, fresh_within: float = 1.0) -> tuple[str | None, int]:
-        """The member that most recently reported itself leader at the highest term, if fresh."""
+    def leader(self, fresh_within: float | None = None) -> tuple[str | None, int]:
+        """The member that most recently reported itself leader at the highest term, if fresh (within
+        a second, or two status timeouts where answers are slow)."""
+        fresh_within = fresh_within if fresh_within is not None else max(1.0, 2 * self.status_timeout)
         now = self.clock()
         with self._lock:
             claims = [(term, node) for node, (t, _, term, is_leader) in self.latest.items()
@@ -186,6 +201,7 @@ class InvariantSampler:
         self._down_since: dict[str, float] = {}
         self._units: list[str] = []
         self.placements: dict[str, list[str]] = {}  # unit -> machines it was seen on, in order
+        self._units_client = None
 
     def watch_units(self, names: list[str]) -> None:
         self._units += [n for n in names if n not in self._units]
@@ -224,17 +240,19 @@ class InvariantSampler:
                 self._sample_units()
                 next_units = now + 0.5
             self._stop.wait(self.interval)
+        if self._units_client is not None:  # its connections belong to this thread
+            self._units_client.close()
 
     def _sample_units(self) -> None:
         from lab.cluster.units import list_units
 
-        client = self.client_factory(0.5)
+        if self._units_client is None:  # kept: a new connection every half second is a handshake each
+            self._units_client = self.client_factory(max(0.5, self.monitor.status_timeout),
+                                                     connect_timeout=HANDSHAKE_TIMEOUT)
         try:
-            rows = list_units(client)
+            rows = list_units(self._units_client)
         except LabError:
             return
-        finally:
-            client.close()
         for row in rows:
             if row.name in self._units and row.machines and row.active == "active":
                 seen = self.placements.setdefault(row.name, [])

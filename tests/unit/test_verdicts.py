@@ -422,7 +422,7 @@ def test_the_monitor_follows_the_leaders_committed_index_and_the_highest_committ
 
     members = [SimpleNamespace(node="node-1", client_url="u1"), SimpleNamespace(node="node-2", client_url="u2")]
     started = time.monotonic()
-    monitor = LeaderMonitor(members, lambda timeout: Client(), lambda: time.monotonic() - started)
+    monitor = LeaderMonitor(members, lambda timeout, connect_timeout=None: Client(), lambda: time.monotonic() - started)
     monitor.start()
     time.sleep(0.3)
     monitor.stop()
