@@ -1,7 +1,10 @@
 """The scheduler agent that runs on every node (fleet, reborn), standard library only.
 
 Copied with its siblings (fleet.py, etcd.py, layout.py) to /var/lib/lab/
-on each node and run by the `lab-agent` systemd unit. Each agent, every second:
+on each node and run by the `lab-agent` systemd unit. Each agent, every round
+(its configuration's `interval`, half a second), reads every scheduler key at
+once and writes only what changed (an idle round: a lease keepalive and one
+read), and:
   * keeps its machine registered in etcd under a lease (id, name, IP,
     metadata); if the lease cannot be renewed for most of its TTL it stops
     its units, so a cut-off machine never runs a unit someone else now runs;
