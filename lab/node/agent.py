@@ -2,7 +2,7 @@
 
 Copied with its siblings (fleet.py, etcd.py, layout.py) to /var/lib/lab/
 on each node and run by the `lab-agent` systemd unit. Each agent, every round
-(its configuration's `interval`, half a second), reads every scheduler key at
+(its configuration's `interval`: AGENT_INTERVAL in lab/cluster/agents.py), reads every scheduler key at
 once and writes only what changed (an idle round: a lease keepalive and one
 read), and:
   * keeps its machine registered in etcd under a lease (id, name, IP,
@@ -261,8 +261,10 @@ class Agent:
         states = unit_states(sorted(mine))
         acted = []
         for name in sorted(mine):
+            if states[name] is None:
+                continue  # systemctl did not say (busy): next round
             desired = units[name][1]
-            active = states[name]["active"] in ("active", "reloading")
+            active = states[name]["active"] in ("active", "reloading", "refreshing")
             if desired == "launched" and not active:
                 self.log(f"agent: starting {name}")
                 systemctl("start", "--no-block", name)
@@ -273,7 +275,8 @@ class Agent:
                 acted.append(name)
         states.update(unit_states(acted))
         for name in sorted(mine):
-            self.report(name, states[name], fleet_keys)
+            if states[name] is not None:
+                self.report(name, states[name], fleet_keys)
 
     def report(self, name: str, state: dict[str, str], fleet_keys: dict[str, str]) -> None:
         """The unit's state here, written only when it changed (or went with an old lease)."""
@@ -289,19 +292,23 @@ def under(fleet_keys: dict[str, str], prefix: str) -> dict[str, str]:
     return {key[len(prefix):]: value for key, value in fleet_keys.items() if key.startswith(prefix)}
 
 
-def unit_states(names: list[str]) -> dict[str, dict[str, str]]:
+def unit_states(names: list[str]) -> dict[str, dict[str, str] | None]:
     """{"active", "sub", "load"} of each unit, from one `systemctl show` (a process per unit and
-    round is dear on an emulated CPU)."""
-    states = {name: {"active": "unknown", "sub": "unknown", "load": "unknown"} for name in names}
+    round is dear on an emulated CPU); None for a unit systemctl did not answer for."""
+    states: dict[str, dict[str, str] | None] = {name: None for name in names}
     if not names:
         return states
-    shown = systemctl("show", "-p", "ActiveState", "-p", "SubState", "-p", "LoadState",
-                      "--", *names).stdout
-    # One block per unit, in the order asked, separated by an empty line.
-    for name, block in zip(names, shown.strip().split("\n\n")):
+    shown = systemctl("show", "-p", "Id", "-p", "ActiveState", "-p", "SubState", "-p", "LoadState",
+                      "--", *names)
+    if shown.returncode != 0:
+        return states
+    # One block per unit, separated by an empty line; matched by Id (a unit's own name here).
+    for block in shown.stdout.strip().split("\n\n"):
         fields = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
-        states[name] = {"active": fields.get("ActiveState", "unknown"), "sub": fields.get("SubState", "unknown"),
-                        "load": fields.get("LoadState", "unknown")}
+        if fields.get("Id") in states:
+            states[fields["Id"]] = {"active": fields.get("ActiveState", "unknown"),
+                                    "sub": fields.get("SubState", "unknown"),
+                                    "load": fields.get("LoadState", "unknown")}
     return states
 
 

@@ -31,7 +31,7 @@ from lab.scenarios.expectations import (check_expectations, choose_version, read
 from lab.scenarios.faults import FaultInjector
 from lab.scenarios.model import (NODE_OF, Fault, Probe, RunStep, Scenario, ScenarioSpec, ServiceStart, Step,
                                   UnitStep, UpdateStep)
-from lab.scenarios.monitor import InvariantSampler, LeaderMonitor, status_timeout
+from lab.scenarios.monitor import HANDSHAKE_TIMEOUT, InvariantSampler, LeaderMonitor, status_timeout
 from lab.scenarios.results import Outcome, RunResult, StepResult, progress_line
 
 # testinfra checks on every node take seconds; a node that stops answering must not hang the run.
@@ -219,19 +219,20 @@ class ScenarioRun:
 
         deadline = time.monotonic() + within
         row = None
-        while True:
-            client = self.client_factory(1.0)
-            try:
-                row = next((r for r in list_units(client) if r.name == name), row)
-            except EtcdError:
-                pass  # a leader election under way: look again
-            finally:
-                client.close()
-            if row is not None and row.machines and row.active in wanted:
-                return row
-            if time.monotonic() >= deadline:
-                return row
-            time.sleep(POLL_INTERVAL)
+        client = self.client_factory(1.0, connect_timeout=HANDSHAKE_TIMEOUT)  # one for the wait: see monitor
+        try:
+            while True:
+                try:
+                    row = next((r for r in list_units(client) if r.name == name), row)
+                except EtcdError:
+                    pass  # a leader election under way: look again
+                if row is not None and row.machines and row.active in wanted:
+                    return row
+                if time.monotonic() >= deadline:
+                    return row
+                time.sleep(POLL_INTERVAL)
+        finally:
+            client.close()
 
     def _systemd_stop_seconds(self, name: str, machines: list[str]) -> float | None:
         """How long systemd took to stop the unit on its machine: from its "Stopping" to its "Stopped"
@@ -379,7 +380,8 @@ class ScenarioRun:
             raise LabError(f"{node} is an etcd worker, not a member: a probe writes through a member",
                            hint="write via leader, old-leader or a member's name")
         shared = self.client_factory(probe.timeout)
-        client = EtcdClient([member.client_url], tls=shared.tls, timeout=probe.timeout, jump=shared.jump)
+        client = EtcdClient([member.client_url], tls=shared.tls, timeout=probe.timeout, jump=shared.jump,
+                            connect_timeout=HANDSHAKE_TIMEOUT)
         try:
             client.put("/lab/probe", f"via {node} at {self.clock():.3f}")
             outcome, reason = "ok", "the write was acknowledged"

@@ -55,6 +55,7 @@ class LeaderMonitor:
         self.committed: list[tuple[float, int]] = []
         # node -> (first, latest): when its failing probes since its last answer started
         self._failing: dict[str, tuple[float, float]] = {}
+        self._probing: dict[str, float] = {}  # node -> when its probe under way started
 
     def start(self) -> None:
         for member in self.members:
@@ -65,8 +66,8 @@ class LeaderMonitor:
 
     def stop(self) -> None:
         self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=2)
+        for thread in self._threads:  # a probe may be in a handshake: wait it out (a late one is dropped)
+            thread.join(timeout=HANDSHAKE_TIMEOUT + self.status_timeout + 1)
 
     def _sample(self, member) -> None:
         from lab.cluster.etcdclient import EtcdError
@@ -75,11 +76,16 @@ class LeaderMonitor:
         try:
             while not self._stop.is_set():
                 now = self.clock()
+                with self._lock:
+                    self._probing[member.node] = now
                 try:
                     status = client.status(member.client_url)
                 except EtcdError:
                     status = None
                 with self._lock:
+                    self._probing.pop(member.node, None)
+                    if self._stop.is_set():
+                        break  # after stop(): the run's records are being read
                     if status is None:
                         self.latest[member.node] = (now, None, 0, False)
                         first = self._failing.get(member.node, (now, now))[0]
@@ -115,9 +121,18 @@ class LeaderMonitor:
             return max((index for at, index in self.committed if at <= t), default=0)
 
     def failing(self) -> dict[str, tuple[float, float]]:
-        """Members whose probes fail since their last answer: node -> (first, latest failed probe's start)."""
+        """Members whose probes fail since their last answer: node -> (first failed probe's start, latest).
+
+        A probe still under way past the status timeout counts as failing now: it may wait up to
+        HANDSHAKE_TIMEOUT for a new connection, and a member that cannot be reached must not
+        look up for that long."""
+        now = self.clock()
         with self._lock:
-            return dict(self._failing)
+            failing = dict(self._failing)
+            for node, started in self._probing.items():
+                if now - started > self.status_timeout:
+                    failing[node] = (failing.get(node, (started, now))[0], now)
+            return failing
 
     def snapshot(self) -> dict[str, tuple[float, str | None, int, bool]]:
         """A consistent copy of the latest sample per node."""
@@ -212,8 +227,8 @@ class InvariantSampler:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=5)
+        if self._thread:  # a units read may try every member, each with a handshake's wait
+            self._thread.join(timeout=HANDSHAKE_TIMEOUT * max(1, len(self.members)) + 5)
 
     def _loop(self) -> None:
         nodes = [m.node for m in self.members]
@@ -253,6 +268,8 @@ class InvariantSampler:
             rows = list_units(self._units_client)
         except LabError:
             return
+        if self._stop.is_set():
+            return  # after stop(): the run's records are being read
         for row in rows:
             if row.name in self._units and row.machines and row.active == "active":
                 seen = self.placements.setdefault(row.name, [])

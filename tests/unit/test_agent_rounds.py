@@ -91,7 +91,7 @@ def node(tmp_path, monkeypatch):
             active[args[-1]] = "active"
         if args[0] == "show":
             names = list(args[args.index("--") + 1:])
-            out = "\n\n".join(f"ActiveState={active.get(n, 'inactive')}\nSubState=x\nLoadState=loaded"
+            out = "\n\n".join(f"Id={n}\nActiveState={active.get(n, 'inactive')}\nSubState=x\nLoadState=loaded"
                               for n in names)
             return subprocess.CompletedProcess(args, 0, out + "\n", "")
         return subprocess.CompletedProcess(args, 0, "", "")
@@ -158,10 +158,47 @@ def test_a_machine_key_deleted_by_someone_else_is_written_again(node):
     assert json.loads(etcd.kv[f"{layout.MACHINES}m1"])["name"] == "node-1"
 
 
-def test_unit_states_reads_one_block_per_unit_in_order(monkeypatch):
-    shown = "ActiveState=active\nSubState=running\nLoadState=loaded\n\nActiveState=failed\nSubState=failed\nLoadState=loaded\n"
-    monkeypatch.setattr(agent_module, "systemctl",
-                        lambda *args: subprocess.CompletedProcess(args, 0, shown, ""))
+def test_unit_states_matches_blocks_by_id_and_says_nothing_when_systemctl_fails(monkeypatch):
+    shown = ("Id=b.service\nActiveState=failed\nSubState=failed\nLoadState=loaded\n\n"
+             "Id=a.service\nActiveState=active\nSubState=running\nLoadState=loaded\n")
+    monkeypatch.setattr(agent_module, "systemctl", lambda *args: subprocess.CompletedProcess(args, 0, shown, ""))
     states = agent_module.unit_states(["a.service", "b.service"])
     assert states["a.service"]["active"] == "active" and states["b.service"]["active"] == "failed"
     assert agent_module.unit_states([]) == {}
+    monkeypatch.setattr(agent_module, "systemctl", lambda *args: subprocess.CompletedProcess(args, 1, "", "timeout"))
+    assert agent_module.unit_states(["a.service"]) == {"a.service": None}
+
+
+def test_when_systemctl_does_not_answer_nothing_is_started_or_reported(node, monkeypatch):
+    agent, etcd, ran = node
+    agent.tick()
+    etcd.kv[f"{layout.UNITS}hello.service"] = json.dumps({"name": "hello.service", "text": UNIT,
+                                                          "desired": "launched"})
+    monkeypatch.setattr(agent_module, "systemctl", lambda *args: subprocess.CompletedProcess(args, 1, "", "busy"))
+    agent.tick()
+    assert f"{layout.STATES}hello.service/m1" not in etcd.kv
+
+
+def test_a_restarted_agent_writes_its_machine_key_under_its_own_lease(node):
+    """The key its previous run left lives under that run's lease, which ends soon: written again."""
+    agent, etcd, _ = node
+    agent.tick()
+    old_lease = agent.lease
+    again = agent_module.Agent(dict(agent.config))
+    again.log = lambda message: None
+    etcd.calls.clear()
+    again.tick()
+    assert again.lease != old_lease and "put" in etcd.calls
+    etcd.expire(old_lease)
+    again.tick()
+    assert f"{layout.MACHINES}m1" in etcd.kv
+
+
+def test_an_agent_that_is_not_the_engine_schedules_nothing(node):
+    agent, etcd, _ = node
+    etcd.kv[layout.ENGINE] = "someone-else"
+    etcd.kv[f"{layout.UNITS}hello.service"] = json.dumps({"name": "hello.service", "text": UNIT,
+                                                          "desired": "launched"})
+    agent.tick()
+    assert not any(k.startswith(layout.SCHEDULE) for k in etcd.kv)
+    assert "txn" not in etcd.calls  # an engine exists: no election attempt

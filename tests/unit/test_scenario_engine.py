@@ -180,7 +180,7 @@ def test_restore_starts_the_etcd_it_killed(monkeypatch):
 
 def test_the_leader_monitor_reports_the_freshest_highest_term_claim():
     clock = Clock()
-    monitor = LeaderMonitor([], lambda timeout: None, clock)
+    monitor = LeaderMonitor([], lambda timeout, connect_timeout=None: None, clock)
     monitor.latest = {"node-1": (clock.now + 1, None, 3, True), "node-2": (clock.now + 1, None, 4, True),
                       "node-3": (-10.0, None, 9, True)}  # stale
     assert monitor.leader() == ("node-2", 4)
@@ -197,7 +197,7 @@ def test_the_invariant_sampler_counts_members_down_and_lost_quorum():
     monitor = StaticMonitor(latest=latest)
     # node-2 and node-3 failed every probe for 1.2 s: down; a single failed probe (node-1's, say) is not.
     monitor.failing_since = {"node-2": (now - 1.2, now), "node-3": (now - 1.2, now), "node-1": (now, now)}
-    sampler = InvariantSampler(members, monitor, lambda timeout: None, time.monotonic, interval=0.01)
+    sampler = InvariantSampler(members, monitor, lambda timeout, connect_timeout=None: None, time.monotonic, interval=0.01)
     sampler.start()
     deadline = time.monotonic() + 5
     while sampler.samples < 3 and time.monotonic() < deadline:
@@ -222,7 +222,7 @@ def test_new_leader_is_measured_from_the_fault_and_judged_against_the_bound():
     faults = SimpleNamespace(last={"requested": 1.0, "start": 1.2, "leader": "node-2", "term": 4})
     measurements: dict = {}
     members = [SimpleNamespace(node=n) for n in NODES]
-    conditions = Conditions(lab, members, monitor, faults, lambda timeout: None, Clock(), measurements)
+    conditions = Conditions(lab, members, monitor, faults, lambda timeout, connect_timeout=None: None, Clock(), measurements)
     assert conditions.bound("auto") == 15.55 and conditions.bound(None) is None and conditions.bound(2.5) == 2.5
     monitor.changes = [{"t": 2.0, "leader": "node-1", "term": 5}]
     wait = SimpleNamespace(condition="new-leader", within=2.5, timeout=10)

@@ -112,7 +112,7 @@ def engine(tmp_path):
     run = ScenarioRun.__new__(ScenarioRun)
     run.provider = FakeProvider(CONTEXT)
     run.etcd = Etcd({})
-    run.client_factory = lambda timeout: run.etcd
+    run.client_factory = lambda timeout, connect_timeout=None: run.etcd
     run.clock = lambda: 0.0
     run.measurements = {}
     run.scenario = SimpleNamespace(path=str(tmp_path))

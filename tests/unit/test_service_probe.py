@@ -200,7 +200,7 @@ def conditions_with(probe, last_fault_at: float = 10.0):
     from lab.scenarios.conditions import Conditions
 
     faults = SimpleNamespace(last={"requested": last_fault_at, "start": last_fault_at})
-    conditions = Conditions(None, [], None, faults, lambda timeout: None, lambda: probe.now, {})
+    conditions = Conditions(None, [], None, faults, lambda timeout, connect_timeout=None: None, lambda: probe.now, {})
     conditions.service = probe
     return conditions
 

@@ -91,7 +91,7 @@ def conditions_with(changes, measurements, **etcd) -> Conditions:
     lab = SimpleNamespace(spec=SimpleNamespace(etcd=SimpleNamespace(**settings)))
     faults = SimpleNamespace(last={"requested": 1.0, "start": 1.3, "leader": "node-2", "term": 4})
     members = [SimpleNamespace(node=n) for n in NODES]
-    return Conditions(lab, members, Monitor(changes), faults, lambda timeout: None, Clock(), measurements)
+    return Conditions(lab, members, Monitor(changes), faults, lambda timeout, connect_timeout=None: None, Clock(), measurements)
 
 
 AUTO = SimpleNamespace(condition="new-leader", within="auto", timeout=0.01)
@@ -454,11 +454,11 @@ def test_a_member_is_down_only_after_its_probes_failed_for_the_election_timeout(
     now = time.monotonic()
     members = [SimpleNamespace(node=n) for n in NODES]
     # A host stall: every probe slow for 0.6 s at once. Not a member down, not quorum lost.
-    stall = InvariantSampler(members, Monitor({n: (now - 0.6, now) for n in NODES}), lambda t: None,
+    stall = InvariantSampler(members, Monitor({n: (now - 0.6, now) for n in NODES}), lambda t, connect_timeout=None: None,
                              time.monotonic, interval=0.01, down_after=1.0)
     # Two members silent for 1.5 s: quorum lost, and their downtime counts from the first failure.
     outage = InvariantSampler(members, Monitor({"node-2": (now - 1.5, now), "node-3": (now - 1.5, now)}),
-                              lambda t: None, time.monotonic, interval=0.01, down_after=1.0)
+                              lambda t, connect_timeout=None: None, time.monotonic, interval=0.01, down_after=1.0)
     for sampler in (stall, outage):
         sampler.start()
         deadline = time.monotonic() + 5
@@ -487,3 +487,18 @@ def test_a_step_aimed_at_the_leader_waits_for_one_within_the_liveness_bound(monk
     monkeypatch.setattr(never, "liveness", lambda: SimpleNamespace(seconds=0.05))
     assert never.await_leader() is None
     assert module.SAMPLE_INTERVAL == 0.05
+
+
+def test_a_probe_stuck_in_a_handshake_counts_as_failing_from_its_start():
+    """A member that cannot be reached may hold its probe up to the handshake's 5 s: past the status
+    timeout it already counts as failing, from when the probe started (or its earlier failures)."""
+    from lab.scenarios.monitor import LeaderMonitor
+
+    now = [100.0]
+    monitor = LeaderMonitor([], lambda timeout, connect_timeout=None: None, lambda: now[0], status_timeout=0.3)
+    monitor._probing["node-1"] = 99.9
+    assert monitor.failing() == {}  # under way for 0.1 s: not yet
+    now[0] = 101.5
+    assert monitor.failing() == {"node-1": (99.9, 101.5)}
+    monitor._failing["node-1"] = (97.0, 99.8)
+    assert monitor.failing() == {"node-1": (97.0, 101.5)}
