@@ -34,9 +34,6 @@ class FaultAction:
     undo: str | None = None  # the fault that ends this one's window
     opens_window: bool = False
     ends_at_once: bool = False  # the fault is over when the call returns (a reboot)
-    # The injector's method that readies each target first, outside the fault's own time (a slow
-    # step that changes nothing the cluster sees): the fault is requested once it has returned.
-    prepare: str | None = None
     help: str = ""  # what it does, for `lab fault --help` (whose verbs are the provider rows of this table)
 
 
@@ -52,7 +49,7 @@ FAULTS: dict[str, FaultAction] = {
     "partition": FaultAction("provider", "partition", scope="groups", undo="heal", opens_window=True,
                              help="Cut the network between groups: `lab fault partition node-1 node-2,node-3`."),
     "heal": FaultAction("provider", "heal", scope="lab", help="Remove every partition."),
-    "kill-etcd": FaultAction("ssh", "kill_etcd", undo="start-etcd", opens_window=True, prepare="keep_etcd_down"),
+    "kill-etcd": FaultAction("ssh", "kill_etcd", undo="start-etcd", opens_window=True),
     "start-etcd": FaultAction("ssh", "start_etcd"),
 }
 UNDOES = {action.undo: name for name, action in FAULTS.items() if action.undo}  # undo -> the fault it ends
@@ -101,8 +98,6 @@ class FaultInjector:
     def inject(self, name: str, target: str) -> str:
         """Apply fault `name` to `target` (a node, a special target or partition groups); returns a detail line."""
         action = FAULTS[name]
-        if action.prepare:
-            self._prepare(action, target)
         leader, term = self.monitor.leader()
         requested = self.clock()
         record = {"start": requested, "requested": requested, "end": None, "action": name,
@@ -138,18 +133,6 @@ class FaultInjector:
             return ""
         return ", ".join(targets) + (f" (leader was {leader}, term {term})" if leader else "")
 
-    def _prepare(self, action: FaultAction, target: str) -> None:
-        """Ready the targets; again for new ones if `leader` (say) changed meanwhile (a few times at most)."""
-        prepare = getattr(self, action.prepare)
-        ready: set[str] = set()
-        for _ in range(3):
-            waiting = [node for node in self.targets(target) if node not in ready]
-            if not waiting:
-                return
-            with ThreadPoolExecutor(max_workers=len(waiting)) as pool:
-                list(pool.map(prepare, waiting))
-            ready.update(waiting)
-
     def partition_groups(self, target: str) -> list[list[str]]:
         """`node-1|node-2,node-3` as given, or the targets of `leader` (say) against everyone else."""
         nodes = [n.name for n in self.context.nodes]
@@ -170,25 +153,17 @@ class FaultInjector:
                     targets is None or set(record.get("targets") or []) <= set(targets)):
                 record["end"] = now
 
-    def keep_etcd_down(self, node: str) -> None:
-        """kill-etcd's preparation: systemd will not restart the node's etcd once it dies (a drop-in
-        and a daemon-reload, which took 14-42 s on emulated VMs under load: not the fault's time)."""
-        from lab.host.ssh import run
-
-        script = (f"mkdir -p {Path(KILL_ETCD_DROPIN).parent} && "
-                  f"printf '[Service]\\nRestart=no\\n' > {KILL_ETCD_DROPIN} && systemctl daemon-reload")
-        self.killed_etcd.add(node)  # before: restore takes the drop-in away even if the kill never comes
-        run(self.provider.ssh_endpoints()[node], script, timeout=ETCD_FAULT_TIMEOUT, check=True)
-
     def kill_etcd(self, node: str) -> None:
-        """SIGKILL the node's etcd (keep_etcd_down has run: systemd does not restart it until start-etcd)."""
+        """SIGKILL the node's etcd and keep systemd from restarting it until start-etcd."""
         from lab.host.ssh import run
 
         # kill -9 of the main PID, not `systemctl kill`: on cgroup v1 hosts the
         # latter also signals the unit's cgroup and fails with EIO here.
-        script = ("pid=$(systemctl show -p MainPID --value etcd) && [ \"$pid\" != 0 ] && kill -9 \"$pid\" && "
+        script = (f"mkdir -p {Path(KILL_ETCD_DROPIN).parent} && "
+                  f"printf '[Service]\\nRestart=no\\n' > {KILL_ETCD_DROPIN} && systemctl daemon-reload && "
+                  "pid=$(systemctl show -p MainPID --value etcd) && [ \"$pid\" != 0 ] && kill -9 \"$pid\" && "
                   "for i in $(seq 100); do systemctl is-active --quiet etcd || exit 0; sleep 0.05; done; exit 1")
-        self.killed_etcd.add(node)
+        self.killed_etcd.add(node)  # before: restore must undo even a half-done kill
         run(self.provider.ssh_endpoints()[node], script, timeout=ETCD_FAULT_TIMEOUT, check=True)
 
     def start_etcd(self, node: str) -> None:

@@ -175,32 +175,6 @@ def test_restore_starts_the_etcd_it_killed(monkeypatch):
     assert started == ["node-1"]
 
 
-def test_kill_etcd_is_readied_before_it_is_requested_and_the_new_leader_readied_too(monkeypatch):
-    """The drop-in and daemon-reload (14-42 s on loaded emulated VMs) happen before the fault's time starts;
-    if leadership moved meanwhile, the new leader is readied as well, and restore undoes every one."""
-    faults = injector()
-    calls = []
-    asked = []  # node-2 leads when first asked, node-3 ever after (an election during the readying)
-    monkeypatch.setattr(faults.monitor, "leader", lambda: ("node-2", 4) if not asked.append(1) and len(asked) == 1
-                        else ("node-3", 5))
-
-    def ready(node):
-        calls.append(("ready", node, faults.clock.now))
-        faults.killed_etcd.add(node)
-
-    monkeypatch.setattr(faults, "keep_etcd_down", ready)
-    monkeypatch.setattr(faults, "kill_etcd", lambda node: calls.append(("kill", node, faults.clock.now)))
-    detail = faults.inject("kill-etcd", "leader")
-    assert [c[:2] for c in calls] == [("ready", "node-2"), ("ready", "node-3"), ("kill", "node-3")]
-    record = faults.last
-    assert record["leader"] == "node-3" and record["requested"] >= calls[1][2]
-    assert detail.startswith("node-3")
-    started = []
-    monkeypatch.setattr(faults, "start_etcd", started.append)
-    faults.restore()
-    assert sorted(started) == ["node-2", "node-3"]
-
-
 # ---------------------------------------------------------------- samplers and conditions
 
 
