@@ -2,9 +2,9 @@
 
 Copied with its siblings (fleet.py, etcd.py, layout.py) to /var/lib/lab/
 on each node and run by the `lab-agent` systemd unit. Each agent, every round
-(its configuration's `interval`: AGENT_INTERVAL in lab/cluster/agents.py), reads every scheduler key at
-once and writes only what changed (an idle round: a lease keepalive and one
-read), and:
+(its configuration's `interval`: AGENT_INTERVAL in lab/cluster/agents.py),
+reads every scheduler key at once and writes only what changed (an idle
+round: a lease keepalive and one read), and:
   * keeps its machine registered in etcd under a lease (id, name, IP,
     metadata); if the lease cannot be renewed for most of its TTL it stops
     its units, so a cut-off machine never runs a unit someone else now runs;
@@ -70,8 +70,7 @@ class Agent:
         self.last_renewal = time.monotonic()
         self.fenced = False
         self.refused: set[str] = set()  # scheduled units that are named like one of the machine's own
-        self.registered: tuple[str | None, str] | None = None  # (lease, machine JSON) last written
-        self.reported: dict[str, tuple[str, str]] = {}  # unit -> (lease, state JSON) last written
+        self.written: dict[str, tuple[str | None, str]] = {}  # key -> (lease, value) last written under a lease
 
     def log(self, message: str) -> None:
         print(message, flush=True)  # journald keeps it, with the unit's name
@@ -124,16 +123,18 @@ class Agent:
         self.fenced = False
 
     def register(self, fleet_keys: dict[str, str]) -> None:
-        """The machine's key, written again only when it is missing or another lease holds it (a new
-        lease, or a key left by this machine's previous agent, which goes when that lease ends)."""
         machine = json.dumps({"id": self.id, "name": self.config["name"], "ip": self.config["ip"],
                               "metadata": self.config.get("metadata", {})}, sort_keys=True)
-        key = f"{layout.MACHINES}{self.id}"
-        if self.registered != (self.lease, machine) or fleet_keys.get(key) != machine:
-            self.etcd.put(key, machine, self.lease)
-            fleet_keys[key] = machine
-            self.registered = (self.lease, machine)
-            self.reported.clear()  # the states went with the old lease
+        self.keep(f"{layout.MACHINES}{self.id}", machine, fleet_keys)
+
+    def keep(self, key: str, value: str, fleet_keys: dict[str, str]) -> None:
+        """`key` = `value` under this agent's lease, written only when etcd lacks it or this agent last
+        wrote it under another lease (a new lease, or a key left by this machine's previous agent, which
+        goes when that lease ends)."""
+        if self.written.get(key) != (self.lease, value) or fleet_keys.get(key) != value:
+            self.etcd.put(key, value, self.lease)
+            fleet_keys[key] = value
+            self.written[key] = (self.lease, value)
 
     def drain(self) -> None:
         if self.lease is None:
@@ -253,7 +254,7 @@ class Agent:
             systemctl("stop", name)
             (layout.UNIT_DIR / name).unlink(missing_ok=True)
             self.etcd.delete(f"{layout.STATES}{name}/{self.id}")
-            self.reported.pop(name, None)
+            self.written.pop(f"{layout.STATES}{name}/{self.id}", None)
             reload = True
         if reload:
             systemctl("daemon-reload")
@@ -280,11 +281,8 @@ class Agent:
 
     def report(self, name: str, state: dict[str, str], fleet_keys: dict[str, str]) -> None:
         """The unit's state here, written only when it changed (or went with an old lease)."""
-        key = f"{layout.STATES}{name}/{self.id}"
-        value = json.dumps({**state, "machine": self.id}, sort_keys=True)
-        if self.reported.get(name) != (self.lease, value) or fleet_keys.get(key) != value:
-            self.etcd.put(key, value, self.lease)
-            self.reported[name] = (self.lease, value)
+        self.keep(f"{layout.STATES}{name}/{self.id}", json.dumps({**state, "machine": self.id}, sort_keys=True),
+                  fleet_keys)
 
 
 def under(fleet_keys: dict[str, str], prefix: str) -> dict[str, str]:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from lab.errors import LabError
 from lab.scenarios.model import ScenarioFailed, WaitUntil
-from lab.scenarios.monitor import HANDSHAKE_TIMEOUT, SAMPLE_INTERVAL, status_timeout
+from lab.scenarios.monitor import SAMPLE_INTERVAL, status_timeout
 from lab.scenarios.results import Outcome
 
 # The chance, in the model below, that a correct cluster needs longer than
@@ -82,8 +82,8 @@ def liveness_bound(election_timeout_ms: int, heartbeat_ms: int, members: int, pr
     p^(s+1) <= target (no more than s splits in a row, but for that chance),
     each round at most 2T + h: bound = k (2T + h) + the monitor's
     observation delay (one sample interval and a status answer, see
-    monitor.status_timeout) + a host margin. etcd's defaults (T 1 s, h 100 ms) with 3 members and pre-vote
-    off: p = 0.1, s = 5, k = 7, bound 15.55 s. Beyond it the cluster has
+    monitor.status_timeout) + a host margin. etcd's defaults (T 1 s, h
+    100 ms) with 3 members and pre-vote off: p = 0.1, s = 5, k = 7, bound 15.55 s. Beyond it the cluster has
     lost liveness (elections disabled or never concluding, no quorum), which
     is what this bound is for; how fast elections usually are is a latency
     objective (`slo:`), judged over many faults.
@@ -234,8 +234,7 @@ class Conditions:
         if condition == "service-moved":
             return self._service_moved(since)
         if self._status_client is None:
-            self._status_client = self.client_factory(max(0.5, self.monitor.status_timeout),
-                                                      connect_timeout=HANDSHAKE_TIMEOUT)
+            self._status_client = self.monitor.observer_client(0.5)
         client = self._status_client
         if condition == "healthy":
             return True if all(client.health(m.client_url) for m in self.members) else None

@@ -64,6 +64,11 @@ class LeaderMonitor:
             self._threads.append(thread)
             thread.start()
 
+    def observer_client(self, timeout: float = 0.0):
+        """A client for the run's observers, kept across their polls: answers within `timeout`, at
+        least the status timeout; a new connection's handshake within HANDSHAKE_TIMEOUT."""
+        return self.client_factory(max(timeout, self.status_timeout), connect_timeout=HANDSHAKE_TIMEOUT)
+
     def stop(self) -> None:
         self._stop.set()
         for thread in self._threads:  # a probe may be in a handshake: wait it out (a late one is dropped)
@@ -72,7 +77,7 @@ class LeaderMonitor:
     def _sample(self, member) -> None:
         from lab.cluster.etcdclient import EtcdError
 
-        client = self.client_factory(self.status_timeout, connect_timeout=HANDSHAKE_TIMEOUT)
+        client = self.observer_client()
         try:
             while not self._stop.is_set():
                 now = self.clock()
@@ -262,8 +267,7 @@ class InvariantSampler:
         from lab.cluster.units import list_units
 
         if self._units_client is None:  # kept: a new connection every half second is a handshake each
-            self._units_client = self.client_factory(max(0.5, self.monitor.status_timeout),
-                                                     connect_timeout=HANDSHAKE_TIMEOUT)
+            self._units_client = self.monitor.observer_client(0.5)
         try:
             rows = list_units(self._units_client)
         except LabError:
