@@ -831,7 +831,15 @@ def libvirt_problem(uri: str) -> str | None:
         return libvirt_socket_problem()
     if uri == "qemu:///session":
         return None  # libvirt starts the session daemon on the first connection
-    return None  # a remote daemon: `lab up` reaches it; doctor looks at this host only
+    # A remote daemon (qemu+ssh://): asked as `lab up` asks it, with the user's ssh.
+    from lab.host.run import run
+
+    try:
+        answer = run(["virsh", "-q", "-c", uri, "version"], timeout=20, check=False)
+    except LabError as exc:  # virsh missing (its own check says so), or no answer in time
+        return exc.message
+    said = (answer.stderr or answer.stdout).strip().splitlines()
+    return None if answer.ok else f"libvirt at {uri} does not answer: {said[-1] if said else 'virsh failed'}"
 
 
 def kvm_answer(spec: LabSpec) -> tuple[bool | None, str]:

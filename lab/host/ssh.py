@@ -262,9 +262,9 @@ class JumpUnreachable(NodeUnreachable):
     def __init__(self, endpoint: SSHEndpoint, cause: BaseException) -> None:
         ProviderError.__init__(self, f"cannot reach the jump host {endpoint.user}@{endpoint.host}:{endpoint.port}: "
                                      f"{cause or type(cause).__name__}",
-                               hint="check providers.hosts.jump in lab.yaml (address, user, port, key) and that it "
-                                    "answers SSH from this machine; a jump host changed since the last `lab up` is "
-                                    "pinned by the next one")
+                               hint="check the jump host in lab.yaml (providers.hosts.jump, or the host of "
+                                    "providers.libvirt.uri) and that it answers SSH from this machine; a jump host "
+                                    "changed since the last `lab up` is pinned by the next one")
         self.cause = cause
 
 

@@ -35,9 +35,6 @@ no daemon.json there).
 
 from __future__ import annotations
 
-import base64
-import dataclasses
-import hashlib
 import secrets
 import shlex
 import threading
@@ -46,6 +43,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from lab.errors import PrerequisiteError, ProviderError, UsageError
+from lab.host import jumphost
+from lab.host.jumphost import jump_endpoint, login_key
 from lab.host.ssh import (NodeUnreachable, SSHEndpoint, known_hosts_name, parallel_map, public_key_line,
                           record_host_key, wait_for_ssh)
 from lab.host.ssh import run as ssh_run
@@ -81,33 +80,6 @@ LAB_SERVICES = f"etcd {layout.AGENT_SERVICE} {layout.UPDATE_SERVICE}"
 MANAGED_UNITS = (f"python3 -c \"import json,re,sys; print(' '.join(u for u in json.load(open('{layout.MANAGED}')) "
                  f"if re.fullmatch(r'[A-Za-z0-9@._:-]+[.](service|socket|timer|path|mount|target)', u)))\" "
                  "2>/dev/null || true")
-
-
-JUMP_ALIAS = "lab-jump"  # the jump host's name in the lab's ssh_config and known_hosts
-
-
-def login_key(key: str | None, lab_yaml_dir: Path, who: str, where: str) -> Path:
-    """The private key a login of lab.yaml names (~ and paths relative to lab.yaml), else the user's own."""
-    if key is None:
-        found = default_key()
-        if found is None:
-            raise PrerequisiteError(f"no SSH key for {who}: ~/.ssh has no id_ed25519, id_ecdsa or id_rsa",
-                                    hint=f"give its `key:` in {where}")
-        return found
-    path = Path(key).expanduser()
-    if not path.is_absolute():
-        path = lab_yaml_dir / path
-    if not path.is_file():
-        raise PrerequisiteError(f"the SSH key {path} for {who} is not a file", hint=f"fix `key:` in {where}")
-    return path
-
-
-def default_key() -> Path | None:
-    for name in ("id_ed25519", "id_ecdsa", "id_rsa"):
-        candidate = Path.home() / ".ssh" / name
-        if candidate.is_file():
-            return candidate
-    return None
 
 
 def as_root(user: str, script: str) -> str:
@@ -317,62 +289,23 @@ class HostsProvider(GuestPartitions, Provider):
 
     @classmethod
     def jump_host(cls, spec: LabSpec, lab_dir: Path, known_hosts: Path) -> SSHEndpoint | None:
-        """providers.hosts.jump as an endpoint; its host key pinned in the lab's known_hosts (pin_jump)."""
+        """providers.hosts.jump as an endpoint; its host key pinned in the lab's known_hosts (lab.host.jumphost)."""
         jump = spec.providers.hosts.jump
         if jump is None:
             return None
-        # Its key as the lab pinned it, else as the user's known_hosts has it, else none yet for a new lab:
-        # its first `lab up` takes the key it is shown (as ssh asks you to) and pins it (pin_jump). A lab
-        # that exists checks against its own pin: a jump host changed in lab.yaml since is refused until
-        # the next `lab up` pins it, never trusted silently.
-        known = _listing(jump.address, jump.port, known_hosts) or (
-            known_hosts if (lab_dir / "state.json").exists() else None)
-        return SSHEndpoint(node=JUMP_ALIAS, host=jump.address, port=jump.port, user=jump.user,
-                           identity_file=login_key(jump.key, lab_dir.parent.parent, f"{jump.user}@{jump.address}",
-                                                   "providers.hosts.jump"),
-                           known_hosts=known)
+        key = login_key(jump.key, lab_dir.parent.parent, f"{jump.user}@{jump.address}", "providers.hosts.jump")
+        return jump_endpoint(jump.address, jump.port, jump.user, key, lab_dir, known_hosts)
 
     @property
     def jump(self) -> SSHEndpoint | None:
         """The jump host, checked against the lab's pin once there is one (pinned during this command too)."""
-        jump = self.context.jump
-        if jump is not None and _lists_host(self.context.known_hosts, jump.host, jump.port):
-            return dataclasses.replace(jump, known_hosts=self.context.known_hosts)
-        return jump
-
-    def pin_jump(self) -> bool:
-        """Pin the jump host's key in the lab's known_hosts, for ssh_config and every later command: the one
-        the user's known_hosts has for it, else the one this command was shown (first contact). True if it
-        pinned one now."""
-        jump = self.context.jump
-        if jump is None or _lists_host(self.context.known_hosts, jump.host, jump.port):
-            return False
-        shown = _host_key(_user_known_hosts(), jump.host, jump.port)
-        if shown is None:
-            from lab.host.ssh import jump_connection
-
-            first_contact = dataclasses.replace(jump, known_hosts=None)
-            shown = jump_connection(first_contact).transport.get_remote_server_key()
-        record_host_key(self.context.known_hosts, JUMP_ALIAS, known_hosts_name(jump.host, jump.port),
-                        f"{shown.get_name()} {shown.get_base64()}")
-        return True
-
-    def jump_line(self) -> str | None:
-        """What `lab up` says of the jump host: where it is and the key lab pinned for it."""
-        jump = self.jump
-        if jump is None:
-            return None
-        shown = _host_key(jump.known_hosts, jump.host, jump.port) if jump.known_hosts else None
-        how = ("as ~/.ssh/known_hosts has it" if _lists_host(_user_known_hosts(), jump.host, jump.port)
-               else "taken at first contact: compare it with the jump host's `ssh-keygen -lf` of its host keys")
-        return (f"through jump host {jump.user}@{jump.host}:{jump.port}"
-                + (f", its key {shown.get_name()} SHA256:{_fingerprint(shown)} ({how})" if shown else ""))
+        return jumphost.checked(self.context.jump, self.context.known_hosts)
 
     def first_contact(self, node: str) -> SSHEndpoint:
         """The inventory's login: the host key checked against the user's known_hosts when it lists the host."""
         entry = self.entry(node)
         # The lab's own pin once it adopted the host (a retry, a cleanup), else the user's, else none yet.
-        known = _listing(str(entry.address), entry.port, self.context.known_hosts)
+        known = jumphost.listing(str(entry.address), entry.port, self.context.known_hosts)
         return SSHEndpoint(node=node, host=str(entry.address), port=entry.port, user=entry.user,
                            identity_file=self.first_key(entry), known_hosts=known, jump=self.jump)
 
@@ -425,8 +358,8 @@ class HostsProvider(GuestPartitions, Provider):
         adopted = self.adopted()
         new = [n.name for n in self.context.nodes
                if n.name not in adopted or self._condition(n.name) == "adopting"]  # not done: again
-        if self.pin_jump() or (new and self.context.jump is not None):
-            progress(self.jump_line())
+        if jumphost.pin(self.context.jump, self.context.known_hosts) or (new and self.context.jump is not None):
+            progress(jumphost.describe(self.context.jump, self.context.known_hosts))
         if new:
             if self.owner() is None:
                 self.context.state.set("hosts", {"owner": secrets.token_hex(16)})
@@ -631,37 +564,3 @@ class HostsProvider(GuestPartitions, Provider):
         self._set_condition(node, "running")
         self._reapply_partition(node)
         progress(f"{node} rebooted")
-
-
-def _fingerprint(key) -> str:
-    """A host key's SHA256 fingerprint as ssh-keygen -l prints it (after "SHA256:")."""
-    return base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
-
-
-def _user_known_hosts() -> Path:
-    return Path.home() / ".ssh" / "known_hosts"
-
-
-def _host_key(known_hosts: Path, address: str, port: int):
-    """The key a known_hosts file has for the host (as ssh names it: ADDRESS, or [ADDRESS]:PORT), or None."""
-    if not known_hosts.is_file():
-        return None
-    import paramiko
-
-    try:
-        keys = paramiko.HostKeys(str(known_hosts))
-    except (OSError, ValueError, paramiko.SSHException, paramiko.hostkeys.InvalidHostKey):
-        return None  # unreadable or a line paramiko cannot parse: nothing lab can trust there
-    found = keys.lookup(known_hosts_name(address, port))
-    return next(iter(found.values())) if found else None
-
-
-def _lists_host(known_hosts: Path, address: str, port: int) -> bool:
-    return _host_key(known_hosts, address, port) is not None
-
-
-def _listing(address: str, port: int, lab_known_hosts: Path) -> Path | None:
-    """The known_hosts to check the host against: the lab's when it pinned the host, else the user's when
-    it lists the host, else None (nothing vouches for it yet)."""
-    return next((path for path in (lab_known_hosts, _user_known_hosts()) if _lists_host(path, address, port)),
-                None)

@@ -23,6 +23,7 @@ probes before Vagrant ever sees it).
 from __future__ import annotations
 
 import errno
+import getpass
 import os
 import signal
 import socket
@@ -31,11 +32,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from lab.errors import LabError, ProviderError
+from lab.errors import CommandError, LabError, ProviderError
+from lab.host import jumphost
 from lab.host.run import Result, run
+from lab.host.ssh import SSHEndpoint
 from lab.host.vagrant import added_box_dirs, vagrant_home
 from lab.images.vagrantbox import current_libvirt_volume, remove_stale_libvirt_volumes, vagrant_box_name_for
-from lab.model.spec import Etcd, LabSpec, LibvirtOptions
+from lab.model.spec import Etcd, LabSpec, LibvirtOptions, remote_libvirt
 from lab.providers.base import Availability, LabContext, Progress, no_progress
 from lab.providers.vagrant.kvmprobe import (DriverChoice, NotProbeable, cached_kvm_verdict, choose_driver,
                                             host_facts, kvm_device_state, kvm_verdict)
@@ -50,6 +53,8 @@ LOCAL_URIS = ("qemu:///system", "qemu:///session")
 # lagging follower from forcing elections it cannot win. Measured: 4.9 s to a
 # new leader with 100/1000 ms, about 20 s once with 250/2500 ms and no pre-vote.
 EMULATION_ETCD = {"heartbeat_ms": 250, "election_timeout_ms": 2500, "pre_vote": True}
+# `virsh version` over SSH: a login and libvirtd's answer.
+REMOTE_ANSWER_TIMEOUT = 60.0
 STATE_SECTION = "libvirt"  # {"driver": "kvm" | "qemu"}: what the lab's domains were made with
 
 
@@ -149,8 +154,27 @@ class LibvirtProvider(VagrantProvider):
         """The spec with `driver: auto` settled without probing (see the module's docstring)."""
         return with_driver(spec, driver_choice(spec, state).driver or "kvm")
 
+    @classmethod
+    def jump_host(cls, spec: LabSpec, lab_dir: Path, known_hosts: Path) -> SSHEndpoint | None:
+        """The libvirt host of a `qemu+ssh://` URI: the lab's networks exist there only, so lab reaches the
+        VMs through it (lab.host.reach), with the URI's login; None for this host's libvirt."""
+        remote = remote_libvirt(spec.providers.libvirt.uri)
+        if remote is None:
+            return None
+        user = remote.user or getpass.getuser()
+        key = jumphost.login_key(remote.keyfile, lab_dir.parent.parent, f"{user}@{remote.host}",
+                                 "providers.libvirt.uri (?keyfile=/absolute/path)")
+        return jumphost.jump_endpoint(remote.host, remote.port, user, key, lab_dir, known_hosts)
+
+    @property
+    def jump(self) -> SSHEndpoint | None:
+        return jumphost.checked(self.context.jump, self.context.known_hosts)
+
     def up(self, progress: Progress = no_progress) -> None:
         self._settle_driver(progress)
+        if self.context.jump is not None:
+            jumphost.pin(self.context.jump, self.context.known_hosts)
+            progress(jumphost.describe(self.context.jump, self.context.known_hosts, role="libvirt host"))
         super().up(progress)
 
     def _settle_driver(self, progress: Progress) -> None:
@@ -185,6 +209,15 @@ class LibvirtProvider(VagrantProvider):
     def uses_local_daemon(self) -> bool:
         # Another URI (a session, a remote host) has its own daemon.
         return self.context.spec.providers.libvirt.uri == "qemu:///system"
+
+    def ssh_endpoints(self) -> dict[str, SSHEndpoint]:
+        jump = self.jump
+        return {name: replace(endpoint, jump=jump) for name, endpoint in super().ssh_endpoints().items()}
+
+    def _endpoints_of(self, entries) -> dict[str, SSHEndpoint]:
+        # Vagrant's own way in, through the libvirt host too (`vagrant ssh-config` says so with a ProxyCommand).
+        jump = self.jump
+        return {name: replace(endpoint, jump=jump) for name, endpoint in super()._endpoints_of(entries).items()}
 
     @classmethod
     def availability(cls) -> Availability:
@@ -418,4 +451,29 @@ class LibvirtProvider(VagrantProvider):
         if options.driver == "kvm" and options.uri in LOCAL_URIS and not Path("/dev/kvm").exists():
             return ("providers.libvirt.driver is kvm but /dev/kvm does not exist",
                     "set providers.libvirt.driver: qemu (software emulation, slow) or enable KVM on this host")
-        return super().lab_problem()
+        return super().lab_problem() or self.remote_problem()
+
+    def remote_problem(self) -> tuple[str, str] | None:
+        """Why the remote libvirt host of a `qemu+ssh://` URI cannot hold this lab, else None: libvirt and
+        Vagrant must reach its libvirtd (with the user's ssh, as `virsh -c URI` does), lab its SSH login."""
+        uri = self.context.spec.providers.libvirt.uri
+        if remote_libvirt(uri) is None:
+            return None
+        try:
+            answer = run(["virsh", "-q", "-c", uri, "version"], where=f"libvirt lab {self.context.spec.name}",
+                         timeout=REMOTE_ANSWER_TIMEOUT, check=False, missing_hint="apt-get install libvirt-clients")
+            said = (answer.stderr or answer.stdout).strip().splitlines() if not answer.ok else None
+        except CommandError:
+            said = [f"no answer in {REMOTE_ANSWER_TIMEOUT:.0f} s"]
+        if said is not None:
+            return (f"libvirt at {uri} does not answer: {said[-1] if said else 'virsh failed'}",
+                    f"`virsh -c '{uri}' list` must work from here without a password prompt: the host's key in "
+                    "~/.ssh/known_hosts (ssh to it once), the key of the URI (or ~/.ssh/id_*) authorized there, "
+                    "libvirtd running there")
+        try:
+            from lab.host.ssh import jump_connection
+
+            jump_connection(self.jump)
+        except ProviderError as exc:
+            return exc.message, exc.hint or ""
+        return None
