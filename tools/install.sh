@@ -18,17 +18,23 @@ apt-get update -qq
 # (`lab box build --format libvirt|virtualbox`): qemu-utils, and what writes
 # a bootable disk from plain files: e2fsprogs, dosfstools, mtools, syslinux, fdisk.
 # The lab registry: docker-registry (Docker Distribution), skopeo (with libgpgme11) to copy
-# images into it, busybox-static for the seeded busybox image.
+# images into it, busybox-static for the seeded busybox image. openssh-server: the sshd the
+# remote-libvirt test starts on loopback (qemu+ssh://root@127.0.0.1); a host that had no sshd
+# before gets none running from this script (below).
+had_sshd=$(dpkg-query -W -f='${Status}' openssh-server 2>/dev/null | grep -c "ok installed" || true)
 apt-get install -y -qq --no-install-recommends \
   systemd-container debootstrap debian-archive-keyring iproute2 nftables iputils-ping openssh-client ca-certificates \
   python3 python3-venv python3-pip vagrant etcd-client \
   vagrant-libvirt libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils dnsmasq-base iptables \
   e2fsprogs dosfstools mtools syslinux syslinux-common fdisk \
-  docker-registry skopeo libgpgme11 busybox-static >/dev/null
+  docker-registry skopeo libgpgme11 busybox-static openssh-server >/dev/null
 # The package starts its own registry on every address's port 5000: lab runs one per lab, bound
 # to that lab's host address only, and needs the port free.
 if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
   systemctl disable --now docker-registry.service >/dev/null 2>&1 || true
+  if [ "$had_sshd" = 0 ]; then
+    systemctl disable --now ssh.service ssh.socket >/dev/null 2>&1 || true
+  fi
 fi
 python3 -m venv "$root/.venv"
 "$root/.venv/bin/python" -m pip install -q --upgrade pip >/dev/null

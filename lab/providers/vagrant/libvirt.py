@@ -32,7 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from lab.errors import CommandError, LabError, ProviderError
+from lab.errors import CommandError, LabError, PrerequisiteError, ProviderError
 from lab.host import jumphost
 from lab.host.run import Result, run
 from lab.host.ssh import SSHEndpoint
@@ -451,7 +451,13 @@ class LibvirtProvider(VagrantProvider):
         if options.driver == "kvm" and options.uri in LOCAL_URIS and not Path("/dev/kvm").exists():
             return ("providers.libvirt.driver is kvm but /dev/kvm does not exist",
                     "set providers.libvirt.driver: qemu (software emulation, slow) or enable KVM on this host")
-        return super().lab_problem() or self.remote_problem()
+        return super().lab_problem()
+
+    def preflight(self) -> None:
+        super().preflight()
+        problem = self.remote_problem()
+        if problem:
+            raise PrerequisiteError(problem[0], hint=problem[1])
 
     def remote_problem(self) -> tuple[str, str] | None:
         """Why the remote libvirt host of a `qemu+ssh://` URI cannot hold this lab, else None: libvirt and

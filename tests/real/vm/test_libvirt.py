@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -248,9 +249,9 @@ def test_kill_9_during_vagrant_up_then_destroy_leaves_nothing(box, tmp_path):
     assert libvirt_leftovers(prefix, network, before, lab.lab_dir) == []
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], cwd: Path, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lab.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
 
 
 def test_box_rm_vagrant_removes_the_registration_and_the_unused_pool_copy(box, tmp_path):
@@ -288,7 +289,16 @@ def test_box_rm_vagrant_removes_the_registration_and_the_unused_pool_copy(box, t
 
 
 @pytest.mark.slow
-def test_three_vms_pass_raft_failover_and_partition(box, tmp_path):
+def test_three_vms_on_a_remote_libvirt_host_pass_raft_failover_and_partition(box, tmp_path):
+    """The lab's libvirt is another machine's, reached over SSH: `qemu+ssh://root@127.0.0.1:PORT/system`
+    through an sshd this test starts (lab.testing.loopback_sshd). Vagrant and virsh log in with the
+    system's ssh, lab through that host as a jump host (SSH, etcd, faults). The machine is this one, so
+    the VMs' networks are routable from here too: sshd's log shows that lab's SSH and etcd connections
+    went through it."""
+    from lab.testing.loopback_sshd import loopback_sshd, sshd_problem
+
+    if sshd_problem():
+        pytest.skip(sshd_problem())
     before = networks()
     # Raft under software emulation (three emulated CPUs on two host cores):
     # 250/2500 ms timings (bound 5.5 s) and pre-vote. Without pre-vote a
@@ -296,13 +306,21 @@ def test_three_vms_pass_raft_failover_and_partition(box, tmp_path):
     # time raising the term and restarting the timer of the one follower that
     # could win: about 20 s to a new leader in a partition (CI, 2026-12-01). See
     # README, "VMs".
-    args = ["test", "raft-failover", "partition", "--provider", "libvirt", "--nodes", "3",
-            "--set", "providers.libvirt.driver=qemu", "--set", "etcd.pre_vote=true",
-            "--set", "etcd.heartbeat_ms=250", "--set", "etcd.election_timeout_ms=2500"]
-    # No second try: the new-leader verdict allows the rounds Raft may need (the liveness bound).
-    result = run_cli(args, tmp_path, timeout=1800)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    runs = sorted((tmp_path / ".lab" / "runs").iterdir())
+    with loopback_sshd(tmp_path / "sshd") as sshd:
+        env = dict(os.environ, PATH=f"{sshd.ssh_path}{os.pathsep}{os.environ.get('PATH', '')}")
+        project = tmp_path / "project"
+        project.mkdir()
+        args = ["test", "raft-failover", "partition", "--provider", "libvirt", "--nodes", "3",
+                "--set", "providers.libvirt.driver=qemu", "--set", f"providers.libvirt.uri={sshd.uri()}",
+                "--set", "etcd.pre_vote=true", "--set", "etcd.heartbeat_ms=250",
+                "--set", "etcd.election_timeout_ms=2500"]
+        # No second try: the new-leader verdict allows the rounds Raft may need (the liveness bound).
+        result = run_cli(args, project, timeout=1800, env=env)
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+        assert f"through libvirt host root@127.0.0.1:{sshd.port}" in result.stdout + result.stderr
+        forwarded = sshd.forwarded_ports()
+        assert {port for address, port in forwarded if address.startswith("10.")} >= {22, 2379}, forwarded
+    runs = sorted((project / ".lab" / "runs").iterdir())
     assert [r.name.split("-lab-")[1] for r in runs] == ["raft-failover", "partition"]
     for run in runs:
         data = json.loads((run / "result.json").read_text())
@@ -310,7 +328,7 @@ def test_three_vms_pass_raft_failover_and_partition(box, tmp_path):
         assert data["measurements"]["time_to_new_leader_s"]
     leftovers = [d for d in virsh("list", "--all", "--name").split() if d.startswith("lab-")]
     assert leftovers == [] and networks() - before == set()
-    assert not (tmp_path / ".lab" / "lab").exists()
+    assert not (project / ".lab" / "lab").exists()
 
 
 @pytest.mark.slow
