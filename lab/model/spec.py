@@ -744,6 +744,7 @@ synced_folders: []
 providers:
   libvirt:
     driver: auto          # kvm where a KVM guest boots here, else qemu (software emulation)
+    # uri: qemu+ssh://admin@kvm-1.lan/system   # VMs on another machine's libvirtd, reached through it
   nspawn:
     privileged: false     # true: node root is host root (podman, privileged containers)
   # hosts:                # provider: hosts: machines you have, one node each (lab installs etcd there)
