@@ -36,11 +36,12 @@ class LoopbackSshd:
     log: Path            # sshd's log at DEBUG1: a forwarded channel shows as "target ADDRESS port PORT"
 
     def forwarded_ports(self) -> set[tuple[str, int]]:
-        """Every (address, port) a client had this server connect to (direct-tcpip: ProxyJump, -W)."""
+        """Every (address, port) a client had this server connect to (direct-tcpip: ProxyJump, -W; paramiko
+        names no originator: "originator  port 0")."""
         import re
 
         return {(address, int(port)) for address, port in
-                re.findall(r"direct_tcpip: originator \S+ port \d+, target (\S+) port (\d+)", self.log.read_text())}
+                re.findall(r"direct_tcpip: originator \S* ?port \d+, target (\S+) port (\d+)", self.log.read_text())}
 
     def uri(self) -> str:
         return f"qemu+ssh://root@127.0.0.1:{self.port}/system?keyfile={self.client_key}"
