@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Collection
 
@@ -40,17 +41,23 @@ from lab.cluster.remote import (APT_TIMEOUT, BootstrapError, check, journal_tail
 from lab.errors import ProviderError, StateError, UsageError
 from lab.host.pki import LabPki
 from lab.host.ssh import SSHEndpoint, connect, parallel_map, run
-from lab.node.layout import CLIENT_PORT, NODE_PKI_DIR
+from lab.node.layout import CLIENT_PORT, ETCD_PRESTART, NODE_PKI_DIR
 from lab.providers.base import LabContext, NodeFile, NodeSeed, Progress, no_progress
 
 PEER_PORT = 2380
 ETCD_ENV_FILE = "/etc/default/etcd"
 # Named to sort before a fault's runtime drop-in (lab-fault.conf), which must win.
 ETCD_DROPIN = "/etc/systemd/system/etcd.service.d/10-lab.conf"
-ETCD_DROPIN_TEXT = """\
+# Run before every start of a member: waits (bounded) for its own address, and on a first start for
+# the members before it to serve (lab/node/etcd_prestart.py says why: 2 s of a 3-node `lab up`).
+ETCD_PRESTART_TEXT = (Path(__file__).parent.parent / "node" / "etcd_prestart.py").read_bytes()
+ETCD_DROPIN_TEXT = f"""\
 # Written by lab. A member may start before its address is up (wait-online
-# is not reliable in containers on every host): try again instead of staying down.
+# is not reliable in containers on every host): {ETCD_PRESTART} waits for it
+# (and on a first start for the members before it to serve), and a member that
+# fails anyway tries again instead of staying down.
 [Service]
+ExecStartPre=-{ETCD_PRESTART}
 Restart=on-failure
 RestartSec=1
 """
@@ -341,7 +348,7 @@ class EtcdBootstrap:
         spec = self.context.spec.etcd
         env = etcd_environment(member, cluster or self.members, token, spec.heartbeat_ms, spec.election_timeout_ms,
                                state, pre_vote=spec.pre_vote)
-        return [NodeFile(ETCD_ENV_FILE, env.encode(), 0o644),
+        return [NodeFile(ETCD_ENV_FILE, env.encode(), 0o644), NodeFile(ETCD_PRESTART, ETCD_PRESTART_TEXT, 0o755),
                 NodeFile(ETCD_DROPIN, ETCD_DROPIN_TEXT.encode(), 0o644)] + self._pki_files(member.node)
 
     def _gateway_files(self, node: str) -> list[NodeFile]:

@@ -25,6 +25,7 @@ MANAGED = NODE_DIR / "agent-units.json"         # the units the scheduler agent 
 UNIT_DIR = Path("/etc/systemd/system")
 CLIENT_PORT = 2379                              # etcd's client port, on the node's IP and on 127.0.0.1
 NODE_PKI_DIR = "/etc/etcd/pki"                  # the node's etcd CA, certificate and key (with etcd.tls)
+ETCD_PRESTART = "/etc/etcd/lab-prestart"        # a member's wait for its addresses before etcd starts
 # Set by the update agent before a reboot: the scheduler agent stops its units
 # and leaves the cluster so the engine moves them now, not when its lease runs out.
 DRAIN_FLAG = Path("/run/lab/draining")

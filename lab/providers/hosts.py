@@ -72,7 +72,7 @@ OWN_FILES = {
     str(layout.CONFIG_DIR): (layout.AGENT_CONFIG.name, layout.UPDATE_CONFIG.name, OWNER_FILE.name,
                              INSTALLED_FILE.name),
     str(layout.NODE_DIR): (*NODE_MODULES, layout.MANAGED.name, "__pycache__"),
-    "/etc/etcd": ("pki",),
+    "/etc/etcd": ("pki", layout.ETCD_PRESTART.rsplit("/", 1)[1]),
     "/run/lab": (layout.DRAIN_FLAG.name,),
 }
 LAB_SERVICES = f"etcd {layout.AGENT_SERVICE} {layout.UPDATE_SERVICE}"
