@@ -204,6 +204,28 @@ def ssh_errors() -> tuple[type[BaseException], ...]:
     return paramiko.SSHException, OSError, EOFError
 
 
+_parsed: dict[str, tuple[tuple[int, int, int], Any]] = {}
+_parsed_lock = threading.Lock()
+
+
+def parsed_known_hosts(path: Path):
+    """A known_hosts file as paramiko's HostKeys, parsed once per version of the file (its inode, size and
+    mtime: lab replaces it whole, write_atomic). Each connection used to parse the whole file: with a
+    100-node lab's entries and a poll per node while they boot, `lab up` spent seconds of CPU there."""
+    import paramiko
+
+    stat = path.stat()
+    version = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    with _parsed_lock:
+        cached = _parsed.get(str(path))
+        if cached is not None and cached[0] == version:
+            return cached[1]
+    keys = paramiko.HostKeys(str(path))
+    with _parsed_lock:
+        _parsed[str(path)] = (version, keys)
+    return keys
+
+
 def connect(endpoint: SSHEndpoint, timeout: float = 10.0):
     """A Fabric Connection that verifies the node's host key when the provider knows it.
 
@@ -231,8 +253,11 @@ def connect(endpoint: SSHEndpoint, timeout: float = 10.0):
     if endpoint.known_hosts is not None:
         # known_hosts entries are written under the node name and its IP; an
         # unknown or changed key is refused, never silently accepted.
-        client.get_host_keys().clear()
-        client.load_host_keys(str(endpoint.known_hosts))
+        host_keys = client.get_host_keys()
+        host_keys.clear()
+        name = known_hosts_name(endpoint.host, endpoint.port)
+        for key_type, key in (parsed_known_hosts(endpoint.known_hosts).lookup(name) or {}).items():
+            host_keys.add(name, key_type, key)
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
     else:
         client.set_missing_host_key_policy(paramiko.AutoAddPolicy())

@@ -54,7 +54,7 @@ def hierarchies() -> list[Hierarchy]:
     """Every cgroup hierarchy mounted below /sys/fs/cgroup, each once, freezer first."""
     own = parse_own_cgroups(read_value(Path("/proc/self/cgroup")) or "")
     found: dict[frozenset[str], Hierarchy] = {}
-    for mount in mounted():
+    for mount in mounted(("cgroup", "cgroup2")):
         if mount.fs_type not in ("cgroup", "cgroup2") or CGROUP_ROOT not in mount.mount_point.parents:
             continue
         options = set(mount.super_options.split(","))

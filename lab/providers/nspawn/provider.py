@@ -106,7 +106,7 @@ class NspawnProvider(Provider):
         """The node's cgroups: those it was started in (recorded), else where it would start now. (The
         memory cgroup, say, lies below the caller's own: another shell may see another path.)"""
         machine = self.machine(node)
-        recorded = [Path(r["id"]) for r in self.state.find("cgroup") if Path(r["id"]).name == machine]
+        recorded = [Path(r["id"]) for r in self.state.find("cgroup") if r["id"].rsplit("/", 1)[-1] == machine]
         return recorded or cgroups.node_cgroups(machine)
 
     @property
