@@ -9,7 +9,8 @@ pin once it has one, else what the user's ~/.ssh/known_hosts lists, else, for
 a new lab, the key shown at first contact, which `pin` records in the lab's
 known_hosts (and `describe` prints, with its fingerprint, for the user to
 compare). A lab that exists checks against its own pin only: a jump host
-changed in lab.yaml since is refused until the next `lab up` pins it.
+replaced since (another key, or another host in lab.yaml) is refused, never
+trusted silently; it needs a new lab.
 """
 
 from __future__ import annotations

@@ -204,18 +204,21 @@ def ssh_errors() -> tuple[type[BaseException], ...]:
     return paramiko.SSHException, OSError, EOFError
 
 
-_parsed: dict[str, tuple[tuple[int, int, int], Any]] = {}
+_parsed: dict[str, tuple[tuple[int, int, int, int], Any]] = {}
 _parsed_lock = threading.Lock()
 
 
 def parsed_known_hosts(path: Path):
-    """A known_hosts file as paramiko's HostKeys, parsed once per version of the file (its inode, size and
-    mtime: lab replaces it whole, write_atomic). Each connection used to parse the whole file: with a
+    """A known_hosts file as paramiko's HostKeys, parsed once per version of the file (its device, inode,
+    size and mtime: lab replaces it whole, write_atomic). Each connection used to parse the whole file: with a
     100-node lab's entries and a poll per node while they boot, `lab up` spent seconds of CPU there."""
     import paramiko
 
-    stat = path.stat()
-    version = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    try:
+        stat = path.stat()
+    except FileNotFoundError:  # nothing pinned: every key is refused (RejectPolicy), with lab's own message
+        return paramiko.HostKeys()
+    version = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
     with _parsed_lock:
         cached = _parsed.get(str(path))
         if cached is not None and cached[0] == version:
@@ -288,8 +291,9 @@ class JumpUnreachable(NodeUnreachable):
         ProviderError.__init__(self, f"cannot reach the jump host {endpoint.user}@{endpoint.host}:{endpoint.port}: "
                                      f"{cause or type(cause).__name__}",
                                hint="check the jump host in lab.yaml (providers.hosts.jump, or the host of "
-                                    "providers.libvirt.uri) and that it answers SSH from this machine; a jump host "
-                                    "changed since the last `lab up` is pinned by the next one")
+                                    "providers.libvirt.uri) and that it answers SSH from this machine; a lab checks "
+                                    "it against the key it pinned at its first `lab up` (`lab-jump` in the lab's "
+                                    "ssh/known_hosts): a jump host replaced since needs a new lab")
         self.cause = cause
 
 

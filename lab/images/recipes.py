@@ -33,7 +33,7 @@ _PACKAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 _UNIT_NAME = re.compile(r"^[A-Za-z0-9@_.:\\-]+\.(service|socket|timer|target|path|mount|automount|swap|slice|device|scope)$")
 UNIT_ACTIONS = ("enable", "disable", "mask")
 _RECIPE_KEYS = {"os_name", "suite", "packages", "units", "versions"}
-_OPTIONAL_RECIPE_KEYS = {"vm"}
+_OPTIONAL_RECIPE_KEYS = {"vm", "container"}
 _VERSION_KEYS = {"packages", "units", "overlay"}
 # An image is built for containers (nspawn nodes) or for VMs (Vagrant boxes):
 # the VM flavor adds the recipe's `vm` section (a kernel, udev, Vagrant's user).
@@ -148,6 +148,13 @@ def parse_recipe(data: object, *, name: str, version: str, overlay: Path,
         vm_units = _units(vm.get("units", {}), "vm.units", fail)
         units = {action: units[action] + vm_units[action] for action in UNIT_ACTIONS}
         vm_overlay = _overlay(vm, "vm", overlay.parent, fail)
+    container = data.get("container") or {}
+    if not isinstance(container, dict):
+        raise fail("container must be a mapping")
+    _check_keys(container, required=set(), allowed={"units"}, where="container", fail=fail)
+    if flavor == "container":  # what nspawn nodes need that a VM must not lose (its ACPI power button)
+        container_units = _units(container.get("units", {}), "container.units", fail)
+        units = {action: units[action] + container_units[action] for action in UNIT_ACTIONS}
     return Recipe(name=name, version=version, os_name=data["os_name"].strip(),
                   suite=data["suite"].strip(), packages=tuple(dict.fromkeys(packages)),
                   units={a: tuple(dict.fromkeys(u)) for a, u in units.items()},

@@ -95,6 +95,8 @@ def main(environ=os.environ) -> None:
     data_dir = environ.get("ETCD_DATA_DIR", "")
     if not data_dir or os.path.isdir(os.path.join(data_dir, "member")):
         return  # not a first start: etcd reads its peers from its own data
+    if environ.get("ETCD_INITIAL_CLUSTER_STATE", "new") != "new":
+        return  # a member joining a running cluster (`lab node add`): no bootstrap check to race
     try:
         context = tls_context(environ)
     except (OSError, ssl.SSLError):

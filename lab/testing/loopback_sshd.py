@@ -15,6 +15,9 @@ key through the URI's `keyfile=`, the host key pinned at first contact.
 from __future__ import annotations
 
 import contextlib
+import os
+import shlex
+import signal
 import shutil
 import socket
 import subprocess
@@ -55,6 +58,15 @@ def sshd_problem() -> str | None:
     return None
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -82,6 +94,7 @@ ListenAddress 127.0.0.1
 HostKey {directory / 'host_ed25519'}
 AuthorizedKeysFile {directory / 'authorized_keys'}
 PermitRootLogin prohibit-password
+AllowUsers root
 PasswordAuthentication no
 KbdInteractiveAuthentication no
 UsePAM no
@@ -102,7 +115,8 @@ Host 127.0.0.1
     ssh_path = directory / "bin"
     ssh_path.mkdir(exist_ok=True)
     wrapper = ssh_path / "ssh"
-    wrapper.write_text(f'#!/bin/sh\nexec {shutil.which("ssh")} -F {client_config} "$@"\n')
+    real_ssh = shlex.quote(shutil.which("ssh") or "ssh")
+    wrapper.write_text(f'#!/bin/sh\nexec {real_ssh} -F {shlex.quote(str(client_config))} "$@"\n')
     wrapper.chmod(0o755)
     made_dir = not PRIVILEGE_SEPARATION_DIR.exists()
     PRIVILEGE_SEPARATION_DIR.mkdir(mode=0o755, exist_ok=True)
@@ -121,6 +135,10 @@ Host 127.0.0.1
         yield LoopbackSshd(port=port, client_key=client_key, known_hosts=known_hosts, ssh_path=ssh_path,
                             log=directory / "sshd.log")
     finally:
+        # A session still open (a client that timed out) lives on in a child of the listener: stop those too.
+        for child in _children(process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGTERM)
         process.terminate()
         try:
             process.wait(timeout=10)

@@ -208,6 +208,18 @@ def test_version_sections_add_packages_and_units():
     assert two.units["enable"] == ("ssh.service",)
 
 
+def test_the_container_section_is_for_nspawn_images_only():
+    data = _minimal()
+    data["container"] = {"units": {"mask": ["systemd-logind.service"]}}
+    data["vm"] = {"packages": ["linux-image-amd64"]}
+    container = _parse(data)
+    vm = recipes.parse_recipe(data, name="labos", version="1", overlay=Path("/nowhere"), flavor="vm")
+    assert container.units["mask"] == ("systemd-logind.service",) and vm.units["mask"] == ()
+    data["container"] = {"packages": ["x"]}  # units only: a package belongs to both images
+    with pytest.raises(BoxError, match="unknown"):
+        _parse(data)
+
+
 def test_unquoted_yaml_versions_still_match():
     data = yaml.safe_load("os_name: X\nsuite: bookworm\npackages: []\nunits: {}\n"
                           "versions:\n  1: {}\n")

@@ -86,3 +86,13 @@ def test_waits_are_bounded_and_a_member_with_data_waits_for_no_peer(tmp_path, mo
     started = time.monotonic()
     etcd_prestart.main(environ)
     assert time.monotonic() - started < 1.5  # the own-address wait (0.2 s) only, not the peers' 2 s
+
+
+def test_a_member_joining_a_running_cluster_waits_for_no_peer(tmp_path, monkeypatch):
+    monkeypatch.setattr(etcd_prestart, "PEERS_WAIT", 2.0)
+    environ = {"ETCD_INITIAL_ADVERTISE_PEER_URLS": "http://127.0.0.1:1",
+               "ETCD_INITIAL_CLUSTER": "node-1=http://127.0.0.1:2,node-4=http://127.0.0.1:1",  # node-1 refuses
+               "ETCD_INITIAL_CLUSTER_STATE": "existing", "ETCD_DATA_DIR": str(tmp_path)}
+    started = time.monotonic()
+    etcd_prestart.main(environ)
+    assert time.monotonic() - started < 1.5  # not the peers' 2 s
