@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import secrets
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Collection
 
 from lab.cluster.etcdclient import EtcdClient, EtcdError, EtcdUnknown, TlsFiles

@@ -832,14 +832,12 @@ def libvirt_problem(uri: str) -> str | None:
     if uri == "qemu:///session":
         return None  # libvirt starts the session daemon on the first connection
     # A remote daemon (qemu+ssh://): asked as `lab up` asks it, with the user's ssh.
-    from lab.host.run import run
+    from lab.providers.vagrant.libvirt import remote_libvirtd_problem
 
     try:
-        answer = run(["virsh", "-q", "-c", uri, "version"], timeout=20, check=False)
-    except LabError as exc:  # virsh missing (its own check says so), or no answer in time
+        return remote_libvirtd_problem(uri, timeout=20)
+    except LabError as exc:  # virsh missing: its own check says so
         return exc.message
-    said = (answer.stderr or answer.stdout).strip().splitlines()
-    return None if answer.ok else f"libvirt at {uri} does not answer: {said[-1] if said else 'virsh failed'}"
 
 
 def kvm_answer(spec: LabSpec) -> tuple[bool | None, str]:

@@ -21,7 +21,7 @@ import hashlib
 from pathlib import Path
 
 from lab.errors import PrerequisiteError
-from lab.host.ssh import SSHEndpoint, known_hosts_name, record_host_key
+from lab.host.ssh import SSHEndpoint, known_hosts_name, parsed_known_hosts, record_host_key
 
 JUMP_ALIAS = "lab-jump"  # the jump host's name in the lab's ssh_config and known_hosts
 
@@ -61,7 +61,7 @@ def host_key(known_hosts: Path, address: str, port: int):
     import paramiko
 
     try:
-        keys = paramiko.HostKeys(str(known_hosts))
+        keys = parsed_known_hosts(known_hosts)
     except (OSError, ValueError, paramiko.SSHException, paramiko.hostkeys.InvalidHostKey):
         return None  # unreadable or a line paramiko cannot parse: nothing lab can trust there
     found = keys.lookup(known_hosts_name(address, port))

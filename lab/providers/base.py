@@ -15,6 +15,7 @@ from typing import Any, Callable, ClassVar
 
 from lab.errors import UsageError
 from lab.host.network import host_address
+from lab.host import jumphost
 from lab.host.ssh import SSHEndpoint
 from lab.model.spec import LabSpec, ResolvedNode
 
@@ -154,6 +155,12 @@ class Provider(ABC):
     def jump_host(cls, spec: LabSpec, lab_dir: Path, known_hosts: Path) -> Any:
         """The SSHEndpoint of the jump host this machine reaches the nodes through, or None (directly)."""
         return None
+
+    @property
+    def jump(self) -> Any:
+        """The jump host (context.jump), checked against the lab's pin once there is one (pinned during this
+        command too), or None: the nodes are reached directly."""
+        return jumphost.checked(self.context.jump, self.context.known_hosts)
 
     @classmethod
     def settled_spec(cls, spec: LabSpec, state: Any = None) -> LabSpec:

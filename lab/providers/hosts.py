@@ -296,11 +296,6 @@ class HostsProvider(GuestPartitions, Provider):
         key = login_key(jump.key, lab_dir.parent.parent, f"{jump.user}@{jump.address}", "providers.hosts.jump")
         return jump_endpoint(jump.address, jump.port, jump.user, key, lab_dir, known_hosts)
 
-    @property
-    def jump(self) -> SSHEndpoint | None:
-        """The jump host, checked against the lab's pin once there is one (pinned during this command too)."""
-        return jumphost.checked(self.context.jump, self.context.known_hosts)
-
     def first_contact(self, node: str) -> SSHEndpoint:
         """The inventory's login: the host key checked against the user's known_hosts when it lists the host."""
         entry = self.entry(node)

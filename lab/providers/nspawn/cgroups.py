@@ -55,7 +55,7 @@ def hierarchies() -> list[Hierarchy]:
     own = parse_own_cgroups(read_value(Path("/proc/self/cgroup")) or "")
     found: dict[frozenset[str], Hierarchy] = {}
     for mount in mounted(("cgroup", "cgroup2")):
-        if mount.fs_type not in ("cgroup", "cgroup2") or CGROUP_ROOT not in mount.mount_point.parents:
+        if CGROUP_ROOT not in mount.mount_point.parents:
             continue
         options = set(mount.super_options.split(","))
         for controllers, path in own.items():

@@ -137,6 +137,17 @@ def libvirt_socket_problem(sockets: tuple[Path, ...] = LIBVIRT_SOCKETS) -> str |
     return "libvirtd is not answering: " + "; ".join(problems)
 
 
+def remote_libvirtd_problem(uri: str, timeout: float) -> str | None:
+    """None if the libvirtd of a remote URI answers `virsh -c URI version` (over the user's ssh), else why not."""
+    try:
+        answer = run(["virsh", "-q", "-c", uri, "version"], where=f"libvirt at {uri}", timeout=timeout, check=False,
+                     missing_hint="apt-get install libvirt-clients")
+    except CommandError:
+        return f"libvirt at {uri} does not answer: no answer in {timeout:.0f} s"
+    said = (answer.stderr or answer.stdout).strip().splitlines()
+    return None if answer.ok else f"libvirt at {uri} does not answer: {said[-1] if said else 'virsh failed'}"
+
+
 class LibvirtProvider(VagrantProvider):
     name = "libvirt"
     vagrant_provider = "libvirt"
@@ -165,10 +176,6 @@ class LibvirtProvider(VagrantProvider):
         key = jumphost.login_key(remote.keyfile, lab_dir.parent.parent, f"{user}@{remote.host}",
                                  "providers.libvirt.uri (?keyfile=/absolute/path)")
         return jumphost.jump_endpoint(remote.host, remote.port, user, key, lab_dir, known_hosts)
-
-    @property
-    def jump(self) -> SSHEndpoint | None:
-        return jumphost.checked(self.context.jump, self.context.known_hosts)
 
     def up(self, progress: Progress = no_progress) -> None:
         self._settle_driver(progress)
@@ -209,15 +216,6 @@ class LibvirtProvider(VagrantProvider):
     def uses_local_daemon(self) -> bool:
         # Another URI (a session, a remote host) has its own daemon.
         return self.context.spec.providers.libvirt.uri == "qemu:///system"
-
-    def ssh_endpoints(self) -> dict[str, SSHEndpoint]:
-        jump = self.jump
-        return {name: replace(endpoint, jump=jump) for name, endpoint in super().ssh_endpoints().items()}
-
-    def _endpoints_of(self, entries) -> dict[str, SSHEndpoint]:
-        # Vagrant's own way in, through the libvirt host too (`vagrant ssh-config` says so with a ProxyCommand).
-        jump = self.jump
-        return {name: replace(endpoint, jump=jump) for name, endpoint in super()._endpoints_of(entries).items()}
 
     @classmethod
     def availability(cls) -> Availability:
@@ -465,14 +463,9 @@ class LibvirtProvider(VagrantProvider):
         uri = self.context.spec.providers.libvirt.uri
         if remote_libvirt(uri) is None:
             return None
-        try:
-            answer = run(["virsh", "-q", "-c", uri, "version"], where=f"libvirt lab {self.context.spec.name}",
-                         timeout=REMOTE_ANSWER_TIMEOUT, check=False, missing_hint="apt-get install libvirt-clients")
-            said = (answer.stderr or answer.stdout).strip().splitlines() if not answer.ok else None
-        except CommandError:
-            said = [f"no answer in {REMOTE_ANSWER_TIMEOUT:.0f} s"]
-        if said is not None:
-            return (f"libvirt at {uri} does not answer: {said[-1] if said else 'virsh failed'}",
+        problem = remote_libvirtd_problem(uri, REMOTE_ANSWER_TIMEOUT)
+        if problem is not None:
+            return (problem,
                     f"`virsh -c '{uri}' list` must work from here without a password prompt: the host's key in "
                     "~/.ssh/known_hosts (ssh to it once), the key of the URI (or ~/.ssh/id_*) authorized there, "
                     "libvirtd running there")

@@ -337,10 +337,12 @@ class VagrantProvider(GuestPartitions, Provider):
         return replace(self.context, nodes=nodes, addresses=addresses)
 
     def ssh_endpoints(self) -> dict[str, SSHEndpoint]:
-        # Adopted machines: root on the private network, host keys pinned (see adoption.py).
+        # Adopted machines: root on the private network, host keys pinned (see adoption.py); through the
+        # jump host where the machines are another host's (a remote libvirt).
+        jump = self.jump
         return {node.name: SSHEndpoint(node=node.name, host=self.context.addresses[node.name], port=22,
                                        user="root", identity_file=self.context.ssh_key,
-                                       known_hosts=self.context.known_hosts)
+                                       known_hosts=self.context.known_hosts, jump=jump)
                 for node in self.context.nodes}
 
     def vagrant_ssh_endpoints(self) -> dict[str, SSHEndpoint]:
@@ -348,7 +350,9 @@ class VagrantProvider(GuestPartitions, Provider):
         return self._endpoints_of(self._vagrant_ssh_entries())
 
     def _endpoints_of(self, entries: dict[str, SSHConfigEntry]) -> dict[str, SSHEndpoint]:
-        return {node.name: ssh_endpoint(node.name, entries[node.name])
+        # Through the jump host too, as `vagrant ssh-config`'s ProxyCommand goes (a remote libvirt).
+        jump = self.jump
+        return {node.name: replace(ssh_endpoint(node.name, entries[node.name]), jump=jump)
                 for node in self.context.nodes if node.name in entries}
 
     def _vagrant_ssh_entries(self) -> dict[str, SSHConfigEntry]:
