@@ -31,7 +31,7 @@ class NodeUpdate:
     node: str
     version: str
     slot: str
-    state: str  # idle | rebooting | updated | rolling-back | unknown
+    state: str  # idle | rebooting | updated | rolling-back | rolled-back | failed | unknown
     boot_id: str
     detail: str = ""
 
@@ -50,21 +50,26 @@ def start_roll(lab, version: str, progress: Progress = no_progress) -> None:
     """Stage `version` on every node and let the update agents roll."""
     lab.require_created("update")
     box = lab.spec.box
-    image = find_image(box.name, version)
+    provider = lab.provider()
+    flavor = provider.update_flavor  # what a node's slot holds: an nspawn image's /usr, a VM image's
+    image = find_image(box.name, version, flavor)
     if image is None:
-        raise PrerequisiteError(f"the node OS image {box.name} {version} is not built",
-                                hint=f"lab box build --name {box.name} --version {version}")
+        build = f"lab box build --name {box.name} --version {version}"
+        if flavor == "vm":  # any box format builds the VM image; the lab's own is the one it may boot later
+            fmt = getattr(provider, "vagrant_provider", "libvirt")
+            build += f" --format {fmt if fmt in ('libvirt', 'virtualbox') else 'libvirt'}"
+        raise PrerequisiteError(f"the node OS image {box.name} {version}{' (VM)' if flavor == 'vm' else ''} "
+                                "is not built", hint=build)
     if lab.spec.updates.strategy == "off":
         raise UsageError("updates.strategy is off: the nodes would never reboot into the new version",
                          hint="set updates.strategy to etcd-lock (or reboot) in lab.yaml and run `lab up`")
-    provider = lab.provider()
     client = lab.etcd_client()
     Semaphore(client).resize(lab.spec.updates.max_concurrent_reboots)
     if client.get(HALTED):
         progress("clearing the halt left by an earlier failed roll")
         client.delete(HALTED)
     for node in lab.node_names():
-        slot = provider.stage_update(node, image.rootfs)
+        slot = provider.stage_update(node, image.rootfs, progress)
         client.put(f"{STAGED}{node}", json.dumps({"version": version, "slot": slot, "at": time.time()}))
         progress(f"{node}: {box.name} {version} staged in slot {slot}")
     lab.state.set("update", {"target": version, "started_at": time.time()})
@@ -81,7 +86,7 @@ def status(lab) -> UpdateStatus:
     for node in lab.node_names():
         record = reported.get(node, {})
         detail = ""
-        if record.get("state") == "rolling-back":
+        if record.get("state") in ("rolling-back", "rolled-back"):
             detail = f"rolled back from {record.get('failed_version')}: {record.get('reason')}"
         rows.append(NodeUpdate(node, record.get("version", "?"), record.get("slot", "?"),
                                record.get("state", "unknown"), record.get("boot_id", ""), detail))

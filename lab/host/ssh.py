@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from typing import Any, Callable, Iterable, TextIO
+from typing import Any, BinaryIO, Callable, Iterable, TextIO
 
 from lab.errors import CommandError, PrerequisiteError, ProviderError
 from lab.host.files import write_atomic
@@ -434,6 +434,37 @@ def run(endpoint: SSHEndpoint, command: str, *, timeout: float | None = None,
     if check and not node_result.ok:
         raise CommandError(command, where=endpoint.node, exit_status=status, output=out + err)
     return node_result
+
+
+def run_with_input(endpoint: SSHEndpoint, command: str, source: BinaryIO, *, timeout: float,
+                   chunk: int = 1024 * 1024) -> NodeResult:
+    """Run `command` on the node with `source` streamed to its stdin (bytes, any size), then its end.
+
+    Fabric's in_stream reads a character stream in small pieces; this sends the file through the
+    session channel as it is read, so a gigabyte never sits in memory. `timeout` bounds every read
+    and write on the channel (a node that stops answering), not the whole transfer.
+    """
+    try:
+        with connect(endpoint) as connection:
+            connection.open()
+            channel = connection.client.get_transport().open_session(timeout=timeout)
+            channel.settimeout(timeout)
+            channel.exec_command(command)
+            while data := source.read(chunk):
+                if channel.exit_status_ready():
+                    break  # it gave up (a refused slot, a full disk): its message says why
+                channel.sendall(data)
+            channel.shutdown_write()
+            # What the node's side prints is a line or two: stdout to its end, then stderr.
+            out, err = bytearray(), bytearray()
+            while piece := channel.recv(65536):
+                out += piece
+            while piece := channel.recv_stderr(65536):
+                err += piece
+            status = channel.recv_exit_status()
+    except ssh_errors() as exc:
+        raise NodeUnreachable(endpoint, exc) from None
+    return NodeResult(endpoint.node, command, status, out.decode(errors="replace"), err.decode(errors="replace"))
 
 
 # SSH sessions lab keeps open at once: each costs a key exchange (CPU on this host and the node's) and a

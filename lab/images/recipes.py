@@ -38,6 +38,8 @@ _VERSION_KEYS = {"packages", "units", "overlay"}
 # An image is built for containers (nspawn nodes) or for VMs (Vagrant boxes):
 # the VM flavor adds the recipe's `vm` section (a kernel, udev, Vagrant's user).
 FLAVORS = ("container", "vm")
+# A VM disk: "root" (one root file system: the generic Debian box) or "usr-ab" (boot, USR-A, USR-B, root).
+VM_DISK_LAYOUTS = ("root", "usr-ab")
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,9 @@ class Recipe:
     flavor: str = "container"
     # The `vm` section's tree (VM flavor only), copied last.
     vm_overlay: Path | None = None
+    # How a VM disk of it is laid out (vmdisk.DISK_LAYOUTS): one root file system, or CoreOS's
+    # two /usr slots beside a root that keeps /etc and /var (what `lab update` on a VM needs).
+    vm_disk: str = "root"
 
 
 def recipe_dir(name: str) -> Path:
@@ -139,7 +144,10 @@ def parse_recipe(data: object, *, name: str, version: str, overlay: Path,
     vm = data.get("vm") or {}
     if not isinstance(vm, dict):
         raise fail("vm must be a mapping")
-    _check_keys(vm, required=set(), allowed=_VERSION_KEYS, where="vm", fail=fail)
+    _check_keys(vm, required=set(), allowed=_VERSION_KEYS | {"disk"}, where="vm", fail=fail)
+    vm_disk = vm.get("disk", "root")
+    if vm_disk not in VM_DISK_LAYOUTS:
+        raise fail(f"vm.disk must be one of {', '.join(VM_DISK_LAYOUTS)}, not {vm_disk!r}")
     if flavor == "vm":
         if not vm:
             raise BoxError(f"box {name!r} has no `vm` section: it cannot be built as a VM box",
@@ -158,7 +166,8 @@ def parse_recipe(data: object, *, name: str, version: str, overlay: Path,
     return Recipe(name=name, version=version, os_name=data["os_name"].strip(),
                   suite=data["suite"].strip(), packages=tuple(dict.fromkeys(packages)),
                   units={a: tuple(dict.fromkeys(u)) for a, u in units.items()},
-                  overlay=overlay, version_overlay=version_overlay, flavor=flavor, vm_overlay=vm_overlay)
+                  overlay=overlay, version_overlay=version_overlay, flavor=flavor, vm_overlay=vm_overlay,
+                  vm_disk=vm_disk)
 
 
 def _overlay(section: dict, where: str, recipe_root: Path, fail: Callable[[str], BoxError]) -> Path | None:

@@ -148,6 +148,7 @@ def build_box(name: str, version: str, fmt: str, *, mirror: str | None = None,
     """Build (or find cached) the `fmt` box of `name`/`version`."""
     from lab.images import vmdisk
     from lab.images.build import build_image
+    from lab.images.recipes import load_recipe
 
     _check_format(fmt)
     vmdisk.check_tools()
@@ -161,7 +162,8 @@ def build_box(name: str, version: str, fmt: str, *, mirror: str | None = None,
     work.mkdir()
     try:
         raw = work / "disk.raw"
-        vmdisk.make_raw_disk(image.rootfs, raw, disk_gib=disk_gib or vmdisk.DEFAULT_DISK_GIB, progress=progress)
+        vmdisk.make_raw_disk(image.rootfs, raw, disk_gib=disk_gib or vmdisk.DEFAULT_DISK_GIB,
+                             kind=load_recipe(name, version, "vm").vm_disk, progress=progress)
         progress(f"packing the {fmt} box")
         content = work / "box"
         content.mkdir()

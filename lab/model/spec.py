@@ -178,6 +178,11 @@ class Updates(_Strict):
     strategy: Literal["etcd-lock", "reboot", "off"] = Field(
         "etcd-lock", description="etcd-lock: reboot holding a lock in etcd; reboot: right away; off: never")
     max_concurrent_reboots: Int = Field(1, ge=1, le=64)
+    staging_weight: Int = Field(
+        10, ge=1, le=10000,
+        description="CPU and I/O weight of writing an update into a node's passive slot (systemd's "
+                    "CPUWeight/IOWeight; every other process has 100): low, so the node's applications "
+                    "keep their share while it runs")
 
     @field_validator("strategy", mode="before")
     @classmethod

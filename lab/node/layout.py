@@ -21,6 +21,10 @@ NODE_INFO = CONFIG_DIR / "node.json"            # who the node is, written by th
 # The A/B slot to boot: {"slot": "a"|"b", "try": bool, "previous": ...}, read by the provider at boot.
 BOOT_FILE = CONFIG_DIR / "boot.json"
 BOOT_SLOTS = ("a", "b")                         # the only slots boot.json may name (the first is the default)
+# On a Lab OS VM disk (lab/images/vmdisk.py, the node's side in bootslots.py): the MBR partition
+# numbers of the boot partition and of each slot's /usr.
+BOOT_PARTITION = 1
+SLOT_PARTITIONS = {"a": 2, "b": 3}
 MANAGED = NODE_DIR / "agent-units.json"         # the units the scheduler agent runs here
 UNIT_DIR = Path("/etc/systemd/system")
 CLIENT_PORT = 2379                              # etcd's client port, on the node's IP and on 127.0.0.1

@@ -24,6 +24,12 @@ does on each node what CoreOS's update_engine and locksmith did together:
     published under /lab/update/halted (no other node starts an update
     after that) and the node reboots into the version it had.
 
+On a VM (a Lab OS A/B disk, bootslots.py) the boot loader, not the
+provider, picks the slot: the agent asks SYSLINUX to boot the new slot once,
+makes it SYSLINUX's default only after the health check, and a trial that
+never came up (the boot loader fell back to the default) counts as a failed
+health check.
+
 Its state per node is published under /lab/update/nodes/NODE.
 """
 
@@ -37,10 +43,11 @@ import time
 from pathlib import Path
 
 try:  # in the lab package on the host; beside this file on a node
-    from . import layout
+    from . import bootslots, layout
     from .etcd import Etcd
     from .semaphore import Semaphore
 except ImportError:  # pragma: no cover - the node's way
+    import bootslots  # type: ignore[no-redef]
     import layout  # type: ignore[no-redef]
     from etcd import Etcd  # type: ignore[no-redef]
     from semaphore import Semaphore  # type: ignore[no-redef]
@@ -116,6 +123,8 @@ class Updater:
         self.max_holders = int(config.get("max_holders", 1))
         self.etcd = Etcd(config["endpoints"], config.get("tls"))
         self.semaphore = Semaphore(self.etcd)
+        # A VM booted from a Lab OS A/B disk: the boot loader picks the slot (on nspawn the provider does)
+        self.ab_disk = bootslots.on_ab_disk()
 
     def log(self, message: str) -> None:
         print(message, flush=True)
@@ -136,9 +145,23 @@ class Updater:
             self.release_if_holding()
             self.publish("idle")
             return
+        if self.ab_disk and bootslots.booted_slot() != boot["slot"]:
+            # The trial boot never reached us: SYSLINUX's boot-once was spent by a boot that hung,
+            # panicked or was reset, and this boot is the default (previous) slot's.
+            booted = bootslots.booted_slot()
+            reason = f"slot {boot['slot']} did not come up (the boot loader went back to slot {booted})"
+            self.log(f"{reason}: halting the update")
+            write_boot({"slot": booted, "rolled_back_from": boot.get("target", "?"), "reason": reason,
+                        "rolled_back_staging": boot.get("staging")})
+            self.halt(boot.get("target", "?"), reason)
+            self.publish("rolled-back", failed_version=boot.get("target", "?"), reason=reason)
+            self.release_if_holding()
+            return
         self.log(f"booted slot {boot['slot']} (version {os_version()}) on trial: health check")
         healthy, reason = self.health_check()
         if healthy:
+            if self.ab_disk:
+                bootslots.set_default(boot["slot"])  # from now on SYSLINUX boots it by itself
             write_boot({"slot": boot["slot"]})
             self.publish("updated")
             self.log(f"slot {boot['slot']} is good; releasing the reboot lock")
@@ -157,6 +180,8 @@ class Updater:
             self.release_if_holding()
             return
         self.log(f"health check failed ({reason}): rolling back to slot {previous}")
+        if self.ab_disk:
+            bootslots.set_default(previous)  # it is already, unless someone changed it: the next boot is its
         write_boot({"slot": previous, "rolled_back_from": failed_version, "reason": reason,
                     "rolled_back_staging": boot.get("staging")})
         self.halt(failed_version, reason)
@@ -230,7 +255,9 @@ class Updater:
         self.publish("rebooting", target=staged["version"])
         self.drain()
         write_boot({"slot": staged["slot"], "try": True, "previous": boot["slot"],
-                    "staging": staged.get("at")})
+                    "staging": staged.get("at"), "target": staged["version"]})
+        if self.ab_disk:
+            bootslots.boot_once(staged["slot"])
         self.reboot()
 
     def wait_units_settled(self, machine: str) -> None:

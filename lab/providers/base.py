@@ -203,8 +203,15 @@ class Provider(ABC):
     def remove_node(self, node: str, progress: Progress = no_progress) -> None:
         """Destroy one node and everything the provider made for it (the rest of the lab stays)."""
 
+    # Seconds a node's reboot may take beyond an nspawn node's few: added to the waits of scenarios
+    # (written for nspawn) that sit through reboots, so that they do not cut off a slow, passing roll.
+    reboot_allowance_s: ClassVar[float] = 0.0
+    # Which flavor of a node OS image `lab update` stages (lab/images/recipes.py FLAVORS): nspawn
+    # nodes take the container image's /usr, VMs the VM image's (with its kernel).
+    update_flavor: ClassVar[str] = "container"
+
     @abstractmethod
-    def stage_update(self, node: str, rootfs: Path) -> str:
+    def stage_update(self, node: str, rootfs: Path, progress: Progress = no_progress) -> str:
         """Write an OS image into the node's passive slot; return the slot's name."""
 
     @abstractmethod

@@ -106,6 +106,12 @@ def wait_timeout(timeout: float, bound: float | None) -> float:
     return max(timeout, bound + 1.0) if bound is not None else timeout
 
 
+def reboots_in(condition: str, members: int) -> int:
+    """How many node reboots a wait for `condition` may have to sit through: a roll reboots every
+    node in turn; a halt or a return to health waits for one (the node going back to its slot)."""
+    return {"updated": members, "update-halted": 1, "healthy": 1}.get(condition, 0)
+
+
 class Conditions:
     def __init__(self, lab, members, monitor, faults, client_factory: Callable[..., Any],
                  clock: Callable[[], float], measurements: dict[str, Any]) -> None:
@@ -119,6 +125,7 @@ class Conditions:
         self.update_target: str | None = None
         self.service = None  # the ServiceProbe of a `service` step, for service-moved
         self.update_started = 0.0
+        self.reboot_allowance = 0.0  # seconds a node's reboot takes beyond nspawn's (Provider.reboot_allowance_s)
         self._status_client = None  # kept across polls: a new one each poll is a TLS handshake per member
 
     def close(self) -> None:
@@ -169,7 +176,8 @@ class Conditions:
         since = last["requested"] if last else 0.0
         in_place = last["start"] if last else 0.0
         bound = self.bound(wait.within)
-        timeout = wait_timeout(wait.timeout, bound)
+        timeout = wait_timeout(wait.timeout, bound) + reboots_in(wait.condition, len(self.members)) * \
+            self.reboot_allowance
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             reached_at = self.reached(wait.condition, since)

@@ -70,6 +70,9 @@ class ScenarioRun:
         self.measurements: dict[str, Any] = {}
         self.conditions = Conditions(lab, self.members, self.monitor, self.faults, self.client_factory, self.clock,
                                      self.measurements)
+        # A scenario's waits are written for nspawn nodes, which reboot in seconds; a VM's reboot takes
+        # minutes under emulation. Only a failing run waits the longer bound, a passing one never.
+        self.conditions.reboot_allowance = self.provider.reboot_allowance_s
         self.invariants = InvariantSampler(self.members, self.monitor, self.client_factory, self.clock,
                                            down_after=lab.spec.etcd.election_timeout_ms / 1000)
         self.workload = None
@@ -195,12 +198,13 @@ class ScenarioRun:
         # A stopped service whose main process exited non-zero on SIGTERM (`docker run` passes on the
         # container's 143) is `failed`: stopped all the same.
         wanted = ("inactive", "failed") if unit.action == "stop" else ("active",)
-        row = self._wait_unit(unit.name, wanted, unit.within)
+        within = unit.within + self.provider.reboot_allowance_s  # a container's start on a slow VM, too
+        row = self._wait_unit(unit.name, wanted, within)
         elapsed = round(self.clock() - requested, 2)
         where = ",".join(row.machines) if row and row.machines else "no machine"
         if row is None or row.active not in wanted:
             state = f"{row.active}/{row.sub} on {where}" if row else "not in the cluster"
-            return False, f"{unit.name} not {wanted[0]} within {unit.within:g} s ({state})", {}
+            return False, f"{unit.name} not {wanted[0]} within {within:g} s ({state})", {}
         measured = {f"unit_{unit.action}_s": elapsed, "unit": unit.name, "machine": where}
         detail = f"{unit.name} {row.active} on {where} {elapsed:.1f} s after the request"
         if unit.action == "stop":

@@ -83,7 +83,7 @@ class FakeProvider(Provider):
         self.nodes.pop(node, None)
         self.context.state.forget("fake-node", node)
 
-    def stage_update(self, node: str, rootfs: Path) -> str:
+    def stage_update(self, node: str, rootfs: Path, progress: Progress = no_progress) -> str:
         self._call("stage_update", node)
         return "b"
 

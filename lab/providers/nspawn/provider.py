@@ -270,7 +270,7 @@ class NspawnProvider(Provider):
         shutil.rmtree(self.node_dir(node), ignore_errors=True)
         self.state.forget("node", node)
 
-    def stage_update(self, node: str, rootfs: Path) -> str:
+    def stage_update(self, node: str, rootfs: Path, progress: Progress = no_progress) -> str:
         """Put an image in the node's passive slot; returns that slot's name ("a" or "b")."""
         self.context.node(node)
         active = self.boot_slot(node)

@@ -315,9 +315,17 @@ class VagrantProvider(GuestPartitions, Provider):
                           "never existed",
                           hint="run snapshot-based tests on an nspawn lab (--provider nspawn)")
 
-    def stage_update(self, node: str, rootfs: Path) -> str:
-        raise ProviderError("A/B OS updates are implemented for nspawn nodes only so far",
-                            hint="run `lab update` on an nspawn lab")
+    # A VM under software emulation reboots in one to two minutes (BIOS, kernel, systemd, etcd rejoining)
+    reboot_allowance_s: ClassVar[float] = 240.0
+    # a VM's slot is written from the VM image (its /usr holds the kernel's modules; its kernel boots)
+    update_flavor: ClassVar[str] = "vm"
+
+    def stage_update(self, node: str, rootfs: Path, progress: Progress = no_progress) -> str:
+        """Stream the image's /usr into the VM's passive slot (see staging.py); the update agent boots it."""
+        from lab.providers.vagrant import staging
+
+        endpoint = self.ssh_endpoints()[node]
+        return staging.stage(endpoint, rootfs, self.context.spec.updates.staging_weight, progress)
 
     def remove_node(self, node: str, progress: Progress = no_progress) -> None:
         if node in self.machines_on_disk():
