@@ -210,6 +210,9 @@ class Provider(ABC):
     # nodes take the container image's /usr, VMs the VM image's (with its kernel).
     update_flavor: ClassVar[str] = "container"
 
+    def prepare_update(self, rootfs: Path, progress: Progress = no_progress) -> None:
+        """Whatever staging `rootfs` on every node needs made once, before the nodes are staged at once."""
+
     @abstractmethod
     def stage_update(self, node: str, rootfs: Path, progress: Progress = no_progress) -> str:
         """Write an OS image into the node's passive slot; return the slot's name."""

@@ -78,6 +78,7 @@ class ScenarioRun:
         self.workload = None
         # The measurements of earlier runs of this scenario in one `lab test`: its `slo:` judges them all.
         self.earlier = earlier or []
+        self.staging_window: tuple[float, float] | None = None  # an update step's staging, on self.clock
         self.start_state: dict[str, dict[str, str]] = {}  # node -> version, boot.json: what the run found
         self.steps: list[StepResult] = []
         self.boot_ids_start = {status.name: status.boot_id for status in self.provider.status()}
@@ -350,11 +351,14 @@ class ScenarioRun:
         messages: list[str] = []
         running = {node: state["version"] for node, state in read_node_states(self).items()}
         version = choose_version(update.to, running)
-        start_roll(self.lab, version, messages.append)
+        staging_from = self.clock()
+        staging_s = start_roll(self.lab, version, messages.append)
+        self.staging_window = (staging_from, self.clock())
+        self.measurements["staging_s"] = round(staging_s, 2)
         self.conditions.roll_started(version)
         found = ", ".join(sorted(set(running.values()))) or "?"
-        return True, f"{len(messages)} nodes staged {version} (they ran {found})", {"to": version,
-                                                                                   "from": running}
+        return True, (f"{len(self.lab.node_names())} nodes staged {version} in {staging_s:.1f} s "
+                      f"(they ran {found})"), {"to": version, "from": running, "staging": messages}
 
     def _no_leader(self, target: str) -> str | None:
         """Why a step aimed at the leader cannot go on (no leader within the liveness bound), else None."""

@@ -64,6 +64,24 @@ def percentile(samples: list[float], fraction: float) -> float:
     return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
 
 
+def staging_latency(ops, window: tuple[float, float]) -> dict[str, Any]:
+    """The workload's latency (acknowledged operations, by when they began) before an update's
+    staging and during it: p50/p99 in ms and counts, and the ratios during/before. Staging writes a
+    new /usr into every node's passive slot at a low weight; this is what it cost the applications."""
+    start, end = window
+    done = [op for op in ops if op.status == "ok" and op.complete is not None]
+    split = {"before": [1000 * (op.complete - op.invoke) for op in done if op.invoke < start],
+             "during": [1000 * (op.complete - op.invoke) for op in done if start <= op.invoke < end]}
+    found: dict[str, Any] = {"window_s": round(end - start, 2)}
+    for name, samples in split.items():
+        found[name] = ({"ops": len(samples), "p50_ms": round(percentile(samples, 0.5), 2),
+                        "p99_ms": round(percentile(samples, 0.99), 2)} if samples else {"ops": 0})
+    if found["before"]["ops"] and found["during"]["ops"]:
+        for key in ("p50", "p99"):
+            found[f"{key}_ratio"] = round(found["during"][f"{key}_ms"] / max(found["before"][f"{key}_ms"], 1e-3), 2)
+    return found
+
+
 def availability(ops, faults: list[dict[str, Any]]) -> dict[str, Any]:
     """Write-unavailability: the longest gap between acknowledged writes around each fault."""
     writes = sorted(op.complete for op in ops if op.kind in ("write", "unique", "cas") and op.status == "ok"
@@ -102,6 +120,8 @@ def verify_history(run) -> None:
 
     ops = load_history(history)
     run.measurements.update(availability(ops, run.faults.records))
+    if getattr(run, "staging_window", None) is not None:  # an update step ran
+        run.measurements["staging_latency"] = staging_latency(ops, run.staging_window)
     if run.spec.expect.no_lost_writes:
         started = run.clock()
         client = run.client_factory(5.0)

@@ -238,6 +238,25 @@ def test_new_leader_is_measured_from_the_fault_and_judged_against_the_bound():
 # ---------------------------------------------------------------- availability
 
 
+def test_staging_latency_compares_operations_begun_during_the_staging_with_those_before():
+    from lab.scenarios.expectations import staging_latency
+
+    before = [Op(i, 0, "write", "r0", str(i), None, 1.0 + i / 100, 1.0 + i / 100 + 0.002, "ok", None)
+              for i in range(100)]
+    during = [Op(100 + i, 0, "write", "r0", str(i), None, 5.0 + i / 100, 5.0 + i / 100 + 0.006, "ok", None)
+              for i in range(99)]
+    during.append(Op(300, 0, "write", "r0", "x", None, 6.5, 7.5, "ok", None))        # one slow write
+    during.append(Op(301, 1, "read", "r0", None, None, 6.6, None, "unknown", None))  # never acknowledged
+    after = [Op(400, 0, "write", "r0", "y", None, 9.0, 9.5, "ok", None)]             # the roll: not counted
+    measured = staging_latency(before + during + after, (5.0, 8.0))
+    assert measured["window_s"] == 3.0
+    assert measured["before"] == {"ops": 100, "p50_ms": 2.0, "p99_ms": 2.0}
+    assert measured["during"] == {"ops": 100, "p50_ms": 6.0, "p99_ms": 6.0}
+    assert measured["p50_ratio"] == 3.0
+    assert staging_latency(during, (5.0, 8.0))["before"] == {"ops": 0}
+    assert "p50_ratio" not in staging_latency(during, (5.0, 8.0))
+
+
 def test_write_unavailability_is_the_longest_gap_between_acknowledged_writes_around_a_fault():
     ops = [Op(i, 0, "write", "r0", str(i), None, t - 0.01, t, "ok", None)
            for i, t in enumerate([0.5, 1.0, 1.5, 3.5, 4.0])]

@@ -320,6 +320,11 @@ class VagrantProvider(GuestPartitions, Provider):
     # a VM's slot is written from the VM image (its /usr holds the kernel's modules; its kernel boots)
     update_flavor: ClassVar[str] = "vm"
 
+    def prepare_update(self, rootfs: Path, progress: Progress = no_progress) -> None:
+        from lab.providers.vagrant import staging
+
+        staging.slot_image(rootfs, progress)  # once, under the image's lock, before the nodes in parallel
+
     def stage_update(self, node: str, rootfs: Path, progress: Progress = no_progress) -> str:
         """Stream the image's /usr into the VM's passive slot (see staging.py); the update agent boots it."""
         from lab.providers.vagrant import staging
