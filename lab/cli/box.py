@@ -17,6 +17,8 @@ VersionOpt = Annotated[str, typer.Option(help="OS version to build.")]
 RecipeOpt = Annotated[str, typer.Option("--name", help="Recipe under boxes/.")]
 BoxFormatOpt = Annotated[str, typer.Option(
     "--format", help="container: the nspawn image; libvirt or virtualbox: a Vagrant box of the same OS.")]
+ArchOpt = Annotated[str, typer.Option(
+    "--arch", help="amd64 or arm64; another than this machine's is built under qemu-user-static (slow).")]
 
 
 @contextmanager
@@ -30,7 +32,8 @@ def _spinner(title: str, prefix: str) -> Iterator[Callable[[str], None]]:
 def box_build(version: VersionOpt = "1", box: RecipeOpt = "labos", fmt: BoxFormatOpt = "container",
               mirror: Annotated[Optional[str], typer.Option(
                   help="Debian mirror URL; default: the one this host's apt sources name.")] = None,
-              force: Annotated[bool, typer.Option("--force", help="Rebuild even if cached.")] = False) -> None:
+              force: Annotated[bool, typer.Option("--force", help="Rebuild even if cached.")] = False,
+              arch: ArchOpt = "") -> None:
     """Build the node OS image or a Vagrant box of it (cached: a second build with the same recipe is instant).
 
     \b
@@ -38,6 +41,9 @@ def box_build(version: VersionOpt = "1", box: RecipeOpt = "labos", fmt: BoxForma
     lab box build --format libvirt       a qcow2 box for vagrant-libvirt (~2 min cold)
     lab box build --format virtualbox    an OVF/VMDK box for VirtualBox
     lab box add --format libvirt         then register it with Vagrant
+    lab box build --arch arm64 --format libvirt
+                                         an arm64 box (UEFI) for Apple silicon and ARM hosts,
+                                         built here under qemu-user-static (~15 min)
     """
     import time
 
@@ -46,20 +52,33 @@ def box_build(version: VersionOpt = "1", box: RecipeOpt = "labos", fmt: BoxForma
 
     if fmt not in ("container", *BOX_FORMATS):
         raise UsageError(f"--format {fmt!r}: unknown format", hint=f"choose one of: container, {', '.join(BOX_FORMATS)}")
+    arch = _arch(arch)
     start = time.monotonic()
-    what = f"{box} {version} ({fmt})"
+    what = f"{box} {version} ({fmt}{'' if arch == 'amd64' else f', {arch}'})"
     with _spinner(f"building {what}", f"building {what}") as progress:
         if fmt == "container":
-            image = build_image(box, version, mirror=mirror, progress=progress, force=force)
+            image = build_image(box, version, mirror=mirror, progress=progress, force=force, arch=arch)
             out().print(f"{image.name} {image.version} ready at {image.rootfs} "
                         f"({image.size_bytes / 2**20:.0f} MiB, {time.monotonic() - start:.1f} s)")
             return
         from lab.images.vagrantbox import build_box
 
-        built = build_box(box, version, fmt, mirror=mirror, progress=progress, force=force)
+        built = build_box(box, version, fmt, mirror=mirror, progress=progress, force=force, arch=arch)
+    arch_option = "" if arch == _arch("") else f" --arch {arch}"
     out().print(f"{built.name} {built.version} {fmt} box ready at {built.path} "
                 f"({built.size_bytes / 2**20:.0f} MiB, {time.monotonic() - start:.1f} s)\n"
-                f"register it with Vagrant: lab box add --format {fmt}{box_options(box, version)}")
+                f"register it with Vagrant: lab box add --format {fmt}{box_options(box, version)}{arch_option}")
+
+
+def _arch(arch: str) -> str:
+    """--arch as given, or this machine's architecture (amd64 where lab builds nothing for it)."""
+    from lab.images.recipes import ARCHES, host_arch
+
+    if not arch:
+        return host_arch() if host_arch() in ARCHES else "amd64"
+    if arch not in ARCHES:
+        raise UsageError(f"--arch {arch!r}: unknown architecture", hint=f"choose one of: {', '.join(ARCHES)}")
+    return arch
 
 
 @app.command("add")
@@ -67,20 +86,22 @@ def box_add(version: Annotated[str, typer.Option(help="OS version of the box.")]
             box: RecipeOpt = "labos",
             fmt: Annotated[str, typer.Option("--format", help="libvirt or virtualbox.")] = "libvirt",
             build: Annotated[bool, typer.Option("--build/--no-build",
-                                                help="Build the box first if it is not built yet.")] = True) -> None:
+                                                help="Build the box first if it is not built yet.")] = True,
+            arch: ArchOpt = "") -> None:
     """Register a built box with Vagrant under the name lab's Vagrantfiles use.
 
-    That name is lab-NAME-VERSION: lab-labos-1 for the default box.
+    That name is lab-NAME-VERSION: lab-labos-1 for the default box (lab-labos-1-arm64 for arm64's).
     """
     from lab.images.vagrantbox import add_box, box_options, build_box, find_box
 
-    found = find_box(box, version, fmt)
+    arch = _arch(arch)
+    found = find_box(box, version, fmt, arch)
     if found is None and not build:
         raise UsageError(f"the {fmt} box of {box} {version} is not built",
                          hint=f"lab box build --format {fmt}{box_options(box, version)}")
     what = f"{box} {version} ({fmt})"
     with _spinner(f"adding {what}", what) as progress:
-        found = found or build_box(box, version, fmt, progress=progress)
+        found = found or build_box(box, version, fmt, progress=progress, arch=arch)
         name = add_box(found, progress=progress)
     out().print(f"Vagrant box {name} ({fmt}) added from {found.path}")
 

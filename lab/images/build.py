@@ -30,7 +30,7 @@ from lab.host.processes import interrupts_held
 from lab.host.run import run
 from lab.images.cache import (Image, delete_tree, find_image, image_key, image_path, lock_path, read_image,
                               refuse_if_in_use)
-from lab.images.recipes import UNIT_ACTIONS, Recipe, host_debian_mirror, load_recipe, recipe_files
+from lab.images.recipes import UNIT_ACTIONS, Recipe, host_arch, host_debian_mirror, load_recipe, recipe_files
 
 Progress = Callable[[str], None]
 
@@ -43,16 +43,19 @@ BUILD_LOCK_WAIT = DEBOOTSTRAP_TIMEOUT + 2 * CHROOT_TIMEOUT
 
 
 def build_image(name: str, version: str, *, mirror: str | None = None,
-                progress: Progress | None = None, force: bool = False, flavor: str = "container") -> Image:
+                progress: Progress | None = None, force: bool = False, flavor: str = "container",
+                arch: str = "amd64") -> Image:
     """The image for `name`/`version`, built now unless the cache already has it."""
     report = progress or (lambda line: None)
-    if not force and (image := find_image(name, version, flavor)) is not None:
+    if not force and (image := find_image(name, version, flavor, arch)) is not None:
         return image
-    recipe = load_recipe(name, version, flavor)
+    recipe = load_recipe(name, version, flavor, arch)
     _check_build_prerequisites()
+    if arch != host_arch():
+        check_foreign_arch(arch)
     mirror = (mirror or host_debian_mirror()).rstrip("/")
-    key = image_key(name, version, flavor)
-    final = image_path(name, version, key, flavor)
+    key = image_key(name, version, flavor, arch)
+    final = image_path(name, version, key, flavor, arch)
     final.parent.mkdir(parents=True, exist_ok=True)
 
     # Two `lab up` at once must not both spend minutes building the same image:
@@ -97,14 +100,56 @@ def _check_build_prerequisites() -> None:
 
 
 def _debootstrap(recipe: Recipe, mirror: str, rootfs: Path, report: Progress) -> None:
-    debootstrap(recipe.suite, mirror, rootfs, report, recipe.packages)
+    debootstrap(recipe.suite, mirror, rootfs, report, recipe.packages, arch=recipe.arch)
 
 
-def debootstrap(suite: str, mirror: str, rootfs: Path, report: Progress, packages: tuple[str, ...] = ()) -> None:
-    """A minbase `suite` at `rootfs` from `mirror`, stopped (with its children) on Ctrl-C or a stalled mirror."""
+# Where the kernel's binfmt_misc lists its interpreters, and the one a foreign arm64 build runs through.
+BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
+QEMU_BINFMT = {"arm64": "qemu-aarch64", "amd64": "qemu-x86_64"}
+
+
+def check_foreign_arch(arch: str) -> None:
+    """A foreign debootstrap runs the image's own binaries (dpkg, maintainer scripts, update-initramfs)
+    through qemu-user-static, which binfmt_misc must know with its `F` flag (opened once, so it works
+    inside the chroot). lab does not register it: that changes the host's kernel for every program;
+    `tools/install.sh` (or the package's own systemd-binfmt) does, once."""
+    entry = BINFMT_DIR / QEMU_BINFMT.get(arch, f"qemu-{arch}")
+    try:
+        text = entry.read_text()
+    except OSError:
+        text = ""
+    if not text.startswith("enabled") or "F" not in next((line.split(":", 1)[1] for line in text.splitlines()
+                                                          if line.startswith("flags:")), ""):
+        name = entry.name
+        raise PrerequisiteError(
+            f"building an {arch} image on this {host_arch()} machine needs qemu-user-static registered with "
+            f"binfmt_misc ({entry} is {'missing' if not text else 'not enabled with flag F'})",
+            hint=f"apt-get install qemu-user-static; mountpoint -q {BINFMT_DIR} || mount -t binfmt_misc "
+                 f"binfmt_misc {BINFMT_DIR}; [ -e {entry} ] || grep -v '^#' /usr/lib/binfmt.d/{name}.conf "
+                 f"> {BINFMT_DIR}/register   (tools/install.sh does this)")
+
+
+def debootstrap(suite: str, mirror: str, rootfs: Path, report: Progress, packages: tuple[str, ...] = (),
+                arch: str | None = None) -> None:
+    """A minbase `suite` at `rootfs` from `mirror`, stopped (with its children) on Ctrl-C or a stalled mirror.
+
+    Another architecture than this machine's (arm64 on amd64) is two stages: debootstrap unpacks the
+    packages (`--foreign`), then its second stage, run inside the tree through qemu-user-static,
+    configures them."""
     include = [f"--include={','.join(packages)}"] if packages else []
-    argv = ["debootstrap", "--variant=minbase", *include, suite, str(rootfs), mirror]
-    report(f"debootstrap {suite} from {mirror} ({len(packages)} extra packages)")
+    foreign = arch is not None and arch != host_arch()
+    arch_options = [f"--arch={arch}", "--foreign"] if foreign else []
+    argv = ["debootstrap", "--variant=minbase", *arch_options, *include, suite, str(rootfs), mirror]
+    report(f"debootstrap {suite}{f' ({arch}, foreign)' if foreign else ''} from {mirror} "
+           f"({len(packages)} extra packages)")
+    _debootstrap_stage(argv, rootfs, mirror, suite, report)
+    if foreign:
+        report(f"debootstrap's second stage, inside the {arch} tree under qemu-user-static (slow: emulated)")
+        _debootstrap_stage(["chroot", str(rootfs), "/debootstrap/debootstrap", "--second-stage"], rootfs, mirror,
+                           suite, report)
+
+
+def _debootstrap_stage(argv: list[str], rootfs: Path, mirror: str, suite: str, report: Progress) -> None:
     tail: collections.deque[str] = collections.deque(maxlen=_OUTPUT_TAIL_LINES)
     # Its own session: on an interrupt we stop debootstrap *and* the dpkg and
     # chroot processes it started, before unmounting and deleting their tree.
@@ -319,6 +364,7 @@ def _chroot(rootfs: Path, *command: str) -> None:
 def _write_meta(temp: Path, recipe: Recipe, key: str, mirror: str) -> None:
     meta = {
         "name": recipe.name, "version": recipe.version, "key": key, "mirror": mirror, "flavor": recipe.flavor,
+        "arch": recipe.arch,
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "size_bytes": _disk_usage(temp / "rootfs"),
     }

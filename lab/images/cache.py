@@ -40,6 +40,7 @@ class Image:
     built_at: str
     mirror: str
     flavor: str = "container"
+    arch: str = "amd64"
 
     @property
     def os_release(self) -> dict[str, str]:
@@ -72,8 +73,8 @@ def is_cached_rootfs(path: str | Path) -> bool:
             and (real.parent / "meta.json").is_file())
 
 
-def image_path(name: str, version: str, key: str, flavor: str = "container") -> Path:
-    suffix = "" if flavor == "container" else f"{flavor}-"
+def image_path(name: str, version: str, key: str, flavor: str = "container", arch: str = "amd64") -> Path:
+    suffix = ("" if flavor == "container" else f"{flavor}-") + ("" if arch == "amd64" else f"{arch}-")
     return images_dir() / f"{name}-{version}-{suffix}{key}"
 
 
@@ -85,16 +86,17 @@ def read_image(path: Path) -> Image | None:
             name=meta["name"], version=meta["version"], key=meta["key"],
             path=path, rootfs=path / "rootfs", size_bytes=int(meta["size_bytes"]),
             built_at=meta["built_at"], mirror=meta["mirror"], flavor=meta.get("flavor", "container"),
+            arch=meta.get("arch", "amd64"),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return image if image.rootfs.is_dir() else None
 
 
-def find_image(name: str, version: str, flavor: str = "container") -> Image | None:
+def find_image(name: str, version: str, flavor: str = "container", arch: str = "amd64") -> Image | None:
     """The cached image built from the current content of the recipe, or None."""
-    key = image_key(name, version, flavor)
-    return read_image(image_path(name, version, key, flavor))
+    key = image_key(name, version, flavor, arch)
+    return read_image(image_path(name, version, key, flavor, arch))
 
 
 def list_images() -> list[Image]:
@@ -132,8 +134,8 @@ def remove_images(name: str, version: str | None = None, users: Mapping[str, lis
     return doomed
 
 
-def image_key(name: str, version: str, flavor: str = "container") -> str:
-    """First 12 hex digits of a sha256 over the recipe dir's files, the version and the flavor."""
+def image_key(name: str, version: str, flavor: str = "container", arch: str = "amd64") -> str:
+    """First 12 hex digits of a sha256 over the recipe dir's files, the version, the flavor and the arch."""
     directory = recipes.recipe_dir(name)
     digest = hashlib.sha256()
     for file in recipes.recipe_files(directory):
@@ -147,6 +149,8 @@ def image_key(name: str, version: str, flavor: str = "container") -> str:
     digest.update(f"version={version}\0builder={BUILDER_REVISION}".encode())
     if flavor != "container":  # container keys stay what they were before flavors existed
         digest.update(f"\0flavor={flavor}".encode())
+    if arch != "amd64":  # amd64 keys stay what they were before architectures existed
+        digest.update(f"\0arch={arch}".encode())
     return digest.hexdigest()[:12]
 
 

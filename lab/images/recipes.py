@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -38,6 +38,28 @@ _VERSION_KEYS = {"packages", "units", "overlay"}
 # An image is built for containers (nspawn nodes) or for VMs (Vagrant boxes):
 # the VM flavor adds the recipe's `vm` section (a kernel, udev, Vagrant's user).
 FLAVORS = ("container", "vm")
+# Debian architectures lab builds images for: amd64 natively; arm64 on an amd64 host through
+# qemu-user-static and binfmt_misc (a foreign debootstrap), natively on an arm64 host.
+ARCHES = ("amd64", "arm64")
+# What a VM image needs on an architecture beyond the recipe: arm64 boxes boot by UEFI (edk2) with
+# systemd-boot, where amd64 boxes boot from a BIOS with SYSLINUX (lab/images/vmdisk.py).
+ARCH_VM_PACKAGES = {"amd64": (), "arm64": ("systemd-boot-efi",)}
+
+
+def host_arch() -> str:
+    """This machine's Debian architecture name (amd64, arm64; another machine's name as it is)."""
+    import platform
+
+    machine = platform.machine().lower()
+    return {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(machine, machine)
+
+
+def for_arch(package: str, arch: str) -> str:
+    """A recipe names architecture-specific packages by their amd64 name (linux-image-amd64): the
+    same package of `arch` (linux-image-arm64)."""
+    return package[: -len("-amd64")] + f"-{arch}" if package.endswith("-amd64") else package
+
+
 # A VM disk: "root" (one root file system: the generic Debian box) or "usr-ab" (boot, USR-A, USR-B, root).
 VM_DISK_LAYOUTS = ("root", "usr-ab")
 
@@ -62,6 +84,7 @@ class Recipe:
     # How a VM disk of it is laid out (vmdisk.DISK_LAYOUTS): one root file system, or CoreOS's
     # two /usr slots beside a root that keeps /etc and /var (what `lab update` on a VM needs).
     vm_disk: str = "root"
+    arch: str = "amd64"
 
 
 def recipe_dir(name: str) -> Path:
@@ -91,10 +114,17 @@ def _recipe_data(name: str) -> tuple[Path, object]:
         raise BoxError(f"{path}: not valid YAML: {error}") from None
 
 
-def load_recipe(name: str, version: str, flavor: str = "container") -> Recipe:
+def load_recipe(name: str, version: str, flavor: str = "container", arch: str = "amd64") -> Recipe:
     path, data = _recipe_data(name)
-    return parse_recipe(data, name=name, version=version, overlay=path.parent / "rootfs",
-                        source=str(path), flavor=flavor)
+    recipe = parse_recipe(data, name=name, version=version, overlay=path.parent / "rootfs",
+                          source=str(path), flavor=flavor)
+    if arch not in ARCHES:
+        raise BoxError(f"unknown architecture {arch!r}", hint=f"one of {', '.join(ARCHES)}")
+    if arch == "amd64":
+        return recipe
+    extra = ARCH_VM_PACKAGES[arch] if flavor == "vm" else ()
+    packages = tuple(dict.fromkeys([for_arch(p, arch) for p in recipe.packages] + list(extra)))
+    return replace(recipe, packages=packages, arch=arch)
 
 
 def recipe_versions(name: str) -> list[str]:

@@ -69,20 +69,21 @@ class BoxFile:
     version: str
     key: str           # the VM image's key
     size_bytes: int
+    arch: str = "amd64"
 
     @property
     def vagrant_name(self) -> str:
-        return vagrant_box_name_for(self.name, self.version)
+        return vagrant_box_name_for(self.name, self.version, self.arch)
 
 
-def vagrant_box_name_for(name: str, version: str) -> str:
+def vagrant_box_name_for(name: str, version: str, arch: str = "amd64") -> str:
     """The name a Lab OS box of recipe `name`, version `version`, is added to Vagrant under.
 
     Added from a file, a box has no version of its own (Vagrant shows 0), so
     the version is part of the name; no `/` in it, which Vagrant would take
     for a catalog's owner/name (lab.providers.vagrant.render.vagrant_box_name).
     """
-    return f"lab-{name}-{version}"
+    return f"lab-{name}-{version}" + ("" if arch == "amd64" else f"-{arch}")
 
 
 def lab_boxes_added(formats: tuple[str, ...]) -> bool:
@@ -109,16 +110,17 @@ def _check_format(fmt: str) -> None:
         raise BoxError(f"unknown box format {fmt!r}", hint=f"choose one of: {', '.join(BOX_FORMATS)}")
 
 
-def find_box(name: str, version: str, fmt: str) -> BoxFile | None:
+def find_box(name: str, version: str, fmt: str, arch: str = "amd64") -> BoxFile | None:
     """The box file built from the current recipe, or None."""
     from lab.images.cache import image_key
 
     _check_format(fmt)
-    key = image_key(name, version, "vm")
+    key = image_key(name, version, "vm", arch)
     path = _box_path(name, version, key, fmt)
     if not path.is_file():
         return None
-    return BoxFile(path=path, format=fmt, name=name, version=version, key=key, size_bytes=path.stat().st_size)
+    return BoxFile(path=path, format=fmt, name=name, version=version, key=key, size_bytes=path.stat().st_size,
+                   arch=arch)
 
 
 def list_boxes() -> list[BoxFile]:
@@ -144,17 +146,20 @@ def remove_boxes(name: str, version: str | None = None) -> list[BoxFile]:
 
 def build_box(name: str, version: str, fmt: str, *, mirror: str | None = None,
               progress: Progress = lambda line: None, force: bool = False,
-              disk_gib: int | None = None) -> BoxFile:
-    """Build (or find cached) the `fmt` box of `name`/`version`."""
+              disk_gib: int | None = None, arch: str = "amd64") -> BoxFile:
+    """Build (or find cached) the `fmt` box of `name`/`version` for `arch` (amd64, arm64)."""
     from lab.images import vmdisk
     from lab.images.build import build_image
     from lab.images.recipes import load_recipe
 
     _check_format(fmt)
     vmdisk.check_tools()
-    if not force and (box := find_box(name, version, fmt)) is not None:
+    if arch != "amd64" and fmt != "libvirt":
+        raise BoxError(f"{arch} boxes are built for libvirt only so far",
+                       hint=f"lab box build --arch {arch} --format libvirt (README: arm64)")
+    if not force and (box := find_box(name, version, fmt, arch)) is not None:
         return box
-    image = build_image(name, version, mirror=mirror, progress=progress, force=force, flavor="vm")
+    image = build_image(name, version, mirror=mirror, progress=progress, force=force, flavor="vm", arch=arch)
     final = _box_path(name, version, image.key, fmt)
     final.parent.mkdir(parents=True, exist_ok=True)
     work = final.with_name(f".{final.name}.tmp-{os.getpid()}")
@@ -163,7 +168,7 @@ def build_box(name: str, version: str, fmt: str, *, mirror: str | None = None,
     try:
         raw = work / "disk.raw"
         vmdisk.make_raw_disk(image.rootfs, raw, disk_gib=disk_gib or vmdisk.DEFAULT_DISK_GIB,
-                             kind=load_recipe(name, version, "vm").vm_disk, progress=progress)
+                             kind=load_recipe(name, version, "vm").vm_disk, arch=arch, progress=progress)
         progress(f"packing the {fmt} box")
         content = work / "box"
         content.mkdir()
@@ -171,7 +176,10 @@ def build_box(name: str, version: str, fmt: str, *, mirror: str | None = None,
             vmdisk.convert(raw, content / "box.img", "qcow2")
             raw.unlink()
             size = vmdisk.virtual_size(content / "box.img")
-            metadata = {"provider": "libvirt", "format": "qcow2", "virtual_size": -(-size // 2**30)}
+            # `architecture`: Vagrant 2.4's box metadata (older ones ignore it); lab's own
+            # name for the box carries it too (lab-labos-1-arm64), which every Vagrant understands.
+            metadata = {"provider": "libvirt", "format": "qcow2", "virtual_size": -(-size // 2**30),
+                        "architecture": arch}
             (content / "Vagrantfile").write_text(_LIBVIRT_VAGRANTFILE)
         else:
             disk = content / "box-disk001.vmdk"
@@ -181,7 +189,7 @@ def build_box(name: str, version: str, fmt: str, *, mirror: str | None = None,
             (content / "box.ovf").write_text(ovf_descriptor(
                 vm_name=f"{name}-{version}", disk_file=disk.name, disk_bytes=disk.stat().st_size,
                 capacity_bytes=capacity))
-            metadata = {"provider": "virtualbox"}
+            metadata = {"provider": "virtualbox", "architecture": arch}
             (content / "Vagrantfile").write_text(_VIRTUALBOX_VAGRANTFILE)
         (content / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
         packed = work / "packed.box"
@@ -193,7 +201,7 @@ def build_box(name: str, version: str, fmt: str, *, mirror: str | None = None,
         shutil.rmtree(work, ignore_errors=True)
     progress(f"built {final.name} ({final.stat().st_size / 2**20:.0f} MiB)")
     return BoxFile(path=final, format=fmt, name=name, version=version, key=image.key,
-                   size_bytes=final.stat().st_size)
+                   size_bytes=final.stat().st_size, arch=arch)
 
 
 def ovf_descriptor(*, vm_name: str, disk_file: str, disk_bytes: int, capacity_bytes: int,

@@ -48,6 +48,10 @@ USR_SLOT_MIB = 2048           # each /usr slot: Lab OS's /usr is ~0.95 GB with t
 # box, so the kernel command line can name a slot's partition whatever the disk is called (vda, sda).
 DISK_SIGNATURE = "1abd15c0"
 KERNEL_ARGS = "rw console=tty0 console=ttyS0,115200 net.ifnames=0 biosdevname=0 panic=10 quiet"
+# arm64 VMs (QEMU's virt machine, Apple's and other hypervisors): the PL011 serial port, no BIOS names
+KERNEL_ARGS_ARM64 = "rw console=tty0 console=ttyAMA0,115200 net.ifnames=0 panic=10 quiet"
+# systemd-boot, from the arm64 image's systemd-boot-efi: what edk2 starts from the EFI System Partition
+SYSTEMD_BOOT = {"arm64": ("usr/lib/systemd/boot/efi/systemd-bootaa64.efi", "BOOTAA64.EFI")}
 SYSLINUX_MBR = Path("/usr/lib/syslinux/mbr/mbr.bin")
 
 # tool -> Debian package, for one clear message when something is missing
@@ -110,7 +114,7 @@ class Layout:
 
 
 def layout(disk_gib: int = DEFAULT_DISK_GIB, boot_mib: int = BOOT_PARTITION_MIB, *, kind: str = "root",
-           usr_mib: int = USR_SLOT_MIB) -> Layout:
+           usr_mib: int = USR_SLOT_MIB, uefi: bool = False) -> Layout:
     """Partitions aligned to 1 MiB, as every partitioning tool does nowadays.
 
     kind "root": boot, root. kind "usr-ab" (CoreOS's layout): boot, USR-A, USR-B, root; the running
@@ -120,7 +124,8 @@ def layout(disk_gib: int = DEFAULT_DISK_GIB, boot_mib: int = BOOT_PARTITION_MIB,
         raise BoxError(f"disk size must be at least 1 GiB, got {disk_gib}")
     disk = disk_gib * 1024 * MIB
     offset = 1 * MIB
-    partitions = [Partition(BOOT_PARTITION, offset, boot_mib * MIB, "6", bootable=True)]
+    # UEFI (arm64) finds its boot loader on an EFI System Partition (type ef); a BIOS boots the active one
+    partitions = [Partition(BOOT_PARTITION, offset, boot_mib * MIB, "ef" if uefi else "6", bootable=not uefi)]
     offset += boot_mib * MIB
     if kind == "usr-ab":
         for number in SLOT_PARTITIONS.values():
@@ -161,6 +166,18 @@ def syslinux_config(kernel_args: str = KERNEL_ARGS, plan: Layout | None = None, 
     return head + "".join(entries)
 
 
+def systemd_boot_entries(plan: Layout, kernel_args: str = KERNEL_ARGS_ARM64, default: str = "a") -> dict[str, str]:
+    """systemd-boot's configuration (a UEFI box, arm64): loader.conf and one entry per slot, by path on
+    the EFI System Partition. The same slots and kernel arguments as SYSLINUX's entries; the update
+    agent's trial boot there would be systemd-boot's LoaderEntryOneShot (not written yet: see README)."""
+    files = {"loader/loader.conf": f"# Written by lab box build.\ndefault {slot_label(default)}.conf\ntimeout 0\n"}
+    for slot, part in plan.slots.items():
+        files[f"loader/entries/{slot_label(slot)}.conf"] = (
+            f"title Lab OS (slot {slot})\nlinux /{slot_kernel(slot)}\ninitrd /{slot_initrd(slot)}\n"
+            f"options root=LABEL={ROOT_LABEL} labos.usr=PARTUUID={part.partuuid} labos.slot={slot} {kernel_args}\n")
+    return files
+
+
 def slot_kernel(slot: str) -> str:
     return f"vmlinuz-{slot}"
 
@@ -194,7 +211,7 @@ def check_tools() -> None:
 
 
 def make_raw_disk(rootfs: Path, target: Path, *, disk_gib: int = DEFAULT_DISK_GIB, kind: str = "root",
-                  progress: Progress = lambda line: None) -> Layout:
+                  arch: str = "amd64", progress: Progress = lambda line: None) -> Layout:
     """Write a bootable raw disk image of the image at `rootfs` to `target` (sparse).
 
     kind "usr-ab": the image's /usr goes into USR-A (USR-B stays empty until the first update), its
@@ -202,7 +219,10 @@ def make_raw_disk(rootfs: Path, target: Path, *, disk_gib: int = DEFAULT_DISK_GI
     """
     check_tools()
     kernel, initrd = find_kernel(rootfs)
-    plan = layout(disk_gib, kind=kind)
+    uefi = arch in SYSTEMD_BOOT
+    if uefi and kind != "usr-ab":
+        raise BoxError(f"{arch} disks boot by UEFI with the A/B layout only (vm.disk: usr-ab)")
+    plan = layout(disk_gib, kind=kind, uefi=uefi)
     target.unlink(missing_ok=True)
     with open(target, "wb") as disk:
         disk.truncate(plan.disk_bytes)
@@ -222,10 +242,13 @@ def make_raw_disk(rootfs: Path, target: Path, *, disk_gib: int = DEFAULT_DISK_GI
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    progress(f"boot partition: SYSLINUX, {kernel.name}, {initrd.name}")
     boot_sectors = plan.boot.offset // SECTOR
     _run(["mkfs.vfat", "-F", "16", "-n", "LABBOOT", "--offset", str(boot_sectors), str(target),
           str(plan.boot.size // 1024)])
+    if uefi:
+        _uefi_boot_partition(rootfs, target, plan, arch, kernel, initrd, progress)
+        return plan
+    progress(f"boot partition: SYSLINUX, {kernel.name}, {initrd.name}")
     fat = f"{target}@@{plan.boot.offset}"
     config = target.with_name(target.name + ".syslinux.cfg")
     config.write_text(syslinux_config(plan=plan))
@@ -240,6 +263,39 @@ def make_raw_disk(rootfs: Path, target: Path, *, disk_gib: int = DEFAULT_DISK_GI
     with open(target, "r+b") as disk:
         disk.write(SYSLINUX_MBR.read_bytes()[:440])
     return plan
+
+
+def _uefi_boot_partition(rootfs: Path, target: Path, plan: Layout, arch: str, kernel: Path, initrd: Path,
+                         progress: Progress) -> None:
+    """The EFI System Partition of an arm64 box: systemd-boot as the removable-media loader
+    (EFI/BOOT/BOOTAA64.EFI, what edk2 starts with no boot entries of its own), its entries, and slot
+    a's kernel, uncompressed: Debian's arm64 vmlinuz is gzip'd, which an EFI loader cannot start."""
+    import gzip
+
+    loader, loader_name = SYSTEMD_BOOT[arch]
+    if not (rootfs / loader).is_file():
+        raise BoxError(f"{rootfs} has no {loader}: this image cannot boot by UEFI",
+                       hint="rebuild the image with --force (the VM flavor on arm64 installs systemd-boot-efi)")
+    progress(f"boot partition (EFI): systemd-boot, {kernel.name}, {initrd.name}")
+    fat = f"{target}@@{plan.boot.offset}"
+    scratch = target.with_name(target.name + ".esp")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        image = kernel.read_bytes()
+        if image[:2] == b"\x1f\x8b":
+            image = gzip.decompress(image)
+        (scratch / slot_kernel("a")).write_bytes(image)
+        files = {f"EFI/BOOT/{loader_name}": rootfs / loader, slot_kernel("a"): scratch / slot_kernel("a"),
+                 slot_initrd("a"): initrd}
+        for name, text in systemd_boot_entries(plan).items():
+            (scratch / name.replace("/", "_")).write_text(text)
+            files[name] = scratch / name.replace("/", "_")
+        _run(["mmd", "-i", fat, "::/EFI", "::/EFI/BOOT", "::/loader", "::/loader/entries"])
+        for name, source in files.items():
+            _run(["mcopy", "-o", "-i", fat, str(source), f"::/{name}"])
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _mkfs_ext4(tree: Path, target: Path, offset: int, size: int, label: str) -> None:

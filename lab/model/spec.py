@@ -100,6 +100,9 @@ class Box(_Strict):
                     "instead of a Lab OS box; lab installs what it lacks (etcd, python3, nftables) over SSH")
     docker: bool = Field(True, description="with `vagrant`: install Docker (docker.io) on the box too, if it lacks "
                                            "it (Lab OS boxes carry it); minutes under software emulation")
+    arch: Literal["auto", "amd64", "arm64"] = Field(
+        "auto", description="VM providers: the Lab OS box's architecture; auto: this machine's (an arm64 Mac or "
+                            "Linux host gets arm64 boxes). Another machine's is software-emulated (slow)")
 
     @field_validator("version", mode="before")
     @classmethod

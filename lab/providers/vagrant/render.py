@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from lab.errors import ProviderError
 from lab.host.paths import resource
 from lab.host.files import write_atomic
+from lab.images.recipes import ARCHES, host_arch
 from lab.images.vagrantbox import vagrant_box_name_for
 from lab.model.catalog import VAGRANT_PROVIDERS
 
@@ -50,7 +51,21 @@ def vagrant_box_name(spec: "LabSpec") -> str:
     names with `box.vagrant` is taken as it is: lab checks it is added before
     `vagrant up` (lab_problem), so a missing one fails at once there too.
     """
-    return spec.box.vagrant or vagrant_box_name_for(spec.box.name, spec.box.version)
+    return spec.box.vagrant or vagrant_box_name_for(spec.box.name, spec.box.version, box_arch(spec))
+
+
+# Firmware an arm64 guest boots under QEMU: edk2 built for QEMU's virt machine (Debian: qemu-efi-aarch64),
+# given as its ROM (no NVRAM: edk2 then starts the removable-media loader, EFI/BOOT/BOOTAA64.EFI, each boot).
+AARCH64_FIRMWARE = "/usr/share/qemu-efi-aarch64/QEMU_EFI.fd"
+
+
+def box_arch(spec: "LabSpec") -> str:
+    """The architecture of the lab's boxes: box.arch, or this machine's when auto (an arm64 host
+    picks arm64 boxes by itself). A machine lab builds no boxes for is taken as amd64's emulator."""
+    if spec.box.arch != "auto":
+        return spec.box.arch
+    found = host_arch()
+    return found if found in ARCHES else "amd64"
 
 
 def machine_prefix(context: "LabContext") -> str:
@@ -227,8 +242,13 @@ def _template_values(context: "LabContext", provider: str) -> dict[str, Any]:
                 "guest": ruby_str(folder.guest), "disabled": ruby_bool(folder.disabled)}
                for folder in spec.synced_folders]
     options = spec.providers
+    arch = box_arch(spec)
     return {
         "provider_id": provider,
+        # arm64 guests: each provider's settings for them (raw: one of ARCHES, checked by the spec)
+        "arch": arch,
+        # an arm64 guest on another machine's CPU is emulated: a named CPU model, not the host's
+        "emulated": arch != host_arch(),
         "provider": ruby_str(provider),
         "box": ruby_str(vagrant_box_name(spec)),
         "netmask": ruby_str(netmask),
@@ -239,6 +259,7 @@ def _template_values(context: "LabContext", provider: str) -> dict[str, Any]:
             "uri": ruby_str(options.libvirt.uri),
             "default_prefix": ruby_str(prefix),
             "network_name": ruby_str(libvirt_network_name(context)),
+            "aarch64_firmware": ruby_str(AARCH64_FIRMWARE),
         },
         "virtualbox": {
             "linked_clone": ruby_bool(options.virtualbox.linked_clone),

@@ -54,6 +54,24 @@ def test_real_vagrant_validates_and_reports_not_created(name: str, tmp_path: Pat
 
 
 @needs_vagrant
+@pytest.mark.parametrize("name", VAGRANT_PROVIDERS)
+def test_real_vagrant_validates_arm64_labs(name: str, tmp_path: Path) -> None:
+    """An arm64 lab (box.arch, what `auto` picks on Apple silicon): each provider's Vagrantfile is valid
+    to Vagrant, names the arm64 box, and carries the settings arm64 guests need where it has any."""
+    context = make_context(tmp_path, {"name": "vlab", "box": {"arch": "arm64"},
+                                      "providers": {"libvirt": {"driver": "qemu"}}})
+    provider_class(name)(context).validate()
+    text = (context.lab_dir / "Vagrantfile").read_text()
+    assert 'config.vm.box = "lab-labos-1-arm64"' in text
+    if name == "libvirt":
+        for line in ('lv.machine_arch = "aarch64"', 'lv.machine_type = "virt"', 'lv.cpu_model = "cortex-a57"',
+                     'lv.loader = "/usr/share/qemu-efi-aarch64/QEMU_EFI.fd"', 'lv.graphics_type = "none"'):
+            assert line in text
+    if name == "vmware_desktop":
+        assert 'vm.vmx["guestOS"] = "arm-debian12-64"' in text
+
+
+@needs_vagrant
 def test_real_vagrant_without_any_usable_provider(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # VAGRANT_NO_PLUGINS: as on a host with Vagrant alone and no hypervisor
     monkeypatch.setenv("VAGRANT_NO_PLUGINS", "1")

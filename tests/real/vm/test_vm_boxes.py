@@ -60,7 +60,8 @@ def test_libvirt_box_is_what_vagrant_libvirt_reads(libvirt_box, tmp_path):
     info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(content / "box.img")],
                                      check=True, capture_output=True, text=True).stdout)
     assert info["format"] == "qcow2"
-    assert metadata == {"provider": "libvirt", "format": "qcow2", "virtual_size": info["virtual-size"] // 2**30}
+    assert metadata == {"provider": "libvirt", "format": "qcow2", "virtual_size": info["virtual-size"] // 2**30,
+                        "architecture": "amd64"}
     assert 'config.vm.guest = :debian' in (content / "Vagrantfile").read_text()
 
 
@@ -119,7 +120,7 @@ def test_virtualbox_box_is_a_consistent_ovf_package(virtualbox_box, tmp_path):
     files = members(virtualbox_box.path)
     assert set(files) == {"metadata.json", "Vagrantfile", "box.ovf", "box-disk001.vmdk"}
     content = extract(virtualbox_box.path, tmp_path)
-    assert json.loads((content / "metadata.json").read_text()) == {"provider": "virtualbox"}
+    assert json.loads((content / "metadata.json").read_text()) == {"provider": "virtualbox", "architecture": "amd64"}
     info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(content / "box-disk001.vmdk")],
                                      check=True, capture_output=True, text=True).stdout)
     assert info["format"] == "vmdk" and info["format-specific"]["data"]["create-type"] == "streamOptimized"
