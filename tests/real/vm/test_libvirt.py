@@ -332,6 +332,58 @@ def test_three_vms_on_a_remote_libvirt_host_pass_raft_failover_and_partition(box
 
 
 @pytest.mark.slow
+def test_an_arm64_vm_boots_from_a_box_lab_built_and_takes_a_fault(libvirtd, tmp_path):
+    """arm64 on this amd64 machine: the box built under qemu-user-static (`lab box build --arch arm64
+    --format libvirt`), booted by vagrant-libvirt with qemu-system-aarch64 (software emulation), UEFI
+    (edk2) and systemd-boot; lab adopts it, bootstraps etcd, kills and restarts it."""
+    from lab.errors import PrerequisiteError
+    from lab.images.build import check_foreign_arch
+    from lab.images.vagrantbox import add_box, build_box
+
+    try:
+        check_foreign_arch("arm64")
+    except PrerequisiteError as exc:
+        pytest.skip(exc.message)
+    started = time.monotonic()
+    built = build_box("labos", "1", "libvirt", arch="arm64")
+    add_box(built)
+    build_s = time.monotonic() - started
+    lab = Lab.open(tmp_path / "lab.yaml", [
+        Override(("nodes", "count"), 1, "--nodes"), Override(("provider",), "libvirt", "--provider"),
+        Override(("name",), "arm", "--name"), Override(("box", "arch"), "arm64", "--set box.arch"),
+        Override(("providers", "libvirt", "driver"), "qemu", "--set providers.libvirt.driver")])
+    context = lab.context("libvirt")
+    from lab.providers.vagrant.render import libvirt_network_name, machine_prefix
+
+    before = networks()
+    progress: list[str] = []
+    try:
+        started = time.monotonic()
+        with lab.lock("up"):
+            lab.up(progress.append)
+        up_s = time.monotonic() - started
+        facts = ssh(lab, "node-1", "uname -m; findmnt -n -o SOURCE /usr; cat /proc/cmdline").stdout.split("\n")
+        assert facts[0] == "aarch64", facts
+        assert facts[1] == "/dev/disk/by-partuuid/1abd15c0-02" and "labos.slot=a" in facts[2], facts
+        wait_healthy(lab, timeout=300)
+        client = lab.etcd_client(timeout=10)
+        client.put("/lab/test/arm64", "kept")
+        client.close()
+        provider = lab.provider()
+        provider.kill("node-1")
+        provider.start("node-1")
+        wait_healthy(lab, timeout=300)
+        client = lab.etcd_client(timeout=10)
+        assert client.get("/lab/test/arm64") == "kept"
+        client.close()
+        print(f"arm64: box built in {build_s:.0f} s, lab up in {up_s:.0f} s")
+    finally:
+        lab_dir = lab.lab_dir
+        lab.destroy()
+    assert libvirt_leftovers(machine_prefix(context), libvirt_network_name(context), before, lab_dir) == []
+
+
+@pytest.mark.slow
 def test_a_generic_debian_box_gets_what_lab_needs_installed(libvirtd, tmp_path):
     """A plain Debian box of the user's own (no etcd, python3 or nftables), named as Vagrant boxes from a
     catalog are (owner/name), still becomes a node: `box.vagrant`. Here: boxes/debian built by lab."""
