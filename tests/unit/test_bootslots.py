@@ -75,6 +75,9 @@ def test_a_usr_image_is_written_into_the_passive_slot_and_checked(booted_b, monk
                                  io.BytesIO(gzip.compress(image)))
     assert result["slot"] == "a" and result["bytes"] == len(image)
     assert device.read_bytes()[:len(image)] == image
+    odd = b"lab" * 400_000 + b"!"  # not a whole number of blocks: its tail cannot go by direct I/O
+    bootslots.stage_usr("a", len(odd), hashlib.sha256(odd).hexdigest(), io.BytesIO(gzip.compress(odd)))
+    assert device.read_bytes()[:len(odd)] == odd
 
 
 def test_staging_refuses_the_running_slot_a_cut_stream_and_a_wrong_checksum(booted_b, monkeypatch, tmp_path):

@@ -289,16 +289,24 @@ def test_box_rm_vagrant_removes_the_registration_and_the_unused_pool_copy(box, t
 
 
 @pytest.mark.slow
-def test_three_vms_on_a_remote_libvirt_host_pass_raft_failover_and_partition(box, tmp_path):
+def test_three_vms_on_a_remote_libvirt_host_pass_faults_and_rolling_updates(box, tmp_path):
     """The lab's libvirt is another machine's, reached over SSH: `qemu+ssh://root@127.0.0.1:PORT/system`
     through an sshd this test starts (lab.testing.loopback_sshd). Vagrant and virsh log in with the
-    system's ssh, lab through that host as a jump host (SSH, etcd, faults). The machine is this one, so
-    the VMs' networks are routable from here too: sshd's log shows that lab's SSH and etcd connections
-    went through it."""
+    system's ssh, lab through that host as a jump host (SSH, etcd, faults, the update's staging). The
+    machine is this one, so the VMs' networks are routable from here too: sshd's log shows that lab's
+    SSH and etcd connections went through it.
+
+    On the same three VMs: raft-failover, partition, then rolling-update (each node's passive /usr
+    partition written and checked, SYSLINUX's boot-once into it, the etcd lock, the health check, the
+    new slot made the default) and rolling-update-rollback (the broken version's trial fails its
+    health check and the node boots its previous slot again)."""
+    from lab.images.build import build_image
     from lab.testing.loopback_sshd import loopback_sshd, sshd_problem
 
     if sshd_problem():
         pytest.skip(sshd_problem())
+    for version in ("2", "2-broken"):  # what the updates stage: VM images (their /usr and kernel)
+        build_image("labos", version, flavor="vm")
     before = networks()
     # Raft under software emulation (three emulated CPUs on two host cores):
     # 250/2500 ms timings (bound 5.5 s) and pre-vote. Without pre-vote a
@@ -310,22 +318,28 @@ def test_three_vms_on_a_remote_libvirt_host_pass_raft_failover_and_partition(box
         env = dict(os.environ, PATH=f"{sshd.ssh_path}{os.pathsep}{os.environ.get('PATH', '')}")
         project = tmp_path / "project"
         project.mkdir()
-        args = ["test", "raft-failover", "partition", "--provider", "libvirt", "--nodes", "3",
+        args = ["test", "raft-failover", "partition", "rolling-update", "rolling-update-rollback",
+                "--provider", "libvirt", "--nodes", "3",
                 "--set", "providers.libvirt.driver=qemu", "--set", f"providers.libvirt.uri={sshd.uri()}",
                 "--set", "etcd.pre_vote=true", "--set", "etcd.heartbeat_ms=250",
                 "--set", "etcd.election_timeout_ms=2500"]
         # No second try: the new-leader verdict allows the rounds Raft may need (the liveness bound).
-        result = run_cli(args, project, timeout=1800, env=env)
+        result = run_cli(args, project, timeout=3600, env=env)
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
         assert f"through libvirt host root@127.0.0.1:{sshd.port}" in result.stdout + result.stderr
         forwarded = sshd.forwarded_ports()
         assert {port for address, port in forwarded if address.startswith("10.")} >= {22, 2379}, forwarded
     runs = sorted((project / ".lab" / "runs").iterdir())
-    assert [r.name.split("-lab-")[1] for r in runs] == ["raft-failover", "partition"]
-    for run in runs:
-        data = json.loads((run / "result.json").read_text())
+    assert [r.name.split("-lab-")[1] for r in runs] == ["raft-failover", "partition", "rolling-update",
+                                                        "rolling-update-rollback"]
+    results = [json.loads((run / "result.json").read_text()) for run in runs]
+    for data in results:
         assert data["ok"] and data["measurements"]["lost_writes"] == 0, data
+    for data in results[:2]:
         assert data["measurements"]["time_to_new_leader_s"]
+    roll = results[2]["measurements"]
+    assert roll["roll_s"] > 0 and roll["staging_s"] > 0
+    assert roll["staging_latency"]["before"]["ops"] and roll["staging_latency"]["during"]["ops"], roll
     leftovers = [d for d in virsh("list", "--all", "--name").split() if d.startswith("lab-")]
     assert leftovers == [] and networks() - before == set()
     assert not (project / ".lab" / "lab").exists()
