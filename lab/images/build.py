@@ -38,8 +38,10 @@ _OUTPUT_TAIL_LINES = 25
 # debootstrap takes ~3.5 min from a good mirror; a chroot step (apt, update-initramfs) a minute or two.
 DEBOOTSTRAP_TIMEOUT = 30 * 60
 CHROOT_TIMEOUT = 15 * 60
+# A foreign build's second stage configures every package under qemu-user-static: 5 to 20 times slower.
+FOREIGN_STAGE_TIMEOUT = 90 * 60
 # A second build of the same image waits for the first: debootstrap and a chroot step or two at most.
-BUILD_LOCK_WAIT = DEBOOTSTRAP_TIMEOUT + 2 * CHROOT_TIMEOUT
+BUILD_LOCK_WAIT = DEBOOTSTRAP_TIMEOUT + FOREIGN_STAGE_TIMEOUT + 2 * CHROOT_TIMEOUT
 
 
 def build_image(name: str, version: str, *, mirror: str | None = None,
@@ -100,7 +102,14 @@ def _check_build_prerequisites() -> None:
 
 
 def _debootstrap(recipe: Recipe, mirror: str, rootfs: Path, report: Progress) -> None:
-    debootstrap(recipe.suite, mirror, rootfs, report, recipe.packages, arch=recipe.arch)
+    def before_configure(tree: Path) -> None:
+        # The VM overlay's initramfs settings (MODULES=list) before the kernel's package is configured:
+        # under emulation an initramfs of every module took ~10 min to make, and it was made twice.
+        if recipe.vm_overlay is not None and (recipe.vm_overlay / "etc/initramfs-tools").is_dir():
+            _copy_overlay(recipe.vm_overlay / "etc/initramfs-tools", tree / "etc/initramfs-tools")
+
+    debootstrap(recipe.suite, mirror, rootfs, report, recipe.packages, arch=recipe.arch,
+                before_configure=before_configure)
 
 
 # Where the kernel's binfmt_misc lists its interpreters, and the one a foreign arm64 build runs through.
@@ -130,7 +139,7 @@ def check_foreign_arch(arch: str) -> None:
 
 
 def debootstrap(suite: str, mirror: str, rootfs: Path, report: Progress, packages: tuple[str, ...] = (),
-                arch: str | None = None) -> None:
+                arch: str | None = None, before_configure: Callable[[Path], None] | None = None) -> None:
     """A minbase `suite` at `rootfs` from `mirror`, stopped (with its children) on Ctrl-C or a stalled mirror.
 
     Another architecture than this machine's (arm64 on amd64) is two stages: debootstrap unpacks the
@@ -142,14 +151,17 @@ def debootstrap(suite: str, mirror: str, rootfs: Path, report: Progress, package
     argv = ["debootstrap", "--variant=minbase", *arch_options, *include, suite, str(rootfs), mirror]
     report(f"debootstrap {suite}{f' ({arch}, foreign)' if foreign else ''} from {mirror} "
            f"({len(packages)} extra packages)")
-    _debootstrap_stage(argv, rootfs, mirror, suite, report)
+    _debootstrap_stage(argv, rootfs, mirror, suite, report, DEBOOTSTRAP_TIMEOUT)
     if foreign:
+        if before_configure is not None:
+            before_configure(rootfs)
         report(f"debootstrap's second stage, inside the {arch} tree under qemu-user-static (slow: emulated)")
         _debootstrap_stage(["chroot", str(rootfs), "/debootstrap/debootstrap", "--second-stage"], rootfs, mirror,
-                           suite, report)
+                           suite, report, FOREIGN_STAGE_TIMEOUT)
 
 
-def _debootstrap_stage(argv: list[str], rootfs: Path, mirror: str, suite: str, report: Progress) -> None:
+def _debootstrap_stage(argv: list[str], rootfs: Path, mirror: str, suite: str, report: Progress,
+                       timeout: float) -> None:
     tail: collections.deque[str] = collections.deque(maxlen=_OUTPUT_TAIL_LINES)
     # Its own session: on an interrupt we stop debootstrap *and* the dpkg and
     # chroot processes it started, before unmounting and deleting their tree.
@@ -162,7 +174,7 @@ def _debootstrap_stage(argv: list[str], rootfs: Path, mirror: str, suite: str, r
         if process is not None:
             _stop(process)
 
-    watchdog = threading.Timer(DEBOOTSTRAP_TIMEOUT, expire)
+    watchdog = threading.Timer(timeout, expire)
     watchdog.daemon = True
     try:
         with interrupts_held():  # a Ctrl-C lands inside the try, once there is a process to stop
@@ -183,7 +195,7 @@ def _debootstrap_stage(argv: list[str], rootfs: Path, mirror: str, suite: str, r
     finally:
         watchdog.cancel()
     if timed_out.is_set():
-        raise BoxError(f"debootstrap did not finish in {DEBOOTSTRAP_TIMEOUT // 60} minutes: stopped",
+        raise BoxError(f"debootstrap did not finish in {timeout // 60:.0f} minutes: stopped",
                        hint=f"check that {mirror} answers (pass another with --mirror URL)")
     if status != 0:
         # debootstrap's own log names the package or URL that failed; its
