@@ -10,7 +10,7 @@ On the lab of PROJECT (nspawn or VMs, running, bootstrapped): for each weight, a
 (`updates.staging_weight`) while the same writes go on. Nothing is published: no node reboots, the
 slots are written again by the next `lab update`. The writes are one client's puts through the
 members in turn (what a workload's write sees: the leader's fsync and a round to a majority).
-Prints per weight: staging seconds (all nodes at once, as `lab update` does), p50/p99 before and during,
+Prints per weight: staging seconds (as many nodes at once as `lab update` stages), p50/p99 before and during,
 and the during/before ratios; `--save` writes them as JSON. Asserts nothing: the machine is shared
 and noisy. On nspawn a slot is a link to the cached image: staging writes nothing, and the figures
 show that.
@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lab.cluster.update import STAGING_CONCURRENCY  # noqa: E402
+from lab.cluster.update import staging_concurrency  # noqa: E402
 from lab.core.lab import Lab  # noqa: E402
 from lab.host.ssh import parallel_map  # noqa: E402
 from lab.images.cache import find_image  # noqa: E402
@@ -92,7 +92,7 @@ def measure(lab: Lab, version: str, weight: int, seconds: float) -> dict:
         staging_from = time.monotonic()
         lines: list[str] = []
         parallel_map(lambda node: provider.stage_update(node, image.rootfs, lines.append), lab.node_names(),
-                     limit=STAGING_CONCURRENCY)
+                     limit=staging_concurrency(lab.spec.updates.max_concurrent_reboots))
         staging_to = time.monotonic()
     finally:
         writer.stop()

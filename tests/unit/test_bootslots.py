@@ -91,7 +91,7 @@ def test_staging_refuses_the_running_slot_a_cut_stream_and_a_wrong_checksum(boot
         bootslots.stage_usr("a", len(image) + 10, digest, io.BytesIO(packed))
     with pytest.raises(bootslots.SlotError, match="more than the announced"):
         bootslots.stage_usr("a", len(image) - 10, digest, io.BytesIO(packed))
-    with pytest.raises(bootslots.SlotError, match="reads back with sha256"):
+    with pytest.raises(bootslots.SlotError, match="arrived with sha256 .*changed on the way"):
         bootslots.stage_usr("a", len(image), "0" * 64, io.BytesIO(packed))
     with pytest.raises(bootslots.SlotError, match="bigger than slot a"):
         bootslots.stage_usr("a", 8 * 2**20, digest, io.BytesIO(packed))

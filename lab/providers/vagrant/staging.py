@@ -4,7 +4,8 @@ A Lab OS VM disk has two /usr partitions (lab/images/vmdisk.py). The host
 makes the new version's /usr into an ext4 image once (kept beside the image
 in lab's cache, with its sha256), then streams it to each node over the
 node's SSH session. There `bootslots.py stage-usr` (lab/node/) inflates it
-onto the passive partition, reads it back and checks the sha256; the slot's
+onto the passive partition (direct I/O), checks the sha256 of what arrived
+and reads the partition's ends back; the slot's
 kernel and initramfs go onto the boot partition the same way. The node's
 update agent does the rest (the reboot lock, the trial boot, the health
 check), exactly as on nspawn.
@@ -32,7 +33,9 @@ from lab.node import layout
 from lab.providers.base import Progress, no_progress
 
 BOOTSLOTS = f"{layout.NODE_DIR}/bootslots.py"
-STAGE_TIMEOUT = 300.0     # per read or write on the channel: a node under emulation inflates slowly
+# Per read or write on the channel, not the whole transfer: a node at the staging's low weight, under
+# emulation, beside busy applications, may inflate and fsync for minutes without a word.
+STAGE_TIMEOUT = 900.0
 STATUS_TIMEOUT = 60.0
 SLOT_IMAGE_LOCK_WAIT = 15 * 60
 
@@ -84,7 +87,7 @@ def stage(endpoint: SSHEndpoint, rootfs: Path, weight: int, progress: Progress =
                              weight), source, timeout=STAGE_TIMEOUT), f"writing /usr into slot {passive}")
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     progress(f"{endpoint.node}: {image.usr_bytes / 2**20:.0f} MiB written to slot {passive} and checked in "
-             f"{time.monotonic() - started:.1f} s (write {measured['write_s']:.1f} s, weight {weight})")
+             f"{time.monotonic() - started:.1f} s (the node's part {measured['total_s']:.1f} s, weight {weight})")
     return passive
 
 
