@@ -1,0 +1,32 @@
+"""`lab update`'s host side on fixed inputs: how many nodes stage at once, how long a scenario's waits
+sit through reboots, and the VM staging's commands (the real staging: tests/real/vm/test_libvirt.py)."""
+
+from __future__ import annotations
+
+from lab.cluster.update import STAGING_CONCURRENCY, staging_concurrency
+from lab.providers.base import Provider
+from lab.providers.nspawn.provider import NspawnProvider
+from lab.providers.vagrant.provider import VagrantProvider
+from lab.providers.vagrant.staging import scoped
+from lab.scenarios.conditions import reboots_in
+
+
+def test_as_many_nodes_stage_at_once_as_may_reboot_at_once():
+    assert staging_concurrency(1) == 1
+    assert staging_concurrency(3) == 3
+    assert staging_concurrency(64) == STAGING_CONCURRENCY
+    assert staging_concurrency(0) == 1
+
+
+def test_waits_through_reboots_grow_only_on_providers_whose_nodes_reboot_slowly():
+    assert reboots_in("updated", 3) == 3 and reboots_in("update-halted", 3) == 1
+    assert reboots_in("healthy", 5) == 1 and reboots_in("new-leader", 3) == 0
+    assert Provider.reboot_allowance_s == NspawnProvider.reboot_allowance_s == 0.0
+    assert VagrantProvider.reboot_allowance_s > 0
+
+
+def test_vm_staging_runs_in_a_low_weight_scope_and_takes_the_vm_image():
+    command = scoped("python3 /var/lib/lab/bootslots.py stage-usr b 10 abc", 10)
+    assert command.startswith("systemd-run --scope --quiet --collect -p CPUWeight=10 -p IOWeight=10 -- ")
+    assert command.endswith("bootslots.py stage-usr b 10 abc")
+    assert NspawnProvider.update_flavor == "container" and VagrantProvider.update_flavor == "vm"
