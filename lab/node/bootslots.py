@@ -33,6 +33,7 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
+from typing import Iterator
 
 try:  # in the lab package on the host; beside this file on a node
     from . import layout
@@ -332,6 +333,19 @@ def _read_at(fd: int, offset: int, length: int) -> bytes:
         buffer.close()
 
 
+def inflated(source) -> Iterator[bytes]:
+    """The gzip stream from `source`, inflated, in pieces of at most CHUNK bytes. Bounded: a megabyte
+    of a file system's free space (zeros) inflates to a gigabyte, more than a node's memory."""
+    inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    while chunk := source.read(CHUNK):
+        data = inflate.decompress(chunk, CHUNK)
+        while data:
+            yield data
+            data = inflate.decompress(inflate.unconsumed_tail, CHUNK) if inflate.unconsumed_tail else b""
+    if rest := inflate.flush():
+        yield rest
+
+
 def stage_usr(slot: str, size: int, sha256: str, source) -> dict:
     """Write a gzip-compressed /usr image from `source` into `slot`'s partition, checking the sha256 of
     what arrived, then read the first and last MiB back from the disk.
@@ -343,7 +357,6 @@ def stage_usr(slot: str, size: int, sha256: str, source) -> dict:
     _refuse_running(slot)
     device = slot_device(slot)
     started = time.monotonic()
-    inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip
     digest = hashlib.sha256()
     head = tail = b""
     written = 0
@@ -355,9 +368,7 @@ def stage_usr(slot: str, size: int, sha256: str, source) -> dict:
         os.lseek(fd, 0, os.SEEK_SET)
         writer = _AlignedWriter(fd)
         try:
-            while True:
-                chunk = source.read(CHUNK)
-                data = inflate.decompress(chunk) if chunk else inflate.flush()
+            for data in inflated(source):
                 if written < CHUNK:
                     head = (head + data)[:CHUNK]
                 written += len(data)
@@ -366,8 +377,6 @@ def stage_usr(slot: str, size: int, sha256: str, source) -> dict:
                 tail = (tail + data)[-CHUNK:]
                 digest.update(data)
                 writer.write(data)
-                if not chunk:
-                    break
         finally:
             writer.close()
         if written != size:

@@ -159,3 +159,9 @@ def test_boot_once_is_written_where_the_boot_loader_reads_it(monkeypatch, tmp_pa
     loader = subprocess.run(["mtype", "-i", str(device), "::/ldlinux.sys"], check=True, capture_output=True,
                             env={"MTOOLS_SKIP_CHECK": "1", "PATH": "/usr/bin:/bin"}).stdout
     assert bootslots.adv_records(loader[-1024:]) == {1: b"usr-b"}
+
+
+def test_inflating_is_bounded_however_well_the_stream_compresses():
+    zeros = b"\0" * (64 * 2**20)
+    pieces = list(bootslots.inflated(io.BytesIO(gzip.compress(zeros))))
+    assert b"".join(pieces) == zeros and max(map(len, pieces)) <= bootslots.CHUNK
