@@ -72,19 +72,28 @@ def test_libvirt_disk_layout_read_back(libvirt_box, tmp_path):
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(content / "box.img"), str(raw)], check=True)
     table = json.loads(subprocess.run(["sfdisk", "--json", str(raw)], check=True, capture_output=True,
                                       text=True).stdout)["partitiontable"]
-    boot, root = table["partitions"]
-    assert table["label"] == "dos" and boot.get("bootable") and boot["type"] == "6" and root["type"] == "83"
-    plan = vmdisk.layout()
-    assert boot["start"] * 512 == plan.boot_offset and root["start"] * 512 == plan.root_offset
+    boot, usr_a, usr_b, root = table["partitions"]
+    assert table["label"] == "dos" and table["id"] == f"0x{vmdisk.DISK_SIGNATURE}"
+    assert boot.get("bootable") and boot["type"] == "6" and {usr_a["type"], usr_b["type"], root["type"]} == {"83"}
+    plan = vmdisk.layout(kind="usr-ab")
+    assert [p["start"] * 512 for p in (boot, usr_a, usr_b, root)] == [p.offset for p in plan.partitions]
     # The MBR carries SYSLINUX's boot code, the partition table stays intact.
     assert raw.read_bytes()[:440] == vmdisk.SYSLINUX_MBR.read_bytes()[:440]
     listing = subprocess.run(["mdir", "-a", "-b", "-i", f"{raw}@@{plan.boot_offset}", "::/"], check=True,
                              capture_output=True, text=True).stdout
-    for name in ("VMLINUZ", "INITRD.IMG", "SYSLINUX.CFG", "LDLINUX.SYS", "LDLINUX.C32"):
+    for name in ("VMLINUZ-A", "INITRD-A.IMG", "SYSLINUX.CFG", "LDLINUX.SYS", "LDLINUX.C32"):
         assert name.lower() in listing.lower()
-    probe = subprocess.run(["blkid", "-p", "-O", str(plan.root_offset), "-o", "export", str(raw)],
-                           capture_output=True, text=True).stdout
-    assert "TYPE=ext4" in probe and f"LABEL={vmdisk.ROOT_LABEL}" in probe
+    config = subprocess.run(["mtype", "-i", f"{raw}@@{plan.boot_offset}", "::/syslinux.cfg"], check=True,
+                            capture_output=True, text=True).stdout
+    assert "DEFAULT usr-a" in config and "labos.usr=PARTUUID=1abd15c0-03 labos.slot=b" in config
+
+    def probe(offset: int) -> str:
+        return subprocess.run(["blkid", "-p", "-O", str(offset), "-o", "export", str(raw)],
+                              capture_output=True, text=True).stdout
+
+    assert "TYPE=ext4" in probe(plan.root_offset) and f"LABEL={vmdisk.ROOT_LABEL}" in probe(plan.root_offset)
+    assert f"LABEL={vmdisk.USR_LABEL}" in probe(plan.slots["a"].offset)  # slot a: the box's /usr
+    assert "TYPE=" not in probe(plan.slots["b"].offset)                  # slot b: empty until an update
 
 
 @needs_build
