@@ -142,6 +142,9 @@ class Updater:
         """Confirm or roll back the slot this boot tried."""
         boot = read_boot()
         if not boot.get("try"):
+            if boot.get("halt_pending"):  # rolled back with no etcd to tell (see below): tell it now
+                self.halt(boot.get("rolled_back_from", "?"), boot.get("reason", "?"))
+                write_boot({key: value for key, value in boot.items() if key != "halt_pending"})
             self.release_if_holding()
             self.publish("idle")
             return
@@ -182,10 +185,17 @@ class Updater:
         self.log(f"health check failed ({reason}): rolling back to slot {previous}")
         if self.ab_disk:
             bootslots.set_default(previous)  # it is already, unless someone changed it: the next boot is its
-        write_boot({"slot": previous, "rolled_back_from": failed_version, "reason": reason,
-                    "rolled_back_staging": boot.get("staging")})
-        self.halt(failed_version, reason)
-        self.publish("rolling-back", failed_version=failed_version, reason=reason)
+        rolled_back = {"slot": previous, "rolled_back_from": failed_version, "reason": reason,
+                       "rolled_back_staging": boot.get("staging")}
+        write_boot({**rolled_back, "halt_pending": True})
+        try:
+            self.halt(failed_version, reason)
+            write_boot(rolled_back)
+            self.publish("rolling-back", failed_version=failed_version, reason=reason)
+        except ConnectionError as exc:
+            # The broken part may be this very etcd, the lab's only member: the roll back must not
+            # wait for it. The previous slot's boot publishes the halt (halt_pending above).
+            self.log(f"etcd unreachable ({exc}): going back first, the halt is published after the reboot")
         self.reboot()
 
     def halt(self, version: str, reason: str) -> None:
