@@ -9,7 +9,8 @@ import json
 
 
 def staged_for(host, etcdctl) -> dict:
-    node = json.loads(host.file("/etc/lab/node.json").content_string)["node"]
+    # update.json: the update agent's configuration, on every provider's nodes (node.json is nspawn's)
+    node = json.loads(host.file("/etc/lab/update.json").content_string)["name"]
     got = etcdctl(f"get --print-value-only /lab/update/staged/{node}")
     assert got.rc == 0 and got.stdout.strip(), got.stderr
     return json.loads(got.stdout)
