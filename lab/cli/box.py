@@ -72,10 +72,10 @@ def box_build(version: VersionOpt = "1", box: RecipeOpt = "labos", fmt: BoxForma
 
 def _arch(arch: str) -> str:
     """--arch as given, or this machine's architecture (amd64 where lab builds nothing for it)."""
-    from lab.images.recipes import ARCHES, host_arch
+    from lab.images.recipes import ARCHES, native_arch
 
     if not arch:
-        return host_arch() if host_arch() in ARCHES else "amd64"
+        return native_arch()
     if arch not in ARCHES:
         raise UsageError(f"--arch {arch!r}: unknown architecture", hint=f"choose one of: {', '.join(ARCHES)}")
     return arch

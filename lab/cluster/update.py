@@ -69,8 +69,7 @@ def start_roll(lab, version: str, progress: Progress = no_progress) -> float:
     if image is None:
         build = f"lab box build --name {box.name} --version {version}"
         if flavor == "vm":  # any box format builds the VM image; the lab's own is the one it may boot later
-            fmt = getattr(provider, "vagrant_provider", "libvirt")
-            build += f" --format {fmt if fmt in ('libvirt', 'virtualbox') else 'libvirt'}"
+            build += f" --format {provider.name if provider.name in ('libvirt', 'virtualbox') else 'libvirt'}"
         raise PrerequisiteError(f"the node OS image {box.name} {version}{' (VM)' if flavor == 'vm' else ''} "
                                 "is not built", hint=build)
     if lab.spec.updates.strategy == "off":
@@ -78,19 +77,23 @@ def start_roll(lab, version: str, progress: Progress = no_progress) -> float:
                          hint="set updates.strategy to etcd-lock (or reboot) in lab.yaml and run `lab up`")
     client = lab.etcd_client()
     Semaphore(client).resize(lab.spec.updates.max_concurrent_reboots)
-    if client.get(HALTED):
-        progress("clearing the halt left by an earlier failed roll")
-        client.delete(HALTED)
+    nodes = lab.node_names()
+    # What an earlier roll staged goes first: a node must not reboot into its passive slot while that
+    # slot is being written again (the halt it may be waiting behind is cleared only once all is staged).
+    for node in nodes:
+        client.delete(f"{STAGED}{node}")
     # Every node's passive slot is written first (as many at once as may reboot at once), and only then
     # is anything published: no node
     # reboots while another is still staging, so the staging's cost to the applications is measured
     # alone (the scenario's staging window) and a failed staging leaves no node half-way into a roll.
     provider.prepare_update(image.rootfs, progress)
-    nodes = lab.node_names()
     started = time.monotonic()
     slots = parallel_map(lambda node: provider.stage_update(node, image.rootfs, progress), nodes,
                          limit=staging_concurrency(lab.spec.updates.max_concurrent_reboots))
     staging_s = time.monotonic() - started
+    if client.get(HALTED):
+        progress("clearing the halt left by an earlier failed roll")
+        client.delete(HALTED)
     for node, slot in zip(nodes, slots):
         client.put(f"{STAGED}{node}", json.dumps({"version": version, "slot": slot, "at": time.time()}))
         progress(f"{node}: {box.name} {version} staged in slot {slot}")

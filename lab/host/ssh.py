@@ -453,8 +453,14 @@ def run_with_input(endpoint: SSHEndpoint, command: str, source: BinaryIO, *, tim
             while data := source.read(chunk):
                 if channel.exit_status_ready():
                     break  # it gave up (a refused slot, a full disk): its message says why
-                channel.sendall(data)
-            channel.shutdown_write()
+                try:
+                    channel.sendall(data)
+                except OSError:
+                    if channel.closed or channel.exit_status_ready():
+                        break  # the same, noticed while sending: read what it said
+                    raise
+            if not channel.closed:
+                channel.shutdown_write()
             # What the node's side prints is a line or two: stdout to its end, then stderr.
             out, err = bytearray(), bytearray()
             while piece := channel.recv(65536):

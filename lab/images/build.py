@@ -30,7 +30,8 @@ from lab.host.processes import interrupts_held
 from lab.host.run import run
 from lab.images.cache import (Image, delete_tree, find_image, image_key, image_path, lock_path, read_image,
                               refuse_if_in_use)
-from lab.images.recipes import UNIT_ACTIONS, Recipe, host_arch, host_debian_mirror, load_recipe, recipe_files
+from lab.images.recipes import (UNIT_ACTIONS, Recipe, host_arch, host_debian_mirror, load_recipe, native_arch,
+                                recipe_files)
 
 Progress = Callable[[str], None]
 
@@ -46,9 +47,10 @@ BUILD_LOCK_WAIT = DEBOOTSTRAP_TIMEOUT + FOREIGN_STAGE_TIMEOUT + 2 * CHROOT_TIMEO
 
 def build_image(name: str, version: str, *, mirror: str | None = None,
                 progress: Progress | None = None, force: bool = False, flavor: str = "container",
-                arch: str = "amd64") -> Image:
-    """The image for `name`/`version`, built now unless the cache already has it."""
+                arch: str | None = None) -> Image:
+    """The image for `name`/`version` (for `arch`, default this machine's), built now unless cached."""
     report = progress or (lambda line: None)
+    arch = arch or native_arch()
     if not force and (image := find_image(name, version, flavor, arch)) is not None:
         return image
     recipe = load_recipe(name, version, flavor, arch)

@@ -93,8 +93,9 @@ def read_image(path: Path) -> Image | None:
     return image if image.rootfs.is_dir() else None
 
 
-def find_image(name: str, version: str, flavor: str = "container", arch: str = "amd64") -> Image | None:
-    """The cached image built from the current content of the recipe, or None."""
+def find_image(name: str, version: str, flavor: str = "container", arch: str | None = None) -> Image | None:
+    """The cached image built from the current content of the recipe, or None (arch: this machine's)."""
+    arch = arch or recipes.native_arch()
     key = image_key(name, version, flavor, arch)
     return read_image(image_path(name, version, key, flavor, arch))
 

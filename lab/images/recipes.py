@@ -54,6 +54,13 @@ def host_arch() -> str:
     return {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(machine, machine)
 
 
+def native_arch() -> str:
+    """The architecture images are built for when none is named: this machine's (an arm64 host's nspawn
+    nodes run arm64 images), amd64 where lab builds nothing for this machine's."""
+    found = host_arch()
+    return found if found in ARCHES else "amd64"
+
+
 def for_arch(package: str, arch: str) -> str:
     """A recipe names architecture-specific packages by their amd64 name (linux-image-amd64): the
     same package of `arch` (linux-image-arm64)."""

@@ -307,18 +307,21 @@ class _AlignedWriter:
                 self._flush()
 
     def _flush(self) -> None:
-        if self.fill % 4096:  # a tail direct I/O cannot take: written through the page cache
+        fill, self.fill = self.fill, 0
+        if fill % 4096:  # a tail direct I/O cannot take: written through the page cache
             fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-        done, view = 0, memoryview(self.buffer)[:self.fill]
-        while done < self.fill:
-            done += os.write(self.fd, view[done:])
-        view.release()
-        self.fill = 0
+        with memoryview(self.buffer) as whole:
+            view, done = whole[:fill], 0
+            while done < fill:
+                done += os.write(self.fd, view[done:])
+            view.release()
 
     def close(self) -> None:
-        if self.fill:
-            self._flush()
-        self.buffer.close()
+        try:
+            if self.fill:
+                self._flush()
+        finally:
+            self.buffer.close()
 
 
 def _read_at(fd: int, offset: int, length: int) -> bytes:
@@ -418,7 +421,7 @@ def status() -> dict:
 
 
 def main(argv: list[str]) -> int:
-    usage = __doc__.split("\n\n")[3]
+    usage = next(part for part in __doc__.split("\n\n") if "bootslots.py status" in part)
     try:
         if argv[1:] == ["status"]:
             result = status()

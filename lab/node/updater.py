@@ -154,9 +154,11 @@ class Updater:
             booted = bootslots.booted_slot()
             reason = f"slot {boot['slot']} did not come up (the boot loader went back to slot {booted})"
             self.log(f"{reason}: halting the update")
-            write_boot({"slot": booted, "rolled_back_from": boot.get("target", "?"), "reason": reason,
-                        "rolled_back_staging": boot.get("staging")})
+            rolled_back = {"slot": booted, "rolled_back_from": boot.get("target", "?"), "reason": reason,
+                           "rolled_back_staging": boot.get("staging")}
+            write_boot({**rolled_back, "halt_pending": True})  # etcd may not answer yet: halted on a retry
             self.halt(boot.get("target", "?"), reason)
+            write_boot(rolled_back)
             self.publish("rolled-back", failed_version=boot.get("target", "?"), reason=reason)
             self.release_if_holding()
             return
@@ -267,7 +269,15 @@ class Updater:
         write_boot({"slot": staged["slot"], "try": True, "previous": boot["slot"],
                     "staging": staged.get("at"), "target": staged["version"]})
         if self.ab_disk:
-            bootslots.boot_once(staged["slot"])
+            try:
+                bootslots.boot_once(staged["slot"])
+            except bootslots.SlotError as exc:
+                # No trial without the boot loader's part: stay, undo the drain, stop the roll.
+                write_boot(boot)
+                layout.DRAIN_FLAG.unlink(missing_ok=True)
+                self.halt(staged["version"], f"could not set the boot loader's boot-once: {exc}")
+                self.release_if_holding()
+                return
         self.reboot()
 
     def wait_units_settled(self, machine: str) -> None:
@@ -316,8 +326,8 @@ class Updater:
             try:
                 self.settle_boot()
                 break
-            except (ConnectionError, KeyError, ValueError) as exc:
-                self.log(f"etcd unreachable after boot: {exc}")
+            except (ConnectionError, KeyError, ValueError, bootslots.SlotError) as exc:
+                self.log(f"settling this boot failed, trying again: {type(exc).__name__}: {exc}")
                 time.sleep(1)
         while True:
             try:

@@ -106,10 +106,10 @@ def wait_timeout(timeout: float, bound: float | None) -> float:
     return max(timeout, bound + 1.0) if bound is not None else timeout
 
 
-def reboots_in(condition: str, members: int) -> int:
+def reboots_in(condition: str, nodes: int) -> int:
     """How many node reboots a wait for `condition` may have to sit through: a roll reboots every
     node in turn; a halt or a return to health waits for one (the node going back to its slot)."""
-    return {"updated": members, "update-halted": 1, "healthy": 1}.get(condition, 0)
+    return {"updated": nodes, "update-halted": 1, "healthy": 1}.get(condition, 0)
 
 
 class Conditions:
@@ -176,8 +176,9 @@ class Conditions:
         since = last["requested"] if last else 0.0
         in_place = last["start"] if last else 0.0
         bound = self.bound(wait.within)
-        timeout = wait_timeout(wait.timeout, bound) + reboots_in(wait.condition, len(self.members)) * \
-            self.reboot_allowance
+        timeout = wait_timeout(wait.timeout, bound)
+        if self.reboot_allowance:  # VMs: every node of the lab reboots in a roll, workers too
+            timeout += reboots_in(wait.condition, len(self.lab.node_names())) * self.reboot_allowance
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             reached_at = self.reached(wait.condition, since)

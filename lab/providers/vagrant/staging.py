@@ -72,6 +72,10 @@ def stage(endpoint: SSHEndpoint, rootfs: Path, weight: int, progress: Progress =
         raise ProviderError(f"{endpoint.node} runs slot {status['booted']} on trial (its default is "
                             f"{status['default']}): its update agent has not settled it yet",
                             hint="wait for `lab update status` to show it updated or rolled back, then retry")
+    if status.get("once"):
+        raise ProviderError(f"{endpoint.node} has a trial boot pending ({status['once']}): its update agent is "
+                            "about to reboot into the passive slot",
+                            hint="wait for `lab update status` to show it updated or rolled back, then retry")
     passive = layout.BOOT_SLOTS[1 - layout.BOOT_SLOTS.index(status["booted"])]
     image = slot_image(rootfs, progress)
     started = time.monotonic()
