@@ -33,7 +33,7 @@ from lab.cluster.update import staging_concurrency  # noqa: E402
 from lab.core.lab import Lab  # noqa: E402
 from lab.host.ssh import parallel_map  # noqa: E402
 from lab.images.cache import find_image  # noqa: E402
-from lab.scenarios.expectations import percentile  # noqa: E402
+from lab.scenarios.expectations import latency_before_and_during  # noqa: E402
 
 
 class Writer:
@@ -70,13 +70,6 @@ class Writer:
         return [latency for at, latency in self.samples if start <= at < end]
 
 
-def summary(samples: list[float]) -> dict:
-    if not samples:
-        return {"ops": 0}
-    return {"ops": len(samples), "p50_ms": round(percentile(samples, 0.5), 2),
-            "p99_ms": round(percentile(samples, 0.99), 2)}
-
-
 def measure(lab: Lab, version: str, weight: int, seconds: float) -> dict:
     provider = lab.provider()
     provider.context = replace(provider.context, spec=lab.spec.model_copy(
@@ -98,13 +91,9 @@ def measure(lab: Lab, version: str, weight: int, seconds: float) -> dict:
         writer.stop()
     for line in lines:
         print(f"  {line}")
-    before = summary(writer.between(staging_from - seconds, staging_from))
-    during = summary(writer.between(staging_from, staging_to))
-    result = {"weight": weight, "staging_s": round(staging_to - staging_from, 2), "before": before,
-              "during": during, "errors": writer.errors}
-    if before.get("ops") and during.get("ops"):
-        result.update({f"{k}_ratio": round(during[f"{k}_ms"] / max(before[f"{k}_ms"], 1e-3), 2) for k in ("p50", "p99")})
-    return result
+    return {"weight": weight, "staging_s": round(staging_to - staging_from, 2), "errors": writer.errors,
+            **latency_before_and_during(writer.between(staging_from - seconds, staging_from),
+                                        writer.between(staging_from, staging_to))}
 
 
 def main() -> int:

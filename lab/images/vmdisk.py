@@ -153,17 +153,20 @@ def syslinux_config(kernel_args: str = KERNEL_ARGS, plan: Layout | None = None, 
     update agent's trial boot; SYSLINUX clears it as it boots, so a trial that never comes up
     healthy falls back to DEFAULT on the next boot).
     """
-    head = "# Written by lab box build; the update agent rewrites DEFAULT.\nPROMPT 0\nTIMEOUT 0\n"
     if plan is None or not plan.slots:
-        return (head.replace("; the update agent rewrites DEFAULT", "") + "DEFAULT labos\n\n"
+        return ("# Written by lab box build.\nPROMPT 0\nTIMEOUT 0\nDEFAULT labos\n\n"
                 "LABEL labos\n  LINUX /vmlinuz\n  INITRD /initrd.img\n"
                 f"  APPEND root=LABEL={ROOT_LABEL} {kernel_args}\n")
-    entries = [f"DEFAULT {slot_label(default)}\n"]
-    for slot, part in plan.slots.items():
-        entries.append(f"\nLABEL {slot_label(slot)}\n  LINUX /{slot_kernel(slot)}\n  INITRD /{slot_initrd(slot)}\n"
-                       f"  APPEND root=LABEL={ROOT_LABEL} labos.usr=PARTUUID={part.partuuid} labos.slot={slot} "
-                       f"{kernel_args}\n")
-    return head + "".join(entries)
+    entries = [f"\nLABEL {slot_label(slot)}\n  LINUX /{slot_kernel(slot)}\n  INITRD /{slot_initrd(slot)}\n"
+               f"  APPEND {slot_arguments(slot, part, kernel_args)}\n" for slot, part in plan.slots.items()]
+    return ("# Written by lab box build; the update agent rewrites DEFAULT.\nPROMPT 0\nTIMEOUT 0\n"
+            f"DEFAULT {slot_label(default)}\n" + "".join(entries))
+
+
+def slot_arguments(slot: str, part: Partition, kernel_args: str) -> str:
+    """A slot's kernel command line, whichever boot loader passes it: the root file system, the slot's
+    /usr partition (the initramfs mounts it) and its name (the update agent reads it)."""
+    return f"root=LABEL={ROOT_LABEL} labos.usr=PARTUUID={part.partuuid} labos.slot={slot} {kernel_args}"
 
 
 def systemd_boot_entries(plan: Layout, kernel_args: str = KERNEL_ARGS_ARM64, default: str = "a") -> dict[str, str]:
@@ -174,7 +177,7 @@ def systemd_boot_entries(plan: Layout, kernel_args: str = KERNEL_ARGS_ARM64, def
     for slot, part in plan.slots.items():
         files[f"loader/entries/{slot_label(slot)}.conf"] = (
             f"title Lab OS (slot {slot})\nlinux /{slot_kernel(slot)}\ninitrd /{slot_initrd(slot)}\n"
-            f"options root=LABEL={ROOT_LABEL} labos.usr=PARTUUID={part.partuuid} labos.slot={slot} {kernel_args}\n")
+            f"options {slot_arguments(slot, part, kernel_args)}\n")
     return files
 
 

@@ -154,11 +154,8 @@ class Updater:
             booted = bootslots.booted_slot()
             reason = f"slot {boot['slot']} did not come up (the boot loader went back to slot {booted})"
             self.log(f"{reason}: halting the update")
-            rolled_back = {"slot": booted, "rolled_back_from": boot.get("target", "?"), "reason": reason,
-                           "rolled_back_staging": boot.get("staging")}
-            write_boot({**rolled_back, "halt_pending": True})  # etcd may not answer yet: halted on a retry
-            self.halt(boot.get("target", "?"), reason)
-            write_boot(rolled_back)
+            self.record_rollback({"slot": booted, "rolled_back_from": boot.get("target", "?"), "reason": reason,
+                                  "rolled_back_staging": boot.get("staging")})
             self.publish("rolled-back", failed_version=boot.get("target", "?"), reason=reason)
             self.release_if_holding()
             return
@@ -187,18 +184,23 @@ class Updater:
         self.log(f"health check failed ({reason}): rolling back to slot {previous}")
         if self.ab_disk:
             bootslots.set_default(previous)  # it is already, unless someone changed it: the next boot is its
-        rolled_back = {"slot": previous, "rolled_back_from": failed_version, "reason": reason,
-                       "rolled_back_staging": boot.get("staging")}
-        write_boot({**rolled_back, "halt_pending": True})
         try:
-            self.halt(failed_version, reason)
-            write_boot(rolled_back)
+            self.record_rollback({"slot": previous, "rolled_back_from": failed_version, "reason": reason,
+                                  "rolled_back_staging": boot.get("staging")})
             self.publish("rolling-back", failed_version=failed_version, reason=reason)
         except ConnectionError as exc:
             # The broken part may be this very etcd, the lab's only member: the roll back must not
-            # wait for it. The previous slot's boot publishes the halt (halt_pending above).
+            # wait for it. The previous slot's boot publishes the halt (record_rollback's halt_pending).
             self.log(f"etcd unreachable ({exc}): going back first, the halt is published after the reboot")
         self.reboot()
+
+    def record_rollback(self, boot: dict) -> None:
+        """boot.json for the slot gone back to, and the halt published. Until it is, boot.json says
+        halt_pending: etcd may not answer (a boot just begun, a one-member lab whose broken part is its
+        etcd), and whichever settle_boot comes next publishes it."""
+        write_boot({**boot, "halt_pending": True})
+        self.halt(boot["rolled_back_from"], boot["reason"])
+        write_boot(boot)
 
     def halt(self, version: str, reason: str) -> None:
         """Publish the failure: no node starts an update after it."""

@@ -70,10 +70,16 @@ def staging_latency(ops, window: tuple[float, float]) -> dict[str, Any]:
     new /usr into every node's passive slot at a low weight; this is what it cost the applications."""
     start, end = window
     done = [op for op in ops if op.status == "ok" and op.complete is not None]
-    split = {"before": [1000 * (op.complete - op.invoke) for op in done if op.invoke < start],
-             "during": [1000 * (op.complete - op.invoke) for op in done if start <= op.invoke < end]}
-    found: dict[str, Any] = {"window_s": round(end - start, 2)}
-    for name, samples in split.items():
+    return {"window_s": round(end - start, 2),
+            **latency_before_and_during([1000 * (op.complete - op.invoke) for op in done if op.invoke < start],
+                                        [1000 * (op.complete - op.invoke) for op in done
+                                         if start <= op.invoke < end])}
+
+
+def latency_before_and_during(before: list[float], during: list[float]) -> dict[str, Any]:
+    """Two sets of latencies (ms): the ops, p50 and p99 of each, and the during/before ratios."""
+    found: dict[str, Any] = {}
+    for name, samples in (("before", before), ("during", during)):
         found[name] = ({"ops": len(samples), "p50_ms": round(percentile(samples, 0.5), 2),
                         "p99_ms": round(percentile(samples, 0.99), 2)} if samples else {"ops": 0})
     if found["before"]["ops"] and found["during"]["ops"]:

@@ -76,9 +76,9 @@ def test_arm64_disks_need_the_ab_layout(tmp_path: Path):
 def test_auto_picks_this_machines_architecture(monkeypatch):
     spec = LabSpec.model_validate({"name": "a"})
     assert spec.box.arch == "auto"
-    monkeypatch.setattr(render, "host_arch", lambda: "arm64")
+    monkeypatch.setattr(recipes, "host_arch", lambda: "arm64")
     assert render.box_arch(spec) == "arm64" and render.vagrant_box_name(spec) == "lab-labos-1-arm64"
-    monkeypatch.setattr(render, "host_arch", lambda: "s390x")
+    monkeypatch.setattr(recipes, "host_arch", lambda: "s390x")
     assert render.box_arch(spec) == "amd64"
     pinned = LabSpec.model_validate({"name": "a", "box": {"arch": "amd64"}})
     assert render.box_arch(pinned) == "amd64"

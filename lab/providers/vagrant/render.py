@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from lab.errors import ProviderError
 from lab.host.paths import resource
 from lab.host.files import write_atomic
-from lab.images.recipes import ARCHES, host_arch
+from lab.images.recipes import host_arch, native_arch
 from lab.images.vagrantbox import vagrant_box_name_for
 from lab.model.catalog import VAGRANT_PROVIDERS
 
@@ -62,10 +62,7 @@ AARCH64_FIRMWARE = "/usr/share/qemu-efi-aarch64/QEMU_EFI.fd"
 def box_arch(spec: "LabSpec") -> str:
     """The architecture of the lab's boxes: box.arch, or this machine's when auto (an arm64 host
     picks arm64 boxes by itself). A machine lab builds no boxes for is taken as amd64's emulator."""
-    if spec.box.arch != "auto":
-        return spec.box.arch
-    found = host_arch()
-    return found if found in ARCHES else "amd64"
+    return native_arch() if spec.box.arch == "auto" else spec.box.arch
 
 
 def machine_prefix(context: "LabContext") -> str:
