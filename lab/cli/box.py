@@ -64,10 +64,9 @@ def box_build(version: VersionOpt = "1", box: RecipeOpt = "labos", fmt: BoxForma
         from lab.images.vagrantbox import build_box
 
         built = build_box(box, version, fmt, mirror=mirror, progress=progress, force=force, arch=arch)
-    arch_option = "" if arch == _arch("") else f" --arch {arch}"
     out().print(f"{built.name} {built.version} {fmt} box ready at {built.path} "
                 f"({built.size_bytes / 2**20:.0f} MiB, {time.monotonic() - start:.1f} s)\n"
-                f"register it with Vagrant: lab box add --format {fmt}{box_options(box, version)}{arch_option}")
+                f"register it with Vagrant: lab box add --format {fmt}{box_options(box, version, arch)}")
 
 
 def _arch(arch: str) -> str:
@@ -98,7 +97,7 @@ def box_add(version: Annotated[str, typer.Option(help="OS version of the box.")]
     found = find_box(box, version, fmt, arch)
     if found is None and not build:
         raise UsageError(f"the {fmt} box of {box} {version} is not built",
-                         hint=f"lab box build --format {fmt}{box_options(box, version)}")
+                         hint=f"lab box build --format {fmt}{box_options(box, version, arch)}")
     what = f"{box} {version} ({fmt})"
     with _spinner(f"adding {what}", what) as progress:
         found = found or build_box(box, version, fmt, progress=progress, arch=arch)

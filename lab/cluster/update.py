@@ -65,6 +65,9 @@ def start_roll(lab, version: str, progress: Progress = no_progress) -> float:
     box = lab.spec.box
     provider = lab.provider()
     flavor = provider.update_flavor  # what a node's slot holds: an nspawn image's /usr, a VM image's
+    problem = provider.update_problem()
+    if problem:
+        raise PrerequisiteError(*problem)
     image = find_image(box.name, version, flavor)
     if image is None:
         build = f"lab box build --name {box.name} --version {version}"

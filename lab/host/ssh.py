@@ -479,12 +479,37 @@ SSH_CONCURRENCY = 16
 
 
 def parallel_map(function: Callable, items: Iterable, limit: int = SSH_CONCURRENCY) -> list:
-    """function(item) for every item, at most `limit` at a time, results in order; the first error raises."""
+    """function(item) for every item, at most `limit` at a time, results in order; the first error raises.
+
+    No item starts after one has failed (or after Ctrl-C): staging the next node's slot or configuring the
+    next node would only add work to undo. Items already running finish first.
+    """
     items = list(items)
     if not items:
         return []
+    stop = threading.Event()
+
+    def guarded(item):
+        if stop.is_set():
+            raise _NotStarted
+        try:
+            return function(item)
+        except BaseException:
+            stop.set()  # by the failing thread itself, before a free worker can take the next item
+            raise
+
     with ThreadPoolExecutor(max_workers=min(limit, len(items))) as pool:
-        return list(pool.map(function, items))
+        futures = [pool.submit(guarded, item) for item in items]
+        try:
+            # The queue is first in, first out: an item that did not start comes after one that failed.
+            return [future.result() for future in futures]
+        except BaseException:
+            stop.set()
+            raise
+
+
+class _NotStarted(Exception):
+    """An item parallel_map skipped because an earlier one failed."""
 
 
 def run_many(endpoints: list[SSHEndpoint], command: str, *, timeout: float | None = None,

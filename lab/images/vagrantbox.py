@@ -92,9 +92,12 @@ def lab_boxes_added(formats: tuple[str, ...]) -> bool:
                for directory in (vagrant_home() / "boxes").glob(vagrant_box_name_for("*", "*")) for fmt in formats)
 
 
-def box_options(name: str, version: str) -> str:
-    """The `lab box` options naming a box, as hints print them (defaults left out)."""
-    return (f" --version {version}" if version != "1" else "") + (f" --name {name}" if name != "labos" else "")
+def box_options(name: str, version: str, arch: str = "") -> str:
+    """The `lab box` options naming a box, as hints print them (defaults, this machine's arch, left out)."""
+    from lab.images.recipes import native_arch
+
+    return ((f" --version {version}" if version != "1" else "") + (f" --name {name}" if name != "labos" else "")
+            + (f" --arch {arch}" if arch and arch != native_arch() else ""))
 
 
 def boxes_dir() -> Path:

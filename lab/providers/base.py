@@ -210,6 +210,10 @@ class Provider(ABC):
     # nodes take the container image's /usr, VMs the VM image's (with its kernel).
     update_flavor: ClassVar[str] = "container"
 
+    def update_problem(self) -> tuple[str, str] | None:
+        """Why `lab update` cannot work on this lab's nodes at all (problem, hint), or None."""
+        return None
+
     def prepare_update(self, rootfs: Path, progress: Progress = no_progress) -> None:
         """Whatever staging `rootfs` on every node needs made once, before the nodes are staged at once."""
 

@@ -30,3 +30,17 @@ def test_vm_staging_runs_in_a_low_weight_scope_and_takes_the_vm_image():
     assert command.startswith("systemd-run --scope --quiet --collect -p CPUWeight=10 -p IOWeight=10 -- ")
     assert command.endswith("bootslots.py stage-usr b 10 abc")
     assert NspawnProvider.update_flavor == "container" and VagrantProvider.update_flavor == "vm"
+
+
+def test_lab_update_refuses_vm_labs_whose_disk_it_cannot_switch(tmp_path):
+    from lab.providers.vagrant.libvirt import LibvirtProvider
+    from lab.testing import contexts
+
+    def problem(data):
+        context = contexts.make_context(tmp_path, {"name": "up", **data}, lab_id="0dd5e7", subnet="10.77.9.0/24")
+        return LibvirtProvider(context).update_problem()
+
+    assert problem({}) is None
+    assert "systemd-boot" in problem({"box": {"arch": "arm64"}})[0]
+    what, hint = problem({"box": {"vagrant": "debian/bookworm64"}})
+    assert "not a Lab OS box" in what and "drop box.vagrant" in hint

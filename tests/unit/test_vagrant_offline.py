@@ -142,6 +142,15 @@ def test_preflight_names_a_missing_box(tmp_path: Path, monkeypatch: pytest.Monke
     assert provider.lab_problem() is None
 
 
+def test_a_missing_box_of_another_architecture_is_named_with_its_arch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VAGRANT_HOME", str(tmp_path / "vagrant.d"))
+    monkeypatch.setattr("lab.images.recipes.native_arch", lambda: "amd64")
+    problem, hint = LibvirtProvider(make_context(tmp_path, {"box": {"arch": "arm64"}})).lab_problem()
+    assert problem == "Vagrant box 'lab-labos-1-arm64' for libvirt is not installed"
+    assert "`lab box add --format libvirt --arch arm64`" in hint
+
+
 def test_a_box_of_the_users_own_is_named_as_it_is_and_checked_before_vagrant_up(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VAGRANT_HOME", str(tmp_path / "vagrant.d"))

@@ -59,7 +59,7 @@ from lab.providers.guest import BOOT_ID_PATH, GuestPartitions, reboot_over_ssh
 from lab.providers.vagrant.adoption import adopt
 from lab.providers.vagrant.parsers import (SSHConfigEntry, node_state, parse_ssh_config, parse_vagrant_error,
                                           ssh_endpoint)
-from lab.providers.vagrant.render import VAGRANTFILE, machine_prefix, vagrant_box_name, write_vagrantfile
+from lab.providers.vagrant.render import VAGRANTFILE, box_arch, machine_prefix, vagrant_box_name, write_vagrantfile
 
 T = TypeVar("T")
 
@@ -164,7 +164,8 @@ class VagrantProvider(GuestPartitions, Provider):
                 hint = (f"add it to Vagrant first: {from_catalog}`vagrant box add --name {box} FILE.box`), "
                         f"or drop box.vagrant to use a Lab OS box")
             elif self.name in BOX_FORMATS:  # a Lab OS box lab can build for this provider
-                options = box_options(self.context.spec.box.name, self.context.spec.box.version)
+                options = box_options(self.context.spec.box.name, self.context.spec.box.version,
+                                      box_arch(self.context.spec))
                 hint = (f"build it and add it to Vagrant: `lab box add --format {self.name}{options}` "
                         f"(builds the box first if needed; on Linux only)")
             else:
@@ -319,6 +320,18 @@ class VagrantProvider(GuestPartitions, Provider):
     reboot_allowance_s: ClassVar[float] = 240.0
     # a VM's slot is written from the VM image (its /usr holds the kernel's modules; its kernel boots)
     update_flavor: ClassVar[str] = "vm"
+
+    def update_problem(self) -> tuple[str, str] | None:
+        spec = self.context.spec
+        if spec.box.vagrant:
+            return (f"the lab's box {spec.box.vagrant} is not a Lab OS box: it has no A/B /usr slots to update",
+                    "drop box.vagrant from lab.yaml to use the Lab OS box, then `lab destroy` and `lab up`")
+        if box_arch(spec) != "amd64":
+            # The arm64 disk boots by UEFI and systemd-boot; the update agent sets SYSLINUX's boot-once only.
+            return (f"`lab update` on {box_arch(spec)} VMs is not built yet: their disk boots through "
+                    "systemd-boot, whose one-shot boot the update agent does not set",
+                    "roll updates on an amd64 VM lab or on nspawn nodes (README: arm64)")
+        return None
 
     def prepare_update(self, rootfs: Path, progress: Progress = no_progress) -> None:
         from lab.providers.vagrant import staging
