@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -133,6 +134,18 @@ def vagrant_box(*args: str) -> str:
                timeout=1800, env=env).stdout
 
 
+# A carriage return or an erase-line: what comes after it replaces what came before on a terminal.
+_REWRITE = re.compile(r"\r|\x1b\[[02]?K")
+_TERMINAL_CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def plain_line(text: str) -> str:
+    """A line of Vagrant's output as a terminal would leave it: the last of the updates it rewrote in place
+    (the box upload's "Progress: N%", hundreds to a line), without terminal controls."""
+    segments = [_TERMINAL_CONTROL.sub("", segment).rstrip() for segment in _REWRITE.split(text)]
+    return next((segment for segment in reversed(segments) if segment.strip()), "")
+
+
 class _OutputSink:
     """File handles for python-vagrant's `out_cm`/`err_cm` that feed progress.
 
@@ -166,7 +179,7 @@ class _OutputSink:
     def _pump(self, read_fd: int) -> None:
         with os.fdopen(read_fd, "rb") as reader:
             for raw in reader:
-                line = raw.decode("utf-8", "replace").rstrip()
+                line = plain_line(raw.decode("utf-8", "replace"))
                 if not line:
                     continue
                 with self._lock:

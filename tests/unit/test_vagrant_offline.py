@@ -304,3 +304,13 @@ def test_machines_on_disk(tmp_path: Path) -> None:
         (machines / name / "libvirt").mkdir(parents=True)
         (machines / name / "libvirt" / "id").write_text(ident)
     assert LibvirtProvider(context).machines_on_disk() == {"node-1", "old-node"}
+
+
+def test_vagrants_rewritten_progress_becomes_its_last_update():
+    from lab.host.vagrant import plain_line
+
+    upload = "\x1b[KProgress: 0%\x1b[KProgress: 1%\r\x1b[KProgress: 100%\x1b[K==> node-2: Creating image"
+    assert plain_line(upload + "\n") == "==> node-2: Creating image"
+    assert plain_line("\x1b[KProgress: 0%\r\x1b[0KProgress: 37%") == "Progress: 37%"
+    assert plain_line("==> node-1: \x1b[1mBooting\x1b[0m  \n") == "==> node-1: Booting"
+    assert plain_line("\r\x1b[K\n") == ""
