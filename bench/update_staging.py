@@ -84,8 +84,9 @@ def measure(lab: Lab, version: str, weight: int, seconds: float) -> dict:
         time.sleep(seconds)
         staging_from = time.monotonic()
         lines: list[str] = []
-        parallel_map(lambda node: provider.stage_update(node, image.rootfs, lines.append), lab.node_names(),
-                     limit=staging_concurrency(lab.spec.updates.max_concurrent_reboots))
+        stop = threading.Event()
+        parallel_map(lambda node: provider.stage_update(node, image.rootfs, lines.append, stop), lab.node_names(),
+                     limit=staging_concurrency(lab.spec.updates.max_concurrent_reboots), stop=stop)
         staging_to = time.monotonic()
     finally:
         writer.stop()

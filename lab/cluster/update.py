@@ -10,6 +10,7 @@ the roll goes on even if the `lab` command that started it is gone.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass
 
@@ -91,8 +92,10 @@ def start_roll(lab, version: str, progress: Progress = no_progress) -> float:
     # alone (the scenario's staging window) and a failed staging leaves no node half-way into a roll.
     provider.prepare_update(image.rootfs, progress)
     started = time.monotonic()
-    slots = parallel_map(lambda node: provider.stage_update(node, image.rootfs, progress), nodes,
-                         limit=staging_concurrency(lab.spec.updates.max_concurrent_reboots))
+    # After a failure or Ctrl-C, stagings under way stop too (their slots were never published).
+    stop = threading.Event()
+    slots = parallel_map(lambda node: provider.stage_update(node, image.rootfs, progress, stop), nodes,
+                         limit=staging_concurrency(lab.spec.updates.max_concurrent_reboots), stop=stop)
     staging_s = time.monotonic() - started
     if client.get(HALTED):
         progress("clearing the halt left by an earlier failed roll")

@@ -437,12 +437,13 @@ def run(endpoint: SSHEndpoint, command: str, *, timeout: float | None = None,
 
 
 def run_with_input(endpoint: SSHEndpoint, command: str, source: BinaryIO, *, timeout: float,
-                   chunk: int = 1024 * 1024) -> NodeResult:
+                   chunk: int = 1024 * 1024, cancel: threading.Event | None = None) -> NodeResult:
     """Run `command` on the node with `source` streamed to its stdin (bytes, any size), then its end.
 
     Fabric's in_stream reads a character stream in small pieces; this sends the file through the
-    session channel as it is read, so a gigabyte never sits in memory. `timeout` bounds every read
-    and write on the channel (a node that stops answering), not the whole transfer.
+    session channel as it is read, so a gigabyte never sits in memory. `timeout` bounds every wait
+    on the channel (a node that stops answering), not the whole transfer. Once `cancel` is set (Ctrl-C)
+    the session is closed within a second and Cancelled raised: the node's side sees its input end early.
     """
     try:
         with connect(endpoint) as connection:
@@ -451,6 +452,7 @@ def run_with_input(endpoint: SSHEndpoint, command: str, source: BinaryIO, *, tim
             channel.settimeout(timeout)
             channel.exec_command(command)
             while data := source.read(chunk):
+                _unless_cancelled(cancel, channel, endpoint)
                 if channel.exit_status_ready():
                     break  # it gave up (a refused slot, a full disk): its message says why
                 try:
@@ -461,16 +463,51 @@ def run_with_input(endpoint: SSHEndpoint, command: str, source: BinaryIO, *, tim
                     raise
             if not channel.closed:
                 channel.shutdown_write()
-            # What the node's side prints is a line or two: stdout to its end, then stderr.
-            out, err = bytearray(), bytearray()
-            while piece := channel.recv(65536):
-                out += piece
-            while piece := channel.recv_stderr(65536):
-                err += piece
+            out, err = _read_to_exit(channel, timeout, cancel, endpoint)
             status = channel.recv_exit_status()
     except ssh_errors() as exc:
         raise NodeUnreachable(endpoint, exc) from None
     return NodeResult(endpoint.node, command, status, out.decode(errors="replace"), err.decode(errors="replace"))
+
+
+class Cancelled(ProviderError):
+    """A node's session closed on the command's way out (Ctrl-C): what it was doing stopped half-way."""
+
+
+def _unless_cancelled(cancel: threading.Event | None, channel, endpoint: SSHEndpoint) -> None:
+    if cancel is not None and cancel.is_set():
+        channel.close()
+        raise Cancelled(f"{endpoint.node}: stopped half-way (interrupted)")
+
+
+def _read_to_exit(channel, timeout: float, cancel: threading.Event | None,
+                  endpoint: SSHEndpoint) -> tuple[bytearray, bytearray]:
+    """What the node's side prints (a line or two) until it exits: waited for in short steps, so that a
+    cancel is heard while it still inflates or syncs, and at most `timeout` seconds without a word."""
+    out, err = bytearray(), bytearray()
+    quiet_since = time.monotonic()
+    while True:
+        _unless_cancelled(cancel, channel, endpoint)
+        got = False
+        while channel.recv_ready():
+            out += channel.recv(65536)
+            got = True
+        while channel.recv_stderr_ready():
+            err += channel.recv_stderr(65536)
+            got = True
+        if channel.exit_status_ready() and not got:
+            break
+        if got:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since > timeout:
+            raise TimeoutError(f"no word for {timeout:.0f} s")
+        else:
+            time.sleep(0.2)
+    while piece := channel.recv(65536):  # the rest, after the exit status
+        out += piece
+    while piece := channel.recv_stderr(65536):
+        err += piece
+    return out, err
 
 
 # SSH sessions lab keeps open at once: each costs a key exchange (CPU on this host and the node's) and a
@@ -478,16 +515,18 @@ def run_with_input(endpoint: SSHEndpoint, command: str, source: BinaryIO, *, tim
 SSH_CONCURRENCY = 16
 
 
-def parallel_map(function: Callable, items: Iterable, limit: int = SSH_CONCURRENCY) -> list:
+def parallel_map(function: Callable, items: Iterable, limit: int = SSH_CONCURRENCY,
+                 stop: threading.Event | None = None) -> list:
     """function(item) for every item, at most `limit` at a time, results in order; the first error raises.
 
     No item starts after one has failed (or after Ctrl-C): staging the next node's slot or configuring the
-    next node would only add work to undo. Items already running finish first.
+    next node would only add work to undo. Items already running finish first; `stop`, set then, is how
+    they can hear it and stop early (run_with_input's cancel).
     """
     items = list(items)
     if not items:
         return []
-    stop = threading.Event()
+    stop = stop or threading.Event()
 
     def guarded(item):
         if stop.is_set():

@@ -8,6 +8,7 @@ how its nodes are made.
 from __future__ import annotations
 
 import enum
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,8 +219,10 @@ class Provider(ABC):
         """Whatever staging `rootfs` on every node needs made once, before the nodes are staged at once."""
 
     @abstractmethod
-    def stage_update(self, node: str, rootfs: Path, progress: Progress = no_progress) -> str:
-        """Write an OS image into the node's passive slot; return the slot's name."""
+    def stage_update(self, node: str, rootfs: Path, progress: Progress = no_progress,
+                     cancel: threading.Event | None = None) -> str:
+        """Write an OS image into the node's passive slot; return the slot's name. Once `cancel` is set
+        (Ctrl-C), a long staging stops early, leaving the passive slot to be written again."""
 
     @abstractmethod
     def ssh_endpoints(self) -> dict[str, SSHEndpoint]:

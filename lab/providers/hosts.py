@@ -499,7 +499,8 @@ class HostsProvider(GuestPartitions, Provider):
                  + (f"; kept the packages lab installed: {kept[0]}" if kept else ""))
         return None
 
-    def stage_update(self, node: str, rootfs: Path, progress: Progress = no_progress) -> str:
+    def stage_update(self, node: str, rootfs: Path, progress: Progress = no_progress,
+                     cancel: threading.Event | None = None) -> str:
         raise UsageError("existing hosts run their own OS: lab cannot stage its A/B OS updates there",
                          hint="rolling OS updates are for labs lab boots (nspawn)")
 

@@ -15,6 +15,7 @@ method with `FakeProvider.failures`.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar, Iterator
@@ -83,7 +84,8 @@ class FakeProvider(Provider):
         self.nodes.pop(node, None)
         self.context.state.forget("fake-node", node)
 
-    def stage_update(self, node: str, rootfs: Path, progress: Progress = no_progress) -> str:
+    def stage_update(self, node: str, rootfs: Path, progress: Progress = no_progress,
+                     cancel: threading.Event | None = None) -> str:
         self._call("stage_update", node)
         return "b"
 

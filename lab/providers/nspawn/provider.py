@@ -36,6 +36,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -270,7 +271,8 @@ class NspawnProvider(Provider):
         shutil.rmtree(self.node_dir(node), ignore_errors=True)
         self.state.forget("node", node)
 
-    def stage_update(self, node: str, rootfs: Path, progress: Progress = no_progress) -> str:
+    def stage_update(self, node: str, rootfs: Path, progress: Progress = no_progress,
+                     cancel: threading.Event | None = None) -> str:
         """Put an image in the node's passive slot; returns that slot's name ("a" or "b")."""
         self.context.node(node)
         active = self.boot_slot(node)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import ipaddress
 import shutil
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -338,12 +339,13 @@ class VagrantProvider(GuestPartitions, Provider):
 
         staging.slot_image(rootfs, progress)  # once, under the image's lock, before the nodes in parallel
 
-    def stage_update(self, node: str, rootfs: Path, progress: Progress = no_progress) -> str:
+    def stage_update(self, node: str, rootfs: Path, progress: Progress = no_progress,
+                     cancel: threading.Event | None = None) -> str:
         """Stream the image's /usr into the VM's passive slot (see staging.py); the update agent boots it."""
         from lab.providers.vagrant import staging
 
         endpoint = self.ssh_endpoints()[node]
-        return staging.stage(endpoint, rootfs, self.context.spec.updates.staging_weight, progress)
+        return staging.stage(endpoint, rootfs, self.context.spec.updates.staging_weight, progress, cancel)
 
     def remove_node(self, node: str, progress: Progress = no_progress) -> None:
         if node in self.machines_on_disk():

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -65,7 +66,8 @@ def slot_status(endpoint: SSHEndpoint) -> dict:
     return json.loads(result.stdout)
 
 
-def stage(endpoint: SSHEndpoint, rootfs: Path, weight: int, progress: Progress = no_progress) -> str:
+def stage(endpoint: SSHEndpoint, rootfs: Path, weight: int, progress: Progress = no_progress,
+          cancel: threading.Event | None = None) -> str:
     """Write the image at `rootfs` into the node's passive slot; return the slot ("a" or "b")."""
     status = slot_status(endpoint)
     if status["booted"] != status["default"]:
@@ -84,11 +86,11 @@ def stage(endpoint: SSHEndpoint, rootfs: Path, weight: int, progress: Progress =
         with open(path, "rb") as source:
             _checked(endpoint, run_with_input(
                 endpoint, scoped(f"python3 {BOOTSLOTS} stage-file {passive} {kind} {digest}", weight), source,
-                timeout=STAGE_TIMEOUT), f"writing the {kind} of slot {passive}")
+                timeout=STAGE_TIMEOUT, cancel=cancel), f"writing the {kind} of slot {passive}")
     with open(image.usr_gz, "rb") as source:
         result = _checked(endpoint, run_with_input(
             endpoint, scoped(f"python3 {BOOTSLOTS} stage-usr {passive} {image.usr_bytes} {image.usr_sha256}",
-                             weight), source, timeout=STAGE_TIMEOUT), f"writing /usr into slot {passive}")
+                             weight), source, timeout=STAGE_TIMEOUT, cancel=cancel), f"writing /usr into slot {passive}")
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     progress(f"{endpoint.node}: {image.usr_bytes / 2**20:.0f} MiB written to slot {passive} and checked in "
              f"{time.monotonic() - started:.1f} s (the node's part {measured['total_s']:.1f} s, weight {weight})")
