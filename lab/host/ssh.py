@@ -449,21 +449,14 @@ def run_with_input(endpoint: SSHEndpoint, command: str, source: BinaryIO, *, tim
         with connect(endpoint) as connection:
             connection.open()
             channel = connection.client.get_transport().open_session(timeout=timeout)
-            channel.settimeout(timeout)
+            session = _Session(channel, endpoint, timeout, cancel)
             channel.exec_command(command)
             while data := source.read(chunk):
-                _unless_cancelled(cancel, channel, endpoint)
-                if channel.exit_status_ready():
+                if not session.send(data):
                     break  # it gave up (a refused slot, a full disk): its message says why
-                try:
-                    channel.sendall(data)
-                except OSError:
-                    if channel.closed or channel.exit_status_ready():
-                        break  # the same, noticed while sending: read what it said
-                    raise
             if not channel.closed:
                 channel.shutdown_write()
-            out, err = _read_to_exit(channel, timeout, cancel, endpoint)
+            out, err = session.read_to_exit()
             status = channel.recv_exit_status()
     except ssh_errors() as exc:
         raise NodeUnreachable(endpoint, exc) from None
@@ -474,40 +467,72 @@ class Cancelled(ProviderError):
     """A node's session closed on the command's way out (Ctrl-C): what it was doing stopped half-way."""
 
 
-def _unless_cancelled(cancel: threading.Event | None, channel, endpoint: SSHEndpoint) -> None:
-    if cancel is not None and cancel.is_set():
-        channel.close()
-        raise Cancelled(f"{endpoint.node}: stopped half-way (interrupted)")
+class _Session:
+    """One command's channel, every wait on it in short steps: a cancel is heard within POLL seconds
+    (while the node reads slowly at a low weight, or inflates and syncs), and `timeout` seconds without
+    any progress is a node that stopped answering."""
 
+    POLL = 0.5
 
-def _read_to_exit(channel, timeout: float, cancel: threading.Event | None,
-                  endpoint: SSHEndpoint) -> tuple[bytearray, bytearray]:
-    """What the node's side prints (a line or two) until it exits: waited for in short steps, so that a
-    cancel is heard while it still inflates or syncs, and at most `timeout` seconds without a word."""
-    out, err = bytearray(), bytearray()
-    quiet_since = time.monotonic()
-    while True:
-        _unless_cancelled(cancel, channel, endpoint)
-        got = False
-        while channel.recv_ready():
-            out += channel.recv(65536)
-            got = True
-        while channel.recv_stderr_ready():
-            err += channel.recv_stderr(65536)
-            got = True
-        if channel.exit_status_ready() and not got:
-            break
-        if got:
-            quiet_since = time.monotonic()
-        elif time.monotonic() - quiet_since > timeout:
-            raise TimeoutError(f"no word for {timeout:.0f} s")
-        else:
-            time.sleep(0.2)
-    while piece := channel.recv(65536):  # the rest, after the exit status
-        out += piece
-    while piece := channel.recv_stderr(65536):
-        err += piece
-    return out, err
+    def __init__(self, channel, endpoint: SSHEndpoint, timeout: float, cancel: threading.Event | None) -> None:
+        self.channel, self.endpoint, self.timeout, self.cancel = channel, endpoint, timeout, cancel
+        channel.settimeout(self.POLL)
+        self.progress_at = time.monotonic()
+
+    def _unless_cancelled(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            self.channel.close()
+            raise Cancelled(f"{self.endpoint.node}: stopped half-way (interrupted)")
+
+    def _waited(self) -> None:
+        """Called after a wait that brought nothing."""
+        self._unless_cancelled()
+        if time.monotonic() - self.progress_at > self.timeout:
+            raise TimeoutError(f"no progress for {self.timeout:.0f} s")
+
+    def _progressed(self) -> None:
+        self.progress_at = time.monotonic()
+
+    def send(self, data: bytes) -> bool:
+        """Send all of `data`; False when the command ended (or closed its input) before taking it."""
+        view = memoryview(data)
+        while view:
+            self._unless_cancelled()
+            if self.channel.exit_status_ready():
+                return False
+            try:
+                sent = self.channel.send(view)
+            except socket.timeout:  # its window is full: the node reads slowly
+                self._waited()
+                continue
+            except OSError:
+                if self.channel.closed or self.channel.exit_status_ready():
+                    return False  # the same, noticed while sending: read what it said
+                raise
+            if sent == 0:  # the channel is closed
+                return False
+            view = view[sent:]
+            self._progressed()
+        return True
+
+    def read_to_exit(self) -> tuple[bytearray, bytearray]:
+        """What the node's side prints (a line or two), stdout and stderr, until it exits and closes."""
+        out, err = bytearray(), bytearray()
+        while True:
+            got = False
+            while self.channel.recv_ready():
+                out += self.channel.recv(65536)
+                got = True
+            while self.channel.recv_stderr_ready():
+                err += self.channel.recv_stderr(65536)
+                got = True
+            if not got and (self.channel.closed or (self.channel.exit_status_ready() and self.channel.eof_received)):
+                return out, err
+            if got:
+                self._progressed()
+            else:
+                self._waited()
+                time.sleep(0.1)
 
 
 # SSH sessions lab keeps open at once: each costs a key exchange (CPU on this host and the node's) and a
