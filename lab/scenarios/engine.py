@@ -351,8 +351,12 @@ class ScenarioRun:
         messages: list[str] = []
         running = {node: state["version"] for node, state in read_node_states(self).items()}
         version = choose_version(update.to, running)
+        def staged(line: str) -> None:  # shown as it comes: staging VMs takes minutes per node
+            messages.append(line)
+            self.progress(f"  {line}")
+
         staging_from = self.clock()
-        staging_s = start_roll(self.lab, version, messages.append)
+        staging_s = start_roll(self.lab, version, staged)
         self.staging_window = (staging_from, self.clock())
         self.measurements["staging_s"] = round(staging_s, 2)
         self.conditions.roll_started(version)

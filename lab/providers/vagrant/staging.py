@@ -80,6 +80,8 @@ def stage(endpoint: SSHEndpoint, rootfs: Path, weight: int, progress: Progress =
                             hint="wait for `lab update status` to show it updated or rolled back, then retry")
     passive = layout.BOOT_SLOTS[1 - layout.BOOT_SLOTS.index(status["booted"])]
     image = slot_image(rootfs, progress)
+    progress(f"{endpoint.node}: writing slot {passive} ({image.usr_bytes / 2**20:.0f} MiB of /usr, its kernel and "
+             f"initramfs) at weight {weight}")
     started = time.monotonic()
     for kind, path in (("kernel", image.kernel), ("initrd", image.initrd)):
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
