@@ -83,8 +83,11 @@ def preflight(run: UpRun) -> None:
     # tool or a lab too big for the host leaves nothing behind; an existing one
     # is checked with its own context.
     cls = provider_class(run.selection.name)
+    provider = cls(run.lab.context(run.selection.name))
     with pointing_to_doctor():
-        cls(run.lab.context(run.selection.name)).preflight()
+        provider.preflight()
+    for note in provider.preflight_notes():
+        run.progress(f"note: {note}")
     if run.new_lab:
         from lab.core.doctor import capacity_problem
 

@@ -30,6 +30,7 @@ from typing import Callable
 from xml.sax.saxutils import escape
 
 from lab.errors import BoxError, LabError
+from lab.host.files import write_atomic
 from lab.host.paths import cache_dir
 from lab.host.run import Result, run
 from lab.host.vagrant import added_box_dirs, vagrant_box, vagrant_home
@@ -306,10 +307,33 @@ def add_box(box: BoxFile, *, progress: Progress = lambda line: None) -> str:
     name = box.vagrant_name
     progress(f"vagrant box add --name {name} {box.path.name}")
     vagrant_box("add", "--force", "--name", name, str(box.path))
+    for directory in added_box_dirs(name, box.format):  # which build Vagrant now has: lab up compares it
+        write_atomic(directory / ADDED_MARKER, json.dumps({"recipe": box.name, "version": box.version,
+                                                           "key": box.key, "arch": box.arch}) + "\n")
     if box.format == "libvirt":
         for volume in remove_stale_libvirt_volumes(name):
             progress(f"removed {volume}, the libvirt copy of the box it replaces")
     return name
+
+
+# Written by `lab box add` beside the box in Vagrant's directory (Vagrant ignores it): the build it added.
+ADDED_MARKER = "lab-box.json"
+
+
+def stale_added_box(name: str, version: str, fmt: str, arch: str = "amd64") -> str | None:
+    """The key of the build Vagrant has of this Lab OS box when the recipe now gives another, else None
+    (also None when lab cannot tell: not added, or added by hand)."""
+    from lab.images.cache import image_key
+
+    for directory in added_box_dirs(vagrant_box_name_for(name, version, arch), fmt):
+        try:
+            added = json.loads((directory / ADDED_MARKER).read_text())["key"]
+            current = image_key(name, version, "vm", arch)
+        except (OSError, ValueError, KeyError, TypeError, BoxError):
+            continue
+        if added != current:
+            return added
+    return None
 
 
 def added_boxes() -> list[tuple[str, str]]:
@@ -331,7 +355,10 @@ def remove_from_vagrant(name: str, version: str | None = None) -> list[str]:
     """
     # Exact names only: recipe names and versions may both hold dashes, so a
     # prefix would also catch another recipe's boxes (labos-dev for labos).
-    wanted = {vagrant_box_name_for(name, v) for v in ([version] if version else _known_versions(name))}
+    from lab.images.recipes import ARCHES
+
+    wanted = {vagrant_box_name_for(name, v, arch) for v in ([version] if version else _known_versions(name))
+              for arch in ARCHES}
     removed = []
     for box, provider in added_boxes():
         if box in wanted:

@@ -211,6 +211,10 @@ class Provider(ABC):
     # nodes take the container image's /usr, VMs the VM image's (with its kernel).
     update_flavor: ClassVar[str] = "container"
 
+    def preflight_notes(self) -> list[str]:
+        """What `lab up` should say before it goes on: nothing wrong enough to stop it."""
+        return []
+
     def update_problem(self) -> tuple[str, str] | None:
         """Why `lab update` cannot work on this lab's nodes at all (problem, hint), or None."""
         return None

@@ -314,3 +314,22 @@ def test_vagrants_rewritten_progress_becomes_its_last_update():
     assert plain_line("\x1b[KProgress: 0%\r\x1b[0KProgress: 37%") == "Progress: 37%"
     assert plain_line("==> node-1: \x1b[1mBooting\x1b[0m  \n") == "==> node-1: Booting"
     assert plain_line("\r\x1b[K\n") == ""
+
+
+def test_lab_up_notes_an_added_box_older_than_the_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lab.images.cache import image_key
+    from lab.images.vagrantbox import ADDED_MARKER, stale_added_box
+
+    monkeypatch.setenv("VAGRANT_HOME", str(tmp_path / "vagrant.d"))
+    added = tmp_path / "vagrant.d" / "boxes" / "lab-labos-1" / "0" / "libvirt"
+    added.mkdir(parents=True)
+    provider = LibvirtProvider(make_context(tmp_path))
+    assert stale_added_box("labos", "1", "libvirt") is None  # added by hand: lab cannot tell
+    (added / ADDED_MARKER).write_text(json.dumps({"key": image_key("labos", "1", "vm")}))
+    assert stale_added_box("labos", "1", "libvirt") is None and provider.preflight_notes() == []
+    (added / ADDED_MARKER).write_text(json.dumps({"key": "0123456789ab"}))
+    assert stale_added_box("labos", "1", "libvirt") == "0123456789ab"
+    [note] = provider.preflight_notes()
+    assert "lab-labos-1 is an older build (0123456789ab)" in note and "`lab box add --format libvirt`" in note
+    own = LibvirtProvider(make_context(tmp_path, {"box": {"vagrant": "debian/bookworm64"}}))
+    assert own.preflight_notes() == []

@@ -52,7 +52,7 @@ from lab.host.network import node_addresses
 from lab.host.ssh import run_many, wait_for_ssh
 from lab.host.vagrant import (NATIVE_PARALLEL, VAGRANT_HINT, added_box_dirs, plugin_installed, require_vagrant,
                               run_vagrant, vagrant_validate)
-from lab.images.vagrantbox import BOX_FORMATS, box_options, lab_boxes_added
+from lab.images.vagrantbox import BOX_FORMATS, box_options, lab_boxes_added, stale_added_box
 from lab.model.spec import ResolvedNode
 from lab.providers.base import (Availability, LabContext, NodeState, NodeStatus, Progress, Provider, SSHEndpoint,
                                 no_progress)
@@ -148,6 +148,19 @@ class VagrantProvider(GuestPartitions, Provider):
         problem = self.host_problem(daemon=self.uses_local_daemon()) or self.lab_problem()
         if problem:
             raise PrerequisiteError(problem[0], hint=problem[1])
+
+    def preflight_notes(self) -> list[str]:
+        spec = self.context.spec
+        if spec.box.vagrant or self.name not in BOX_FORMATS:
+            return []
+        stale = stale_added_box(spec.box.name, spec.box.version, self.name, box_arch(spec))
+        if stale is None:
+            return []
+        box = vagrant_box_name(spec)
+        options = box_options(spec.box.name, spec.box.version, box_arch(spec))
+        return [f"Vagrant's box {box} is an older build ({stale}) than the recipe in boxes/ now makes: new VMs "
+                f"boot the old one. `lab box add --format {self.name}{options}` replaces it (VMs made already "
+                "keep their disks until `lab destroy`)"]
 
     def uses_local_daemon(self) -> bool:
         """Does this lab talk to the daemon `daemon_problem` checks?"""

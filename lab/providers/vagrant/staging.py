@@ -60,9 +60,9 @@ def slot_status(endpoint: SSHEndpoint) -> dict:
     result = run(endpoint, f"python3 {BOOTSLOTS} status", timeout=STATUS_TIMEOUT)
     if not result.ok:
         raise ProviderError(f"{endpoint.node} has no A/B /usr slots: {(result.stderr or result.stdout).strip()}",
-                            hint="`lab update` on VMs needs a Lab OS box built with its two /usr slots: "
-                                 "`lab box build --force --format libvirt` (or virtualbox), then "
-                                 "`lab destroy` and `lab up` with it")
+                            hint="`lab update` on VMs needs a Lab OS box with its two /usr slots: "
+                                 "`lab box add --format libvirt` (or virtualbox; builds the box from the "
+                                 "recipe in boxes/ first), then `lab destroy` and `lab up`")
     return json.loads(result.stdout)
 
 

@@ -152,3 +152,8 @@ def test_vagrant_box_add_accepts_both_boxes(libvirt_box, virtualbox_box, tmp_pat
     assert providers == ["libvirt", "virtualbox"]
     boxes = tmp_path / "vagrant.d" / "boxes" / "lab-labos-1" / "0"
     assert (boxes / "virtualbox" / "box.ovf").is_file() and (boxes / "libvirt" / "box.img").is_file()
+    # Which build Vagrant has, for `lab up` to compare with the recipe (Vagrant lists the box all the same).
+    from lab.images.vagrantbox import ADDED_MARKER, stale_added_box
+
+    assert json.loads((boxes / "libvirt" / ADDED_MARKER).read_text())["key"] == libvirt_box.key
+    assert stale_added_box("labos", "1", "libvirt") is None and stale_added_box("labos", "1", "virtualbox") is None
