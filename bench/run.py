@@ -8,6 +8,8 @@
     python bench/run.py update     # rolling update 1 -> 2: roll time, per-node downtime (LAB_BENCH_RUNS=3)
     python bench/run.py build      # cold image build into a throwaway cache (~1 min)
     python bench/run.py vm         # libvirt VMs: 1 VM, then 3 in parallel; box build (~10 min)
+    python bench/run.py vm-update  # rolling update of 3 libvirt VMs: staging, roll, latency (~45 min)
+    python bench/run.py arm64      # cold arm64 box build, one arm64 VM booted under emulation (~30 min)
 
 Each figure comes with the baseline measured in the same run where there is
 one, and the ratio to it.
@@ -420,9 +422,97 @@ def bench_vm() -> None:
                                          if nodes > 1 else "  (baseline)"))
 
 
+# What lab up asks for under software emulation (README: Raft under software emulation).
+EMULATED = ["--set", "providers.libvirt.driver=qemu", "--set", "etcd.pre_vote=true",
+            "--set", "etcd.heartbeat_ms=250", "--set", "etcd.election_timeout_ms=2500"]
+
+
+def bench_vm_update() -> None:
+    """Rolling update of 3 libvirt VMs (A/B slots): `lab scenario run rolling-update`, its staging, roll and
+    wall time, and the workload's latency during the staging against before (~45 min under emulation)."""
+    if os.geteuid() != 0:
+        print("vm-update: skipped (needs root)")
+        return
+    sys.path.insert(0, str(REPO))
+    import json
+
+    from lab.testing.hostdaemons import libvirt_problem, libvirtd_running
+
+    problem = libvirt_problem()
+    if problem:
+        print(f"vm-update: skipped ({problem})")
+        return
+    for version in ("1", "2"):
+        subprocess.run([*LAB, "box", "build", "--format", "libvirt", "--version", version], check=True,
+                       capture_output=True)
+    subprocess.run([*LAB, "box", "add", "--format", "libvirt"], check=True, capture_output=True)
+    print("rolling update of 3 libvirt VMs, 1 -> 2, under the scenario's workload (QEMU emulation)")
+    with libvirtd_running(), tempfile.TemporaryDirectory() as scratch:
+        start = time.perf_counter()
+        done = subprocess.run([*LAB, "scenario", "run", "rolling-update", "--json", "--provider", "libvirt",
+                               "--nodes", "3", "--name", "benchroll", "-f", f"{scratch}/lab.yaml", *EMULATED],
+                              capture_output=True, text=True)
+        wall = time.perf_counter() - start
+    try:
+        [result] = json.loads(done.stdout)
+    except ValueError:
+        print(f"  FAILED to run (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
+        return
+    m = result["measurements"]
+    latency = m.get("staging_latency") or {}
+    print(f"  {'passed' if result['ok'] else 'FAILED'}; wall (lab up to destroy) {wall:.0f} s; staging "
+          f"{m.get('staging_s', float('nan')):.0f} s; roll {m.get('roll_s', float('nan')):.0f} s")
+    if latency:
+        print(f"  workload latency during staging vs before: {json.dumps(latency)}")
+    if m.get("member_downtime_s"):
+        print(f"  etcd member downtime per node: {m['member_downtime_s']}")
+    if not result["ok"]:
+        print("  failed steps: " + "; ".join(s["step"] for s in result["steps"] if not s["ok"]))
+
+
+def bench_arm64() -> None:
+    """arm64 on this amd64 host: a cold arm64 libvirt box build (foreign debootstrap under qemu-user-static,
+    into a throwaway cache: 15-30 min), then one arm64 VM booted under emulation to SSH (lab up
+    --no-bootstrap) and to etcd healthy (lab up)."""
+    if os.geteuid() != 0:
+        print("arm64: skipped (needs root)")
+        return
+    sys.path.insert(0, str(REPO))
+    from lab.errors import PrerequisiteError
+    from lab.images.build import check_foreign_arch
+    from lab.testing.hostdaemons import libvirt_problem, libvirtd_running
+
+    problem = libvirt_problem()
+    if problem:
+        print(f"arm64: skipped ({problem})")
+        return
+    try:
+        check_foreign_arch("arm64")
+    except PrerequisiteError as exc:  # binfmt's qemu-aarch64 missing: tools/install.sh registers it
+        print(f"arm64: skipped ({exc.message})")
+        return
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/var/tmp")) as cache:
+        env = {**os.environ, "XDG_CACHE_HOME": cache}
+        build = timed([*LAB, "box", "build", "--arch", "arm64", "--format", "libvirt"], 1, env=env)[0]
+        add = timed([*LAB, "box", "add", "--arch", "arm64", "--format", "libvirt"], 1, env=env)[0]
+    print(f"  cold arm64 libvirt box build: {build:.0f} s; vagrant box add: {add:.1f} s")
+    with libvirtd_running():
+        for bootstrap, what in ((["--no-bootstrap"], "to SSH"), ([], "to etcd healthy")):
+            with tempfile.TemporaryDirectory() as scratch:
+                common = ["--provider", "libvirt", "--nodes", "1", "--name", "bencharm", "-f", f"{scratch}/lab.yaml",
+                          "--set", "box.arch=arm64", *EMULATED]
+                start = time.perf_counter()
+                try:
+                    subprocess.run([*LAB, "up", *bootstrap, *common], check=True, capture_output=True)
+                    print(f"  1 arm64 VM {what} (lab up {' '.join(bootstrap)}): {time.perf_counter() - start:.0f} s")
+                finally:
+                    subprocess.run([*LAB, "destroy", "-f", f"{scratch}/lab.yaml", "--name", "bencharm"],
+                                   capture_output=True)
+
+
 BENCHES = {"cli": bench_cli, "render": bench_render, "render-core": bench_render_in_process,
            "boot": bench_boot, "etcd": bench_etcd, "failover": bench_failover, "scenarios": bench_scenarios, "update": bench_update,
-           "build": bench_build, "vm": bench_vm}
+           "build": bench_build, "vm": bench_vm, "vm-update": bench_vm_update, "arm64": bench_arm64}
 
 if __name__ == "__main__":
     chosen = sys.argv[1:] or ["cli", "render", "render-core", "boot"]
