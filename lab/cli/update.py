@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Optional
 
 import typer
@@ -47,11 +48,14 @@ def update_status(file: FileOpt = DEFAULT_FILE, name: NameOpt = None, as_json: J
 
     current = status(open_lab(file, name))
     if as_json:
-        print_json({"target": current.target, "strategy": current.strategy, "holders": current.holders,
+        print_json({"target": current.target, "staging_since": current.staging_since,
+                    "strategy": current.strategy, "holders": current.holders,
                     "max_holders": current.max_holders, "halted": current.halted,
                     "nodes": [n.__dict__ for n in current.nodes]})
         return
-    title = (f"target {current.target or '-'}; strategy {current.strategy}; lock "
+    staging = (f" (staging into the passive slots for {time.time() - current.staging_since:.0f} s)"
+               if current.staging_since else "")
+    title = (f"target {current.target or '-'}{staging}; strategy {current.strategy}; lock "
              f"{len(current.holders)}/{current.max_holders} held"
              + (f" by {', '.join(current.holders)}" if current.holders else ""))
     out().print(table(("NODE", "VERSION", "SLOT", "STATE", "DETAIL"),

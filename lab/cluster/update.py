@@ -10,6 +10,7 @@ the roll goes on even if the `lab` command that started it is gone.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ class UpdateStatus:
     max_holders: int
     strategy: str
     halted: dict | None
+    staging_since: float | None = None  # a `lab update` is writing the passive slots (still running)
 
 
 # Nodes whose passive slot is written at once, at most: a VM's staging is a gigabyte through its SSH
@@ -87,16 +89,16 @@ def start_roll(lab, version: str, progress: Progress = no_progress) -> float:
     for node in nodes:
         client.delete(f"{STAGED}{node}")
     # Every node's passive slot is written first (as many at once as may reboot at once), and only then
-    # is anything published: no node
-    # reboots while another is still staging, so the staging's cost to the applications is measured
-    # alone (the scenario's staging window) and a failed staging leaves no node half-way into a roll.
-    provider.prepare_update(image.rootfs, progress)
-    started = time.monotonic()
-    # After a failure or Ctrl-C, stagings under way stop too (their slots were never published).
-    stop = threading.Event()
-    slots = parallel_map(lambda node: provider.stage_update(node, image.rootfs, progress, stop), nodes,
-                         limit=staging_concurrency(lab.spec.updates.max_concurrent_reboots), stop=stop)
-    staging_s = time.monotonic() - started
+    # is anything published: no node reboots while another is still staging, so the staging's cost to the
+    # applications is measured alone (the scenario's staging window) and a failed staging leaves no node
+    # half-way into a roll. `lab update status` shows the staging while it lasts (minutes per VM).
+    earlier = lab.state.get("update")
+    lab.state.set("update", {"target": version, "staging_since": time.time(), "staging_pid": os.getpid()})
+    try:
+        staging_s, slots = _stage_everywhere(lab, provider, image, nodes, progress)
+    except BaseException:
+        lab.state.set("update", earlier)
+        raise
     if client.get(HALTED):
         progress("clearing the halt left by an earlier failed roll")
         client.delete(HALTED)
@@ -105,6 +107,17 @@ def start_roll(lab, version: str, progress: Progress = no_progress) -> float:
         progress(f"{node}: {box.name} {version} staged in slot {slot}")
     lab.state.set("update", {"target": version, "started_at": time.time()})
     return staging_s
+
+
+def _stage_everywhere(lab, provider, image, nodes: list[str], progress: Progress) -> tuple[float, list[str]]:
+    """Every node's passive slot written; (the seconds it took, each node's slot)."""
+    provider.prepare_update(image.rootfs, progress)
+    started = time.monotonic()
+    # After a failure or Ctrl-C, stagings under way stop too (their slots were never published).
+    stop = threading.Event()
+    slots = parallel_map(lambda node: provider.stage_update(node, image.rootfs, progress, stop), nodes,
+                         limit=staging_concurrency(lab.spec.updates.max_concurrent_reboots), stop=stop)
+    return time.monotonic() - started, slots
 
 
 def status(lab) -> UpdateStatus:
@@ -126,7 +139,8 @@ def status(lab) -> UpdateStatus:
         json_record(SEMAPHORE, client.get(SEMAPHORE), {"max": int, "holders": list[str]})
     semaphore, _ = Semaphore(client).read(lab.spec.updates.max_concurrent_reboots)
     halted = client.get(HALTED)
-    return UpdateStatus(target=(lab.state.get("update") or {}).get("target"), nodes=rows,
+    update = lab.state.get("update") or {}
+    return UpdateStatus(target=update.get("target"), nodes=rows, staging_since=_staging_since(update),
                         holders=semaphore["holders"], max_holders=semaphore["max"],
                         strategy=lab.spec.updates.strategy,
                         halted=json_record(HALTED, halted, dict.fromkeys(("node", "version", "reason"), str))
@@ -177,3 +191,13 @@ def wait(lab, version: str, progress: Progress = no_progress, timeout: float = 6
             return current
         time.sleep(0.5)
     raise UpdateError(f"the roll to {version} did not finish in {timeout:.0f} s", hint="see `lab update status`")
+
+
+def _staging_since(update: dict) -> float | None:
+    """When the staging recorded began, if the `lab update` doing it still runs (kill -9 leaves the record)."""
+    import psutil
+
+    since, pid = update.get("staging_since"), update.get("staging_pid")
+    if not isinstance(since, (int, float)) or not isinstance(pid, int) or not psutil.pid_exists(pid):
+        return None
+    return float(since)

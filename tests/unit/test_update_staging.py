@@ -44,3 +44,17 @@ def test_lab_update_refuses_vm_labs_whose_disk_it_cannot_switch(tmp_path):
     assert "systemd-boot" in problem({"box": {"arch": "arm64"}})[0]
     what, hint = problem({"box": {"vagrant": "debian/bookworm64"}})
     assert "not a Lab OS box" in what and "drop box.vagrant" in hint
+
+
+def test_lab_update_status_shows_a_staging_only_while_its_command_runs():
+    import os
+    import subprocess
+
+    from lab.cluster.update import _staging_since
+
+    assert _staging_since({"staging_since": 100.0, "staging_pid": os.getpid()}) == 100.0
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    assert _staging_since({"staging_since": 100.0, "staging_pid": gone.pid}) is None  # killed mid-way
+    assert _staging_since({"target": "2", "started_at": 100.0}) is None  # staged: the roll is on
+    assert _staging_since({"staging_since": "x", "staging_pid": os.getpid()}) is None
