@@ -429,7 +429,8 @@ EMULATED = ["--set", "providers.libvirt.driver=qemu", "--set", "etcd.pre_vote=tr
 
 def bench_vm_update() -> None:
     """Rolling update of 3 libvirt VMs (A/B slots): `lab scenario run rolling-update`, its staging, roll and
-    wall time, and the workload's latency during the staging against before (~45 min under emulation)."""
+    wall time, and the workload's latency during the staging against before (~45 min under emulation).
+    Adds the libvirt box to Vagrant as `lab box add` does (replacing an older build of it)."""
     if os.geteuid() != 0:
         print("vm-update: skipped (needs root)")
         return

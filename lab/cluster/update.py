@@ -70,7 +70,7 @@ def start_roll(lab, version: str, progress: Progress = no_progress) -> float:
     flavor = provider.update_flavor  # what a node's slot holds: an nspawn image's /usr, a VM image's
     problem = provider.update_problem()
     if problem:
-        raise PrerequisiteError(*problem)
+        raise PrerequisiteError(problem[0], hint=problem[1])
     image = find_image(box.name, version, flavor)
     if image is None:
         build = f"lab box build --name {box.name} --version {version}"
@@ -93,7 +93,8 @@ def start_roll(lab, version: str, progress: Progress = no_progress) -> float:
     # applications is measured alone (the scenario's staging window) and a failed staging leaves no node
     # half-way into a roll. `lab update status` shows the staging while it lasts (minutes per VM).
     earlier = lab.state.get("update")
-    lab.state.set("update", {"target": version, "staging_since": time.time(), "staging_pid": os.getpid()})
+    lab.state.set("update", {"target": version, "staging_since": time.time(), "staging_pid": os.getpid(),
+                             "staging_pid_started": _process_started(os.getpid())})
     try:
         staging_s, slots = _stage_everywhere(lab, provider, image, nodes, progress)
     except BaseException:
@@ -194,10 +195,21 @@ def wait(lab, version: str, progress: Progress = no_progress, timeout: float = 6
 
 
 def _staging_since(update: dict) -> float | None:
-    """When the staging recorded began, if the `lab update` doing it still runs (kill -9 leaves the record)."""
-    import psutil
-
+    """When the staging recorded began, if the `lab update` doing it still runs (kill -9 leaves the record;
+    the process's start time tells a pid used again since)."""
     since, pid = update.get("staging_since"), update.get("staging_pid")
-    if not isinstance(since, (int, float)) or not isinstance(pid, int) or not psutil.pid_exists(pid):
+    if not isinstance(since, (int, float)) or not isinstance(pid, int):
+        return None
+    started = _process_started(pid)
+    if started is None or started != update.get("staging_pid_started"):
         return None
     return float(since)
+
+
+def _process_started(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None

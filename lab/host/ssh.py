@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any, BinaryIO, Callable, Iterable, TextIO
@@ -445,10 +445,12 @@ def run_with_input(endpoint: SSHEndpoint, command: str, source: BinaryIO, *, tim
     on the channel (a node that stops answering), not the whole transfer. Once `cancel` is set (Ctrl-C)
     the session is closed within a second and Cancelled raised: the node's side sees its input end early.
     """
+    stop_if_cancelled(cancel, endpoint)
     try:
         with connect(endpoint) as connection:
             connection.open()
-            channel = connection.client.get_transport().open_session(timeout=timeout)
+            transport = connection.client.get_transport()
+            channel = transport.open_session(timeout=timeout)
             session = _Session(channel, endpoint, timeout, cancel)
             channel.exec_command(command)
             while data := source.read(chunk):
@@ -457,6 +459,8 @@ def run_with_input(endpoint: SSHEndpoint, command: str, source: BinaryIO, *, tim
             if not channel.closed:
                 channel.shutdown_write()
             out, err = session.read_to_exit()
+            if not channel.exit_status_ready() and not transport.is_active():
+                raise EOFError("the connection dropped before the command's end")
             status = channel.recv_exit_status()
     except ssh_errors() as exc:
         raise NodeUnreachable(endpoint, exc) from None
@@ -464,7 +468,12 @@ def run_with_input(endpoint: SSHEndpoint, command: str, source: BinaryIO, *, tim
 
 
 class Cancelled(ProviderError):
-    """A node's session closed on the command's way out (Ctrl-C): what it was doing stopped half-way."""
+    """A node's session closed on the command's way out (Ctrl-C, or another node's failure)."""
+
+
+def stop_if_cancelled(cancel: threading.Event | None, endpoint: SSHEndpoint) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled(f"{endpoint.node}: stopped half-way (Ctrl-C, or another node failed)")
 
 
 class _Session:
@@ -481,8 +490,10 @@ class _Session:
 
     def _unless_cancelled(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
-            self.channel.close()
-            raise Cancelled(f"{self.endpoint.node}: stopped half-way (interrupted)")
+            # The transport, not the channel: closing a channel sends a message and may block on a
+            # stalled socket; the node's side sees its input end either way.
+            self.channel.get_transport().close()
+            stop_if_cancelled(self.cancel, self.endpoint)
 
     def _waited(self) -> None:
         """Called after a wait that brought nothing."""
@@ -519,6 +530,9 @@ class _Session:
         """What the node's side prints (a line or two), stdout and stderr, until it exits and closes."""
         out, err = bytearray(), bytearray()
         while True:
+            # Looked at before the buffers are read: the end arrives after the last output, so once it
+            # is seen, reading the buffers gets everything (looked at after, output could slip in between).
+            ended = self.channel.closed or (self.channel.exit_status_ready() and self.channel.eof_received)
             got = False
             while self.channel.recv_ready():
                 out += self.channel.recv(65536)
@@ -526,7 +540,7 @@ class _Session:
             while self.channel.recv_stderr_ready():
                 err += self.channel.recv_stderr(65536)
                 got = True
-            if not got and (self.channel.closed or (self.channel.exit_status_ready() and self.channel.eof_received)):
+            if ended:
                 return out, err
             if got:
                 self._progressed()
@@ -546,30 +560,38 @@ def parallel_map(function: Callable, items: Iterable, limit: int = SSH_CONCURREN
 
     No item starts after one has failed (or after Ctrl-C): staging the next node's slot or configuring the
     next node would only add work to undo. Items already running finish first; `stop`, set then, is how
-    they can hear it and stop early (run_with_input's cancel).
+    they can hear it and stop early (run_with_input's cancel). The error raised is the one that stopped
+    the others, not what they raised on hearing it.
     """
     items = list(items)
     if not items:
         return []
     stop = stop or threading.Event()
+    first_error: list[BaseException] = []
+    lock = threading.Lock()
 
     def guarded(item):
         if stop.is_set():
             raise _NotStarted
         try:
             return function(item)
-        except BaseException:
-            stop.set()  # by the failing thread itself, before a free worker can take the next item
+        except BaseException as exc:
+            with lock:
+                if not stop.is_set():
+                    first_error.append(exc)
+                stop.set()  # by the failing thread itself, before a free worker can take the next item
             raise
 
     with ThreadPoolExecutor(max_workers=min(limit, len(items))) as pool:
         futures = [pool.submit(guarded, item) for item in items]
         try:
-            # The queue is first in, first out: an item that did not start comes after one that failed.
-            return [future.result() for future in futures]
-        except BaseException:
+            wait(futures)
+        except BaseException:  # Ctrl-C: the running ones hear it through `stop`
             stop.set()
             raise
+    if first_error:
+        raise first_error[0]
+    return [future.result() for future in futures]
 
 
 class _NotStarted(Exception):

@@ -28,3 +28,20 @@ def test_the_first_error_raises_and_no_item_starts_after_it():
     with pytest.raises(RuntimeError, match="b broke"):
         parallel_map(work, ["a", "b", "c", "d", "e"], limit=2)
     assert sorted(started) == ["a", "b"]
+
+
+def test_the_error_raised_is_the_one_that_stopped_the_others():
+    stop = threading.Event()
+    b_failed = threading.Event()
+
+    def work(item):
+        if item == "b":
+            b_failed.set()
+            raise RuntimeError("b: no A/B slots")
+        b_failed.wait(5)  # "a" runs on, hears the stop as a staging does, and raises its own error
+        if stop.is_set():
+            raise InterruptedError("a: stopped half-way")
+        return item
+
+    with pytest.raises(RuntimeError, match="b: no A/B slots"):
+        parallel_map(work, ["a", "b"], limit=2, stop=stop)

@@ -40,7 +40,7 @@ def test_lab_update_refuses_vm_labs_whose_disk_it_cannot_switch(tmp_path):
         context = contexts.make_context(tmp_path, {"name": "up", **data}, lab_id="0dd5e7", subnet="10.77.9.0/24")
         return LibvirtProvider(context).update_problem()
 
-    assert problem({}) is None
+    assert problem({"box": {"arch": "amd64"}}) is None  # stated: `auto` is arm64 on an arm64 host
     assert "systemd-boot" in problem({"box": {"arch": "arm64"}})[0]
     what, hint = problem({"box": {"vagrant": "debian/bookworm64"}})
     assert "not a Lab OS box" in what and "drop box.vagrant" in hint
@@ -52,9 +52,45 @@ def test_lab_update_status_shows_a_staging_only_while_its_command_runs():
 
     from lab.cluster.update import _staging_since
 
-    assert _staging_since({"staging_since": 100.0, "staging_pid": os.getpid()}) == 100.0
+    from lab.cluster.update import _process_started
+
+    me = {"staging_since": 100.0, "staging_pid": os.getpid(), "staging_pid_started": _process_started(os.getpid())}
+    assert _staging_since(me) == 100.0
     gone = subprocess.Popen(["true"])
     gone.wait()
-    assert _staging_since({"staging_since": 100.0, "staging_pid": gone.pid}) is None  # killed mid-way
+    assert _staging_since({**me, "staging_pid": gone.pid}) is None  # killed mid-way
+    assert _staging_since({**me, "staging_pid_started": 1.0}) is None  # its pid taken by another process since
     assert _staging_since({"target": "2", "started_at": 100.0}) is None  # staged: the roll is on
-    assert _staging_since({"staging_since": "x", "staging_pid": os.getpid()}) is None
+    assert _staging_since({**me, "staging_since": "x"}) is None
+
+
+class _RefusedLab:
+    """What start_roll asks of a lab before it refuses: nothing is read or written past the provider."""
+
+    def __init__(self, provider):
+        self._provider = provider
+        self.spec = provider.context.spec
+
+    def require_created(self, verb):
+        pass
+
+    def provider(self):
+        return self._provider
+
+    def etcd_client(self):
+        raise AssertionError("a refused update must not touch etcd")
+
+
+def test_lab_update_on_a_refused_lab_is_one_clear_error_before_anything_changes(tmp_path):
+    import pytest
+
+    from lab.cluster.update import start_roll
+    from lab.errors import PrerequisiteError
+    from lab.providers.vagrant.libvirt import LibvirtProvider
+    from lab.testing import contexts
+
+    context = contexts.make_context(tmp_path, {"name": "up", "box": {"arch": "arm64"}}, lab_id="0dd5e7",
+                                    subnet="10.77.9.0/24")
+    with pytest.raises(PrerequisiteError, match="systemd-boot") as refused:
+        start_roll(_RefusedLab(LibvirtProvider(context)), "2")
+    assert "amd64 VM lab" in refused.value.hint

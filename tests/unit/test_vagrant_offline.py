@@ -132,8 +132,15 @@ def test_libvirt_preflight_asks_for_qemu_without_kvm(tmp_path: Path) -> None:
         provider.preflight()
 
 
+def as_if_on_amd64(monkeypatch: pytest.MonkeyPatch) -> None:
+    """box.arch auto is this machine's architecture: the names below are an amd64 host's."""
+    monkeypatch.setattr("lab.images.recipes.native_arch", lambda: "amd64")
+    monkeypatch.setattr("lab.providers.vagrant.render.native_arch", lambda: "amd64")
+
+
 def test_preflight_names_a_missing_box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VAGRANT_HOME", str(tmp_path / "vagrant.d"))
+    as_if_on_amd64(monkeypatch)
     provider = LibvirtProvider(make_context(tmp_path))
     problem, hint = provider.lab_problem()
     assert problem == "Vagrant box 'lab-labos-1' for libvirt is not installed"
@@ -145,7 +152,7 @@ def test_preflight_names_a_missing_box(tmp_path: Path, monkeypatch: pytest.Monke
 def test_a_missing_box_of_another_architecture_is_named_with_its_arch(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VAGRANT_HOME", str(tmp_path / "vagrant.d"))
-    monkeypatch.setattr("lab.images.recipes.native_arch", lambda: "amd64")
+    as_if_on_amd64(monkeypatch)
     problem, hint = LibvirtProvider(make_context(tmp_path, {"box": {"arch": "arm64"}})).lab_problem()
     assert problem == "Vagrant box 'lab-labos-1-arm64' for libvirt is not installed"
     assert "`lab box add --format libvirt --arch arm64`" in hint
@@ -321,6 +328,7 @@ def test_lab_up_notes_an_added_box_older_than_the_recipe(tmp_path: Path, monkeyp
     from lab.images.vagrantbox import ADDED_MARKER, stale_added_box
 
     monkeypatch.setenv("VAGRANT_HOME", str(tmp_path / "vagrant.d"))
+    as_if_on_amd64(monkeypatch)
     added = tmp_path / "vagrant.d" / "boxes" / "lab-labos-1" / "0" / "libvirt"
     added.mkdir(parents=True)
     provider = LibvirtProvider(make_context(tmp_path))

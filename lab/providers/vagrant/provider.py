@@ -337,6 +337,10 @@ class VagrantProvider(GuestPartitions, Provider):
 
     def update_problem(self) -> tuple[str, str] | None:
         spec = self.context.spec
+        if self.name not in BOX_FORMATS:
+            return (f"`lab update` needs Lab OS boxes with A/B /usr slots, which lab builds for "
+                    f"{' and '.join(BOX_FORMATS)} only, not {self.label}",
+                    "roll updates on a libvirt or VirtualBox lab, or on nspawn nodes")
         if spec.box.vagrant:
             return (f"the lab's box {spec.box.vagrant} is not a Lab OS box: it has no A/B /usr slots to update",
                     "drop box.vagrant from lab.yaml to use the Lab OS box, then `lab destroy` and `lab up`")
@@ -358,7 +362,9 @@ class VagrantProvider(GuestPartitions, Provider):
         from lab.providers.vagrant import staging
 
         endpoint = self.ssh_endpoints()[node]
-        return staging.stage(endpoint, rootfs, self.context.spec.updates.staging_weight, progress, cancel)
+        spec = self.context.spec
+        box_add = f"lab box add --format {self.name}{box_options(spec.box.name, spec.box.version, box_arch(spec))}"
+        return staging.stage(endpoint, rootfs, spec.updates.staging_weight, progress, cancel, box_add)
 
     def remove_node(self, node: str, progress: Progress = no_progress) -> None:
         if node in self.machines_on_disk():

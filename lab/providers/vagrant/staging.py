@@ -27,7 +27,7 @@ from pathlib import Path
 
 from lab.errors import ProviderError, StateError
 from lab.host.locks import holding
-from lab.host.ssh import SSHEndpoint, run, run_with_input
+from lab.host.ssh import SSHEndpoint, run, run_with_input, stop_if_cancelled
 from lab.images.cache import lock_path
 from lab.images.vmdisk import SlotImage, make_usr_image
 from lab.node import layout
@@ -56,20 +56,36 @@ def scoped(command: str, weight: int) -> str:
     return (f"systemd-run --scope --quiet --collect -p CPUWeight={weight} -p IOWeight={weight} -- {command}")
 
 
-def slot_status(endpoint: SSHEndpoint) -> dict:
+def slot_status(endpoint: SSHEndpoint, box_add: str = "lab box add --format libvirt") -> dict:
+    """The node's slots (booted, default, once) as bootslots.py reports them; box_add: the command that
+    adds the lab's box to Vagrant anew (the hint for a node booted from a box without the slots)."""
     result = run(endpoint, f"python3 {BOOTSLOTS} status", timeout=STATUS_TIMEOUT)
     if not result.ok:
         raise ProviderError(f"{endpoint.node} has no A/B /usr slots: {(result.stderr or result.stdout).strip()}",
-                            hint="`lab update` on VMs needs a Lab OS box with its two /usr slots: "
-                                 "`lab box add --format libvirt` (or virtualbox; builds the box from the "
-                                 "recipe in boxes/ first), then `lab destroy` and `lab up`")
-    return json.loads(result.stdout)
+                            hint=f"`lab update` on VMs needs a Lab OS box with its two /usr slots: `{box_add}` "
+                                 "(builds the box from the recipe in boxes/ first), then `lab destroy` and "
+                                 "`lab up`")
+    return _json_line(endpoint, result.stdout, "bootslots.py status")
+
+
+def _json_line(endpoint: SSHEndpoint, text: str, what: str) -> dict:
+    """The last line of what the node printed, as the JSON object it should be."""
+    lines = text.strip().splitlines()
+    try:
+        found = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        found = None
+    if not isinstance(found, dict):
+        raise ProviderError(f"{endpoint.node}: {what} printed {text.strip()[-200:]!r}, not its JSON report",
+                            hint="the node's lab agents may be from another version of lab: `lab up` ships "
+                                 "them again")
+    return found
 
 
 def stage(endpoint: SSHEndpoint, rootfs: Path, weight: int, progress: Progress = no_progress,
-          cancel: threading.Event | None = None) -> str:
+          cancel: threading.Event | None = None, box_add: str = "lab box add --format libvirt") -> str:
     """Write the image at `rootfs` into the node's passive slot; return the slot ("a" or "b")."""
-    status = slot_status(endpoint)
+    status = slot_status(endpoint, box_add)
     if status["booted"] != status["default"]:
         raise ProviderError(f"{endpoint.node} runs slot {status['booted']} on trial (its default is "
                             f"{status['default']}): its update agent has not settled it yet",
@@ -80,6 +96,7 @@ def stage(endpoint: SSHEndpoint, rootfs: Path, weight: int, progress: Progress =
                             hint="wait for `lab update status` to show it updated or rolled back, then retry")
     passive = layout.BOOT_SLOTS[1 - layout.BOOT_SLOTS.index(status["booted"])]
     image = slot_image(rootfs, progress)
+    stop_if_cancelled(cancel, endpoint)  # each session below hears it itself
     progress(f"{endpoint.node}: writing slot {passive} ({image.usr_bytes / 2**20:.0f} MiB of /usr, its kernel and "
              f"initramfs) at weight {weight}")
     started = time.monotonic()
@@ -93,9 +110,9 @@ def stage(endpoint: SSHEndpoint, rootfs: Path, weight: int, progress: Progress =
         result = _checked(endpoint, run_with_input(
             endpoint, scoped(f"python3 {BOOTSLOTS} stage-usr {passive} {image.usr_bytes} {image.usr_sha256}",
                              weight), source, timeout=STAGE_TIMEOUT, cancel=cancel), f"writing /usr into slot {passive}")
-    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    measured = _json_line(endpoint, result.stdout, "bootslots.py stage-usr")
     progress(f"{endpoint.node}: {image.usr_bytes / 2**20:.0f} MiB written to slot {passive} and checked in "
-             f"{time.monotonic() - started:.1f} s (the node's part {measured['total_s']:.1f} s, weight {weight})")
+             f"{time.monotonic() - started:.1f} s (the node's part {measured.get('total_s', float('nan')):.1f} s, weight {weight})")
     return passive
 
 

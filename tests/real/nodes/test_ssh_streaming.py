@@ -47,12 +47,19 @@ def test_a_command_that_stops_reading_is_heard_with_its_reason(endpoint):
     assert result.exit_status == 3 and "slot refused" in result.stderr
 
 
-@pytest.mark.parametrize("command", [
-    "sleep 30",                      # never reads: the window fills, the sender waits
-    "cat >/dev/null; sleep 30",      # reads it all, then works on without a word (an fsync, a read back)
+@pytest.mark.parametrize("command, size", [
+    ("sleep 30", 8 * 2**20),                   # never reads: the window fills, the sender waits
+    ("cat >/dev/null; sleep 30", 2**20),      # reads it all at once, then works on without a word (a sync)
 ])
-def test_a_cancel_closes_the_session_within_a_second(endpoint, command):
+def test_a_cancel_closes_the_session_within_a_second(endpoint, command, size):
     started = time.monotonic()
     with pytest.raises(Cancelled, match="loop: stopped half-way"):
-        run_with_input(endpoint, command, io.BytesIO(os.urandom(8 * 2**20)), timeout=60, cancel=cancel_after(1.0))
+        run_with_input(endpoint, command, io.BytesIO(os.urandom(size)), timeout=60, cancel=cancel_after(1.0))
     assert time.monotonic() - started < 3.0
+
+
+def test_a_cancel_set_before_the_session_opens_none(endpoint):
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        run_with_input(endpoint, "touch /tmp/lab-test-must-not-exist", io.BytesIO(b"x"), timeout=60, cancel=cancel)
