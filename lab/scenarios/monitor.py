@@ -212,6 +212,7 @@ class InvariantSampler:
         self.interval = interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._units_thread: threading.Thread | None = None
         self.samples = 0
         self.max_down = 0
         self.max_down_at = 0.0
@@ -227,18 +228,23 @@ class InvariantSampler:
         self._units += [n for n in names if n not in self._units]
 
     def start(self) -> None:
+        # Two threads: a units read takes seconds on a loaded emulated host, and the member counts must
+        # not wait for it (in one loop, samples came every 2 s where they should every 50 ms).
         self._thread = threading.Thread(target=self._loop, daemon=True, name="invariants")
+        self._units_thread = threading.Thread(target=self._units_loop, daemon=True, name="invariants-units")
         self._thread.start()
+        self._units_thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread:  # a units read may try every member, each with a handshake's wait
-            self._thread.join(timeout=HANDSHAKE_TIMEOUT * max(1, len(self.members)) + 5)
+        if self._thread:
+            self._thread.join(timeout=5)
+        if self._units_thread:  # a units read may try every member, each with a handshake's wait
+            self._units_thread.join(timeout=HANDSHAKE_TIMEOUT * max(1, len(self.members)) + 5)
 
     def _loop(self) -> None:
         nodes = [m.node for m in self.members]
         majority = len(nodes) // 2 + 1
-        next_units = 0.0
         while not self._stop.is_set():
             now = self.clock()
             latest = self.monitor.snapshot()
@@ -256,10 +262,13 @@ class InvariantSampler:
                     self.max_down, self.max_down_at, self.max_down_nodes = len(down), now, down
                 if len(nodes) - len(down) < majority:
                     self.quorum_lost.append(now)
-            if self._units and now >= next_units:
-                self._sample_units()
-                next_units = now + 0.5
             self._stop.wait(self.interval)
+
+    def _units_loop(self) -> None:
+        while not self._stop.is_set():
+            if self._units:
+                self._sample_units()
+            self._stop.wait(0.5)
         if self._units_client is not None:  # its connections belong to this thread
             self._units_client.close()
 

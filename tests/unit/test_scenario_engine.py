@@ -207,6 +207,22 @@ def test_the_invariant_sampler_counts_members_down_and_lost_quorum():
     assert sampler.quorum_lost
 
 
+def test_a_slow_units_read_does_not_slow_the_member_samples(monkeypatch):
+    members = [SimpleNamespace(node=n) for n in NODES]
+    now = time.monotonic()
+    monitor = StaticMonitor(latest={n: (now, "node-1", 2, True) for n in NODES})
+    monitor.failing_since = {}
+    sampler = InvariantSampler(members, monitor, lambda timeout, connect_timeout=None: None, time.monotonic,
+                               interval=0.01)
+    # A loaded emulated host: every read of where units run takes a second.
+    monkeypatch.setattr(sampler, "_sample_units", lambda: time.sleep(1.0))
+    sampler.watch_units(["web.service"])
+    sampler.start()
+    time.sleep(0.5)
+    sampler.stop()
+    assert sampler.samples >= 10  # one sample per 10 ms, not one per units read
+
+
 def test_a_wait_lasts_at_least_its_bound_so_a_slow_leader_is_measured():
     from lab.scenarios.conditions import wait_timeout
 
