@@ -93,8 +93,14 @@ class SchedulerBootstrap:
             NodeFile(str(layout.UNIT_DIR / f"{layout.AGENT_SERVICE}.service"), AGENT_UNIT_TEXT.encode(), 0o644),
             NodeFile(str(layout.UNIT_DIR / f"{layout.UPDATE_SERVICE}.service"), UPDATE_UNIT_TEXT.encode(), 0o644)]
 
+    def node_info_file(self, node: str) -> NodeFile:
+        """Who the node is (/etc/lab/node.json), for checks and scenarios: nspawn writes it at creation,
+        other providers' nodes get it here. Not the agents' input: a new peer in it restarts nothing."""
+        return NodeFile(str(layout.NODE_INFO), self.context.node_info(node).encode(), 0o644)
+
     def install(self, node: str) -> bool:
         with connect(self.endpoints[node]) as connection:
+            put_files(connection, [self.node_info_file(node)], node)
             changed = put_files(connection, self._files(node), node)
             active = units_active(connection, node, SERVICES)
             if changed or not active:

@@ -130,6 +130,14 @@ class LabContext:
         raise UsageError(f"no node named {name!r} in lab {self.spec.name!r}",
                          hint=f"nodes are: {', '.join(n.name for n in self.nodes)}")
 
+    def node_info(self, name: str) -> str:
+        """/etc/lab/node.json of a node, on every provider: who it is, its lab address, the other nodes'
+        (written at creation on nspawn, with the agents elsewhere; checks and scenarios read it)."""
+        import json
+
+        return json.dumps({"lab": self.spec.name, "lab_id": self.lab_id, "node": name, "ip": self.addresses[name],
+                           "peers": self.addresses, "metadata": self.node(name).metadata}) + "\n"
+
 
 class Provider(ABC):
     """One way of making nodes. Subclasses live one per module in this package."""

@@ -69,8 +69,8 @@ LAB_FILES = (layout.NODE_PKI_DIR, "/var/lib/etcd/lab", f"{layout.UNIT_DIR}/{layo
 # What lab puts in each of layout.LAB_DIRS: all that goes from a directory that was there before lab.
 NODE_MODULES = tuple(sorted(path.name for path in Path(layout.__file__).parent.glob("*.py") if path.name != "__init__.py"))
 OWN_FILES = {
-    str(layout.CONFIG_DIR): (layout.AGENT_CONFIG.name, layout.UPDATE_CONFIG.name, OWNER_FILE.name,
-                             INSTALLED_FILE.name),
+    str(layout.CONFIG_DIR): (layout.AGENT_CONFIG.name, layout.UPDATE_CONFIG.name, layout.NODE_INFO.name,
+                             OWNER_FILE.name, INSTALLED_FILE.name),
     str(layout.NODE_DIR): (*NODE_MODULES, layout.MANAGED.name, "__pycache__"),
     "/etc/etcd": ("pki", layout.ETCD_PRESTART.rsplit("/", 1)[1]),
     "/run/lab": (layout.DRAIN_FLAG.name,),

@@ -159,7 +159,7 @@ def test_cleanup_keeps_what_else_a_directory_that_was_there_before_holds():
     removal = next(line for line in kept.splitlines() if line.startswith("rm -rf"))
     assert f" {layout.CONFIG_DIR} " not in removal + " "
     assert f"{layout.CONFIG_DIR}/agent.json" in removal and f"{layout.CONFIG_DIR}/owner" in removal
-    assert str(layout.NODE_INFO) not in removal  # a file lab's nspawn provider writes, not the hosts provider
+    assert str(layout.NODE_INFO) in removal  # who the node is: written with the agents on every provider
 
 
 def test_cleanup_leaves_etcd_enabled_only_if_it_was_before():

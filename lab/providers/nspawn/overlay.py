@@ -10,7 +10,6 @@ the upper layer through nodefs too.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
@@ -77,9 +76,7 @@ def fact_files(context: LabContext, node: str) -> dict[str, str]:
         "etc/systemd/network/10-host0.network":
             f"[Match]\nName=host0\n\n[Network]\nAddress={ip}/{prefix}\nLinkLocalAddressing=no\n"
             "IPv6AcceptRA=no\n",
-        str(layout.NODE_INFO.relative_to("/")):
-            json.dumps({"lab": context.spec.name, "lab_id": context.lab_id, "node": node, "ip": ip,
-                        "peers": context.addresses, "metadata": context.node(node).metadata}) + "\n",
+        str(layout.NODE_INFO.relative_to("/")): context.node_info(node),
     }
 
 

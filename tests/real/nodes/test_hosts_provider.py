@@ -81,6 +81,9 @@ def test_hosts_become_nodes_take_every_fault_and_are_left_as_they_were(hosts, tm
         assert f"{node}: installed python3, nftables, etcd-server, etcd-client from its own apt sources" in output
     assert {n: s["state"] for n, s in statuses(project).items()} == {n: "running" for n in NODES}
     assert statuses(project)["node-3"]["ip"] == hosts.addresses["node-3"]
+    # Who each node is, for checks and scenarios, on every provider (smoke's and first-look's read it).
+    info = json.loads(hosts.run("node-3", "cat /etc/lab/node.json"))
+    assert info["node"] == "node-3" and info["ip"] == hosts.addresses["node-3"] and set(info["peers"]) == set(NODES)
     assert hosts.proxy.refused == []
     # no fourth host: said before anything is recorded, and the lab goes on as it was
     code, output = lab(project, "node", "add")

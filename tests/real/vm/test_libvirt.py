@@ -335,12 +335,13 @@ def test_box_rm_vagrant_removes_the_registration_and_the_unused_pool_copy(box, t
 
 
 @pytest.mark.slow
-def test_three_vms_on_a_remote_libvirt_host_pass_raft_failover_and_partition(box, tmp_path):
+def test_three_vms_on_a_remote_libvirt_host_pass_smoke_raft_failover_and_partition(box, tmp_path):
     """The lab's libvirt is another machine's, reached over SSH: `qemu+ssh://root@127.0.0.1:PORT/system`
     through an sshd this test starts (lab.testing.loopback_sshd). Vagrant and virsh log in with the
     system's ssh, lab through that host as a jump host (SSH, etcd, faults, the update's staging). The
     machine is this one, so the VMs' networks are routable from here too: sshd's log shows that lab's
-    SSH and etcd connections went through it. (The rolling-update scenarios on three VMs were run
+    SSH and etcd connections went through it; smoke's checks read the node's /etc/lab/node.json, written
+    with the agents on VMs (at creation on nspawn). (The rolling-update scenarios on three VMs were run
     by hand: README, "Rolling OS updates"; at the staging's low weight, beside the workload, under
     emulation, they take longer than CI has. The 1-VM test above updates and rolls back a VM.)"""
     from lab.testing.loopback_sshd import loopback_sshd, sshd_problem
@@ -358,7 +359,7 @@ def test_three_vms_on_a_remote_libvirt_host_pass_raft_failover_and_partition(box
         env = dict(os.environ, PATH=f"{sshd.ssh_path}{os.pathsep}{os.environ.get('PATH', '')}")
         project = tmp_path / "project"
         project.mkdir()
-        args = ["test", "raft-failover", "partition", "--provider", "libvirt", "--nodes", "3",
+        args = ["test", "smoke", "raft-failover", "partition", "--provider", "libvirt", "--nodes", "3",
                 "--set", "providers.libvirt.driver=qemu", "--set", f"providers.libvirt.uri={sshd.uri()}",
                 "--set", "etcd.pre_vote=true", "--set", "etcd.heartbeat_ms=250",
                 "--set", "etcd.election_timeout_ms=2500"]
@@ -369,8 +370,9 @@ def test_three_vms_on_a_remote_libvirt_host_pass_raft_failover_and_partition(box
         forwarded = sshd.forwarded_ports()
         assert {port for address, port in forwarded if address.startswith("10.")} >= {22, 2379}, forwarded
     runs = sorted((project / ".lab" / "runs").iterdir())
-    assert [r.name.split("-lab-")[1] for r in runs] == ["raft-failover", "partition"]
-    for run in runs:
+    assert [r.name.split("-lab-")[1] for r in runs] == ["smoke", "raft-failover", "partition"]
+    assert json.loads((runs[0] / "result.json").read_text())["ok"]
+    for run in runs[1:]:
         data = json.loads((run / "result.json").read_text())
         assert data["ok"] and data["measurements"]["lost_writes"] == 0, data
         assert data["measurements"]["time_to_new_leader_s"]
