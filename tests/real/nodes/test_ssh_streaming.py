@@ -63,3 +63,29 @@ def test_a_cancel_set_before_the_session_opens_none(endpoint):
     cancel.set()
     with pytest.raises(Cancelled):
         run_with_input(endpoint, "touch /tmp/lab-test-must-not-exist", io.BytesIO(b"x"), timeout=60, cancel=cancel)
+
+
+def test_a_jump_connection_that_drops_under_a_handshake_is_opened_again(endpoint, monkeypatch):
+    """Behind a jump host (here the same sshd, reached through itself), every node's connection goes
+    through one shared SSH connection to it; when that drops during a handshake, the open is tried once
+    more on a new one instead of failing every node at once."""
+    import dataclasses
+
+    from lab.host import ssh
+
+    jump = dataclasses.replace(endpoint, node="jump")
+    behind = dataclasses.replace(endpoint, node="behind", jump=jump)
+    real_channel_to = ssh.channel_to
+    opened = []
+
+    def drops_the_first_time(jump_endpoint, host, port, timeout=None):
+        channel = real_channel_to(jump_endpoint, host, port, timeout)
+        opened.append(channel)
+        if len(opened) == 1:
+            channel.get_transport().close()  # the shared jump connection dies under the handshake
+        return channel
+
+    monkeypatch.setattr(ssh, "channel_to", drops_the_first_time)
+    result = ssh.run(behind, "echo through the jump", timeout=60)
+    assert result.ok and result.stdout.strip() == "through the jump"
+    assert len(opened) == 2 and opened[0].get_transport() is not opened[1].get_transport()
