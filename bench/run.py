@@ -372,6 +372,20 @@ def bench_build() -> None:
         show("warm build (cache hit, whole CLI)", warm)
 
 
+def libvirt_ready(bench: str) -> bool:
+    """Root and a libvirtd lab can use; else says why `bench` is skipped."""
+    if os.geteuid() != 0:
+        print(f"{bench}: skipped (needs root)")
+        return False
+    sys.path.insert(0, str(REPO))
+    from lab.testing.hostdaemons import libvirt_problem
+
+    problem = libvirt_problem()
+    if problem:
+        print(f"{bench}: skipped ({problem})")
+    return problem is None
+
+
 def bench_vm() -> None:
     """libvirt (QEMU software emulation here): wall time to boot 1 VM and 3 VMs in parallel, box build time.
 
@@ -379,16 +393,10 @@ def bench_vm() -> None:
     then lab's adoption. The 1-VM run is the baseline of the 3-VM run (goal:
     3 VMs <= 1.5x one VM). LAB_BENCH_RUNS=N repeats each (default 1).
     """
-    if os.geteuid() != 0:
-        print("vm: skipped (needs root)")
+    if not libvirt_ready("vm"):
         return
-    sys.path.insert(0, str(REPO))
-    from lab.testing.hostdaemons import libvirt_problem, libvirtd_running
+    from lab.testing.hostdaemons import libvirtd_running
 
-    problem = libvirt_problem()
-    if problem:
-        print(f"vm: skipped ({problem})")
-        return
     runs = int(os.environ.get("LAB_BENCH_RUNS", "1"))
     print("libvirt box: build (VM image cached by recipe; disk, qcow2 and packing every time) and add")
     build = timed([*LAB, "box", "build", "--format", "libvirt", "--force"], 1)[0]
@@ -431,18 +439,12 @@ def bench_vm_update() -> None:
     """Rolling update of 3 libvirt VMs (A/B slots): `lab scenario run rolling-update`, its staging, roll and
     wall time, and the workload's latency during the staging against before (~45 min under emulation).
     Adds the libvirt box to Vagrant as `lab box add` does (replacing an older build of it)."""
-    if os.geteuid() != 0:
-        print("vm-update: skipped (needs root)")
+    if not libvirt_ready("vm-update"):
         return
-    sys.path.insert(0, str(REPO))
     import json
 
-    from lab.testing.hostdaemons import libvirt_problem, libvirtd_running
+    from lab.testing.hostdaemons import libvirtd_running
 
-    problem = libvirt_problem()
-    if problem:
-        print(f"vm-update: skipped ({problem})")
-        return
     for version in ("1", "2"):
         subprocess.run([*LAB, "box", "build", "--format", "libvirt", "--version", version], check=True,
                        capture_output=True)
@@ -475,18 +477,12 @@ def bench_arm64() -> None:
     """arm64 on this amd64 host: a cold arm64 libvirt box build (foreign debootstrap under qemu-user-static,
     into a throwaway cache: 15-30 min), then one arm64 VM booted under emulation to SSH (lab up
     --no-bootstrap) and to etcd healthy (lab up)."""
-    if os.geteuid() != 0:
-        print("arm64: skipped (needs root)")
+    if not libvirt_ready("arm64"):
         return
-    sys.path.insert(0, str(REPO))
     from lab.errors import PrerequisiteError
     from lab.images.build import check_foreign_arch
-    from lab.testing.hostdaemons import libvirt_problem, libvirtd_running
+    from lab.testing.hostdaemons import libvirtd_running
 
-    problem = libvirt_problem()
-    if problem:
-        print(f"arm64: skipped ({problem})")
-        return
     try:
         check_foreign_arch("arm64")
     except PrerequisiteError as exc:  # binfmt's qemu-aarch64 missing: tools/install.sh registers it
