@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Collection
 
 from lab.cluster.etcd_bootstrap import agent_endpoints, client_for, tls_mode
-from lab.cluster.remote import BootstrapError, check, journal_tail, put_files, units_active
+from lab.cluster.remote import BootstrapError, check, journal_tail, units_active, written_files
 from lab.host.ssh import SSHEndpoint, connect, parallel_map
 from lab.node import layout
 from lab.node.layout import NODE_PKI_DIR
@@ -100,8 +100,8 @@ class SchedulerBootstrap:
 
     def install(self, node: str) -> bool:
         with connect(self.endpoints[node]) as connection:
-            put_files(connection, [self.node_info_file(node)], node)
-            changed = put_files(connection, self._files(node), node)
+            written = written_files(connection, [*self._files(node), self.node_info_file(node)], node)
+            changed = any(path != str(layout.NODE_INFO) for path in written)
             active = units_active(connection, node, SERVICES)
             if changed or not active:
                 check(connection, f"systemctl daemon-reload && systemctl enable --quiet {SERVICES} && "

@@ -30,14 +30,19 @@ class BootstrapError(LabError):
 
 
 def put_files(connection, files: list[NodeFile], node: str) -> bool:
+    """Write every file whose content differs (see written_files); returns whether any changed."""
+    return bool(written_files(connection, files, node))
+
+
+def written_files(connection, files: list[NodeFile], node: str) -> list[str]:
     """Write every file whose content differs, in two round trips whatever their number: one upload
-    of them all as one tar, one script that swaps each changed one in. Returns whether any changed.
+    of them all as one tar, one script that swaps each changed one in. Returns the paths it wrote.
 
     Each file is checked and swapped on its own (`PATH.lab-new`, compared, fsynced, renamed), so a
     file already right is never touched and a reader never sees half of one.
     """
     if not files:
-        return False
+        return []
     archive = io.BytesIO()
     with tarfile.open(fileobj=archive, mode="w") as bundle:
         for index, file in enumerate(files):
@@ -55,7 +60,8 @@ def put_files(connection, files: list[NodeFile], node: str) -> bool:
     for index, file in enumerate(files):
         script.append(_swap_in(file, f'tar -xOf "$bundle" {index}', f"CHANGED {index}"))
     result = check(connection, "\n".join(script), node)
-    return "CHANGED" in result.stdout
+    changed = {line.split()[1] for line in result.stdout.splitlines() if line.startswith("CHANGED ")}
+    return [file.path for index, file in enumerate(files) if str(index) in changed]
 
 
 def _swap_in(file: NodeFile, content_command: str, changed_marker: str) -> str:

@@ -221,6 +221,18 @@ def test_a_binary_reaches_a_node_untouched(tmp_path):
     assert target.read_bytes() == binary and stat.S_IMODE(target.stat().st_mode) == 0o600
 
 
+def test_written_files_names_only_the_files_whose_content_changed(tmp_path):
+    from lab.cluster.remote import written_files
+    from lab.providers.base import NodeFile
+
+    first, second = tmp_path / "node" / "etc" / "a.json", tmp_path / "node" / "etc" / "b.json"
+    files = [NodeFile(str(first), b"1\n", 0o644, owner=ME), NodeFile(str(second), b"2\n", 0o644, owner=ME)]
+    assert written_files(LocalNode(), files, "node-1") == [str(first), str(second)]
+    files[1] = NodeFile(str(second), b"3\n", 0o644, owner=ME)
+    assert written_files(LocalNode(), files, "node-1") == [str(second)]  # agents.install restarts on this
+    assert written_files(LocalNode(), files, "node-1") == []
+
+
 class RecordingEtcd:
     def __init__(self) -> None:
         self.values: dict[str, str] = {}

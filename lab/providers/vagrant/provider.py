@@ -156,11 +156,14 @@ class VagrantProvider(GuestPartitions, Provider):
         stale = stale_added_box(spec.box.name, spec.box.version, self.name, box_arch(spec))
         if stale is None:
             return []
-        box = vagrant_box_name(spec)
-        options = box_options(spec.box.name, spec.box.version, box_arch(spec))
-        return [f"Vagrant's box {box} is an older build ({stale}) than the recipe in boxes/ now makes: new VMs "
-                f"boot the old one. `lab box add --format {self.name}{options}` replaces it (VMs made already "
+        return [f"Vagrant's box {vagrant_box_name(spec)} is an older build ({stale}) than the recipe in boxes/ "
+                f"now makes: new VMs boot the old one. `{self.box_add_command()}` replaces it (VMs made already "
                 "keep their disks until `lab destroy`)"]
+
+    def box_add_command(self) -> str:
+        """The command that builds the lab's Lab OS box (if needed) and adds it to Vagrant, as hints name it."""
+        spec = self.context.spec
+        return f"lab box add --format {self.name}{box_options(spec.box.name, spec.box.version, box_arch(spec))}"
 
     def uses_local_daemon(self) -> bool:
         """Does this lab talk to the daemon `daemon_problem` checks?"""
@@ -178,9 +181,7 @@ class VagrantProvider(GuestPartitions, Provider):
                 hint = (f"add it to Vagrant first: {from_catalog}`vagrant box add --name {box} FILE.box`), "
                         f"or drop box.vagrant to use a Lab OS box")
             elif self.name in BOX_FORMATS:  # a Lab OS box lab can build for this provider
-                options = box_options(self.context.spec.box.name, self.context.spec.box.version,
-                                      box_arch(self.context.spec))
-                hint = (f"build it and add it to Vagrant: `lab box add --format {self.name}{options}` "
+                hint = (f"build it and add it to Vagrant: `{self.box_add_command()}` "
                         f"(builds the box first if needed; on Linux only)")
             else:
                 hint = (f"add a {formats} box named {box}: `vagrant box add {box} PATH/TO/FILE.box` "
@@ -362,9 +363,8 @@ class VagrantProvider(GuestPartitions, Provider):
         from lab.providers.vagrant import staging
 
         endpoint = self.ssh_endpoints()[node]
-        spec = self.context.spec
-        box_add = f"lab box add --format {self.name}{box_options(spec.box.name, spec.box.version, box_arch(spec))}"
-        return staging.stage(endpoint, rootfs, spec.updates.staging_weight, progress, cancel, box_add)
+        return staging.stage(endpoint, rootfs, self.context.spec.updates.staging_weight, progress, cancel,
+                             self.box_add_command())
 
     def remove_node(self, node: str, progress: Progress = no_progress) -> None:
         if node in self.machines_on_disk():

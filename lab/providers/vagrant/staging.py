@@ -56,7 +56,7 @@ def scoped(command: str, weight: int) -> str:
     return (f"systemd-run --scope --quiet --collect -p CPUWeight={weight} -p IOWeight={weight} -- {command}")
 
 
-def slot_status(endpoint: SSHEndpoint, box_add: str = "lab box add --format libvirt") -> dict:
+def slot_status(endpoint: SSHEndpoint, box_add: str) -> dict:
     """The node's slots (booted, default, once) as bootslots.py reports them; box_add: the command that
     adds the lab's box to Vagrant anew (the hint for a node booted from a box without the slots)."""
     result = run(endpoint, f"python3 {BOOTSLOTS} status", timeout=STATUS_TIMEOUT)
