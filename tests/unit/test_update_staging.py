@@ -32,13 +32,17 @@ def test_vm_staging_runs_in_a_low_weight_scope_and_takes_the_vm_image():
     assert NspawnProvider.update_flavor == "container" and VagrantProvider.update_flavor == "vm"
 
 
-def test_lab_update_refuses_vm_labs_whose_disk_it_cannot_switch(tmp_path):
+def libvirt_provider(tmp_path, data: dict):
     from lab.providers.vagrant.libvirt import LibvirtProvider
     from lab.testing import contexts
 
+    return LibvirtProvider(contexts.make_context(tmp_path, {"name": "up", **data}, lab_id="0dd5e7",
+                                                 subnet="10.77.9.0/24"))
+
+
+def test_lab_update_refuses_vm_labs_whose_disk_it_cannot_switch(tmp_path):
     def problem(data):
-        context = contexts.make_context(tmp_path, {"name": "up", **data}, lab_id="0dd5e7", subnet="10.77.9.0/24")
-        return LibvirtProvider(context).update_problem()
+        return libvirt_provider(tmp_path, data).update_problem()
 
     assert problem({"box": {"arch": "amd64"}}) is None  # stated: `auto` is arm64 on an arm64 host
     assert "systemd-boot" in problem({"box": {"arch": "arm64"}})[0]
@@ -50,9 +54,7 @@ def test_lab_update_status_shows_a_staging_only_while_its_command_runs():
     import os
     import subprocess
 
-    from lab.cluster.update import _staging_since
-
-    from lab.cluster.update import _process_started
+    from lab.cluster.update import _process_started, _staging_since
 
     me = {"staging_since": 100.0, "staging_pid": os.getpid(), "staging_pid_started": _process_started(os.getpid())}
     assert _staging_since(me) == 100.0
@@ -86,11 +88,7 @@ def test_lab_update_on_a_refused_lab_is_one_clear_error_before_anything_changes(
 
     from lab.cluster.update import start_roll
     from lab.errors import PrerequisiteError
-    from lab.providers.vagrant.libvirt import LibvirtProvider
-    from lab.testing import contexts
 
-    context = contexts.make_context(tmp_path, {"name": "up", "box": {"arch": "arm64"}}, lab_id="0dd5e7",
-                                    subnet="10.77.9.0/24")
     with pytest.raises(PrerequisiteError, match="systemd-boot") as refused:
-        start_roll(_RefusedLab(LibvirtProvider(context)), "2")
+        start_roll(_RefusedLab(libvirt_provider(tmp_path, {"box": {"arch": "arm64"}})), "2")
     assert "amd64 VM lab" in refused.value.hint
