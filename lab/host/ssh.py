@@ -9,6 +9,7 @@ an ssh_config so `ssh -F`, `pytest --ssh-config` and testinfra see the same.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import signal
@@ -229,8 +230,11 @@ def parsed_known_hosts(path: Path):
     return keys
 
 
-def connect(endpoint: SSHEndpoint, timeout: float = 10.0):
+def connect(endpoint: SSHEndpoint, timeout: float = 10.0, answer_timeout: float | None = None):
     """A Fabric Connection that verifies the node's host key when the provider knows it.
+
+    `timeout` bounds reaching the node (TCP, or the jump host's channel); `answer_timeout` (`timeout` if
+    not given) bounds its sshd's greeting and the authentication once it was reached.
 
     The connection opens on first use; a node that does not answer then raises
     NodeUnreachable (a ProviderError naming the node), never a paramiko error,
@@ -244,14 +248,19 @@ def connect(endpoint: SSHEndpoint, timeout: float = 10.0):
                             hint="the nodes trust only that key: restore it from a backup, or `lab destroy` "
                                  "and `lab up` to make the lab anew")
     config = Config(overrides={"load_ssh_configs": False, "run": {"warn": True, "hide": True}})
+    # paramiko's one limit on the whole negotiation (whole seconds: Fabric truncates it): a second over
+    # the greeting's own, so that a node that never greets is said to be that, not "No existing session"
+    # (the limit passed first).
+    negotiation_timeout = timeout if answer_timeout is None else math.ceil(answer_timeout) + 1
     gateway = None
     if endpoint.jump is not None:
         gateway = jump_connection(endpoint.jump)
     connection = Connection(endpoint.host, user=endpoint.user, port=endpoint.port, config=config,
-                            connect_timeout=timeout, gateway=gateway,
+                            connect_timeout=negotiation_timeout, gateway=gateway,
                             connect_kwargs={"key_filename": [str(endpoint.identity_file)],
                                             "look_for_keys": False, "allow_agent": False,
-                                            "banner_timeout": timeout, "auth_timeout": timeout})
+                                            "banner_timeout": answer_timeout or timeout,
+                                            "auth_timeout": answer_timeout or timeout})
     client = connection.client
     if endpoint.known_hosts is not None:
         # known_hosts entries are written under the node name and its IP; an
@@ -268,10 +277,12 @@ def connect(endpoint: SSHEndpoint, timeout: float = 10.0):
         # Fabric's own opens the channel with paramiko's default wait (an hour) for a host that never answers.
         connection.open_gateway = lambda: channel_to(endpoint.jump, endpoint.host, endpoint.port, timeout)
         connection.open = _again_if_the_jump_dropped(connection.open, endpoint.jump)
+    elif answer_timeout is not None:
+        connection.open = _reaching_within(connection, timeout)
     # Fabric's run/sudo/put/sftp all open through `self.open()`: the instance
     # attributes below win over the class's methods.
     for name in ("open", "run", "sudo"):
-        setattr(connection, name, _guarded(getattr(connection, name), endpoint))
+        setattr(connection, name, _guarded(getattr(connection, name), endpoint, connection))
     return connection
 
 
@@ -371,14 +382,41 @@ def _again_if_the_jump_dropped(open_connection: Callable, jump: SSHEndpoint) -> 
     return call
 
 
-def _guarded(method: Callable, endpoint: SSHEndpoint) -> Callable:
+def _reaching_within(connection, timeout: float) -> Callable:
+    """Connection.open with the TCP connection made here, within `timeout`. paramiko's one timeout bounds
+    the TCP connect and the whole SSH negotiation after it: a short one (a booting node refuses, try
+    again soon) failed nodes that are only slow to answer; a long one let a try hang on an address
+    not up yet."""
+    open_connection = connection.open
+
+    def call(*args, **kwargs):
+        if connection.is_connected:
+            return open_connection(*args, **kwargs)
+        sock = connection.connect_kwargs["sock"] = socket.create_connection((connection.host, connection.port),
+                                                                            timeout)
+        try:
+            return open_connection(*args, **kwargs)
+        except BaseException:
+            sock.close()  # paramiko's transport thread would hold it until its own timeouts passed
+            raise
+        finally:
+            del connection.connect_kwargs["sock"]  # the next open (after a close) connects anew
+
+    return call
+
+
+def _guarded(method: Callable, endpoint: SSHEndpoint, connection) -> Callable:
     errors = ssh_errors()
 
     def call(*args, **kwargs):
         try:
             return method(*args, **kwargs)
         except errors as exc:
-            raise NodeUnreachable(endpoint, exc) from None
+            # paramiko's negotiation can fail in its transport thread just as the caller's wait for it ends:
+            # the caller then sees "No existing session", the transport keeps what really happened.
+            transport = connection.client.get_transport()
+            happened = transport.get_exception() if transport is not None and not transport.is_active() else None
+            raise NodeUnreachable(endpoint, happened or exc) from None
 
     return call
 
@@ -637,19 +675,28 @@ def run_many(endpoints: list[SSHEndpoint], command: str, *, timeout: float | Non
     return results
 
 
+# How long a node that accepted the connection has to greet and let lab in, per try. A booting node
+# refuses fast (its connect fails in `timeout`); a loaded one is slow to fork and exec its sshd (CI,
+# 2026-12-03: a host behind a jump host sent no greeting within 2 s for a minute of tries): every try
+# given up is one more sshd started for nothing.
+ANSWER_TIMEOUT = 15.0
+CONSOLE_HINT = "look at the node's console log in the lab directory"
+
+
 def wait_for_ssh(endpoint: SSHEndpoint, deadline: float, is_alive: Callable[[], bool] = lambda: True,
-                 poll: float = 0.2) -> None:
+                 poll: float = 0.2, hint: str = CONSOLE_HINT) -> None:
     """Wait until the node runs a command over SSH, or the deadline passes."""
     import paramiko
 
-    last_error = "no answer"
+    last_error, tries, started = "no answer", 0, time.monotonic()
     while time.monotonic() < deadline:
         if not is_alive():
-            raise ProviderError(f"{endpoint.node}: stopped while booting",
-                                hint="look at the node's console log in the lab directory")
+            raise ProviderError(f"{endpoint.node}: stopped while booting", hint=CONSOLE_HINT)
+        tries += 1
+        answer_timeout = max(2.0, min(ANSWER_TIMEOUT, deadline - time.monotonic()))
         try:
-            with connect(endpoint, timeout=2.0) as connection:
-                if connection.run("true", timeout=5, in_stream=False).exited == 0:
+            with connect(endpoint, timeout=2.0, answer_timeout=answer_timeout) as connection:
+                if connection.run("true", timeout=answer_timeout, in_stream=False).exited == 0:
                     return
         except (NodeUnreachable, *ssh_errors()) as exc:
             cause = exc.cause if isinstance(exc, NodeUnreachable) else exc
@@ -659,7 +706,8 @@ def wait_for_ssh(endpoint: SSHEndpoint, deadline: float, is_alive: Callable[[], 
                                     hint="the node was replaced behind lab's back: `lab destroy` and `lab up`") from None
         time.sleep(poll)
     raise ProviderError(f"{endpoint.node}: did not answer SSH on {endpoint.host}:{endpoint.port} in time "
-                        f"(last error: {last_error})", hint="look at the node's console log in the lab directory")
+                        f"({tries} {'try' if tries == 1 else 'tries'} in {time.monotonic() - started:.0f} s; "
+                        f"last error: {last_error})", hint=hint)
 
 
 INSTALL_HINTS = {

@@ -59,6 +59,8 @@ RESOURCE = "host"
 ADOPT_TIMEOUT = 900.0
 PROBE_TIMEOUT = 15.0
 REBOOT_TIMEOUT = 600.0
+# Hosts answered lab moments before (the adoption): a minute of failed tries is a loaded host or a sick sshd.
+SSH_AFTER_ADOPTION_TIMEOUT = 120.0
 # Files lab writes on a host, besides the units the scheduler agent writes (it lists them in layout.MANAGED).
 ETCD_DEFAULTS = "/etc/default/etcd"
 SAVED_SUFFIX = ".lab-saved"  # the host's own /etc/default/etcd, put back at destroy
@@ -369,8 +371,11 @@ class HostsProvider(GuestPartitions, Provider):
                    if n.name not in new and self._condition(n.name) in ("stopped", "paused")]
         parallel_map(lambda node: self.start(node, progress), stopped)
         endpoints = self.ssh_endpoints()
-        deadline = time.monotonic() + 60
-        parallel_map(lambda node: wait_for_ssh(endpoints[node], deadline), list(endpoints))
+        deadline = time.monotonic() + SSH_AFTER_ADOPTION_TIMEOUT
+        hint = ("the host answered lab moments ago: look at its sshd (`journalctl -u ssh` on it) and its load"
+                + (", and whether the jump host still reaches it" if self.jump is not None else "")
+                + "; then `lab up` again")
+        parallel_map(lambda node: wait_for_ssh(endpoints[node], deadline, hint=hint), list(endpoints))
 
     def _adopt(self, node: str, progress: Progress) -> None:
         endpoint = self.first_contact(node)

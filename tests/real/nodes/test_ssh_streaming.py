@@ -1,19 +1,24 @@
 """run_with_input, the stream `lab update` writes a VM's slot through, against a real sshd on loopback
 (lab.testing.loopback_sshd): what arrives is what was sent, the command's words and exit come back, a
 command that stops reading is noticed, and a cancel (Ctrl-C) closes the session within a second whether
-the node is reading slowly or busy after its input ended."""
+the node is reading slowly or busy after its input ended. wait_for_ssh, against the same sshd behind a port
+that delays its greeting: a node slow to greet is waited for; one that never does is named."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
+import socket
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 
-from lab.host.ssh import Cancelled, SSHEndpoint, run_with_input
+from lab.errors import ProviderError
+from lab.host.ssh import Cancelled, SSHEndpoint, run_with_input, wait_for_ssh
 from lab.testing.loopback_sshd import loopback_sshd, sshd_problem
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or sshd_problem() is not None,
@@ -69,8 +74,6 @@ def test_a_jump_connection_that_drops_under_a_handshake_is_opened_again(endpoint
     """Behind a jump host (here the same sshd, reached through itself), every node's connection goes
     through one shared SSH connection to it; when that drops during a handshake, the open is tried once
     more on a new one instead of failing every node at once."""
-    import dataclasses
-
     from lab.host import ssh
 
     jump = dataclasses.replace(endpoint, node="jump")
@@ -89,3 +92,66 @@ def test_a_jump_connection_that_drops_under_a_handshake_is_opened_again(endpoint
     result = ssh.run(behind, "echo through the jump", timeout=60)
     assert result.ok and result.stdout.strip() == "through the jump"
     assert len(opened) == 2 and opened[0].get_transport() is not opened[1].get_transport()
+
+
+@contextmanager
+def greeting_delayed_by(seconds: float | None, port: int):
+    """A loopback port in front of the sshd whose greeting reaches the client `seconds` late (None: never):
+    a node too loaded to fork and exec its sshd at once."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def relay(source: socket.socket, target: socket.socket, delay: float) -> None:
+        time.sleep(delay)
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, target):
+                end.close()
+
+    def serve() -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(client)
+            if seconds is None:
+                continue  # accepted, never answered
+            server = socket.create_connection(("127.0.0.1", port))
+            threading.Thread(target=relay, args=(client, server, 0), daemon=True).start()
+            threading.Thread(target=relay, args=(server, client, seconds), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield listener.getsockname()[1], accepted
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)  # wakes the accept: a close alone leaves it on a reusable fd number
+        listener.close()
+        for client in accepted:
+            client.close()
+
+
+def behind(endpoint: SSHEndpoint, port: int, tmp_path) -> SSHEndpoint:
+    """The endpoint at another port of the same sshd: its host key listed there too."""
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(endpoint.known_hosts.read_text().replace(f"]:{endpoint.port} ", f"]:{port} "))
+    return dataclasses.replace(endpoint, port=port, known_hosts=known_hosts)
+
+
+def test_a_node_slow_to_greet_is_waited_for_not_abandoned_every_two_seconds(endpoint, tmp_path):
+    # Before, each try gave the greeting 2 s: a node that took longer was never reached (CI, 2026-12-03).
+    with greeting_delayed_by(4.0, endpoint.port) as (port, accepted):
+        started = time.monotonic()
+        wait_for_ssh(behind(endpoint, port, tmp_path), time.monotonic() + 30)
+        assert time.monotonic() - started < 10 and len(accepted) == 1
+
+
+def test_a_node_that_never_greets_is_named_with_the_tries_it_had(endpoint, tmp_path):
+    with greeting_delayed_by(None, endpoint.port) as (port, accepted):
+        with pytest.raises(ProviderError, match=r"loop: did not answer SSH on 127\.0\.0\.1:\d+ in time \(\d tr(y|ies) in "
+                                                r"\d s; last error: Error reading SSH protocol banner\)\n  fix: a hint"):
+            wait_for_ssh(behind(endpoint, port, tmp_path), time.monotonic() + 4, hint="a hint")
