@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -688,7 +689,8 @@ def wait_for_ssh(endpoint: SSHEndpoint, deadline: float, is_alive: Callable[[], 
     """Wait until the node runs a command over SSH, or the deadline passes."""
     import paramiko
 
-    last_error, tries, started = "no answer", 0, time.monotonic()
+    met: Counter[str] = Counter()  # what the tries met: a refusing, a silent and an overloaded sshd differ
+    tries, started = 0, time.monotonic()
     while time.monotonic() < deadline:
         if not is_alive():
             raise ProviderError(f"{endpoint.node}: stopped while booting", hint=CONSOLE_HINT)
@@ -700,14 +702,15 @@ def wait_for_ssh(endpoint: SSHEndpoint, deadline: float, is_alive: Callable[[], 
                     return
         except (NodeUnreachable, *ssh_errors()) as exc:
             cause = exc.cause if isinstance(exc, NodeUnreachable) else exc
-            last_error = str(cause) or type(cause).__name__
+            met[str(cause) or type(cause).__name__] += 1
             if isinstance(cause, paramiko.BadHostKeyException):
                 raise ProviderError(f"{endpoint.node}: host key does not match the lab's known_hosts",
                                     hint="the node was replaced behind lab's back: `lab destroy` and `lab up`") from None
         time.sleep(poll)
     raise ProviderError(f"{endpoint.node}: did not answer SSH on {endpoint.host}:{endpoint.port} in time "
-                        f"({tries} {'try' if tries == 1 else 'tries'} in {time.monotonic() - started:.0f} s; "
-                        f"last error: {last_error})", hint=hint)
+                        f"({tries} {'try' if tries == 1 else 'tries'} in {time.monotonic() - started:.0f} s: "
+                        f"{', '.join(f'{count}x {error}' for error, count in met.most_common(3)) or 'no answer'})",
+                        hint=hint)
 
 
 INSTALL_HINTS = {

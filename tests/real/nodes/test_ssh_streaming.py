@@ -153,5 +153,5 @@ def test_a_node_slow_to_greet_is_waited_for_not_abandoned_every_two_seconds(endp
 def test_a_node_that_never_greets_is_named_with_the_tries_it_had(endpoint, tmp_path):
     with greeting_delayed_by(None, endpoint.port) as (port, accepted):
         with pytest.raises(ProviderError, match=r"loop: did not answer SSH on 127\.0\.0\.1:\d+ in time \(\d tr(y|ies) in "
-                                                r"\d s; last error: Error reading SSH protocol banner\)\n  fix: a hint"):
+                                                r"\d s: \dx Error reading SSH protocol banner\)\n  fix: a hint"):
             wait_for_ssh(behind(endpoint, port, tmp_path), time.monotonic() + 4, hint="a hint")
