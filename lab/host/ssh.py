@@ -192,7 +192,7 @@ class NodeUnreachable(ProviderError):
 
     def __init__(self, endpoint: SSHEndpoint, cause: BaseException) -> None:
         super().__init__(f"{endpoint.node}: cannot reach {endpoint.user}@{endpoint.host}:{endpoint.port} over SSH: "
-                         f"{cause or type(cause).__name__}",
+                         f"{str(cause) or type(cause).__name__}",
                          hint=f"check that {endpoint.node} runs (`lab status`); a paused node answers nothing "
                               f"until `lab fault resume {endpoint.node}`, a stopped one until "
                               f"`lab fault start {endpoint.node}`")
@@ -235,7 +235,8 @@ def connect(endpoint: SSHEndpoint, timeout: float = 10.0, answer_timeout: float 
     """A Fabric Connection that verifies the node's host key when the provider knows it.
 
     `timeout` bounds reaching the node (TCP, or the jump host's channel); `answer_timeout` (`timeout` if
-    not given) bounds its sshd's greeting and the authentication once it was reached.
+    not given) bounds its sshd's greeting, and the authentication apart, once it was reached (the whole
+    negotiation gets a second more).
 
     The connection opens on first use; a node that does not answer then raises
     NodeUnreachable (a ProviderError naming the node), never a paramiko error,
@@ -274,6 +275,7 @@ def connect(endpoint: SSHEndpoint, timeout: float = 10.0, answer_timeout: float 
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
     else:
         client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+    connection.open = _closed_if_it_fails(connection)
     if endpoint.jump is not None:
         # Fabric's own opens the channel with paramiko's default wait (an hour) for a host that never answers.
         connection.open_gateway = lambda: channel_to(endpoint.jump, endpoint.host, endpoint.port, timeout)
@@ -283,7 +285,7 @@ def connect(endpoint: SSHEndpoint, timeout: float = 10.0, answer_timeout: float 
     # Fabric's run/sudo/put/sftp all open through `self.open()`: the instance
     # attributes below win over the class's methods.
     for name in ("open", "run", "sudo"):
-        setattr(connection, name, _guarded(getattr(connection, name), endpoint, connection))
+        setattr(connection, name, _guarded(getattr(connection, name), endpoint))
     return connection
 
 
@@ -302,7 +304,7 @@ class JumpUnreachable(NodeUnreachable):
 
     def __init__(self, endpoint: SSHEndpoint, cause: BaseException) -> None:
         ProviderError.__init__(self, f"cannot reach the jump host {endpoint.user}@{endpoint.host}:{endpoint.port}: "
-                                     f"{cause or type(cause).__name__}",
+                                     f"{str(cause) or type(cause).__name__}",
                                hint="check the jump host in lab.yaml (providers.hosts.jump, or the host of "
                                     "providers.libvirt.uri) and that it answers SSH from this machine; a lab checks "
                                     "it against the key it pinned at its first `lab up` (`lab-jump` in the lab's "
@@ -393,31 +395,52 @@ def _reaching_within(connection, timeout: float) -> Callable:
     def call(*args, **kwargs):
         if connection.is_connected:
             return open_connection(*args, **kwargs)
-        sock = connection.connect_kwargs["sock"] = socket.create_connection((connection.host, connection.port),
-                                                                            timeout)
+        connection.connect_kwargs["sock"] = socket.create_connection((connection.host, connection.port), timeout)
         try:
-            return open_connection(*args, **kwargs)
-        except BaseException:
-            sock.close()  # paramiko's transport thread would hold it until its own timeouts passed
-            raise
+            return open_connection(*args, **kwargs)  # closes the socket if it fails (_closed_if_it_fails)
         finally:
             del connection.connect_kwargs["sock"]  # the next open (after a close) connects anew
 
     return call
 
 
-def _guarded(method: Callable, endpoint: SSHEndpoint, connection) -> Callable:
+def _closed_if_it_fails(connection) -> Callable:
+    """Fabric's Connection.open, with what a failed open left behind closed at once. Fabric's close()
+    closes only a connection that opened: paramiko's transport of a failed one went on (its channel
+    through a jump host with it) and the node's sshd kept a connection that never logs in, until its
+    LoginGraceTime; enough of those (MaxStartups) and sshd drops new ones unanswered."""
+    open_connection = connection.open
+    errors = ssh_errors()
+
+    def call(*args, **kwargs):
+        before = connection.client.get_transport()
+        try:
+            return open_connection(*args, **kwargs)
+        except errors as exc:
+            transport = connection.client.get_transport()
+            # paramiko's negotiation can fail in its thread just as the caller's wait for it ends: the caller
+            # then sees "No existing session", and the transport keeps what really happened.
+            happened = (transport.get_exception() if transport is not None and transport is not before
+                        and not transport.is_active() else None)
+            if happened is None and str(exc) == "No existing session":  # and nothing failed: it was slow
+                happened = socket.timeout(f"no SSH session within {connection.connect_timeout} s (the node "
+                                          f"greeted, the key exchange did not finish)")
+            connection.client.close()
+            if happened is not None and happened is not exc:
+                raise happened from None
+            raise
+
+    return call
+
+
+def _guarded(method: Callable, endpoint: SSHEndpoint) -> Callable:
     errors = ssh_errors()
 
     def call(*args, **kwargs):
         try:
             return method(*args, **kwargs)
         except errors as exc:
-            # paramiko's negotiation can fail in its transport thread just as the caller's wait for it ends:
-            # the caller then sees "No existing session", the transport keeps what really happened.
-            transport = connection.client.get_transport()
-            happened = transport.get_exception() if transport is not None and not transport.is_active() else None
-            raise NodeUnreachable(endpoint, happened or exc) from None
+            raise NodeUnreachable(endpoint, exc) from None
 
     return call
 
@@ -686,8 +709,11 @@ CONSOLE_HINT = "look at the node's console log in the lab directory"
 
 def wait_for_ssh(endpoint: SSHEndpoint, deadline: float, is_alive: Callable[[], bool] = lambda: True,
                  poll: float = 0.2, hint: str = CONSOLE_HINT) -> None:
-    """Wait until the node runs a command over SSH, or the deadline passes."""
+    """Wait until the node runs a command over SSH, or the deadline passes (a try under way when it does
+    finishes first: up to 2 s to reach the node, then ANSWER_TIMEOUT for each of its greeting, the login
+    and `true`)."""
     import paramiko
+    from invoke.exceptions import CommandTimedOut
 
     met: Counter[str] = Counter()  # what the tries met: a refusing, a silent and an overloaded sshd differ
     tries, started = 0, time.monotonic()
@@ -698,9 +724,9 @@ def wait_for_ssh(endpoint: SSHEndpoint, deadline: float, is_alive: Callable[[], 
         answer_timeout = max(2.0, min(ANSWER_TIMEOUT, deadline - time.monotonic()))
         try:
             with connect(endpoint, timeout=2.0, answer_timeout=answer_timeout) as connection:
-                if connection.run("true", timeout=answer_timeout, in_stream=False).exited == 0:
+                if connection.run("true", timeout=max(5.0, answer_timeout), in_stream=False).exited == 0:
                     return
-        except (NodeUnreachable, *ssh_errors()) as exc:
+        except (NodeUnreachable, CommandTimedOut, *ssh_errors()) as exc:
             cause = exc.cause if isinstance(exc, NodeUnreachable) else exc
             met[str(cause) or type(cause).__name__] += 1
             if isinstance(cause, paramiko.BadHostKeyException):

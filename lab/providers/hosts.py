@@ -372,7 +372,7 @@ class HostsProvider(GuestPartitions, Provider):
         parallel_map(lambda node: self.start(node, progress), stopped)
         endpoints = self.ssh_endpoints()
         deadline = time.monotonic() + SSH_AFTER_ADOPTION_TIMEOUT
-        hint = ("the host answered lab moments ago: look at its sshd (`journalctl -u ssh` on it) and its load"
+        hint = ("the host answered lab moments ago: look at its sshd (`journalctl -u ssh -u sshd` on it) and its load"
                 + (", and whether the jump host still reaches it" if self.jump is not None else "")
                 + "; then `lab up` again")
         parallel_map(lambda node: wait_for_ssh(endpoints[node], deadline, hint=hint), list(endpoints))

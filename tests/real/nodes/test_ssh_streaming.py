@@ -6,6 +6,7 @@ that delays its greeting: a node slow to greet is waited for; one that never doe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -95,22 +96,31 @@ def test_a_jump_connection_that_drops_under_a_handshake_is_opened_again(endpoint
 
 
 @contextmanager
-def greeting_delayed_by(seconds: float | None, port: int):
+def greeting_delayed_by(seconds: float | None, port: int, then_silent: bool = False):
     """A loopback port in front of the sshd whose greeting reaches the client `seconds` late (None: never):
-    a node too loaded to fork and exec its sshd at once."""
+    a node too loaded to fork and exec its sshd at once. `then_silent`: the greeting, then nothing more."""
     listener = socket.create_server(("127.0.0.1", 0))
     accepted: list[socket.socket] = []
 
-    def relay(source: socket.socket, target: socket.socket, delay: float) -> None:
+    def relay(source: socket.socket, target: socket.socket, delay: float, first_line_only: bool = False) -> None:
         time.sleep(delay)
         try:
+            if first_line_only:
+                greeting = b""
+                while not greeting.endswith(b"\n"):
+                    greeting += source.recv(1)
+                target.sendall(greeting)
+                return  # both ends stay open: the client waits for a key exchange that never comes
             while data := source.recv(65536):
                 target.sendall(data)
         except OSError:
             pass
         finally:
-            for end in (source, target):
-                end.close()
+            if not first_line_only:
+                for end in (source, target):
+                    with contextlib.suppress(OSError):
+                        end.shutdown(socket.SHUT_RDWR)  # wakes the other relay's recv: a close alone does not
+                    end.close()
 
     def serve() -> None:
         while True:
@@ -123,7 +133,7 @@ def greeting_delayed_by(seconds: float | None, port: int):
                 continue  # accepted, never answered
             server = socket.create_connection(("127.0.0.1", port))
             threading.Thread(target=relay, args=(client, server, 0), daemon=True).start()
-            threading.Thread(target=relay, args=(server, client, seconds), daemon=True).start()
+            threading.Thread(target=relay, args=(server, client, seconds, then_silent), daemon=True).start()
 
     threading.Thread(target=serve, daemon=True).start()
     try:
@@ -135,23 +145,55 @@ def greeting_delayed_by(seconds: float | None, port: int):
             client.close()
 
 
-def behind(endpoint: SSHEndpoint, port: int, tmp_path) -> SSHEndpoint:
-    """The endpoint at another port of the same sshd: its host key listed there too."""
+def peer_closed(client: socket.socket) -> bool:
+    """Whether the other end closed: what it sent (paramiko's own greeting) read, then the end of it."""
+    try:
+        client.settimeout(0)
+        while client.recv(65536):
+            pass
+        return True
+    except BlockingIOError:
+        return False  # open, and silent
+    except OSError:
+        return True  # closed here by the relay, on hearing the other end close
+
+
+def behind(endpoint: SSHEndpoint, port: int, tmp_path, through_jump: bool) -> SSHEndpoint:
+    """The endpoint at another port of the same sshd (its host key listed there too), reached directly or
+    through the sshd itself as a jump host."""
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text(endpoint.known_hosts.read_text().replace(f"]:{endpoint.port} ", f"]:{port} "))
-    return dataclasses.replace(endpoint, port=port, known_hosts=known_hosts)
+    jump = dataclasses.replace(endpoint, node="jump") if through_jump else None
+    return dataclasses.replace(endpoint, port=port, known_hosts=known_hosts, jump=jump)
 
 
-def test_a_node_slow_to_greet_is_waited_for_not_abandoned_every_two_seconds(endpoint, tmp_path):
-    # Before, each try gave the greeting 2 s: a node that took longer was never reached (CI, 2026-12-03).
+@pytest.mark.parametrize("through_jump", [False, True], ids=["direct", "through-a-jump-host"])
+def test_a_node_slow_to_greet_is_waited_for_not_abandoned_every_two_seconds(endpoint, tmp_path, through_jump):
+    # Before, each try gave the greeting 2 s: a node that took longer was never reached (CI, 2026-12-03,
+    # through a jump host).
     with greeting_delayed_by(4.0, endpoint.port) as (port, accepted):
-        started = time.monotonic()
-        wait_for_ssh(behind(endpoint, port, tmp_path), time.monotonic() + 30)
-        assert time.monotonic() - started < 10 and len(accepted) == 1
+        wait_for_ssh(behind(endpoint, port, tmp_path, through_jump), time.monotonic() + 60)
+        assert len(accepted) == 1  # the first try waited
 
 
-def test_a_node_that_never_greets_is_named_with_the_tries_it_had(endpoint, tmp_path):
+@pytest.mark.parametrize("through_jump", [False, True], ids=["direct", "through-a-jump-host"])
+def test_a_node_that_never_greets_is_named_with_the_tries_it_had(endpoint, tmp_path, through_jump):
     with greeting_delayed_by(None, endpoint.port) as (port, accepted):
         with pytest.raises(ProviderError, match=r"loop: did not answer SSH on 127\.0\.0\.1:\d+ in time \(\d tr(y|ies) in "
                                                 r"\d s: \dx Error reading SSH protocol banner\)\n  fix: a hint"):
-            wait_for_ssh(behind(endpoint, port, tmp_path), time.monotonic() + 4, hint="a hint")
+            wait_for_ssh(behind(endpoint, port, tmp_path, through_jump), time.monotonic() + 4, hint="a hint")
+        # every try's connection was closed when it was given up, not left to the sshd's LoginGraceTime
+        time.sleep(0.5)
+        assert all(peer_closed(client) for client in accepted)
+
+
+@pytest.mark.parametrize("through_jump", [False, True], ids=["direct", "through-a-jump-host"])
+def test_a_try_given_up_mid_negotiation_closes_its_connection(endpoint, tmp_path, through_jump):
+    """paramiko goes on with a negotiation its caller gave up: the node's sshd kept each such try's
+    connection until its LoginGraceTime, and with enough of them (MaxStartups) dropped new ones."""
+    with greeting_delayed_by(0, endpoint.port, then_silent=True) as (port, accepted):
+        with pytest.raises(ProviderError, match=r"loop: did not answer SSH .*: 1x no SSH session within 5 s \(the "
+                                                r"node greeted, the key exchange did not finish\)"):
+            wait_for_ssh(behind(endpoint, port, tmp_path, through_jump), time.monotonic() + 4)
+        time.sleep(0.5)
+        assert len(accepted) == 1 and peer_closed(accepted[0])
