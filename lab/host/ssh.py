@@ -8,6 +8,7 @@ an ssh_config so `ssh -F`, `pytest --ssh-config` and testinfra see the same.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -22,7 +23,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from typing import Any, BinaryIO, Callable, Iterable, TextIO
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, TextIO
 
 from lab.errors import CommandError, PrerequisiteError, ProviderError
 from lab.host.files import write_atomic
@@ -32,6 +33,25 @@ from lab.host.files import write_atomic
 # logger imports nothing of paramiko.)
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 logging.getLogger("paramiko").propagate = False
+
+
+@contextlib.contextmanager
+def transport_log(path: Path) -> Iterator[None]:
+    """paramiko's own account of this process's SSH connections (each connect and login; what failed, with
+    its traceback and which side closed) in `path`, from every thread, while the block runs: what explains
+    a connection that dropped, after the fact."""
+    logger = logging.getLogger("paramiko")
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(threadName)s %(name)s %(levelname)s %(message)s"))
+    previous = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)  # not DEBUG: the key exchange's every step, for each of thousands
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+        logger.removeHandler(handler)
+        handler.close()
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,12 @@ class ScenarioRun:
     # ------------------------------------------------------------ driver
 
     def run(self) -> RunResult:
+        from lab.host.ssh import transport_log
+
+        with transport_log(self.run_dir / "ssh.log"):
+            return self._run()
+
+    def _run(self) -> RunResult:
         self.monitor.start()
         try:
             self.conditions.wait_leader(timeout=30)

@@ -45,6 +45,7 @@ def test_lab_test_runs_every_fault_scenario_on_one_lab_and_removes_it(image, tmp
         assert data["ok"] and data["measurements"]["lost_writes"] == 0, data
         assert (run / "timeline.svg").exists() and (run / "history.jsonl").stat().st_size > 0
         assert (run / "nodes" / "node-1" / "etcd.log").stat().st_size > 0
+        assert "Authentication (publickey) successful" in (run / "ssh.log").read_text()  # lab's own connections
         if not run.name.endswith("full-restart"):
             leader_times = data["measurements"]["time_to_new_leader_s"]
             assert leader_times and len(data["measurements"]["fault_latency_s"]) == len(leader_times)

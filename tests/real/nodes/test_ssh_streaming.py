@@ -197,3 +197,17 @@ def test_a_try_given_up_mid_negotiation_closes_its_connection(endpoint, tmp_path
             wait_for_ssh(behind(endpoint, port, tmp_path, through_jump), time.monotonic() + 4)
         time.sleep(0.5)
         assert len(accepted) == 1 and peer_closed(accepted[0])
+
+
+def test_the_transport_log_keeps_paramikos_account_of_the_block_only(endpoint, tmp_path):
+    import logging
+
+    from lab.host.ssh import run, transport_log
+
+    log = tmp_path / "ssh.log"
+    level = logging.getLogger("paramiko").level
+    with transport_log(log):
+        assert run(endpoint, "true", timeout=30).ok
+    run(endpoint, "true", timeout=30)  # after the block: not logged
+    assert log.read_text().count("Authentication (publickey) successful") == 1
+    assert logging.getLogger("paramiko").level == level
