@@ -14,7 +14,6 @@ import os
 import socket
 import threading
 import time
-from contextlib import contextmanager
 
 import pytest
 
@@ -95,7 +94,7 @@ def test_a_jump_connection_that_drops_under_a_handshake_is_opened_again(endpoint
     assert len(opened) == 2 and opened[0].get_transport() is not opened[1].get_transport()
 
 
-@contextmanager
+@contextlib.contextmanager
 def greeting_delayed_by(seconds: float | None, port: int, then_silent: bool = False):
     """A loopback port in front of the sshd whose greeting reaches the client `seconds` late (None: never):
     a node too loaded to fork and exec its sshd at once. `then_silent`: the greeting, then nothing more."""
@@ -158,7 +157,7 @@ def peer_closed(client: socket.socket) -> bool:
         return True  # closed here by the relay, on hearing the other end close
 
 
-def behind(endpoint: SSHEndpoint, port: int, tmp_path, through_jump: bool) -> SSHEndpoint:
+def relayed(endpoint: SSHEndpoint, port: int, tmp_path, through_jump: bool) -> SSHEndpoint:
     """The endpoint at another port of the same sshd (its host key listed there too), reached directly or
     through the sshd itself as a jump host."""
     known_hosts = tmp_path / "known_hosts"
@@ -172,7 +171,7 @@ def test_a_node_slow_to_greet_is_waited_for_not_abandoned_every_two_seconds(endp
     # Before, each try gave the greeting 2 s: a node that took longer was never reached (CI, 2026-12-03,
     # through a jump host).
     with greeting_delayed_by(4.0, endpoint.port) as (port, accepted):
-        wait_for_ssh(behind(endpoint, port, tmp_path, through_jump), time.monotonic() + 60)
+        wait_for_ssh(relayed(endpoint, port, tmp_path, through_jump), time.monotonic() + 60)
         assert len(accepted) == 1  # the first try waited
 
 
@@ -181,7 +180,7 @@ def test_a_node_that_never_greets_is_named_with_the_tries_it_had(endpoint, tmp_p
     with greeting_delayed_by(None, endpoint.port) as (port, accepted):
         with pytest.raises(ProviderError, match=r"loop: did not answer SSH on 127\.0\.0\.1:\d+ in time \(\d tr(y|ies) in "
                                                 r"\d s: \dx Error reading SSH protocol banner\)\n  fix: a hint"):
-            wait_for_ssh(behind(endpoint, port, tmp_path, through_jump), time.monotonic() + 4, hint="a hint")
+            wait_for_ssh(relayed(endpoint, port, tmp_path, through_jump), time.monotonic() + 4, hint="a hint")
         # every try's connection was closed when it was given up, not left to the sshd's LoginGraceTime
         time.sleep(0.5)
         assert all(peer_closed(client) for client in accepted)
@@ -194,7 +193,7 @@ def test_a_try_given_up_mid_negotiation_closes_its_connection(endpoint, tmp_path
     with greeting_delayed_by(0, endpoint.port, then_silent=True) as (port, accepted):
         with pytest.raises(ProviderError, match=r"loop: did not answer SSH .*: 1x no SSH session within 5 s \(the "
                                                 r"node greeted, the key exchange did not finish\)"):
-            wait_for_ssh(behind(endpoint, port, tmp_path, through_jump), time.monotonic() + 4)
+            wait_for_ssh(relayed(endpoint, port, tmp_path, through_jump), time.monotonic() + 4)
         time.sleep(0.5)
         assert len(accepted) == 1 and peer_closed(accepted[0])
 
