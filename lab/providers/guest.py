@@ -71,7 +71,7 @@ def reboot_over_ssh(endpoint: SSHEndpoint, timeout: float, hint: str) -> None:
         ssh_run(endpoint, "systemctl reboot", timeout=30)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        wait_for_ssh(endpoint, deadline, poll=0.5)
+        wait_for_ssh(endpoint, deadline, poll=0.5, hint=hint)
         with contextlib.suppress(ProviderError):
             new_boot = ssh_run(endpoint, f"cat {BOOT_ID_PATH}", timeout=10).stdout.strip()
             if new_boot and new_boot != old_boot:

@@ -539,7 +539,8 @@ class HostsProvider(GuestPartitions, Provider):
         endpoint = self.ssh_endpoints().get(node)
         if endpoint is None:
             raise ProviderError(f"cannot start {node}: it is not adopted yet", hint="run `lab up` first")
-        wait_for_ssh(endpoint, time.monotonic() + REBOOT_TIMEOUT, poll=0.5)  # back from a power cut
+        wait_for_ssh(endpoint, time.monotonic() + REBOOT_TIMEOUT, poll=0.5,  # back from a power cut
+                     hint="look at the machine's console")
         # --no-block: etcd reports ready only once it has a quorum, which a lab whose members all
         # stopped (`lab halt`) gets only when the others start too.
         self._one(node, f"systemctl kill --signal=SIGCONT {LAB_SERVICES} >/dev/null 2>&1; "
